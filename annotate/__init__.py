@@ -1,0 +1,1 @@
+"""annotate: audio -> measurements -> words (the annotation stage)."""

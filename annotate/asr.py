@@ -1,0 +1,76 @@
+"""Transcripts from Whisper.
+
+The embedded Whisper models keep their original CTranslate2 copy (see `speechllm.weights`), which
+CTranslate2 runs directly and fast on a CPU; any other Whisper folder or hub id runs through
+transformers' `WhisperForConditionalGeneration.generate`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from speechllm import weights
+from speechllm.audio import SAMPLE_RATE
+
+MAX_DECODE_TOKENS = 224
+"""Longest transcript decoded for one 30 s window (Whisper's own default sample_len)."""
+
+
+class WhisperASR:
+    """Greedy (or beam) Whisper transcription of 16 kHz clips up to 30 s.
+
+    Args:
+        model: embedded name, local folder or hub id of a Whisper model.
+        beam_size: 1 is greedy decoding.
+        threads: CPU threads for CTranslate2 (0 = its default).
+    """
+
+    name = "whisper"
+
+    def __init__(self, model: str = "whisper-tiny.en", beam_size: int = 1, threads: int = 0):
+        from transformers import WhisperFeatureExtractor
+
+        self.model_name, self.beam_size = model, beam_size
+        folder = Path(weights.resolve(model))
+        self.feature_extractor = WhisperFeatureExtractor.from_pretrained(folder)
+        ct2 = weights.ct2_path(model) if model in weights.REGISTRY else None
+        if ct2 is not None:
+            import ctranslate2
+            from tokenizers import Tokenizer
+
+            self._ct2 = ctranslate2.models.Whisper(str(ct2), device="cpu", compute_type="default",
+                                                   intra_threads=threads)
+            self._tokenizer = Tokenizer.from_file(str(ct2 / "tokenizer.json"))
+            prompt = ["<|startoftranscript|>"]
+            if self._ct2.is_multilingual:
+                prompt += ["<|en|>", "<|transcribe|>"]
+            prompt.append("<|notimestamps|>")
+            self._prompt = [self._tokenizer.token_to_id(t) for t in prompt]
+            self._hf = None
+        else:
+            from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+            self._ct2 = None
+            self._processor = WhisperProcessor.from_pretrained(folder)
+            self._hf = WhisperForConditionalGeneration.from_pretrained(folder).eval()
+
+    def transcribe(self, waveforms: list[np.ndarray]) -> list[str]:
+        """Transcripts of 16 kHz mono float32 clips (each at most 30 s)."""
+        if not waveforms:
+            return []
+        feats = self.feature_extractor(waveforms, sampling_rate=SAMPLE_RATE, return_tensors="np")["input_features"]
+        if self._ct2 is not None:
+            import ctranslate2
+
+            results = self._ct2.generate(ctranslate2.StorageView.from_array(np.ascontiguousarray(feats)),
+                                         [self._prompt] * len(waveforms), beam_size=self.beam_size,
+                                         max_length=MAX_DECODE_TOKENS, suppress_blank=True)
+            return [self._tokenizer.decode(r.sequences_ids[0], skip_special_tokens=True).strip() for r in results]
+        import torch
+
+        with torch.no_grad():
+            ids = self._hf.generate(torch.from_numpy(feats), num_beams=self.beam_size,
+                                    max_new_tokens=MAX_DECODE_TOKENS)
+        return [t.strip() for t in self._processor.batch_decode(ids, skip_special_tokens=True)]

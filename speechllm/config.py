@@ -1,0 +1,280 @@
+"""Typed configuration: dataclasses are the source of truth.
+
+A YAML file and `key=value` overrides (dotted paths, values parsed as YAML scalars) only override
+the dataclass defaults. Unknown keys and values of the wrong type are errors that name the file
+and the key.
+
+    cfg = load_config("configs/tiny.yaml", ["model.adapter.kind=mlp", "generation.max_new_tokens=8"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that cannot be applied."""
+
+
+@dataclass
+class EncoderConfig:
+    name: str = "whisper-tiny.en"
+    """Embedded model name (see `speechllm models list`), Hugging Face hub id, or local folder of
+    a Whisper model in transformers format."""
+    layers: list[int] = field(default_factory=lambda: [2, 4])
+    """Tapped hidden states, indexed like transformers' `output_hidden_states`: 0 is the
+    convolution + positional embedding output, i is the output of block i (1-based); the last
+    block's output includes Whisper's final LayerNorm."""
+    max_seconds: float = 30.0
+    """Longest clip accepted; Whisper's positional table covers 30 s."""
+
+
+@dataclass
+class QFormerConfig:
+    num_queries: int = 16
+    """Learned queries per tapped layer; also the number of audio embeddings given to the LLM."""
+    hidden_size: int = 0
+    """Width of the Q-Former; 0 means the encoder's width (DeSTA2: 768 = whisper-small)."""
+    num_layers: int = 2
+    """Transformer blocks (self-attention over queries, cross-attention to audio, FFN)."""
+    num_heads: int = 0
+    """Attention heads; 0 means hidden_size // 64."""
+    ffn_multiplier: int = 4
+    """FFN width as a multiple of hidden_size."""
+    dropout: float = 0.0
+    """Dropout inside the Q-Former blocks while training."""
+
+
+@dataclass
+class MLPConfig:
+    stack: int = 4
+    """Encoder frames concatenated into one LLM embedding (50 frames/s -> 12.5 embeddings/s at 4)."""
+    hidden_size: int = 0
+    """Width of the MLP's hidden layer; 0 means the LLM's width."""
+
+
+@dataclass
+class AdapterConfig:
+    kind: str = "qformer"
+    """Adapter registry key: `qformer` (DeSTA2) or `mlp` (frame stacking + MLP)."""
+    qformer: QFormerConfig = field(default_factory=QFormerConfig)
+    """Settings used when kind is `qformer`."""
+    mlp: MLPConfig = field(default_factory=MLPConfig)
+    """Settings used when kind is `mlp`."""
+
+
+@dataclass
+class LLMConfig:
+    name: str = "smollm2-135m-instruct"
+    """Embedded model name, Hugging Face hub id, or local folder of a causal LM with a chat
+    template."""
+    dtype: str = "float32"
+    """Weights dtype: float32, bfloat16 or float16."""
+    system_prompt: str | None = None
+    """System message put before the user turn; None keeps the chat template's own default."""
+    trust_remote_code: bool = False
+    """Allow custom modelling code from a hub repository. Off unless you trust the source."""
+
+
+@dataclass
+class PromptConfig:
+    audio_start: str = "<start_audio>"
+    """Plain text placed before the audio embeddings (tokenized as text, never special)."""
+    audio_end: str = "<end_audio>"
+    """Plain text placed after the transcript that follows the audio embeddings."""
+    max_transcript_tokens: int = 100
+    """Transcripts longer than this are cut (DeSTA2.5 uses 100 tokens)."""
+
+
+@dataclass
+class ModelConfig:
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    """The frozen Whisper encoder."""
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    """The trainable bridge from encoder states to LLM embeddings."""
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    """The frozen chat LLM."""
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    """How audio, transcript and instruction are laid out inside the user turn."""
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 128
+    """Longest answer in tokens."""
+    do_sample: bool = False
+    """Greedy decoding when False; temperature / top-p sampling when True."""
+    temperature: float = 0.6
+    """Sampling temperature (DeSTA2 inference: 0.6)."""
+    top_p: float = 0.9
+    """Nucleus sampling mass (DeSTA2 inference: 0.9)."""
+    repetition_penalty: float = 1.0
+    """>1 discourages repeated tokens; 1 leaves the model's distribution untouched."""
+    seed: int = 0
+    """Seed for sampling."""
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 1e-4
+    """Peak learning rate of AdamW (DeSTA2: 1e-4)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    """AdamW betas (DeSTA2: 0.9, 0.98)."""
+    weight_decay: float = 0.01
+    """AdamW weight decay (DeSTA2: 0.01)."""
+    schedule: str = "cosine"
+    """Learning-rate schedule after warmup: cosine or constant."""
+    warmup_steps: int = 100
+    """Linear warmup steps (DeSTA2: 2000)."""
+    mixed_precision: str = "no"
+    """`no` (fp32, CPU), `bf16` or `fp16` (GPU), as accelerate names them."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (DeSTA2: 1.0)."""
+    batch_size: int = 8
+    """Examples per device per step (DeSTA2: 8 per GPU)."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """What is built: encoder, adapter, LLM and the prompt layout."""
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    """How answers are decoded."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimisation settings for `speechllm train`."""
+
+
+def to_dict(cfg: Any) -> dict:
+    """A plain dict (JSON/YAML-serialisable) of a config dataclass."""
+    return dataclasses.asdict(cfg)
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against the annotation `tp` and convert where that is lossless."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping for {tp.__name__}, got {value!r}")
+        return _build(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, where)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_convert(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    raise ConfigError(f"{where}: unsupported annotation {tp!r}")
+
+
+def _build(cls: type, data: dict, where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in hints:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(names)})"
+            raise ConfigError(f"{where}: unknown key '{key}'{hint}")
+        kwargs[key] = _convert(value, hints[key], f"{where}.{key}" if where else key)
+    return cls(**kwargs)
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """`["a.b=1", "c=[2, 3]"]` -> `{"a": {"b": 1}, "c": [2, 3]}`; values are YAML scalars."""
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}': expected key=value, e.g. model.adapter.kind=mlp")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override '{item}': empty key part")
+        node = tree
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}': '{part}' is set twice")
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    return tree
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                cls: type = Config) -> Any:
+    """Build `cls` from its defaults, then the YAML file at `path`, then `overrides`."""
+    data: dict = {}
+    where = ""
+    if path is not None:
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as err:
+            raise ConfigError(f"{path}: cannot read config ({err.strerror})") from err
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from err
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+        data = loaded or {}
+        where = str(path)
+    try:
+        base = _build(cls, data, "")
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}" if where else str(err)) from None
+    if overrides:
+        merged = _merge(to_dict(base), parse_overrides(overrides))
+        try:
+            base = _build(cls, merged, "")
+        except ConfigError as err:
+            raise ConfigError(f"override: {err}") from None
+    return base
+
+
+def config_from_dict(data: dict, cls: type = Config) -> Any:
+    """Rebuild a config saved with `to_dict` (strict: unknown keys are errors)."""
+    return _build(cls, data, "")

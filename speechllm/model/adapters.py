@@ -1,0 +1,141 @@
+"""Adapters: tapped encoder states -> embeddings in the LLM's input space.
+
+Chosen through `ADAPTERS` (a registry, `@register_adapter("name")`); each adapter owns
+`output_length`, so nothing else hard-codes how many embeddings a clip becomes.
+
+Every adapter is built as `cls(cfg, encoder_width=..., num_taps=..., llm_width=...)` and called as
+`adapter(states, lengths) -> (embeddings (batch, L, llm_width), embedding_lengths (batch,))`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import AdapterConfig, MLPConfig, QFormerConfig
+
+ADAPTERS: dict[str, tuple[type[nn.Module], str]] = {}
+"""kind -> (class, name of its settings field in `AdapterConfig`)."""
+
+
+def register_adapter(kind: str, settings_field: str) -> Callable[[type], type]:
+    def wrap(cls: type) -> type:
+        ADAPTERS[kind] = (cls, settings_field)
+        return cls
+    return wrap
+
+
+def build_adapter(cfg: AdapterConfig, encoder_width: int, num_taps: int, llm_width: int) -> nn.Module:
+    if cfg.kind not in ADAPTERS:
+        raise ValueError(f"model.adapter.kind: unknown adapter '{cfg.kind}'; known: {', '.join(ADAPTERS)}")
+    cls, field_name = ADAPTERS[cfg.kind]
+    return cls(getattr(cfg, field_name), encoder_width=encoder_width, num_taps=num_taps, llm_width=llm_width)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with separate q/k/v projections; `kv_mask` (batch, keys) True = keep."""
+
+    def __init__(self, width: int, heads: int, dropout: float):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"adapter width {width} is not divisible by {heads} heads")
+        self.heads, self.dropout = heads, dropout
+        self.q, self.k, self.v, self.o = (nn.Linear(width, width) for _ in range(4))
+
+    def forward(self, x: torch.Tensor, kv: torch.Tensor, kv_mask: torch.Tensor | None = None) -> torch.Tensor:
+        b, n, w = x.shape
+        split = lambda t: t.view(b, -1, self.heads, w // self.heads).transpose(1, 2)  # noqa: E731
+        mask = None if kv_mask is None else kv_mask[:, None, None, :]
+        out = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(kv)), split(self.v(kv)), attn_mask=mask,
+                                             dropout_p=self.dropout if self.training else 0.0)
+        return self.o(out.transpose(1, 2).reshape(b, n, w))
+
+
+class QFormerBlock(nn.Module):
+    """Pre-LayerNorm block: self-attention over queries, cross-attention to audio, FFN."""
+
+    def __init__(self, width: int, heads: int, ffn_width: int, dropout: float):
+        super().__init__()
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(width), nn.LayerNorm(width), nn.LayerNorm(width)
+        self.self_attn = Attention(width, heads, dropout)
+        self.cross_attn = Attention(width, heads, dropout)
+        self.ffn = nn.Sequential(nn.Linear(width, ffn_width), nn.GELU(), nn.Linear(ffn_width, width))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, q: torch.Tensor, audio: torch.Tensor, audio_mask: torch.Tensor) -> torch.Tensor:
+        """q: (batch, queries, width); audio: (batch, frames, width); audio_mask: (batch, frames)."""
+        h = self.norm1(q)
+        q = q + self.drop(self.self_attn(h, h))
+        q = q + self.drop(self.cross_attn(self.norm2(q), audio, audio_mask))
+        return q + self.drop(self.ffn(self.norm3(q)))
+
+
+@register_adapter("qformer", "qformer")
+class QFormerAdapter(nn.Module):
+    """DeSTA2's connector: one Q-Former shared across tapped layers.
+
+    Each tapped layer has its own `num_queries` learned queries that cross-attend to that layer's
+    states through the shared blocks; a softmax weight per query over layers mixes the per-layer
+    results; LayerNorm + Linear map to the LLM width. A clip always becomes `num_queries`
+    embeddings, whatever its length."""
+
+    def __init__(self, cfg: QFormerConfig, encoder_width: int, num_taps: int, llm_width: int):
+        super().__init__()
+        width = cfg.hidden_size or encoder_width
+        heads = cfg.num_heads or max(1, width // 64)
+        self.num_queries = cfg.num_queries
+        self.in_proj = nn.Linear(encoder_width, width) if width != encoder_width else nn.Identity()
+        self.queries = nn.Parameter(torch.randn(num_taps, cfg.num_queries, width) * 0.02)
+        self.blocks = nn.ModuleList(QFormerBlock(width, heads, cfg.ffn_multiplier * width, cfg.dropout)
+                                    for _ in range(cfg.num_layers))
+        self.layer_logits = nn.Parameter(torch.zeros(cfg.num_queries, num_taps))
+        self.norm = nn.LayerNorm(width)
+        self.proj = nn.Linear(width, llm_width)
+
+    def output_length(self, frames: torch.Tensor) -> torch.Tensor:
+        """Embeddings per clip for `frames` encoder frames: always `num_queries`."""
+        return torch.full_like(frames, self.num_queries)
+
+    def forward(self, states: list[torch.Tensor], lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """states: taps x (batch, frames, encoder_width); lengths: (batch,) -> (batch, num_queries, llm_width)."""
+        taps, batch = len(states), states[0].shape[0]
+        audio = self.in_proj(torch.cat(states, dim=0))  # (taps*batch, frames, width), tap-major
+        mask = (torch.arange(audio.shape[1], device=audio.device)[None, :] < lengths[:, None]).repeat(taps, 1)
+        q = self.queries.to(audio.dtype).repeat_interleave(batch, dim=0)  # (taps*batch, queries, width)
+        for block in self.blocks:
+            q = block(q, audio, mask)
+        q = q.view(taps, batch, self.num_queries, -1)
+        weights = self.layer_logits.softmax(dim=-1).to(q.dtype)  # (queries, taps)
+        mixed = torch.einsum("tbqw,qt->bqw", q, weights)
+        return self.proj(self.norm(mixed)), self.output_length(lengths)
+
+
+@register_adapter("mlp", "mlp")
+class MLPAdapter(nn.Module):
+    """Frame stacking + MLP: the tapped layers are concatenated per frame, `stack` consecutive
+    frames are concatenated, and a 2-layer MLP maps them to the LLM width."""
+
+    def __init__(self, cfg: MLPConfig, encoder_width: int, num_taps: int, llm_width: int):
+        super().__init__()
+        self.stack = cfg.stack
+        hidden = cfg.hidden_size or llm_width
+        self.mlp = nn.Sequential(nn.Linear(encoder_width * num_taps * cfg.stack, hidden), nn.GELU(),
+                                 nn.Linear(hidden, llm_width))
+
+    def output_length(self, frames: torch.Tensor) -> torch.Tensor:
+        """Embeddings per clip for `frames` encoder frames: ceil(frames / stack)."""
+        return torch.div(frames + self.stack - 1, self.stack, rounding_mode="floor")
+
+    def forward(self, states: list[torch.Tensor], lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """states: taps x (batch, frames, encoder_width) -> (batch, ceil(frames/stack), llm_width)."""
+        x = torch.cat(states, dim=-1)
+        keep = torch.arange(x.shape[1], device=x.device)[None, :, None] < lengths[:, None, None]
+        x = x * keep.to(x.dtype)  # padding frames never leak into a clip's last stacked group
+        pad = (-x.shape[1]) % self.stack
+        x = F.pad(x, (0, 0, 0, pad))
+        b, t, w = x.shape
+        x = x.reshape(b, t // self.stack, w * self.stack)
+        return self.mlp(x), self.output_length(lengths)

