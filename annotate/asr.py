@@ -25,11 +25,13 @@ class WhisperASR:
         model: embedded name, local folder or hub id of a Whisper model.
         beam_size: 1 is greedy decoding.
         threads: CPU threads for CTranslate2 (0 = its default).
+        compute_type: CTranslate2 compute type; float32 is exact on any CPU, int8 is faster.
     """
 
     name = "whisper"
 
-    def __init__(self, model: str = "whisper-tiny.en", beam_size: int = 1, threads: int = 0):
+    def __init__(self, model: str = "whisper-tiny.en", beam_size: int = 1, threads: int = 0,
+                 compute_type: str = "float32"):
         from transformers import WhisperFeatureExtractor
 
         self.model_name, self.beam_size = model, beam_size
@@ -40,7 +42,7 @@ class WhisperASR:
             import ctranslate2
             from tokenizers import Tokenizer
 
-            self._ct2 = ctranslate2.models.Whisper(str(ct2), device="cpu", compute_type="default",
+            self._ct2 = ctranslate2.models.Whisper(str(ct2), device="cpu", compute_type=compute_type,
                                                    intra_threads=threads)
             self._tokenizer = Tokenizer.from_file(str(ct2 / "tokenizer.json"))
             prompt = ["<|startoftranscript|>"]

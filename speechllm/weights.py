@@ -380,6 +380,7 @@ def prepare(name: str, force: bool = False) -> Path:
                 "fingerprint": model.fingerprint or _folder_hash(out),
             }
             (out / READY_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+            out.chmod(0o755)  # the temporary folder was private; the cache folder is readable
             if final.exists():
                 shutil.rmtree(final)
             os.replace(out, final)

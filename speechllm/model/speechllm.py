@@ -7,6 +7,7 @@ Invariant (tested): with no audio and no LoRA, the text path gives exactly the b
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -212,8 +213,6 @@ class SpeechLLM(nn.Module):
             old = folder.with_name(f".{folder.name}.old")
             folder.rename(old)
             tmp.rename(folder)
-            import shutil
-
             shutil.rmtree(old)
         else:
             tmp.rename(folder)
