@@ -78,6 +78,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         model = SpeechLLM.from_pretrained(args.checkpoint, device=args.device)
     else:
         cfg = load_config(args.config, args.overrides)
+        torch.manual_seed(cfg.generation.seed)  # the untrained adapter is the same on every run
         model = build_model(cfg, device=args.device)
     model.eval()
     t_load = time.perf_counter() - t0

@@ -143,3 +143,23 @@ def test_untrained_adapter_is_deterministic_for_a_seed(tiny_cfg):
     b = build_model(tiny_cfg).adapter.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert np.isfinite(sum(v.sum().item() for v in a.values()))
+
+
+@pytest.mark.parametrize("overrides", [["model.adapter.kind=mlp"], ["model.llm.dtype=bfloat16"]])
+def test_other_adapters_and_dtypes_train_and_reload(overrides, sample_wav, tmp_path):
+    from speechllm.config import load_config
+    from speechllm.model import build_model
+
+    from conftest import TINY_CONFIG
+
+    cfg = load_config(TINY_CONFIG, overrides)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    batch = model.build_batch(examples(sample_wav))
+    loss = model(batch)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None for p in model.adapter.parameters())
+    reloaded = SpeechLLM.from_pretrained(model.save_pretrained(tmp_path / "ckpt"))
+    assert reloaded.config == model.config
+    torch.testing.assert_close(reloaded(reloaded.build_batch(examples(sample_wav))), loss.detach(), atol=0, rtol=0)

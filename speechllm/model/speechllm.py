@@ -106,7 +106,8 @@ class SpeechLLM(nn.Module):
         """waveforms -> adapter embeddings (batch, L, llm_width) and (batch,) lengths."""
         with torch.no_grad():
             enc = self.encoder.encode(waveforms)
-        embeds, lengths = self.adapter(enc.states, enc.lengths)
+        adapter_dtype = next(self.adapter.parameters()).dtype
+        embeds, lengths = self.adapter([s.to(adapter_dtype) for s in enc.states], enc.lengths)
         return embeds.to(self.llm.dtype), lengths
 
     def build_batch(self, examples: list[Example], for_generation: bool = False) -> Batch:
