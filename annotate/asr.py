@@ -14,6 +14,8 @@ import numpy as np
 from speechllm import weights
 from speechllm.audio import SAMPLE_RATE
 
+from .base import Annotation, Annotator, Clip, register_annotator
+
 MAX_DECODE_TOKENS = 224
 """Longest transcript decoded for one 30 s window (Whisper's own default sample_len)."""
 
@@ -76,3 +78,23 @@ class WhisperASR:
             ids = self._hf.generate(torch.from_numpy(feats), num_beams=self.beam_size,
                                     max_new_tokens=MAX_DECODE_TOKENS)
         return [t.strip() for t in self._processor.batch_decode(ids, skip_special_tokens=True)]
+
+
+@register_annotator
+class Transcript(Annotator):
+    """Whisper transcript (embedded whisper-tiny.en by default; any Whisper by name).
+
+    Args:
+        model: Whisper model name, folder or hub id (`speechllm annotate --asr-model`).
+        threads: CTranslate2 CPU threads (the pipeline gives each worker its share).
+    """
+
+    name, version = "transcript", "1"
+
+    def __init__(self, model: str = "whisper-tiny.en", threads: int = 0):
+        self.model = model
+        self.asr = WhisperASR(model, threads=threads)
+
+    def annotate(self, clips: list[Clip], prior) -> list[Annotation]:
+        texts = self.asr.transcribe([c.wav for c in clips])
+        return [Annotation(value=t, extra={"model": self.model}) for t in texts]

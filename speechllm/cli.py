@@ -2,6 +2,8 @@
 
     speechllm models list                  what can be prepared, what is ready
     speechllm models prepare [NAME ...]    fetch + verify + convert embedded weights (once)
+    speechllm synth --out data/synth --n 300        labelled synthetic corpus (espeak-ng, flite)
+    speechllm annotate data/synth/test.jsonl --out meta.jsonl --eval
     speechllm chat --untrained --audio clip.wav "What can you hear?"
     speechllm chat --checkpoint runs/demo/self-output --audio clip.flac "Is the speaker male or female?"
 """
@@ -12,6 +14,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 EMBEDDED_DEFAULT = ["smollm2-135m-instruct", "whisper-tiny.en"]
 
@@ -58,6 +61,50 @@ def cmd_models_prepare(args: argparse.Namespace) -> int:
         path = weights.prepare(name, force=args.force)
         state = "already prepared" if was_ready else f"prepared in {time.perf_counter() - t0:.1f} s"
         print(f"{name}: {state} -> {path}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- annotate / synth
+
+def cmd_annotate(args: argparse.Namespace) -> int:
+    from annotate import evaluate as ev
+    from annotate import pipeline as pl
+
+    src = Path(args.input) if args.input else None
+    if (src is None) == (args.hf_dataset is None):
+        return _err("give exactly one input: a manifest .jsonl, a folder of audio files, or --hf-dataset")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if args.hf_dataset:
+        items = pl.hf_items(args.hf_dataset, out.parent, out.with_name(out.stem + ".audio"), args.audio_column,
+                            args.id_column, args.text_column, args.split)
+    elif src.is_dir():
+        items = pl.folder_items(src, out.parent)
+    elif src.is_file():
+        items = pl.manifest_items(src, out.parent)
+    else:
+        return _err(f"{src}: no such manifest or folder")
+    opts = pl.AnnotateOptions(
+        annotators=[a.strip() for a in args.annotators.split(",") if a.strip()],
+        asr_model=args.asr_model, workers=args.workers, batch_size=args.batch_size,
+        max_seconds=args.max_seconds, trust_labels=args.trust_labels, retry_errors=args.retry_errors,
+        progress=not args.quiet)
+    summary = pl.run(items, out, opts)
+    print(summary.line(out))
+    if args.eval:
+        report = ev.evaluate(pl.load_metadata(out))
+        path = out.with_name(out.name.removesuffix(".jsonl") + ".eval.json")
+        path.write_text(json.dumps(report, indent=2) + "\n")
+        print(ev.format_report(report))
+        print(f"annotate --eval: scores -> {path}")
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from annotate.synth import synthesize
+
+    synthesize(Path(args.out), n=args.n, seed=args.seed, test_fraction=args.test_fraction,
+               workers=args.workers, progress=not args.quiet)
     return 0
 
 
@@ -130,6 +177,65 @@ def build_parser() -> argparse.ArgumentParser:
     mp.add_argument("--force", action="store_true", help="convert again even if already prepared")
     mp.set_defaults(func=cmd_models_prepare)
 
+    from annotate.base import ANNOTATORS
+    from annotate.pipeline import DEFAULT_ANNOTATORS, AnnotateOptions
+
+    ann = sub.add_parser(
+        "annotate", help="audio -> metadata.jsonl: measurements, word bins and a description per clip",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Annotate clips with transcript, pitch, gender, loudness, speaking rate and noise, and write\n"
+                    "one JSON line per clip with a DeSTA-style description, e.g.\n"
+                    '  [00:00-00:05] "the transcript" (Gender: Female, Pitch: High, Speaking speed: Fast, ...)\n'
+                    "Clips that cannot be used go to <out>.errors.jsonl with the reason; the run goes on.\n"
+                    "Re-running skips ids already written (resume after a crash or Ctrl-C).",
+        epilog="examples:\n"
+               "  speechllm annotate data/synth/train.jsonl --out data/train.metadata.jsonl\n"
+               "  speechllm annotate data/synth/test.jsonl --out data/test.metadata.jsonl --eval\n"
+               "  speechllm annotate recordings/ --out recordings.metadata.jsonl --workers 4\n"
+               "  speechllm annotate --hf-dataset ./my_saved_dataset --split test --out hf.metadata.jsonl",
+    )
+    ann.add_argument("input", nargs="?", help="manifest .jsonl ({id, audio, labels?}, paths relative to it) or a "
+                                              "folder of wav/flac/ogg/mp3 files")
+    ann.add_argument("--out", required=True, metavar="FILE", help="metadata .jsonl to write (appended, resumable)")
+    ann.add_argument("--hf-dataset", metavar="NAME_OR_DIR", help="a Hugging Face dataset (name or save_to_disk "
+                                                                "folder) with an Audio column")
+    ann.add_argument("--split", help="dataset split (--hf-dataset)")
+    ann.add_argument("--audio-column", default="audio", help="audio column (--hf-dataset; default: audio)")
+    ann.add_argument("--id-column", default="id", help="id column (--hf-dataset; default: id, else the row index)")
+    ann.add_argument("--text-column", default="text", help="reference transcript column (--hf-dataset)")
+    defaults = AnnotateOptions()
+    ann.add_argument("--annotators", default=",".join(DEFAULT_ANNOTATORS),
+                     help=f"comma-separated, from: {', '.join(ANNOTATORS)} (default: all built-in)")
+    ann.add_argument("--asr-model", default=defaults.asr_model, help="Whisper for transcripts (default: %(default)s)")
+    ann.add_argument("--workers", type=int, default=defaults.workers, help="parallel processes (default: %(default)s)")
+    ann.add_argument("--batch-size", type=int, default=defaults.batch_size, help="clips per batch (default: %(default)s)")
+    ann.add_argument("--max-seconds", type=float, default=defaults.max_seconds,
+                     help="longer clips are errors (default: %(default)s)")
+    ann.add_argument("--trust-labels", action="store_true",
+                     help="manifest labels (transcript, gender, pitch, speed, volume, noise) override annotations")
+    ann.add_argument("--retry-errors", action="store_true", help="retry ids listed in the errors file")
+    ann.add_argument("--eval", action="store_true",
+                     help="score the annotations against the manifest labels (WER, accuracies, confusion tables)")
+    ann.add_argument("--quiet", action="store_true", help="no progress bar")
+    ann.set_defaults(func=cmd_annotate)
+
+    syn = sub.add_parser(
+        "synth", help="a labelled synthetic speech corpus from offline TTS (espeak-ng, flite)",
+        description="Synthesize N clips with known gender, pitch, speaking rate, loudness and noise, with\n"
+                    "ground truth in the manifest labels; train/test splits disjoint by sentence and voice.\n"
+                    "Writes DIR/train.jsonl, DIR/test.jsonl, DIR/audio/*.wav and DIR/synth.json.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  speechllm synth --out data/synth --n 300 --seed 0\n"
+               "  speechllm annotate data/synth/test.jsonl --out data/synth/test.metadata.jsonl --eval",
+    )
+    syn.add_argument("--out", required=True, metavar="DIR", help="output folder (resumable)")
+    syn.add_argument("--n", type=int, required=True, help="number of clips (train + test)")
+    syn.add_argument("--seed", type=int, default=0, help="random seed (same seed, same corpus)")
+    syn.add_argument("--test-fraction", type=float, default=0.2, help="share of clips in the test split")
+    syn.add_argument("--workers", type=int, default=2, help="parallel processes (default: %(default)s)")
+    syn.add_argument("--quiet", action="store_true", help="no progress bar")
+    syn.set_defaults(func=cmd_synth)
+
     chat = sub.add_parser(
         "chat", help="answer a question about one audio file",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -160,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from .audio import AudioError
+    from speechllm.data.jsonl import JsonlError
+
     from .config import ConfigError
     from .model.prompt import ChatTemplateError
     from .model.speechllm import CheckpointError
@@ -168,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (AudioError, ConfigError, WeightsError, CheckpointError, ChatTemplateError) as err:
+    except (AudioError, ConfigError, WeightsError, CheckpointError, ChatTemplateError, JsonlError) as err:
         return _err(str(err))
 
 

@@ -1,0 +1,37 @@
+"""Deterministic DeSTA2.5-style description of one clip.
+
+    [00:00-00:05] "unless to be rather cold hearted" (Gender: Male, Pitch: Low, Speaking speed: Normal, Volume: Normal, Noise: Clean)
+
+Fields come from annotators that have a `field` and a word bin, in registry order; an annotator
+that abstains (bin None, e.g. gender near the pitch boundary) leaves its field out rather than
+guess. Attributes with no offline model (emotion, age, accent) come from manifest labels.
+"""
+
+from __future__ import annotations
+
+import math
+
+FIELD_ORDER = ("Gender", "Pitch", "Speaking speed", "Volume", "Noise")
+"""Display order of the built-in fields; other fields follow in the order given."""
+LABEL_ONLY_FIELDS = {"emotion": "Emotion", "age": "Age", "accent": "Accent"}
+"""Label keys used as given (no offline annotator exists for them) -> description field name."""
+
+
+def timestamp(seconds: float) -> str:
+    """`MM:SS` (minutes may exceed 59)."""
+    seconds = int(seconds)
+    return f"{seconds // 60:02d}:{seconds % 60:02d}"
+
+
+def describe(duration: float, transcript: str | None, fields: list[tuple[str, str]]) -> str:
+    """The description line. `fields` are (name, word) pairs; built-in fields are put in
+    `FIELD_ORDER`, the rest keep their order after them."""
+    rank = {name: i for i, name in enumerate(FIELD_ORDER)}
+    fields = sorted(fields, key=lambda f: rank.get(f[0], len(rank)))
+    span = f"[{timestamp(0)}-{timestamp(math.ceil(duration))}]"
+    parts = [span]
+    if transcript:
+        parts.append(f'"{transcript.strip()}"')
+    if fields:
+        parts.append("(" + ", ".join(f"{name}: {word[:1].upper()}{word[1:]}" for name, word in fields) + ")")
+    return " ".join(parts)

@@ -1,0 +1,332 @@
+"""The annotation stage: inputs -> annotators -> metadata.jsonl (+ metadata.errors.jsonl).
+
+Inputs: a manifest JSONL (`{"id", "audio", "labels"?}`, audio paths relative to the manifest's
+folder and never outside it), a folder of audio files, or a Hugging Face `datasets` dataset with
+an Audio column. Clips are annotated in batches by parallel workers; each finished clip is
+appended to the output at once, so a killed run loses at most the batches in flight and a rerun
+skips every id already written (to the output or the errors file).
+"""
+
+from __future__ import annotations
+
+import io
+import multiprocessing as mp
+import os
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from speechllm.audio import SAMPLE_RATE, AudioError, load_audio, prepare_waveform
+from speechllm.data.jsonl import ResumableJsonl, iter_lines, read_jsonl, write_jsonl_atomic
+
+from . import asr, noise, pitch, rate, signal, vad  # noqa: F401  (register the built-in annotators)
+from .base import ANNOTATORS, Annotation, Clip, ClipError, order_annotators
+from .description import LABEL_ONLY_FIELDS, describe
+
+DEFAULT_ANNOTATORS = ["duration", "vad", "transcript", "pitch", "gender", "volume", "speed", "noise"]
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
+LABEL_KEYS = ("transcript", "gender", "pitch", "speed", "volume", "noise")
+"""Manifest label keys that name an annotator's output (overridable with --trust-labels)."""
+
+
+@dataclass
+class AnnotateOptions:
+    annotators: list[str] = field(default_factory=lambda: list(DEFAULT_ANNOTATORS))
+    """Annotators to run (dependencies must be included; order is resolved)."""
+    asr_model: str = "whisper-tiny.en"
+    """Whisper model for transcripts: embedded name, folder or hub id."""
+    workers: int = 2
+    """Parallel processes; each loads every annotator once."""
+    batch_size: int = 8
+    """Clips per batch (ASR runs batched)."""
+    max_seconds: float = 30.0
+    """Longer clips are errors (Whisper sees 30 s)."""
+    trust_labels: bool = False
+    """Manifest labels override annotator guesses for the same attribute."""
+    retry_errors: bool = False
+    """Retry ids that failed in an earlier run instead of skipping them."""
+    progress: bool = True
+    """Show a progress bar."""
+
+
+@dataclass
+class Item:
+    """One clip to annotate: where its audio is and what the manifest says about it."""
+    id: str
+    audio: str
+    """Path as it will be written into the metadata (relative to the output's folder if possible)."""
+    path: str
+    """Absolute path to read."""
+    labels: dict[str, Any]
+
+
+@dataclass
+class Summary:
+    total: int = 0
+    done_before: int = 0
+    annotated: int = 0
+    errors: int = 0
+    errors_before: int = 0
+    audio_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    error_kinds: dict[str, int] = field(default_factory=dict)
+
+    def line(self, out: Path) -> str:
+        rtf = self.wall_seconds / self.audio_seconds if self.audio_seconds else 0.0
+        kinds = ", ".join(f"{k} {v}" for k, v in sorted(self.error_kinds.items()))
+        return (f"annotate: {self.annotated} clips annotated, {self.errors} errors"
+                f"{f' ({kinds})' if kinds else ''}; {self.done_before} done and {self.errors_before} failed "
+                f"before; {self.audio_seconds:.0f} s of audio in {self.wall_seconds:.1f} s (RTF {rtf:.3f}) -> {out}")
+
+
+# ----------------------------------------------------------------------------- inputs
+
+def _error(id_: str, audio: str | None, reason: str, kind: str) -> dict:
+    return {"id": id_, "audio": audio, "kind": kind, "error": reason}
+
+
+def _rel_for_output(path: Path, out_dir: Path) -> str:
+    try:
+        return os.path.relpath(path, out_dir)
+    except ValueError:  # another drive
+        return str(path)
+
+
+def manifest_items(manifest: Path, out_dir: Path) -> Iterator[Item | dict]:
+    """Items of a manifest; malformed lines, escaping paths and duplicate ids become error dicts."""
+    root = Path(os.path.normpath(manifest.absolute().parent))
+    seen: set[str] = set()
+    for line in iter_lines(manifest, required=("id", "audio")):
+        if line.error:
+            yield _error(f"{manifest.name}:line{line.number}", None, line.error, "malformed")
+            continue
+        rec = line.record
+        id_, audio = str(rec["id"]), rec["audio"]
+        if id_ in seen:  # keyed by line: the id itself belongs to the first occurrence
+            yield _error(f"{manifest.name}:line{line.number}", audio,
+                         f"{manifest}:{line.number}: duplicate id '{id_}'", "duplicate")
+            continue
+        seen.add(id_)
+        labels = rec.get("labels") or {}
+        if not isinstance(audio, str) or not isinstance(labels, dict):
+            yield _error(id_, str(audio), f"{manifest}:{line.number}: 'audio' must be a string and 'labels' an "
+                                          "object", "malformed")
+            continue
+        path = Path(os.path.normpath(root / audio))  # lexical: a symlink placed inside the folder is fine
+        if not path.is_relative_to(root):
+            yield _error(id_, audio, f"{manifest}:{line.number}: audio path '{audio}' leaves the manifest's folder "
+                                     f"{root}", "path")
+            continue
+        yield Item(id_, _rel_for_output(path, out_dir), str(path), labels)
+
+
+def folder_items(folder: Path, out_dir: Path) -> Iterator[Item]:
+    root = folder.resolve()
+    for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS and p.is_file()):
+        id_ = path.relative_to(root).with_suffix("").as_posix()
+        yield Item(id_, _rel_for_output(path, out_dir), str(path), {})
+
+
+def hf_items(spec: str, out_dir: Path, audio_dir: Path, audio_column: str = "audio", id_column: str = "id",
+             text_column: str = "text", split: str | None = None) -> Iterator[Item | dict]:
+    """Items of a Hugging Face dataset (a `save_to_disk` folder or a name `datasets` can load).
+    Audio bytes are decoded by soundfile (not by `datasets`, whose decoder needs torchcodec) and
+    written once as FLAC under `audio_dir`, so later stages read plain files."""
+    import datasets
+    import numpy as np
+    import soundfile as sf
+
+    local = Path(spec)
+    if local.is_dir() and (local / "dataset_dict.json").exists() or (local / "state.json").exists():
+        ds = datasets.load_from_disk(str(local))
+    else:
+        ds = datasets.load_dataset(spec, split=split)
+    if isinstance(ds, datasets.DatasetDict):
+        if split is None:
+            raise ValueError(f"{spec}: has splits {', '.join(ds)}; choose one with --split")
+        ds = ds[split]
+    if audio_column not in ds.column_names:
+        raise ValueError(f"{spec}: no audio column '{audio_column}' (columns: {', '.join(ds.column_names)})")
+    ds = ds.cast_column(audio_column, datasets.Audio(decode=False))
+    audio_dir.mkdir(parents=True, exist_ok=True)
+    for i, row in enumerate(ds):
+        id_ = str(row[id_column]) if id_column in row else f"{i:08d}"
+        labels = {k: v for k, v in row.items() if k not in (audio_column, id_column)
+                  and isinstance(v, (str, int, float, bool))}
+        if text_column in labels:
+            labels["transcript"] = labels.pop(text_column)
+        target = audio_dir / f"{id_.replace('/', '_')}.flac"
+        if not target.exists():
+            a = row[audio_column] or {}
+            try:
+                raw = a.get("bytes") or Path(a["path"]).read_bytes()
+                data, sr = sf.read(io.BytesIO(raw), dtype="float32", always_2d=True)
+                wav = prepare_waveform(data, sr, f"{spec}[{i}]")
+            except (OSError, KeyError, TypeError, AudioError, sf.LibsndfileError) as err:
+                yield _error(id_, None, f"{spec}[{i}]: cannot decode audio ({err})", "audio")
+                continue
+            tmp = target.with_suffix(".tmp.flac")
+            sf.write(tmp, np.clip(wav, -1, 1), SAMPLE_RATE, format="FLAC")
+            os.replace(tmp, target)
+        yield Item(id_, _rel_for_output(target, out_dir), str(target), labels)
+
+
+# ----------------------------------------------------------------------------- workers
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(names: list[str], options: dict[str, dict], threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    _WORKER["annotators"] = [ANNOTATORS[n](**options.get(n, {})) for n in names]
+
+
+def _override(name: str, ann: Annotation, labels: dict) -> Annotation:
+    value = labels[name]
+    if name == "transcript":
+        return Annotation(value=str(value), extra={"source": "label"})
+    return Annotation(value=ann.value, bin=str(value).lower(), confidence=1.0,
+                      extra={**ann.extra, "source": "label", "annotator_bin": ann.bin})
+
+
+def annotate_batch(items: list[Item], max_seconds: float, trust_labels: bool) -> tuple[list[dict], list[dict]]:
+    """Run every annotator over a batch; returns (metadata records, error records). A clip that
+    fails is isolated (the batch is retried clip by clip) and the others go on."""
+    annotators = _WORKER["annotators"]
+    clips, errors = [], []
+    for it in items:
+        try:
+            clips.append(Clip(it.id, it.audio, load_audio(it.path, max_seconds=max_seconds), it.labels))
+        except AudioError as err:
+            kind = "too_long" if "longer than" in str(err) else "audio"
+            errors.append(_error(it.id, it.audio, str(err), kind))
+    results: list[dict[str, Annotation]] = [{} for _ in clips]
+    for ann in annotators:
+        try:
+            outs = ann.annotate(clips, results)
+        except Exception:  # isolate the clip(s) at fault
+            outs, keep = [], []
+            for clip, prior in zip(clips, results):
+                try:
+                    outs.append(ann.annotate([clip], [prior])[0])
+                    keep.append(True)
+                except ClipError as err:
+                    errors.append(_error(clip.id, clip.audio, f"{clip.audio}: {err}", ann.name))
+                    keep.append(False)
+                except Exception as err:
+                    tb = traceback.format_exception_only(type(err), err)[-1].strip()
+                    errors.append(_error(clip.id, clip.audio, f"{clip.audio}: annotator {ann.tag} failed: {tb}",
+                                         "annotator"))
+                    keep.append(False)
+            clips = [c for c, k in zip(clips, keep) if k]
+            results = [r for r, k in zip(results, keep) if k]
+        for clip, prior, out in zip(clips, results, outs):
+            if trust_labels and ann.name in LABEL_KEYS and clip.labels.get(ann.name) not in (None, ""):
+                out = _override(ann.name, out, clip.labels)
+            prior[ann.name] = out
+    records = [_record(clip, res, annotators) for clip, res in zip(clips, results)]
+    return records, errors
+
+
+def _record(clip: Clip, res: dict[str, Annotation], annotators) -> dict:
+    fields = [(a.field, res[a.name].bin) for a in annotators if a.field and res[a.name].bin]
+    for key, name in LABEL_ONLY_FIELDS.items():
+        if clip.labels.get(key) not in (None, "") and key not in ANNOTATORS:
+            fields.append((name, str(clip.labels[key])))
+    transcript = res["transcript"].value if "transcript" in res else clip.labels.get("transcript")
+    rec = {
+        "id": clip.id,
+        "audio": clip.audio,
+        "duration": round(clip.duration, 3),
+        "annotations": {a.name: {**res[a.name].to_dict(), "annotator": a.tag} for a in annotators},
+        "description": describe(clip.duration, transcript, fields),
+    }
+    if clip.labels:
+        rec["labels"] = clip.labels
+    return rec
+
+
+def _work(args: tuple[list[Item], float, bool]) -> tuple[list[dict], list[dict], float]:
+    items, max_seconds, trust = args
+    records, errors = annotate_batch(items, max_seconds, trust)
+    return records, errors, sum(r["duration"] for r in records)
+
+
+# ----------------------------------------------------------------------------- the stage
+
+def default_errors_path(out: Path) -> Path:
+    return out.with_name(out.name.removesuffix(".jsonl") + ".errors.jsonl")
+
+
+def run(items: Iterator[Item | dict], out: Path, opts: AnnotateOptions, errors_path: Path | None = None) -> Summary:
+    """Annotate every item not yet in `out` (or in the errors file), appending as they finish."""
+    from tqdm import tqdm
+
+    names = order_annotators(opts.annotators)
+    t0 = time.perf_counter()
+    errors_path = errors_path or default_errors_path(out)
+    summary = Summary()
+    if opts.retry_errors and errors_path.exists():
+        write_jsonl_atomic(errors_path, [])
+    with ResumableJsonl(out) as done, ResumableJsonl(errors_path) as failed:
+        todo: list[Item] = []
+        for it in items:
+            summary.total += 1
+            if isinstance(it, dict):  # an input error (malformed line, bad path, undecodable HF row)
+                if it["id"] in done:
+                    summary.done_before += 1
+                elif it["id"] in failed:
+                    summary.errors_before += 1
+                else:
+                    failed.write(it)
+                    summary.errors += 1
+                    summary.error_kinds[it["kind"]] = summary.error_kinds.get(it["kind"], 0) + 1
+            elif it.id in done:
+                summary.done_before += 1
+            elif it.id in failed:
+                summary.errors_before += 1
+            else:
+                todo.append(it)
+        batches = [todo[i: i + opts.batch_size] for i in range(0, len(todo), opts.batch_size)]
+        workers = max(1, min(opts.workers, len(batches)))
+        cpu = os.cpu_count() or 1
+        threads = max(1, cpu // workers)
+        options = {"transcript": {"model": opts.asr_model, "threads": threads}}
+        bar = tqdm(total=len(todo), desc="annotate", unit="clip", disable=not opts.progress, file=sys.stderr)
+
+        def consume(result: tuple[list[dict], list[dict], float]) -> None:
+            records, errors, seconds = result
+            for r in records:
+                done.write(r)
+            for e in errors:
+                failed.write(e)
+                summary.error_kinds[e["kind"]] = summary.error_kinds.get(e["kind"], 0) + 1
+            summary.annotated += len(records)
+            summary.errors += len(errors)
+            summary.audio_seconds += seconds
+            bar.update(len(records) + len(errors))
+
+        args = [(b, opts.max_seconds, opts.trust_labels) for b in batches]
+        if workers == 1 or not batches:
+            if batches:
+                _init_worker(names, options, threads)
+            for a in args:
+                consume(_work(a))
+        else:
+            ctx = mp.get_context("spawn")
+            with ctx.Pool(workers, initializer=_init_worker, initargs=(names, options, threads)) as pool:
+                for result in pool.imap_unordered(_work, args):
+                    consume(result)
+        bar.close()
+    summary.wall_seconds = time.perf_counter() - t0
+    return summary
+
+
+def load_metadata(path: Path) -> list[dict]:
+    """All records of a metadata.jsonl (strict)."""
+    return read_jsonl(path, required=("id", "audio", "annotations", "description"))

@@ -1,0 +1,92 @@
+"""Real-time factor of each annotator and of the whole annotation pipeline on this machine.
+
+RTF = processing seconds / audio seconds (lower is faster; 0.15 means 1 h of audio in 9 min).
+Per-annotator figures run in this process on all clips at once (one batch); the pipeline figure
+is `speechllm annotate` end to end with N workers, start-up (model loading) included and excluded.
+
+    python scripts/bench_annotate.py                       # a fresh 40-clip synthetic corpus
+    python scripts/bench_annotate.py --manifest data/synth/test.jsonl --workers 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from annotate.base import ANNOTATORS, Clip, order_annotators
+from annotate.pipeline import DEFAULT_ANNOTATORS, AnnotateOptions, Item, manifest_items, run
+from speechllm.audio import load_audio
+
+
+def per_annotator(items: list[Item], asr_model: str, threads: int) -> list[tuple[str, float, float]]:
+    """(name, load seconds, RTF) per annotator, in dependency order, one process."""
+    import torch
+
+    torch.set_num_threads(threads)
+    clips = [Clip(it.id, it.audio, load_audio(it.path), it.labels) for it in items]
+    audio_s = sum(c.duration for c in clips)
+    prior: list[dict] = [{} for _ in clips]
+    rows = []
+    for name in order_annotators(DEFAULT_ANNOTATORS):
+        t0 = time.perf_counter()
+        kwargs = {"model": asr_model, "threads": threads} if name == "transcript" else {}
+        ann = ANNOTATORS[name](**kwargs)
+        t1 = time.perf_counter()
+        outs = []
+        for i in range(0, len(clips), 8):
+            outs += ann.annotate(clips[i: i + 8], prior[i: i + 8])
+        t2 = time.perf_counter()
+        for p, o in zip(prior, outs):
+            p[name] = o
+        rows.append((name, t1 - t0, (t2 - t1) / audio_s))
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--manifest", type=Path, help="labelled manifest (default: synthesize --n clips)")
+    p.add_argument("--n", type=int, default=40, help="clips to synthesize when no manifest is given")
+    p.add_argument("--workers", type=int, default=2, help="pipeline workers")
+    p.add_argument("--asr-model", default="whisper-tiny.en")
+    args = p.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        manifest = args.manifest
+        if manifest is None:
+            from annotate.synth import synthesize
+
+            synthesize(tmp / "synth", n=args.n, seed=0, test_fraction=0.5, workers=args.workers, progress=False)
+            manifest = tmp / "synth" / "test.jsonl"
+        items = [it for it in manifest_items(manifest, tmp) if isinstance(it, Item)]
+        audio_s = sum(len(load_audio(it.path)) for it in items) / 16000
+        cores = os.cpu_count()
+        print(f"{len(items)} clips, {audio_s:.0f} s of audio, {cores} cores")
+
+        print(f"\n{'annotator':12} {'load s':>7} {'RTF (1 process, ' + str(cores) + ' threads)':>28}")
+        total = 0.0
+        for name, load_s, rtf in per_annotator(items, args.asr_model, threads=cores):
+            total += rtf
+            print(f"{name:12} {load_s:>7.2f} {rtf:>28.4f}")
+        print(f"{'sum':12} {'':>7} {total:>28.4f}")
+
+        out = tmp / "meta.jsonl"
+        summary = run(iter(items), out, AnnotateOptions(workers=args.workers, asr_model=args.asr_model,
+                                                         progress=False))
+        print(f"\npipeline, {args.workers} workers: {summary.wall_seconds:.1f} s for {summary.audio_seconds:.0f} s "
+              f"of audio -> RTF {summary.wall_seconds / summary.audio_seconds:.4f} (model loading included)")
+        again = tmp / "meta2.jsonl"
+        items2 = [Item(it.id + "#2", it.audio, it.path, it.labels) for it in items]
+        t0 = time.perf_counter()
+        run(iter(items2 + [Item(it.id + "#3", it.audio, it.path, it.labels) for it in items]), again,
+            AnnotateOptions(workers=args.workers, asr_model=args.asr_model, progress=False))
+        wall = time.perf_counter() - t0
+        # two passes over the same audio in one run: the second half of the work amortises start-up
+        print(f"pipeline, {args.workers} workers, 2x the audio in one run: RTF {wall / (2 * audio_s):.4f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Data formats shared by the stages (JSONL manifests, metadata, targets)."""
