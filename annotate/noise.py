@@ -1,5 +1,5 @@
-"""Background noise: SNR from speech vs non-speech energy (VAD segments), plus DNSMOS's
-background score when the `speechmos` package is installed."""
+"""Background noise: SNR from speech vs non-speech energy (VAD segments), and optionally
+DNSMOS's background score (the `speechmos` package, which ships the DNSMOS ONNX models)."""
 
 from __future__ import annotations
 
@@ -58,12 +58,17 @@ class Noise(Annotator):
 
     name, version, field, requires = "noise", "1", "Noise", ("vad",)
 
-    def __init__(self):
-        try:
-            from speechmos import dnsmos
-        except ImportError:
-            dnsmos = None
-        self._dnsmos = dnsmos
+    def __init__(self, dnsmos: bool = False):
+        """dnsmos: also run DNSMOS (needs `pip install speechmos onnxruntime`, adds ~0.05 RTF)
+        and keep its background score (1 = very noisy ... 5 = clean) in `extra.dnsmos_bak`."""
+        self._dnsmos = None
+        if dnsmos:
+            try:
+                from speechmos import dnsmos as module
+            except ImportError as err:
+                raise ImportError("DNSMOS needs the optional packages: pip install speechmos onnxruntime "
+                                  f"({err})") from None
+            self._dnsmos = module
 
     def annotate(self, clips: list[Clip], prior) -> list[Annotation]:
         from speechllm.audio import SAMPLE_RATE

@@ -44,6 +44,8 @@ class AnnotateOptions:
     """Clips per batch (ASR runs batched)."""
     max_seconds: float = 30.0
     """Longer clips are errors (Whisper sees 30 s)."""
+    dnsmos: bool = False
+    """Also score noise with DNSMOS (optional packages speechmos + onnxruntime)."""
     trust_labels: bool = False
     """Manifest labels override annotator guesses for the same attribute."""
     retry_errors: bool = False
@@ -296,7 +298,7 @@ def run(items: Iterator[Item | dict], out: Path, opts: AnnotateOptions, errors_p
         workers = max(1, min(opts.workers, len(batches)))
         cpu = os.cpu_count() or 1
         threads = max(1, cpu // workers)
-        options = {"transcript": {"model": opts.asr_model, "threads": threads}}
+        options = {"transcript": {"model": opts.asr_model, "threads": threads}, "noise": {"dnsmos": opts.dnsmos}}
         bar = tqdm(total=len(todo), desc="annotate", unit="clip", disable=not opts.progress, file=sys.stderr)
 
         def consume(result: tuple[list[dict], list[dict], float]) -> None:

@@ -87,7 +87,7 @@ def cmd_annotate(args: argparse.Namespace) -> int:
     opts = pl.AnnotateOptions(
         annotators=[a.strip() for a in args.annotators.split(",") if a.strip()],
         asr_model=args.asr_model, workers=args.workers, batch_size=args.batch_size,
-        max_seconds=args.max_seconds, trust_labels=args.trust_labels, retry_errors=args.retry_errors,
+        max_seconds=args.max_seconds, dnsmos=args.dnsmos, trust_labels=args.trust_labels, retry_errors=args.retry_errors,
         progress=not args.quiet)
     summary = pl.run(items, out, opts)
     print(summary.line(out))
@@ -134,9 +134,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
     t1 = time.perf_counter()
     transcript = args.transcript
     if transcript is None and not args.no_transcript:
-        from annotate.asr import WhisperASR
+        from annotate.asr import SpeechRecognizer
 
-        transcript = WhisperASR(args.asr_model or model.config.encoder.name).transcribe([wav])[0]
+        transcript = SpeechRecognizer(args.asr_model or model.config.encoder.name).transcribe([wav])[0]
         _info(f"transcript: {transcript!r}")
     t_asr = time.perf_counter() - t1
     if args.checkpoint is None:
@@ -211,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     ann.add_argument("--batch-size", type=int, default=defaults.batch_size, help="clips per batch (default: %(default)s)")
     ann.add_argument("--max-seconds", type=float, default=defaults.max_seconds,
                      help="longer clips are errors (default: %(default)s)")
+    ann.add_argument("--dnsmos", action="store_true",
+                     help="also score background noise with DNSMOS (pip install speechmos onnxruntime)")
     ann.add_argument("--trust-labels", action="store_true",
                      help="manifest labels (transcript, gender, pitch, speed, volume, noise) override annotations")
     ann.add_argument("--retry-errors", action="store_true", help="retry ids listed in the errors file")

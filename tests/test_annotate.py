@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from annotate.base import ANNOTATORS, Annotation, Annotator, order_annotators, register_annotator
+from annotate.base import ANNOTATORS, Annotation, Annotator, Clip, order_annotators, register_annotator
 from annotate.bins import to_bin
 from annotate.description import describe
 from annotate.evaluate import evaluate, format_report, normalize_text
@@ -275,3 +275,17 @@ def test_folder_and_hf_dataset_inputs(tmp_path, clips):
     recs = [json.loads(l) for l in out.read_text().splitlines()]
     assert recs[0]["labels"] == {"transcript": SENTENCE, "gender": "male"}
     assert (tmp_path / recs[0]["audio"]).is_file()
+
+
+def test_dnsmos_background_score_when_asked(clips):
+    pytest.importorskip("speechmos", reason="optional package of the `quality` extra")
+    from annotate.noise import Noise
+
+    recs = annotate_files([clips["male_low"], clips["noisy"]], names=["duration", "vad"])
+    noise = Noise(dnsmos=True)
+    scores = {}
+    for name in ("male_low", "noisy"):
+        prior = {"vad": Annotation(**{f: v for f, v in recs[name]["annotations"]["vad"].items() if f != "annotator"})}
+        scores[name] = noise.annotate([Clip(name, "", load_audio(clips[name]))],
+                                      [prior])[0].extra["dnsmos_bak"]
+    assert scores["noisy"] < scores["male_low"] - 1.0

@@ -43,3 +43,15 @@ def test_real_speech_transcript_speed_and_description(tmp_path):
         assert rec["annotations"]["speed"]["bin"] == "normal"  # an audiobook reader, ~4 syllables/s
         assert rec["description"].startswith('[00:00-00:0') and "(Gender: Male, Pitch: Low, Speaking speed: Normal, " \
                "Volume: Normal, Noise: Clean)" in rec["description"]
+
+
+def test_any_transformers_asr_model_by_folder_agrees_with_ctranslate2():
+    from annotate.asr import SpeechRecognizer
+    from speechllm import weights
+    from speechllm.audio import load_audio
+
+    wavs = [load_audio(ROOT / "samples" / f"{k}.wav") for k in REFERENCES]
+    fast = SpeechRecognizer("whisper-tiny.en").transcribe(wavs)
+    # a plain folder is not an embedded name: it runs through transformers' ASR pipeline
+    generic = SpeechRecognizer(str(weights.model_path("whisper-tiny.en"))).transcribe(wavs)
+    assert generic == fast

@@ -43,12 +43,12 @@ def test_text_path_of_the_real_llm_is_exact_and_answers(default_model):
 
 
 def test_asr_and_chat_on_a_real_clip(default_model):
-    from annotate.asr import WhisperASR
+    from annotate.asr import SpeechRecognizer
     from speechllm.audio import load_audio
     from speechllm.model import Example
 
     wav = load_audio(SAMPLE)
-    transcript = WhisperASR("whisper-tiny.en").transcribe([wav])[0]
+    transcript = SpeechRecognizer("whisper-tiny.en").transcribe([wav])[0]
     words = re.sub(r"[^a-z' ]", " ", transcript.lower().replace("-", " ")).split()
     ref = SAMPLE_TEXT.split()
     matched = sum(b.size for b in difflib.SequenceMatcher(None, words, ref).get_matching_blocks())
