@@ -10,7 +10,8 @@ SAMPLE := samples/librivox_austen_0890.wav
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml scripts/install_torch.sh
+$(STAMP): pyproject.toml scripts/install_torch.sh scripts/install_system_deps.sh
+	bash scripts/install_system_deps.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	bash scripts/install_torch.sh $(PY)
 	$(PY) -m pip install --disable-pip-version-check -q -e '.[test]'

@@ -5,9 +5,9 @@ real audio with the same bins, so the two can be compared value by value. Every 
 absolute number (not a percentile of some corpus):
 
 - pitch: the clip's median F0 in Hz; low < 120 <= normal <= 200 < high;
-- speed: syllables per second of speech time (from the first to the last speech sound, pauses
-  inside included); slow < 3 <= normal <= 5 < fast; syllables are counted on the transcript with
-  `count_syllables`, so every stage counts them the same way;
+- speed: syllables per second of speech time (the duration of the detected speech); slow < 3 <=
+  normal <= 5 < fast; syllables are counted on the transcript with `count_syllables`, so every
+  stage counts them the same way;
 - volume: integrated loudness in LUFS (ITU-R BS.1770, as pyloudnorm measures it);
   quiet < -33 <= normal <= -20 < loud;
 - noise: signal-to-noise ratio in dB; noisy < 20 <= clean.

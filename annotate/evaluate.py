@@ -4,7 +4,7 @@ tables."""
 
 from __future__ import annotations
 
-import re
+import functools
 from collections import Counter
 
 BIN_ATTRIBUTES = ("gender", "pitch", "speed", "volume", "noise")
@@ -12,11 +12,17 @@ ABSTAIN = "(none)"
 """Predicted value shown when an annotator abstained or was not run."""
 
 
+@functools.lru_cache(maxsize=1)
+def _whisper_normalizer():
+    from transformers.models.whisper.english_normalizer import EnglishTextNormalizer
+
+    return EnglishTextNormalizer({})
+
+
 def normalize_text(text: str) -> str:
-    """Lowercase, hyphens as spaces, punctuation dropped, whitespace collapsed."""
-    text = text.lower().replace("-", " ")
-    text = re.sub(r"[^a-z0-9' ]+", " ", text)
-    return " ".join(text.split())
+    """Whisper's English normalisation (the field's usual WER convention): lowercase, punctuation
+    and hyphens dropped, numbers as digits ("ten" and "10" agree), "mr." as "mister"."""
+    return _whisper_normalizer()(text)
 
 
 def _predicted(rec: dict, attr: str) -> str:

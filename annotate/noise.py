@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from .base import Annotation, Annotator, Clip, register_annotator
-from .bins import NOISE_SNR_DB
+from .bins import NOISE_NAMES, NOISE_SNR_DB, to_bin
 
 FRAME_S = 0.02
 """Energy frame length."""
@@ -81,6 +81,6 @@ class Noise(Annotator):
                 scores = self._dnsmos.run(c.wav, SAMPLE_RATE)
                 extra["dnsmos_bak"] = round(float(scores["bak_mos"]), 3)
             margin = abs(snr - NOISE_SNR_DB)
-            out.append(Annotation(value=round(snr, 1), bin="noisy" if snr < NOISE_SNR_DB else "clean",
+            out.append(Annotation(value=round(snr, 1), bin=to_bin(snr, (NOISE_SNR_DB,), NOISE_NAMES),
                                   confidence=round(min(1.0, 0.5 + margin / 20.0), 3), extra=extra))
         return out

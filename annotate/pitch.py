@@ -7,9 +7,8 @@ import math
 import numpy as np
 
 from .base import Annotation, Annotator, Clip, register_annotator
-from .bins import PITCH_BINS_HZ, to_bin
+from .bins import PITCH_BINS_HZ, PITCH_NAMES, to_bin
 
-PITCH_NAMES = ("low", "normal", "high")
 F0_FLOOR_HZ, F0_CEILING_HZ = 60.0, 500.0
 """Search range of the F0 tracker, wide enough for low male and high female voices."""
 F0_STEP_S = 0.01

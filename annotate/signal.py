@@ -5,9 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from .base import Annotation, Annotator, Clip, register_annotator
-from .bins import VOLUME_BINS_LUFS, to_bin
+from .bins import VOLUME_BINS_LUFS, VOLUME_NAMES, to_bin
 
-VOLUME_NAMES = ("quiet", "normal", "loud")
 LOUDNESS_MIN_SECONDS = 0.4
 """pyloudnorm's gating block; shorter clips fall back to RMS level."""
 K_WEIGHTING_OFFSET_DB = -0.691

@@ -101,10 +101,13 @@ def cmd_annotate(args: argparse.Namespace) -> int:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from annotate.synth import synthesize
+    from annotate.synth import SynthError, synthesize
 
-    synthesize(Path(args.out), n=args.n, seed=args.seed, test_fraction=args.test_fraction,
-               workers=args.workers, progress=not args.quiet)
+    try:
+        synthesize(Path(args.out), n=args.n, seed=args.seed, test_fraction=args.test_fraction,
+                   workers=args.workers, progress=not args.quiet)
+    except SynthError as err:
+        return _err(str(err))
     return 0
 
 

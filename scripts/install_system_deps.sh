@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Install the Debian packages speechllm needs outside Python (the offline TTS engines of
+# `speechllm synth`, and sox):
+#   - every package's command already on PATH: nothing to do (re-runs are instant);
+#   - otherwise apt-get update + install of the missing ones, as root or through sudo;
+#   - no apt-get, or neither root nor sudo: a message naming the packages, and exit status 1.
+set -euo pipefail
+
+# package -> the command it provides
+declare -A COMMANDS=([espeak-ng]=espeak-ng [flite]=flite [sox]=sox)
+
+missing=()
+for package in espeak-ng flite sox; do
+    command -v "${COMMANDS[$package]}" >/dev/null 2>&1 || missing+=("$package")
+done
+if [[ ${#missing[@]} -eq 0 ]]; then
+    exit 0
+fi
+
+if [[ $(id -u) -eq 0 ]]; then
+    as_root() { "$@"; }
+elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
+    as_root() { sudo -n "$@"; }
+else
+    as_root=unavailable
+fi
+if ! command -v apt-get >/dev/null 2>&1 || [[ ${as_root:-} == unavailable ]]; then
+    echo "speechllm needs the Debian/Ubuntu packages: ${missing[*]}" >&2
+    echo "install them as root, e.g.: sudo apt-get install -y --no-install-recommends ${missing[*]}" >&2
+    echo "(this script installs them itself only as root or with password-less sudo, where apt-get exists)" >&2
+    exit 1
+fi
+
+echo "installing system packages: ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+as_root apt-get update -q
+as_root apt-get install -y -q --no-install-recommends "${missing[@]}"
