@@ -111,6 +111,24 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- targets
+
+def cmd_targets(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .targets.run import run_targets
+
+    overrides = list(args.overrides)
+    if args.strategy:
+        overrides.append(f"targets.strategy={args.strategy}")
+    cfg = load_config(args.config, overrides)
+    metadata = Path(args.metadata)
+    if not metadata.is_file():
+        return _err(f"{metadata}: no such metadata file (make one with `speechllm annotate`)")
+    summary = run_targets(metadata, Path(args.out), cfg, device=args.device, progress=not args.quiet)
+    print(summary.line(Path(args.out)))
+    return 0
+
+
 # ----------------------------------------------------------------------------- chat
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -241,6 +259,31 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--quiet", action="store_true", help="no progress bar")
     syn.set_defaults(func=cmd_synth)
 
+    from .targets.strategies import STRATEGIES
+
+    tg = sub.add_parser(
+        "targets", help="metadata.jsonl -> targets.jsonl: the frozen LLM answers from each description",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Make training targets. With the default strategy (self-output, DeSTA2) the base LLM reads\n"
+                    "each clip's description and answers the instruction; its own words become the target\n"
+                    "the speech model learns to produce from audio. Degenerate answers are regenerated or\n"
+                    "dropped (<out>.errors.jsonl); answers longer than train.max_target_tokens are flagged.\n"
+                    "Resumable; `accelerate launch --num_processes N -m speechllm.cli targets ...` shards.",
+        epilog="examples:\n"
+               "  speechllm targets data/train.metadata.jsonl --out data/train.targets.jsonl\n"
+               "  speechllm targets meta.jsonl --out label.targets.jsonl --strategy label\n"
+               "  speechllm targets meta.jsonl --out t.jsonl generation.do_sample=true \\\n"
+               "      'targets.instruction_pool=[\"What can you hear?\", \"Describe the audio.\"]'",
+    )
+    tg.add_argument("metadata", help="metadata .jsonl from `speechllm annotate`")
+    tg.add_argument("--out", required=True, metavar="FILE", help="targets .jsonl to write (appended, resumable)")
+    tg.add_argument("--strategy", choices=sorted(STRATEGIES), help="target strategy (default: self-output)")
+    tg.add_argument("--config", metavar="YAML", help="config (default: the embedded default)")
+    tg.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    tg.add_argument("--quiet", action="store_true", help="no progress bar")
+    tg.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. targets.batch_size=32")
+    tg.set_defaults(func=cmd_targets)
+
     chat = sub.add_parser(
         "chat", help="answer a question about one audio file",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -278,7 +321,14 @@ def main(argv: list[str] | None = None) -> int:
     from .model.speechllm import CheckpointError
     from .weights import WeightsError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may also come after options (`--out X model.llm.dtype=bfloat16`)
+    unknown = [e for e in extra if "=" not in e or e.startswith("-")]
+    if unknown or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
     try:
         return args.func(args)
     except (AudioError, ConfigError, WeightsError, CheckpointError, ChatTemplateError, JsonlError) as err:

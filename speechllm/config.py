@@ -140,6 +140,29 @@ class TrainConfig:
     """Clip the global gradient norm to this value (DeSTA2: 1.0)."""
     batch_size: int = 8
     """Examples per device per step (DeSTA2: 8 per GPU)."""
+    max_target_tokens: int = 256
+    """Longest target trained on, in LLM tokens (end-of-turn included). `speechllm targets`
+    generates at most this many tokens and flags answers that would be cut."""
+
+
+@dataclass
+class TargetsConfig:
+    strategy: str = "self-output"
+    """How targets are made: self-output (DeSTA2), label, paraphrase or selective."""
+    instruction: str = "What can you hear?"
+    """The instruction when no pool is given."""
+    instruction_pool: list[str] = field(default_factory=list)
+    """If not empty, each record draws its instruction from this pool (seeded; DeSTA2.5 style)."""
+    system_prompt: str | None = None
+    """System message for the generating LLM; None keeps the chat template's default. The speech
+    model is trained with `model.llm.system_prompt`, which should match."""
+    batch_size: int = 16
+    """Prompts per generation batch (sorted by length, left padded, KV cache)."""
+    max_retries: int = 2
+    """Regenerations (sampling, new seed) of a degenerate answer before it is dropped."""
+    min_transcript_recall: float = 0.5
+    """selective: share of the transcript's words the self-output must contain, else the label
+    target is used."""
 
 
 @dataclass
@@ -148,6 +171,8 @@ class Config:
     """What is built: encoder, adapter, LLM and the prompt layout."""
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     """How answers are decoded."""
+    targets: TargetsConfig = field(default_factory=TargetsConfig)
+    """How `speechllm targets` makes training targets."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Optimisation settings for `speechllm train`."""
 

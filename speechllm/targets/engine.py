@@ -1,0 +1,104 @@
+"""Batched text generation with the frozen base LLM: prompts sorted by length, left padding,
+KV cache, greedy or seeded sampling, and a per-answer record of whether it finished."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .. import weights
+from ..config import Config, PromptConfig
+from ..model.prompt import PromptBuilder
+from ..model.speechllm import DTYPES
+
+
+@dataclass
+class Generation:
+    text: str
+    """The decoded answer, special tokens removed, stripped."""
+    tokens: int
+    """Generated tokens before the stop token."""
+    finished: bool
+    """True when the model emitted a stop token within `max_new_tokens`."""
+
+
+@dataclass
+class Sampling:
+    max_new_tokens: int
+    do_sample: bool = False
+    temperature: float = 0.6
+    top_p: float = 0.9
+    seed: int = 0
+
+    def provenance(self) -> dict:
+        out = {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample, "seed": self.seed}
+        if self.do_sample:
+            out.update(temperature=self.temperature, top_p=self.top_p)
+        return out
+
+
+class TextGenerator:
+    """The base LLM answering user turns (text only, data text never becomes control tokens)."""
+
+    def __init__(self, llm, tokenizer, prompt: PromptBuilder, model_name: str):
+        self.llm, self.tokenizer, self.prompt, self.model_name = llm.eval(), tokenizer, prompt, model_name
+        pad = tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else prompt.stop_ids[0]
+
+    @classmethod
+    def from_config(cls, cfg: Config, device: str | torch.device = "cpu") -> "TextGenerator":
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        name = cfg.model.llm.name
+        path = weights.resolve(name)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.model.llm.trust_remote_code)
+        llm = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.model.llm.dtype],
+                                                   trust_remote_code=cfg.model.llm.trust_remote_code).to(device)
+        prompt = PromptBuilder(tokenizer, PromptConfig(), cfg.targets.system_prompt)
+        return cls(llm, tokenizer, prompt, name)
+
+    def prompt_ids(self, user_text: str) -> list[int]:
+        """The chat prompt for one user turn, up to the assistant's first token."""
+        pieces = self.prompt.pieces(user_text, None, has_audio=False)
+        return pieces.before_audio + pieces.after_audio
+
+    def target_length(self, text: str) -> int:
+        """Tokens the answer takes as a training target (end-of-turn included)."""
+        return len(self.prompt.target(text))
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], sampling: Sampling, batch_size: int,
+                 on_batch=None) -> list[Generation]:
+        """Answers to token-id prompts, in input order. Batches are formed from prompts of similar
+        length (less padding); with sampling, batch k is seeded with `seed + k`."""
+        device = self.llm.get_input_embeddings().weight.device
+        order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
+        stop = set(self.prompt.stop_ids)
+        out: list[Generation | None] = [None] * len(prompts)
+        for k, start in enumerate(range(0, len(order), batch_size)):
+            idx = order[start: start + batch_size]
+            longest = max(len(prompts[i]) for i in idx)
+            ids = torch.full((len(idx), longest), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(idx), longest), dtype=torch.long)
+            for row, i in enumerate(idx):
+                p = prompts[i]
+                ids[row, longest - len(p):] = torch.tensor(p)
+                mask[row, longest - len(p):] = 1
+            kwargs = dict(max_new_tokens=sampling.max_new_tokens, do_sample=sampling.do_sample,
+                          eos_token_id=sorted(stop), pad_token_id=self.pad_id, use_cache=True)
+            if sampling.do_sample:
+                torch.manual_seed(sampling.seed + k)
+                kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p)
+            else:
+                kwargs.update(temperature=None, top_p=None, top_k=None)
+            new = self.llm.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)[:, longest:]
+            for row, i in enumerate(idx):
+                toks = new[row].tolist()
+                end = next((j for j, t in enumerate(toks) if t in stop), None)
+                kept = toks if end is None else toks[:end]
+                text = self.tokenizer.decode(kept, skip_special_tokens=True).strip()
+                out[i] = Generation(text=text, tokens=len(kept), finished=end is not None)
+            if on_batch is not None:
+                on_batch(len(idx), sum(out[i].tokens for i in idx))
+        return out  # type: ignore[return-value]

@@ -1,0 +1,234 @@
+"""The targets stage: metadata.jsonl -> targets.jsonl.
+
+Each record's target is made by the chosen strategy; answers of the LLM that are degenerate
+(empty, or stuck in a repeated n-gram loop) are regenerated with seeded sampling up to
+`targets.max_retries` times, then dropped into `<out>.errors.jsonl`; answers longer than the
+training maximum (`train.max_target_tokens`) are flagged `"truncated": true` and counted, never
+cut. Output is appended record by record, so a rerun continues where a killed run stopped.
+
+Under `accelerate launch --num_processes N`, process i takes every N-th record, writes
+`<out>.part{i}-of-{N}.jsonl`, and the main process merges the parts into `<out>` in input order.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .. import __version__, weights
+from ..config import Config
+from ..data.jsonl import ResumableJsonl, iter_lines, write_jsonl_atomic
+from .checks import degenerate_reason
+from .engine import Generation, Sampling, TextGenerator
+from .strategies import ATTRIBUTES, STRATEGIES, Draft, Job
+
+CHUNK_BATCHES = 4
+"""Generation batches per written chunk (progress and resume granularity)."""
+LABEL_ONLY = ("emotion", "age", "accent")
+
+
+@dataclass
+class TargetsSummary:
+    total: int = 0
+    done_before: int = 0
+    written: int = 0
+    regenerated: int = 0
+    dropped: int = 0
+    truncated: int = 0
+    malformed: int = 0
+    new_tokens: int = 0
+    seconds: float = 0.0
+    kept: dict[str, int] = field(default_factory=dict)
+
+    def line(self, out: Path) -> str:
+        rate = self.new_tokens / self.seconds if self.seconds else 0.0
+        kept = "".join(f", {k} {v}" for k, v in sorted(self.kept.items()))
+        return (f"targets: {self.written} written ({self.done_before} done before), {self.regenerated} "
+                f"regenerated, {self.dropped} dropped as degenerate, {self.truncated} flagged too long for "
+                f"training, {self.malformed} malformed input lines{kept}; {self.new_tokens} tokens in "
+                f"{self.seconds:.1f} s ({rate:.1f} tok/s) -> {out}")
+
+
+def errors_path(out: Path) -> Path:
+    return out.with_name(out.name.removesuffix(".jsonl") + ".errors.jsonl")
+
+
+def job_from_record(rec: dict, instruction: str) -> Job:
+    labels = rec.get("labels") or {}
+    ann = rec.get("annotations") or {}
+    attrs = {}
+    for key in ATTRIBUTES:
+        value = labels.get(key) or (ann.get(key) or {}).get("bin")
+        if value:
+            attrs[key] = str(value).lower()
+    for key in LABEL_ONLY:
+        if labels.get(key):
+            attrs[key] = str(labels[key]).lower()
+    transcript = labels.get("transcript") or (ann.get("transcript") or {}).get("value")
+    return Job(str(rec["id"]), rec["audio"], rec["description"], instruction, attrs, transcript)
+
+
+def choose_instruction(record_id: str, cfg: Config, seed: int) -> str:
+    """The record's instruction: the pool draw depends only on (seed, id), so it is the same
+    whatever the batching, sharding or resume."""
+    pool = cfg.targets.instruction_pool
+    if not pool:
+        return cfg.targets.instruction
+    return random.Random(f"{seed}:{record_id}").choice(pool)
+
+
+def load_jobs(metadata: Path, cfg: Config, seed: int, errors: ResumableJsonl, summary: TargetsSummary) -> list[Job]:
+    jobs = []
+    seen: set[str] = set()
+    for line in iter_lines(metadata, required=("id", "audio", "description")):
+        if line.error:
+            summary.malformed += 1
+            errors.write({"id": f"{metadata.name}:line{line.number}", "kind": "malformed", "error": line.error})
+            continue
+        rid = str(line.record["id"])
+        if rid in seen:
+            summary.malformed += 1
+            errors.write({"id": f"{metadata.name}:line{line.number}", "kind": "duplicate",
+                          "error": f"{metadata}:{line.number}: duplicate id '{rid}'"})
+            continue
+        seen.add(rid)
+        jobs.append(job_from_record(line.record, choose_instruction(rid, cfg, seed)))
+    return jobs
+
+
+class TargetMaker:
+    """Runs a strategy over jobs with degeneracy handling and truncation flags."""
+
+    def __init__(self, cfg: Config, generator: TextGenerator | None, sampling: Sampling):
+        if cfg.targets.strategy not in STRATEGIES:
+            raise ValueError(f"targets.strategy: unknown '{cfg.targets.strategy}'; known: {', '.join(STRATEGIES)}")
+        self.cfg, self.gen, self.sampling = cfg, generator, sampling
+        self.strategy = STRATEGIES[cfg.targets.strategy]()
+        self.new_tokens = 0
+
+    def _generate(self, sampling: Sampling):
+        def run(texts: list[str]) -> list[Generation]:
+            if self.gen is None:
+                raise RuntimeError("this strategy needs the LLM")
+            prompts = [self.gen.prompt_ids(t) for t in texts]
+            outs = self.gen.generate(prompts, sampling, self.cfg.targets.batch_size)
+            self.new_tokens += sum(o.tokens for o in outs)
+            return outs
+        return run
+
+    def provenance(self, draft: Draft, sampling: Sampling) -> dict:
+        if draft.source == "template":
+            return {"template": draft.extra.get("template", "label-template/1"), "speechllm": __version__}
+        return {"model": self.gen.model_name, "fingerprint": weights.fingerprint(self.gen.model_name),
+                "system_prompt": self.cfg.targets.system_prompt, **sampling.provenance(), "speechllm": __version__}
+
+    def make(self, jobs: list[Job], summary: TargetsSummary) -> tuple[list[dict], list[dict]]:
+        """(records, error records) for `jobs`."""
+        min_recall = self.cfg.targets.min_transcript_recall
+        drafts = self.strategy.drafts(jobs, self._generate(self.sampling), min_recall)
+        used = [self.sampling] * len(jobs)
+        for attempt in range(1, self.cfg.targets.max_retries + 1):
+            bad = [i for i, d in enumerate(drafts) if d.source == "llm" and degenerate_reason(d.text)]
+            if not bad:
+                break
+            retry = Sampling(self.sampling.max_new_tokens, do_sample=True, temperature=max(self.sampling.temperature,
+                             0.7), top_p=self.sampling.top_p, seed=self.sampling.seed + 1000 * attempt)
+            again = self.strategy.drafts([jobs[i] for i in bad], self._generate(retry), min_recall)
+            for i, d in zip(bad, again):
+                drafts[i], used[i] = d, retry
+                summary.regenerated += 1
+        records, errors = [], []
+        limit = self.cfg.train.max_target_tokens
+        for job, draft, sampling in zip(jobs, drafts, used):
+            reason = degenerate_reason(draft.text) if draft.source == "llm" else None
+            if reason:
+                summary.dropped += 1
+                errors.append({"id": job.id, "kind": "degenerate", "error": f"{reason} after "
+                               f"{self.cfg.targets.max_retries} retries", "text": draft.text})
+                continue
+            n_tokens = self.gen.target_length(draft.text) if self.gen else None
+            truncated = bool((draft.generation is not None and not draft.generation.finished)
+                             or (n_tokens is not None and n_tokens > limit))
+            summary.truncated += truncated
+            rec = {"id": job.id, "audio": job.audio, "description": job.description, "instruction": job.instruction,
+                   "target": draft.text, "strategy": self.strategy.name, "generator": self.provenance(draft, sampling),
+                   "target_tokens": n_tokens, "truncated": truncated}
+            if draft.extra.get("kept"):
+                rec["kept"] = draft.extra["kept"]
+                summary.kept[draft.extra["kept"]] = summary.kept.get(draft.extra["kept"], 0) + 1
+            if draft.extra.get("checks"):
+                rec["checks"] = draft.extra["checks"]
+            records.append(rec)
+        return records, errors
+
+
+def run_targets(metadata: Path, out: Path, cfg: Config, device: str = "cpu", progress: bool = True,
+                generator: TextGenerator | None = None) -> TargetsSummary:
+    """The stage (see the module docstring). `generator` may be passed to reuse a loaded LLM."""
+    from accelerate import PartialState
+    from tqdm import tqdm
+
+    state = PartialState()
+    rank, world = state.process_index, state.num_processes
+    t0 = time.perf_counter()
+    summary = TargetsSummary()
+    part = out if world == 1 else part_path(out, rank, world)
+    seed = cfg.generation.seed
+    sampling = Sampling(cfg.train.max_target_tokens, cfg.generation.do_sample, cfg.generation.temperature,
+                        cfg.generation.top_p, seed + 7919 * rank)
+    with ResumableJsonl(part) as done, ResumableJsonl(errors_path(part)) as failed:
+        jobs = load_jobs(metadata, cfg, seed, failed, summary)
+        summary.total = len(jobs)
+        merged_before = set()
+        if world > 1 and out.exists():
+            merged_before = {str(line.record["id"]) for line in iter_lines(out) if line.record}
+        mine = jobs[rank::world]
+        todo = [j for j in mine if j.id not in done and j.id not in failed and j.id not in merged_before]
+        summary.done_before = len(mine) - len(todo)
+        if generator is None and todo:  # every strategy needs at least the tokenizer (target lengths)
+            generator = TextGenerator.from_config(cfg, device)
+        maker = TargetMaker(cfg, generator, sampling)
+        chunk = cfg.targets.batch_size * CHUNK_BATCHES
+        bar = tqdm(total=len(todo), desc=f"targets[{rank}]" if world > 1 else "targets", unit="rec",
+                   disable=not progress, file=sys.stderr)
+        for start in range(0, len(todo), chunk):
+            records, errors = maker.make(todo[start: start + chunk], summary)
+            for r in records:
+                done.write(r)
+            for e in errors:
+                failed.write(e)
+            summary.written += len(records)
+            bar.update(len(records) + len(errors))
+            bar.set_postfix(tok_s=f"{maker.new_tokens / (time.perf_counter() - t0):.1f}")
+        bar.close()
+        summary.new_tokens = maker.new_tokens
+    if world > 1:
+        state.wait_for_everyone()
+        if state.is_main_process:
+            _merge(out, world, [j.id for j in jobs])
+        state.wait_for_everyone()
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def part_path(out: Path, rank: int, world: int) -> Path:
+    return out.with_name(f"{out.stem}.part{rank}-of-{world}.jsonl")
+
+
+def _merge(out: Path, world: int, order: list[str]) -> None:
+    """Parts (and an earlier merged file) -> `out` in input order; likewise the errors."""
+    rank = {rid: i for i, rid in enumerate(order)}
+    parts = [part_path(out, i, world) for i in range(world)]
+    for final, sources in ((out, parts), (errors_path(out), [errors_path(p) for p in parts])):
+        by_id: dict[str, dict] = {}
+        for src in [final, *sources]:
+            if src.exists():
+                for line in iter_lines(src):
+                    if line.record is not None:
+                        by_id.setdefault(str(line.record["id"]), line.record)
+        write_jsonl_atomic(final, sorted(by_id.values(), key=lambda r: rank.get(str(r["id"]), len(rank))))
+        for src in sources:
+            src.unlink(missing_ok=True)

@@ -1,0 +1,123 @@
+"""Target strategies, chosen by name through `STRATEGIES` (`--strategy`).
+
+- `self-output` (DeSTA2): the base LLM's own answer to `<description>\\n\\n<instruction>`;
+- `label`: a human-style sentence written from the labels (or annotations) by a template, the
+  "ground truth" baseline known to cause forgetting;
+- `paraphrase`: the base LLM rewrites the label target in its own words;
+- `selective` (Selective Self-Rehearsal): the self-output where code checks find it agrees with
+  the labels (gender words, attribute words, transcript overlap), else the label target.
+
+A strategy turns jobs into drafts; the stage (`speechllm.targets.run`) handles degenerate answers,
+truncation and writing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .checks import agreement
+from .engine import Generation
+
+ATTRIBUTES = ("gender", "pitch", "speed", "volume", "noise")
+PARAPHRASE_INSTRUCTION = ("Rewrite the following description of an audio recording in your own words, "
+                          "as an answer to someone who asked what can be heard. Keep every fact.\n\n")
+LABEL_TEMPLATE_VERSION = "label-template/1"
+
+
+@dataclass
+class Job:
+    """One record to make a target for."""
+    id: str
+    audio: str
+    description: str
+    instruction: str
+    attrs: dict[str, str]
+    """Attribute words (gender, pitch, ...) from labels, else from annotation bins."""
+    transcript: str | None
+
+
+@dataclass
+class Draft:
+    """A strategy's answer for one job, before degeneracy and truncation handling."""
+    text: str
+    source: str
+    """`llm` (generated, subject to degeneracy checks and regeneration) or `template`."""
+    generation: Generation | None = None
+    extra: dict = field(default_factory=dict)
+
+
+Generate = Callable[[list[str]], list[Generation]]
+"""Answers of the base LLM to user-turn texts (batched by the caller)."""
+
+
+def self_output_prompt(job: Job) -> str:
+    return f"{job.description}\n\n{job.instruction}"
+
+
+def label_target(job: Job) -> str:
+    """The template target: plain statements of the labelled facts, then the words spoken."""
+    a = job.attrs
+    parts = []
+    who = {"female": "a woman", "male": "a man"}.get(a.get("gender", ""), "a speaker")
+    voice = f" with a {a['pitch']}-pitched voice" if a.get("pitch") else ""
+    parts.append(f"The recording contains {who} speaking{voice}.")
+    manner = []
+    if a.get("speed"):
+        manner.append({"slow": "slowly", "fast": "fast", "normal": "at a normal pace"}.get(a["speed"], a["speed"]))
+    if a.get("volume"):
+        manner.append({"quiet": "quietly", "loud": "loudly", "normal": "at a normal volume"}.get(a["volume"],
+                                                                                                 a["volume"]))
+    if manner:
+        parts.append("The speaker talks " + " and ".join(manner) + ".")
+    if a.get("noise"):
+        parts.append({"noisy": "There is noticeable background noise.",
+                      "clean": "The recording is clean, without background noise."}.get(a["noise"], ""))
+    for key in ("emotion", "age", "accent"):
+        if a.get(key):
+            parts.append(f"The speaker's {key} is {a[key]}.")
+    if job.transcript:
+        parts.append(f'The speaker says: "{job.transcript.strip()}"')
+    return " ".join(p for p in parts if p)
+
+
+class SelfOutput:
+    name = "self-output"
+
+    def drafts(self, jobs: list[Job], generate: Generate, min_recall: float) -> list[Draft]:
+        return [Draft(g.text, "llm", g) for g in generate([self_output_prompt(j) for j in jobs])]
+
+
+class Label:
+    name = "label"
+
+    def drafts(self, jobs: list[Job], generate: Generate, min_recall: float) -> list[Draft]:
+        return [Draft(label_target(j), "template", extra={"template": LABEL_TEMPLATE_VERSION}) for j in jobs]
+
+
+class Paraphrase:
+    name = "paraphrase"
+
+    def drafts(self, jobs: list[Job], generate: Generate, min_recall: float) -> list[Draft]:
+        labels = [label_target(j) for j in jobs]
+        gens = generate([PARAPHRASE_INSTRUCTION + t for t in labels])
+        return [Draft(g.text, "llm", g, {"label_target": t}) for g, t in zip(gens, labels)]
+
+
+class Selective:
+    name = "selective"
+
+    def drafts(self, jobs: list[Job], generate: Generate, min_recall: float) -> list[Draft]:
+        out = []
+        for job, gen in zip(jobs, generate([self_output_prompt(j) for j in jobs])):
+            checks = agreement(gen.text, job.attrs, job.transcript, min_recall)
+            if all(checks.values()):
+                out.append(Draft(gen.text, "llm", gen, {"checks": checks, "kept": "self-output"}))
+            else:
+                out.append(Draft(label_target(job), "template",
+                                 extra={"checks": checks, "kept": "label", "rejected_self_output": gen.text}))
+        return out
+
+
+STRATEGIES = {cls.name: cls for cls in (SelfOutput, Label, Paraphrase, Selective)}
+"""strategy name -> class; every class has `drafts(jobs, generate, min_recall)`."""
