@@ -129,6 +129,21 @@ def cmd_targets(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- train
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .training.trainer import TrainingError, train
+
+    cfg = load_config(args.config, args.overrides)
+    try:
+        out = train(cfg, progress=not args.quiet)
+    except TrainingError as err:
+        return _err(str(err))
+    print(f"train: adapter -> {out} (speechllm chat --checkpoint {out} --audio CLIP \"What can you hear?\")")
+    return 0
+
+
 # ----------------------------------------------------------------------------- chat
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -283,6 +298,23 @@ def build_parser() -> argparse.ArgumentParser:
     tg.add_argument("--quiet", action="store_true", help="no progress bar")
     tg.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. targets.batch_size=32")
     tg.set_defaults(func=cmd_targets)
+
+    tr = sub.add_parser(
+        "train", help="train the adapter on targets.jsonl (resumable, accelerate-ready)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train the adapter (frozen Whisper encoder and LLM) so the LLM gives the targets from audio.\n"
+                    "Re-running the same command resumes from the newest checkpoint in train.out_dir.\n"
+                    "Multi-GPU / multi-node: `accelerate launch [--num_processes N] -m speechllm.cli train ...`.",
+        epilog="examples:\n"
+               "  speechllm train --config configs/default.yaml train.data=data/train.targets.jsonl \\\n"
+               "      train.out_dir=runs/self-output train.max_steps=300\n"
+               "  accelerate launch --num_processes 8 -m speechllm.cli train \\\n"
+               "      --config configs/desta2-llama3-8b-whisper-small.yaml train.data=... train.out_dir=runs/desta2",
+    )
+    tr.add_argument("--config", metavar="YAML", help="config (default: the embedded default)")
+    tr.add_argument("--quiet", action="store_true", help="no progress bar")
+    tr.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.max_steps=200")
+    tr.set_defaults(func=cmd_train)
 
     chat = sub.add_parser(
         "chat", help="answer a question about one audio file",

@@ -123,7 +123,55 @@ class GenerationConfig:
 
 
 @dataclass
+class LoRAConfig:
+    enabled: bool = False
+    """Add peft LoRA adapters to the LLM (text-only abilities are then at risk: run the
+    forgetting checks)."""
+    r: int = 8
+    """LoRA rank."""
+    alpha: int = 16
+    """LoRA scaling numerator (scale = alpha / r)."""
+    dropout: float = 0.05
+    """Dropout on the LoRA branch."""
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    """LLM module names that get LoRA."""
+
+
+@dataclass
 class TrainConfig:
+    data: str = ""
+    """targets.jsonl to train on (audio paths relative to that file's folder)."""
+    eval_data: str | None = None
+    """Held-out targets.jsonl; None: hold out `eval_fraction` of `data` (by id hash)."""
+    eval_fraction: float = 0.05
+    """Share of `data` held out when `eval_data` is None."""
+    out_dir: str = "runs/default"
+    """Run folder: adapter.safetensors + config.json, checkpoints/, metrics.jsonl, logs/."""
+    max_steps: int = 1000
+    """Optimizer steps."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step (per process)."""
+    eval_every: int = 100
+    """Held-out loss every this many steps (and at the end)."""
+    save_every: int = 100
+    """Checkpoint every this many steps (and at the end)."""
+    keep_checkpoints: int = 2
+    """Most recent checkpoints kept."""
+    log_every: int = 10
+    """metrics.jsonl / TensorBoard every this many steps."""
+    seed: int = 0
+    """Seeds adapter init, data order and dropout."""
+    feature_cache: bool = True
+    """Compute the frozen encoder's tapped states once per clip and reuse them (fp16 on disk)."""
+    cache_dir: str | None = None
+    """Feature cache root; None: $SPEECHLLM_HOME/features."""
+    skip_truncated: bool = True
+    """Leave out targets flagged `truncated` by `speechllm targets` (counted in the log)."""
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    """Optional LoRA on the LLM."""
+    token_masking: float = 0.0
+    """Selective Token Masking: leave this fraction of each target's tokens, those the base LLM
+    finds least probable given the text description, out of the loss."""
     lr: float = 1e-4
     """Peak learning rate of AdamW (DeSTA2: 1e-4)."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
@@ -218,6 +266,11 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "3e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{where}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):

@@ -11,6 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 
 SEED = 0
+LLM_INIT_STD = 0.15
+"""Weight init of the tiny LLM: larger than the usual 0.02, so that its outputs depend on its
+inputs enough for a few adapter steps to move the loss (training tests need a learnable signal)."""
 TINY_VOCAB = 400
 """BPE vocabulary size including the 256 byte symbols and the special tokens."""
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -63,7 +66,7 @@ def build_tiny_llm(out: Path) -> None:
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-        tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+        tie_word_embeddings=True, initializer_range=LLM_INIT_STD, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(SEED)

@@ -81,6 +81,8 @@ class EmbeddedModel:
     """Files the converter reads, in order; empty for random-init models."""
     build: Callable[[list[Path], Path], None]
     """Converter: (verified source files, empty output folder) -> writes a transformers folder."""
+    revision: int = 1
+    """Bumped when this model's conversion changes; a cache folder of another revision is rebuilt."""
 
     @property
     def fingerprint(self) -> str | None:
@@ -209,6 +211,7 @@ REGISTRY: dict[str, EmbeddedModel] = {
             license="Apache-2.0",
             sources=(),
             build=_build_tiny_llm,
+            revision=2,
         ),
         EmbeddedModel(
             name="tiny-random-whisper",
@@ -349,7 +352,8 @@ def read_marker(folder: Path) -> dict | None:
 
 def is_ready(name: str) -> bool:
     marker = read_marker(model_path(name))
-    return bool(marker) and marker.get("converter_version") == CONVERTER_VERSION
+    return (bool(marker) and marker.get("converter_version") == CONVERTER_VERSION
+            and marker.get("revision", 1) == REGISTRY[name].revision)
 
 
 def prepare(name: str, force: bool = False) -> Path:
@@ -375,6 +379,7 @@ def prepare(name: str, force: bool = False) -> Path:
                 "name": name,
                 "kind": model.kind,
                 "converter_version": CONVERTER_VERSION,
+                "revision": model.revision,
                 "sources": [{"requirement": s.requirement, "member": s.member, "sha256": s.sha256}
                             for s in model.sources],
                 "fingerprint": model.fingerprint or _folder_hash(out),
@@ -429,8 +434,8 @@ def fingerprint(name_or_path: str) -> str:
     if not path.is_dir():
         return f"hub:{name_or_path}"
     marker = read_marker(path)
-    if marker and marker.get("fingerprint"):
-        return marker["fingerprint"]
+    if marker and marker.get("fingerprint") and path.resolve().parent == models_dir().resolve():
+        return marker["fingerprint"]  # a folder this cache converted; a copied folder may have been edited
     files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix in (".safetensors", ".bin"))
     key = json.dumps([[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files])
     cache_file = home() / "fingerprints.json"

@@ -186,7 +186,7 @@ def test_two_processes_shard_and_merge(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     subprocess.run([sys.executable, "-m", "speechllm.cli", "targets", str(meta), "--out", str(single), *common],
                    check=True, env=env, capture_output=True)
-    subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                     "-m", "speechllm.cli", "targets", str(meta), "--out", str(double), *common],
                    check=True, env=env, capture_output=True)
     one, two = read(single), read(double)

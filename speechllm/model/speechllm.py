@@ -7,7 +7,7 @@ Invariant (tested): with no audio and no LoRA, the text path gives exactly the b
 from __future__ import annotations
 
 import json
-import shutil
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +41,17 @@ class Example:
     transcript: str | None = None
     target: str | None = None
     """The answer to learn (training only)."""
+    states: list[torch.Tensor] | None = None
+    """Precomputed tapped encoder states (one (frames, width) tensor per tap), e.g. from the
+    feature cache; used instead of running the encoder on `audio`."""
+    id: str | None = None
+    """Record id, for error messages."""
+    target_mask: list[bool] | None = None
+    """Per target token (end-of-turn excluded), False leaves it out of the loss (token masking)."""
+
+    @property
+    def has_audio(self) -> bool:
+        return self.audio is not None or self.states is not None
 
 
 @dataclass
@@ -72,6 +83,8 @@ class SpeechLLM(nn.Module):
         self.llm.requires_grad_(False)
         self.llm.eval()
         self.prompt = PromptBuilder(tokenizer, config.prompt, config.llm.system_prompt)
+        self.lora = None
+        """The LoRAConfig applied to the LLM (by `speechllm.model.lora.apply_lora`), if any."""
 
     # ------------------------------------------------------------------ building
 
@@ -106,9 +119,24 @@ class SpeechLLM(nn.Module):
         """waveforms -> adapter embeddings (batch, L, llm_width) and (batch,) lengths."""
         with torch.no_grad():
             enc = self.encoder.encode(waveforms)
+        return self._adapt(enc.states, enc.lengths)
+
+    def adapt_states(self, per_clip: list[list[torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Precomputed tapped states (per clip, per tap (frames, width)) -> adapter embeddings."""
+        lengths = torch.tensor([clip[0].shape[0] for clip in per_clip], device=self.device)
+        longest = int(lengths.max())
+        taps = []
+        for t in range(len(per_clip[0])):
+            x = torch.zeros(len(per_clip), longest, per_clip[0][t].shape[-1], device=self.device)
+            for i, clip in enumerate(per_clip):
+                x[i, : clip[t].shape[0]] = clip[t].to(self.device, torch.float32)
+            taps.append(x)
+        return self._adapt(taps, lengths)
+
+    def _adapt(self, states: list[torch.Tensor], lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         adapter_dtype = next(self.adapter.parameters()).dtype
-        embeds, lengths = self.adapter([s.to(adapter_dtype) for s in enc.states], enc.lengths)
-        return embeds.to(self.llm.dtype), lengths
+        embeds, out_lengths = self.adapter([s.to(adapter_dtype) for s in states], lengths)
+        return embeds.to(self.llm.dtype), out_lengths
 
     def build_batch(self, examples: list[Example], for_generation: bool = False) -> Batch:
         """Lay out each example's tokens and audio embeddings; right-pad for training, left-pad
@@ -116,26 +144,36 @@ class SpeechLLM(nn.Module):
         if not examples:
             raise ValueError("empty batch")
         embed = self.llm.get_input_embeddings()
-        audio_idx = [i for i, ex in enumerate(examples) if ex.audio is not None]
-        audio_embeds, audio_lengths = (self.encode_audio([examples[i].audio for i in audio_idx])
-                                       if audio_idx else (None, None))
+        audio_idx = [i for i, ex in enumerate(examples) if ex.has_audio]
+        audio_embeds = audio_lengths = None
+        if audio_idx and all(examples[i].states is not None for i in audio_idx):
+            audio_embeds, audio_lengths = self.adapt_states([examples[i].states for i in audio_idx])
+        elif audio_idx:
+            if any(examples[i].audio is None for i in audio_idx):
+                raise ValueError("a batch mixes precomputed states and waveforms; give one kind")
+            audio_embeds, audio_lengths = self.encode_audio([examples[i].audio for i in audio_idx])
         device = self.device
         seqs, labels = [], []
         for i, ex in enumerate(examples):
-            pieces = self.prompt.pieces(ex.instruction, ex.transcript, has_audio=ex.audio is not None)
+            pieces = self.prompt.pieces(ex.instruction, ex.transcript, has_audio=ex.has_audio)
             target = [] if for_generation or ex.target is None else self.prompt.target(ex.target)
             if ex.target is None and not for_generation:
-                raise ValueError(f"example {i} has no target to train on")
+                raise ValueError(f"example {ex.id or i} has no target to train on")
             parts = [embed(torch.tensor(pieces.before_audio, device=device))]
             n_audio = 0
-            if ex.audio is not None:
+            if ex.has_audio:
                 j = audio_idx.index(i)
                 n_audio = int(audio_lengths[j])
                 parts.append(audio_embeds[j, :n_audio])
             parts.append(embed(torch.tensor(pieces.after_audio + target, device=device, dtype=torch.long)))
             seqs.append(torch.cat(parts, dim=0))
             n_prompt = len(pieces.before_audio) + n_audio + len(pieces.after_audio)
-            labels.append([IGNORE_INDEX] * n_prompt + target)
+            target_labels = list(target)
+            if ex.target_mask is not None and target:
+                for j, keep in enumerate(ex.target_mask[: len(target) - len(self.prompt.end_of_turn_ids)]):
+                    if not keep:
+                        target_labels[j] = IGNORE_INDEX
+            labels.append([IGNORE_INDEX] * n_prompt + target_labels)
         longest = max(s.shape[0] for s in seqs)
         width = seqs[0].shape[1]
         inputs = torch.zeros(len(seqs), longest, width, dtype=seqs[0].dtype, device=device)
@@ -151,9 +189,12 @@ class SpeechLLM(nn.Module):
 
     # ------------------------------------------------------------------ forward / generate
 
-    def forward(self, batch: Batch) -> torch.Tensor:
+    def forward(self, batch: "Batch | list[Example]") -> torch.Tensor:
         """Mean cross-entropy over target tokens only. The LM head runs only on the positions
-        that predict a target token."""
+        that predict a target token. Takes a built batch or the examples themselves (then the
+        audio path runs inside forward, as distributed wrappers expect)."""
+        if isinstance(batch, list):
+            batch = self.build_batch(batch)
         if batch.labels is None:
             raise ValueError("forward needs a training batch (with labels)")
         backbone = self.llm.get_decoder()
@@ -190,18 +231,18 @@ class SpeechLLM(nn.Module):
     # ------------------------------------------------------------------ checkpoints
 
     def save_pretrained(self, folder: str | Path, extra: dict | None = None) -> Path:
-        """Write only the trainable weights (safetensors) and config.json naming the base models
-        and their fingerprints. The folder is written atomically."""
+        """Write only the trainable weights (adapter.safetensors) and config.json naming the base
+        models and their fingerprints into `folder` (other files there are left alone). Each file
+        is written to a temporary name and renamed, config.json last."""
         from safetensors.torch import save_file
 
         folder = Path(folder)
-        tmp = folder.with_name(f".{folder.name}.tmp")
-        tmp.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
         state = {k: v.contiguous().cpu() for k, v in self.trainable_state_dict().items()}
-        save_file(state, str(tmp / ADAPTER_WEIGHTS), metadata={"format": CHECKPOINT_FORMAT})
         meta = {
             "format": CHECKPOINT_FORMAT,
             "model": to_dict(self.config),
+            "lora": to_dict(self.lora) if self.lora is not None else None,
             "base": {
                 "encoder": {"name": self.config.encoder.name, "fingerprint": weights.fingerprint(self.config.encoder.name)},
                 "llm": {"name": self.config.llm.name, "fingerprint": weights.fingerprint(self.config.llm.name)},
@@ -209,14 +250,12 @@ class SpeechLLM(nn.Module):
             "trainable_parameters": sum(v.numel() for v in state.values()),
             **(extra or {}),
         }
-        (tmp / CHECKPOINT_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old")
-            folder.rename(old)
-            tmp.rename(folder)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(folder)
+        tmp = folder / f".{ADAPTER_WEIGHTS}.{os.getpid()}.tmp"
+        save_file(state, str(tmp), metadata={"format": CHECKPOINT_FORMAT})
+        os.replace(tmp, folder / ADAPTER_WEIGHTS)
+        tmp = folder / f".{CHECKPOINT_CONFIG}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(meta, indent=2) + "\n")
+        os.replace(tmp, folder / CHECKPOINT_CONFIG)
         return folder
 
     @classmethod
@@ -235,6 +274,11 @@ class SpeechLLM(nn.Module):
             raise CheckpointError(f"{folder}: format {meta.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
         config = config_from_dict(meta["model"], ModelConfig)
         model = cls.from_config(config, device=device)
+        if meta.get("lora"):
+            from ..config import LoRAConfig
+            from .lora import apply_lora
+
+            apply_lora(model, config_from_dict(meta["lora"], LoRAConfig))
         if check_base:
             for part in ("encoder", "llm"):
                 rec = meta["base"][part]

@@ -6,7 +6,8 @@ Each record's target is made by the chosen strategy; answers of the LLM that are
 training maximum (`train.max_target_tokens`) are flagged `"truncated": true` and counted, never
 cut. Output is appended record by record, so a rerun continues where a killed run stopped.
 
-Under `accelerate launch --num_processes N`, process i takes every N-th record, writes
+Under `accelerate launch --num_processes N` (GPUs) or `torchrun --nproc_per_node N` (CPUs),
+process i takes every N-th record, writes
 `<out>.part{i}-of-{N}.jsonl`, and the main process merges the parts into `<out>` in input order.
 """
 
@@ -21,6 +22,7 @@ from pathlib import Path
 from .. import __version__, weights
 from ..config import Config
 from ..data.jsonl import ResumableJsonl, iter_lines, write_jsonl_atomic
+from ..distributed import accelerate_kwargs
 from .checks import degenerate_reason
 from .engine import Generation, Sampling, TextGenerator
 from .strategies import ATTRIBUTES, STRATEGIES, Draft, Job
@@ -153,7 +155,8 @@ class TargetMaker:
             truncated = bool((draft.generation is not None and not draft.generation.finished)
                              or (n_tokens is not None and n_tokens > limit))
             summary.truncated += truncated
-            rec = {"id": job.id, "audio": job.audio, "description": job.description, "instruction": job.instruction,
+            rec = {"id": job.id, "audio": job.audio, "transcript": job.transcript, "description": job.description,
+                   "instruction": job.instruction,
                    "target": draft.text, "strategy": self.strategy.name, "generator": self.provenance(draft, sampling),
                    "target_tokens": n_tokens, "truncated": truncated}
             if draft.extra.get("kept"):
@@ -171,7 +174,7 @@ def run_targets(metadata: Path, out: Path, cfg: Config, device: str = "cpu", pro
     from accelerate import PartialState
     from tqdm import tqdm
 
-    state = PartialState()
+    state = PartialState(**accelerate_kwargs())
     rank, world = state.process_index, state.num_processes
     t0 = time.perf_counter()
     summary = TargetsSummary()

@@ -1,0 +1,150 @@
+"""Training throughput: speechllm's defaults vs DeSTA2.5-style settings, side by side in one run
+on the same records, plus the step's achieved FLOP/s against a measured fp32 matmul peak and
+the process's peak RSS.
+
+- ours: tapped encoder states from the feature cache (computed once, trimmed to each clip),
+  length-grouped batches padded to their longest sequence, LM head only on target positions;
+- DeSTA2.5-style: the encoder runs every step on input padded to 30 s, no cache, every batch
+  padded to 300 tokens.
+
+    python scripts/bench_train.py [--config configs/default.yaml] [--n 32] [--steps 6] [--batch-size 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from speechllm.audio import load_audio
+from speechllm.config import load_config
+from speechllm.model import Batch, Example, build_model
+from speechllm.model.speechllm import IGNORE_INDEX
+from speechllm.training.cache import FeatureCache
+from speechllm.training.data import epoch_batches, load_targets
+
+DESTA_SEQ_LEN = 300
+"""DeSTA2.5's max_seq_length: every batch is padded (or cut) to it."""
+MATMUL_N = 1024
+
+
+def matmul_peak(repeats: int = 10) -> float:
+    """fp32 FLOP/s of a large square matmul on this machine (best of `repeats`)."""
+    a, b = torch.randn(MATMUL_N, MATMUL_N), torch.randn(MATMUL_N, MATMUL_N)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * MATMUL_N ** 3 / best
+
+
+def make_corpus(folder: Path, n: int) -> Path:
+    from annotate.synth import synthesize
+
+    synthesize(folder / "synth", n=n, seed=0, test_fraction=0.5, workers=2, progress=False)
+    lines = []
+    for split in ("train", "test"):
+        for line in (folder / "synth" / f"{split}.jsonl").read_text().splitlines():
+            rec = json.loads(line)
+            lab = rec["labels"]
+            lines.append({"id": rec["id"], "audio": f"synth/{rec['audio']}", "transcript": lab["transcript"],
+                          "instruction": "What can you hear?",
+                          "target": f"A {lab['gender']} voice with {lab['pitch']} pitch says: {lab['transcript']}"})
+    path = folder / "targets.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    return path
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="model config (default: the embedded default)")
+    p.add_argument("--n", type=int, default=32, help="synthetic clips")
+    p.add_argument("--steps", type=int, default=6, help="timed steps per setting")
+    p.add_argument("--batch-size", type=int, default=8)
+    args = p.parse_args()
+
+    cfg = load_config(args.config)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    params = [q for q in model.parameters() if q.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    llm_params = sum(q.numel() for q in model.llm.parameters())
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        records, _ = load_targets(make_corpus(tmp, args.n))
+        batches = epoch_batches(records, args.batch_size, seed=0, epoch=0)
+        steps = [[records[i] for i in b] for b in batches[: args.steps]]
+        cache = FeatureCache(tmp / "cache", model.encoder, cfg.model.encoder.name)
+        t0 = time.perf_counter()
+        cache.build([r.audio for r in records], progress=False)
+        t_cache = time.perf_counter() - t0
+
+        def ours(recs) -> tuple[float, int]:
+            states = cache.get([r.audio for r in recs])
+            exs = [Example(r.instruction, None, r.transcript, r.target, states=s) for r, s in zip(recs, states)]
+            batch = model.build_batch(exs)
+            loss = model(batch)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            return float(loss), int(batch.attention_mask.sum())
+
+        def desta(recs) -> tuple[float, int]:
+            wavs = [load_audio(r.audio) for r in recs]
+            fe = model.encoder.feature_extractor
+            feats = fe(wavs, sampling_rate=16000, return_tensors="pt")["input_features"]  # padded to 30 s
+            with torch.no_grad():
+                enc = model.encoder(feats, torch.full((len(recs),), feats.shape[-1]))
+            embeds, lengths = model._adapt(enc.states, enc.lengths)
+            # the same layout as SpeechLLM.build_batch, then every sequence padded (or cut) to 300 tokens
+            seqs, labels = [], []
+            embed = model.llm.get_input_embeddings()
+            for i, r in enumerate(recs):
+                pieces = model.prompt.pieces(r.instruction, r.transcript, has_audio=True)
+                target = model.prompt.target(r.target)
+                parts = [embed(torch.tensor(pieces.before_audio)), embeds[i, : int(lengths[i])],
+                         embed(torch.tensor(pieces.after_audio + target))]
+                seqs.append(torch.cat(parts)[:DESTA_SEQ_LEN])
+                n_prompt = len(pieces.before_audio) + int(lengths[i]) + len(pieces.after_audio)
+                labels.append(([IGNORE_INDEX] * n_prompt + target)[:DESTA_SEQ_LEN])
+            x = torch.stack([F.pad(s, (0, 0, 0, DESTA_SEQ_LEN - s.shape[0])) for s in seqs])
+            mask = torch.stack([F.pad(torch.ones(s.shape[0], dtype=torch.long), (0, DESTA_SEQ_LEN - s.shape[0]))
+                                for s in seqs])
+            lab = torch.tensor([lb + [IGNORE_INDEX] * (DESTA_SEQ_LEN - len(lb)) for lb in labels])
+            loss = model(Batch(x, mask, lab))
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            return float(loss), int(mask.sum())
+
+        results = {}
+        for name, step in (("ours", ours), ("desta2.5-style", desta)):
+            step(steps[0])  # warm-up
+            t0 = time.perf_counter()
+            tokens = sum(step(recs)[1] for recs in steps)
+            dt = time.perf_counter() - t0
+            results[name] = (sum(len(s) for s in steps) / dt, tokens / dt)
+    peak = matmul_peak()
+    sps_ours, tok_ours = results["ours"]
+    sps_desta, _ = results["desta2.5-style"]
+    llm_flops = 4 * llm_params * tok_ours  # forward + activation gradients of the frozen LLM, per second
+    print(f"{cfg.model.llm.name} + {cfg.model.encoder.name}, batch {args.batch_size}, {args.steps} steps each, "
+          f"{torch.get_num_threads()} threads; feature cache built once in {t_cache:.1f} s for {len(records)} clips")
+    print(f"ours: {sps_ours:.2f} samples/s; DeSTA2.5-style (30 s encoder input, no cache, 300-token batches): "
+          f"{sps_desta:.2f} samples/s")
+    print(f"speedup {sps_ours / sps_desta:.1f}")
+    print(f"LLM part: {llm_flops / 1e9:.1f} GFLOP/s achieved vs fp32 matmul peak {peak / 1e9:.1f} GFLOP/s "
+          f"= {llm_flops / peak:.0%}")
+    print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Adapter training: data order, checkpoints, the feature cache and the loop."""

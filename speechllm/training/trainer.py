@@ -1,0 +1,289 @@
+"""`speechllm train`: the adapter (and optional LoRA) learns to make the frozen LLM give the
+targets from audio.
+
+One optimizer step consumes `grad_accum` micro-batches on each of the N processes. Micro-batches
+come from one global, deterministic stream (length-grouped batches, reshuffled each epoch from the
+seed), and process r takes micro-batch k*N + r, so N processes with accumulation A see exactly
+what one process with accumulation N*A sees. A checkpoint stores the trainable weights, the
+optimizer, the scheduler position, every process's RNG and the step; resuming replays the stream
+from there, so a killed and resumed run ends with the weights of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .. import weights
+from ..distributed import accelerate_kwargs
+from ..config import Config, to_dict
+from ..model import Example, build_model
+from . import checkpoint as ckpt
+from .data import TrainRecord, epoch_batches, held_out, load_targets
+
+METRICS_FILE = "metrics.jsonl"
+RESOLVED_CONFIG = "resolved_config.json"
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite loss, no data, ...)."""
+
+
+def lr_lambda(warmup: int, total: int, schedule: str):
+    """Linear warmup to 1, then cosine to 0 (or constant)."""
+    if schedule not in ("cosine", "constant"):
+        raise ValueError(f"train.schedule: '{schedule}' is not cosine or constant")
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return f
+
+
+@dataclass
+class Stream:
+    """The global micro-batch stream over epochs."""
+    records: list[TrainRecord]
+    batch_size: int
+    seed: int
+
+    def __post_init__(self):
+        self._epoch, self._batches = -1, []
+        self.per_epoch = len(epoch_batches(self.records, self.batch_size, self.seed, 0))
+
+    def __getitem__(self, k: int) -> list[TrainRecord]:
+        epoch, i = divmod(k, self.per_epoch)
+        if epoch != self._epoch:
+            self._epoch, self._batches = epoch, epoch_batches(self.records, self.batch_size, self.seed, epoch)
+        return [self.records[j] for j in self._batches[i]]
+
+
+class Trainer:
+    def __init__(self, cfg: Config, progress: bool = True):
+        from accelerate import Accelerator
+
+        t = cfg.train
+        if not t.data:
+            raise TrainingError("train.data: no targets file given (train.data=path/to/targets.jsonl)")
+        self.cfg, self.progress = cfg, progress
+        self.out = Path(t.out_dir)
+        self.acc = Accelerator(mixed_precision=t.mixed_precision, log_with="tensorboard",
+                               project_dir=str(self.out / "logs"), **accelerate_kwargs())
+        torch.manual_seed(t.seed)
+        model = build_model(cfg, device=self.acc.device)
+        if t.lora.enabled:
+            from ..model.lora import apply_lora
+
+            apply_lora(model, t.lora)
+            self.acc.print("[speechllm] warning: LoRA changes the LLM itself, so its text-only abilities are now at "
+                           "risk; run the forgetting checks (`speechllm eval`) on this run")
+        self.model = model
+        records, report = load_targets(t.data, t.skip_truncated)
+        if t.eval_data:
+            self.train_records = records
+            self.eval_records, _ = load_targets(t.eval_data, t.skip_truncated)
+        else:
+            self.train_records = [r for r in records if not held_out(r.id, t.eval_fraction)]
+            self.eval_records = [r for r in records if held_out(r.id, t.eval_fraction)]
+        if not self.train_records:
+            raise TrainingError(f"{t.data}: no training records ({report.truncated} left out as truncated)")
+        self.acc.print(f"[speechllm] train {len(self.train_records)} records, held out {len(self.eval_records)}, "
+                       f"{report.truncated} truncated targets left out")
+        self.cache = None
+        if t.feature_cache:
+            from .cache import FeatureCache
+
+            root = Path(t.cache_dir) if t.cache_dir else weights.home() / "features"
+            self.cache = FeatureCache(root, model.encoder, cfg.model.encoder.name)
+        self.masks = self._token_masks() if t.token_masking > 0 else {}
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t.warmup_steps, t.max_steps,
+                                                                                t.schedule))
+        self.ddp, self.optimizer = self.acc.prepare(model, optimizer)
+        self.params = params
+        self.stream = Stream(self.train_records, t.batch_size, t.seed)
+        self.step = 0
+
+    # ------------------------------------------------------------------ data
+
+    def examples(self, records: list[TrainRecord]) -> list[Example]:
+        from ..audio import load_audio
+
+        if self.cache is not None:
+            states = self.cache.get([r.audio for r in records])
+            return [Example(r.instruction, None, r.transcript, r.target, states=s, id=r.id,
+                            target_mask=self.masks.get(r.id)) for r, s in zip(records, states)]
+        return [Example(r.instruction, load_audio(r.audio), r.transcript, r.target, id=r.id,
+                        target_mask=self.masks.get(r.id)) for r in records]
+
+    def _token_masks(self) -> dict[str, list[bool]]:
+        """Selective Token Masking: per record, drop from the loss the `token_masking` fraction of
+        target tokens the base LLM finds least probable given the text description."""
+        from ..data.jsonl import iter_lines
+
+        frac = self.cfg.train.token_masking
+        descriptions = {str(line.record["id"]): line.record.get("description", "")
+                        for line in iter_lines(self.cfg.train.data) if line.record}
+        m = self.model
+        masks = {}
+        with torch.no_grad():
+            for r in self.train_records:
+                pieces = m.prompt.pieces(f"{descriptions.get(r.id, '')}\n\n{r.instruction}", None, has_audio=False)
+                prompt = pieces.before_audio + pieces.after_audio
+                target = m.prompt.text(r.target)
+                ids = torch.tensor([prompt + target], device=m.device)
+                logp = m.llm(input_ids=ids).logits[0, len(prompt) - 1: -1].float().log_softmax(-1)
+                tok_logp = logp.gather(-1, ids[0, len(prompt):, None])[:, 0]
+                n_drop = int(round(frac * len(target)))
+                drop = set(torch.argsort(tok_logp)[:n_drop].tolist())
+                masks[r.id] = [j not in drop for j in range(len(target))]
+        return masks
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save(self) -> None:
+        root = self.out / "checkpoints"
+        tmp, final = ckpt.tmp_dir(root, self.step), ckpt.checkpoint_dir(root, self.step)
+        if self.acc.is_main_process:
+            tmp.mkdir(parents=True, exist_ok=True)
+        self.acc.wait_for_everyone()
+        ckpt.rng_to_file(tmp, self.acc.process_index)
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            self.acc.unwrap_model(self.ddp).save_pretrained(tmp)
+            ckpt.optimizer_to_files(self.optimizer.state_dict(), tmp)
+            ckpt.finish(tmp, final, {"step": self.step, "scheduler": self.scheduler.state_dict(),
+                                     "world_size": self.acc.num_processes})
+            ckpt.prune(root, self.cfg.train.keep_checkpoints)
+        self.acc.wait_for_everyone()
+
+    def resume(self) -> bool:
+        from safetensors.torch import load_file
+
+        found = ckpt.latest(self.out / "checkpoints")
+        if found is None:
+            return False
+        state = json.loads((found / ckpt.STATE_FILE).read_text())
+        if state["world_size"] != self.acc.num_processes:
+            raise TrainingError(f"{found}: saved with {state['world_size']} processes, resuming with "
+                                f"{self.acc.num_processes}; resume with the same number")
+        weights_ = load_file(str(found / "adapter.safetensors"), device=str(self.acc.device))
+        model = self.acc.unwrap_model(self.ddp)
+        missing = set(model.trainable_state_dict()) ^ set(weights_)
+        if missing:
+            raise TrainingError(f"{found}: checkpoint does not match the model ({sorted(missing)[:3]})")
+        model.load_state_dict(weights_, strict=False)
+        self.optimizer.load_state_dict(ckpt.optimizer_from_files(found))
+        self.scheduler.load_state_dict(state["scheduler"])
+        ckpt.rng_from_file(found, self.acc.process_index)
+        self.step = state["step"]
+        self.acc.print(f"[speechllm] resumed from {found} (step {self.step})")
+        return True
+
+    # ------------------------------------------------------------------ loop
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        if not self.eval_records:
+            return None
+        model = self.acc.unwrap_model(self.ddp)
+        model.eval()
+        bs = self.cfg.train.batch_size
+        losses = []
+        for i in range(0, len(self.eval_records), bs):
+            with self.acc.autocast():
+                losses.append(float(model(self.examples(self.eval_records[i: i + bs]))))
+        return sum(losses) / len(losses)
+
+    def _train_mode(self) -> None:
+        model = self.acc.unwrap_model(self.ddp)
+        model.adapter.train()
+        model.encoder.eval()
+        model.llm.train(mode=model.lora is not None)
+
+    def train(self) -> Path:
+        from tqdm import tqdm
+
+        t = self.cfg.train
+        self.resume()
+        world, rank = self.acc.num_processes, self.acc.process_index
+        if self.acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / RESOLVED_CONFIG).write_text(json.dumps(to_dict(self.cfg), indent=2) + "\n")
+            self._trim_metrics()
+        self.acc.init_trackers("speechllm")
+        bar = tqdm(total=t.max_steps, initial=self.step, desc="train", unit="step", file=sys.stderr,
+                   disable=not (self.progress and self.acc.is_main_process))
+        t_last, samples = time.perf_counter(), 0
+        while self.step < t.max_steps:
+            self._train_mode()
+            loss_sum = 0.0
+            for a in range(t.grad_accum):
+                k = (self.step * t.grad_accum + a) * world + rank
+                records = self.stream[k]
+                sync = contextlib.nullcontext() if a == t.grad_accum - 1 else self.acc.no_sync(self.ddp)
+                with sync, self.acc.autocast():
+                    loss = self.ddp(self.examples(records))
+                if not torch.isfinite(loss):
+                    raise TrainingError(f"step {self.step + 1}: loss is {float(loss.detach())} on the batch with ids "
+                                        f"{', '.join(r.id for r in records)}")
+                self.acc.backward(loss / t.grad_accum)
+                loss_sum += float(loss.detach()) / t.grad_accum
+                samples += len(records) * world
+            grad_norm = self.acc.clip_grad_norm_(self.params, t.grad_clip)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            bar.update(1)
+            now = time.perf_counter()
+            if self.step % t.log_every == 0 or self.step == t.max_steps:
+                row = {"step": self.step, "loss": round(loss_sum, 5), "lr": self.scheduler.get_last_lr()[0],
+                       "grad_norm": round(float(grad_norm), 5), "samples_per_s": round(samples / (now - t_last), 2)}
+                self._log(row)
+                bar.set_postfix(loss=f"{loss_sum:.3f}", sps=row["samples_per_s"])
+                t_last, samples = now, 0
+            if self.step % t.eval_every == 0 or self.step == t.max_steps:
+                ev = self.evaluate()
+                if ev is not None:
+                    self._log({"step": self.step, "eval_loss": round(ev, 5)})
+            if self.step % t.save_every == 0 or self.step == t.max_steps:
+                self.save()
+        bar.close()
+        if self.acc.is_main_process:
+            self.acc.unwrap_model(self.ddp).save_pretrained(self.out, extra={"trained_steps": self.step})
+        self.acc.end_training()
+        return self.out
+
+    def _log(self, row: dict) -> None:
+        if self.acc.is_main_process:
+            with open(self.out / METRICS_FILE, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        self.acc.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+
+    def _trim_metrics(self) -> None:
+        """After a resume, drop metrics logged past the checkpoint (they are logged again)."""
+        path = self.out / METRICS_FILE
+        if path.exists():
+            from ..data.jsonl import iter_lines, write_jsonl_atomic
+
+            rows = [line.record for line in iter_lines(path) if line.record and line.record.get("step", 0) <= self.step]
+            write_jsonl_atomic(path, rows)
+
+
+def train(cfg: Config, progress: bool = True) -> Path:
+    """Train and return the run folder (loadable with `SpeechLLM.from_pretrained`)."""
+    return Trainer(cfg, progress).train()
+
