@@ -106,6 +106,10 @@ class Trainer:
 
             root = Path(t.cache_dir) if t.cache_dir else weights.home() / "features"
             self.cache = FeatureCache(root, model.encoder, cfg.model.encoder.name)
+            clips = [r.audio for r in self.train_records + self.eval_records]
+            if self.acc.is_main_process:  # fill it once, with a progress bar, before the other processes read
+                self.cache.build(clips, progress=progress)
+            self.acc.wait_for_everyone()
         self.masks = self._token_masks() if t.token_masking > 0 else {}
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
