@@ -95,7 +95,7 @@ def main() -> None:
             loss.backward()
             opt.step()
             opt.zero_grad()
-            return float(loss), int(batch.attention_mask.sum())
+            return float(loss.detach()), int(batch.attention_mask.sum())
 
         def desta(recs) -> tuple[float, int]:
             wavs = [load_audio(r.audio) for r in recs]
@@ -123,7 +123,7 @@ def main() -> None:
             loss.backward()
             opt.step()
             opt.zero_grad()
-            return float(loss), int(mask.sum())
+            return float(loss.detach()), int(mask.sum())
 
         results = {}
         for name, step in (("ours", ours), ("desta2.5-style", desta)):
