@@ -76,7 +76,10 @@ def main() -> None:
     model = build_model(cfg)
     params = [q for q in model.parameters() if q.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
-    llm_params = sum(q.numel() for q in model.llm.parameters())
+    # matmul parameters the LLM applies to every token: all but the (tied) embedding table, whose
+    # LM-head use is limited to target positions here
+    embed = model.llm.get_input_embeddings().weight
+    llm_params = sum(q.numel() for q in model.llm.parameters() if q.data_ptr() != embed.data_ptr())
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         records, _ = load_targets(make_corpus(tmp, args.n))
@@ -135,7 +138,7 @@ def main() -> None:
     peak = matmul_peak()
     sps_ours, tok_ours = results["ours"]
     sps_desta, _ = results["desta2.5-style"]
-    llm_flops = 4 * llm_params * tok_ours  # forward + activation gradients of the frozen LLM, per second
+    llm_flops = 4 * llm_params * tok_ours  # per second: forward (2/param/token) + activation gradients (2)
     print(f"{cfg.model.llm.name} + {cfg.model.encoder.name}, batch {args.batch_size}, {args.steps} steps each, "
           f"{torch.get_num_threads()} threads; feature cache built once in {t_cache:.1f} s for {len(records)} clips")
     print(f"ours: {sps_ours:.2f} samples/s; DeSTA2.5-style (30 s encoder input, no cache, 300-token batches): "
