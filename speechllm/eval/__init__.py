@@ -1,0 +1,1 @@
+"""Evaluation: audio tasks, forgetting checks (Speech-IFEval style) and text-only retention."""
