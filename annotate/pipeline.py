@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from speechllm.audio import SAMPLE_RATE, AudioError, load_audio, prepare_waveform
-from speechllm.data.jsonl import ResumableJsonl, iter_lines, read_jsonl, write_jsonl_atomic
+from speechllm.data.jsonl import ResumableJsonl, iter_lines, read_jsonl, sibling_path, write_jsonl_atomic
 
 from . import asr, noise, pitch, rate, signal, vad  # noqa: F401  (register the built-in annotators)
 from .base import ANNOTATORS, Annotation, Clip, ClipError, order_annotators
@@ -261,17 +261,13 @@ def _work(args: tuple[list[Item], float, bool]) -> tuple[list[dict], list[dict],
 
 # ----------------------------------------------------------------------------- the stage
 
-def default_errors_path(out: Path) -> Path:
-    return out.with_name(out.name.removesuffix(".jsonl") + ".errors.jsonl")
-
-
 def run(items: Iterator[Item | dict], out: Path, opts: AnnotateOptions, errors_path: Path | None = None) -> Summary:
     """Annotate every item not yet in `out` (or in the errors file), appending as they finish."""
     from tqdm import tqdm
 
     names = order_annotators(opts.annotators)
     t0 = time.perf_counter()
-    errors_path = errors_path or default_errors_path(out)
+    errors_path = errors_path or sibling_path(out, ".errors.jsonl")
     summary = Summary()
     if opts.retry_errors and errors_path.exists():
         write_jsonl_atomic(errors_path, [])

@@ -70,6 +70,8 @@ def cmd_annotate(args: argparse.Namespace) -> int:
     from annotate import evaluate as ev
     from annotate import pipeline as pl
 
+    from .data.jsonl import sibling_path
+
     src = Path(args.input) if args.input else None
     if (src is None) == (args.hf_dataset is None):
         return _err("give exactly one input: a manifest .jsonl, a folder of audio files, or --hf-dataset")
@@ -93,7 +95,7 @@ def cmd_annotate(args: argparse.Namespace) -> int:
     print(summary.line(out))
     if args.eval:
         report = ev.evaluate(pl.load_metadata(out))
-        path = out.with_name(out.name.removesuffix(".jsonl") + ".eval.json")
+        path = sibling_path(out, ".eval.json")
         path.write_text(json.dumps(report, indent=2) + "\n")
         print(ev.format_report(report))
         print(f"annotate --eval: scores -> {path}")

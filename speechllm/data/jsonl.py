@@ -62,6 +62,12 @@ def read_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> list[dict]:
     return out
 
 
+def sibling_path(path: str | Path, suffix: str) -> Path:
+    """`data/x.jsonl` -> `data/x<suffix>`, e.g. `.errors.jsonl` for a stage's error records."""
+    path = Path(path)
+    return path.with_name(path.name.removesuffix(".jsonl") + suffix)
+
+
 def _truncate_torn_tail(path: Path) -> None:
     """Cut a last line that has no newline (a write interrupted mid-record)."""
     with open(path, "rb+") as f:

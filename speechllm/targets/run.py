@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .. import __version__, weights
 from ..config import Config
-from ..data.jsonl import ResumableJsonl, iter_lines, write_jsonl_atomic
+from ..data.jsonl import ResumableJsonl, iter_lines, sibling_path, write_jsonl_atomic
 from ..distributed import accelerate_kwargs
 from .checks import degenerate_reason
 from .engine import Generation, Sampling, TextGenerator
@@ -55,7 +55,7 @@ class TargetsSummary:
 
 
 def errors_path(out: Path) -> Path:
-    return out.with_name(out.name.removesuffix(".jsonl") + ".errors.jsonl")
+    return sibling_path(out, ".errors.jsonl")
 
 
 def job_from_record(rec: dict, instruction: str) -> Job:
