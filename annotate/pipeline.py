@@ -142,7 +142,7 @@ def hf_items(spec: str, out_dir: Path, audio_dir: Path, audio_column: str = "aud
     import soundfile as sf
 
     local = Path(spec)
-    if local.is_dir() and (local / "dataset_dict.json").exists() or (local / "state.json").exists():
+    if (local / "dataset_dict.json").is_file() or (local / "state.json").is_file():  # a save_to_disk folder
         ds = datasets.load_from_disk(str(local))
     else:
         ds = datasets.load_dataset(spec, split=split)

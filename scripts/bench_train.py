@@ -102,31 +102,20 @@ def main() -> None:
 
         def desta(recs) -> tuple[float, int]:
             wavs = [load_audio(r.audio) for r in recs]
-            fe = model.encoder.feature_extractor
-            feats = fe(wavs, sampling_rate=16000, return_tensors="pt")["input_features"]  # padded to 30 s
-            with torch.no_grad():
+            feats = model.encoder.feature_extractor(wavs, sampling_rate=16000, return_tensors="pt")["input_features"]
+            with torch.no_grad():  # every clip padded to 30 s: 1500 encoder frames each, every step
                 enc = model.encoder(feats, torch.full((len(recs),), feats.shape[-1]))
-            embeds, lengths = model._adapt(enc.states, enc.lengths)
-            # the same layout as SpeechLLM.build_batch, then every sequence padded (or cut) to 300 tokens
-            seqs, labels = [], []
-            embed = model.llm.get_input_embeddings()
-            for i, r in enumerate(recs):
-                pieces = model.prompt.pieces(r.instruction, r.transcript, has_audio=True)
-                target = model.prompt.target(r.target)
-                parts = [embed(torch.tensor(pieces.before_audio)), embeds[i, : int(lengths[i])],
-                         embed(torch.tensor(pieces.after_audio + target))]
-                seqs.append(torch.cat(parts)[:DESTA_SEQ_LEN])
-                n_prompt = len(pieces.before_audio) + int(lengths[i]) + len(pieces.after_audio)
-                labels.append(([IGNORE_INDEX] * n_prompt + target)[:DESTA_SEQ_LEN])
-            x = torch.stack([F.pad(s, (0, 0, 0, DESTA_SEQ_LEN - s.shape[0])) for s in seqs])
-            mask = torch.stack([F.pad(torch.ones(s.shape[0], dtype=torch.long), (0, DESTA_SEQ_LEN - s.shape[0]))
-                                for s in seqs])
-            lab = torch.tensor([lb + [IGNORE_INDEX] * (DESTA_SEQ_LEN - len(lb)) for lb in labels])
-            loss = model(Batch(x, mask, lab))
+            exs = [Example(r.instruction, None, r.transcript, r.target, states=[s[i] for s in enc.states])
+                   for i, r in enumerate(recs)]
+            b = model.build_batch(exs)
+            pad = DESTA_SEQ_LEN - b.inputs_embeds.shape[1]  # every batch padded (or cut) to 300 tokens
+            batch = Batch(F.pad(b.inputs_embeds, (0, 0, 0, pad)), F.pad(b.attention_mask, (0, pad)),
+                          F.pad(b.labels, (0, pad), value=IGNORE_INDEX))
+            loss = model(batch)
             loss.backward()
             opt.step()
             opt.zero_grad()
-            return float(loss.detach()), int(mask.sum())
+            return float(loss.detach()), int(batch.attention_mask.sum())
 
         results = {}
         for name, step in (("ours", ours), ("desta2.5-style", desta)):

@@ -125,14 +125,19 @@ def test_token_masking_masks_the_least_probable_fraction(data, tmp_path):
         mask = trainer.masks[rec.id]
         target = model.prompt.text(rec.target)
         assert len(mask) == len(target) and mask.count(False) == round(0.5 * len(target))
-    ex = trainer.examples(trainer.train_records[:1])
-    batch = model.build_batch(ex)
-    kept = (batch.labels[0] != -100).sum().item()
-    assert kept == mask_len_kept(trainer, trainer.train_records[0]) + len(model.prompt.end_of_turn_ids)
-
-
-def mask_len_kept(trainer, rec):
-    return sum(trainer.masks[rec.id])
+    # the dropped tokens are the ones the base LLM, reading the description, finds least probable
+    rec = trainer.train_records[0]
+    pieces = model.prompt.pieces(f"{rec.description}\n\nWhat can you hear?", None, has_audio=False)
+    prompt, target = pieces.before_audio + pieces.after_audio, model.prompt.text(rec.target)
+    with torch.no_grad():
+        logp = model.llm(input_ids=torch.tensor([prompt + target])).logits[0, len(prompt) - 1: -1].log_softmax(-1)
+    tok = logp.gather(-1, torch.tensor(target)[:, None])[:, 0]
+    kept = [float(tok[j]) for j, k in enumerate(trainer.masks[rec.id]) if k]
+    dropped = [float(tok[j]) for j, k in enumerate(trainer.masks[rec.id]) if not k]
+    assert min(kept) >= max(dropped)
+    # and they leave the loss: only kept target tokens and the end-of-turn are labelled
+    batch = model.build_batch(trainer.examples([rec]))
+    assert int((batch.labels[0] != -100).sum()) == len(kept) + len(model.prompt.end_of_turn_ids)
 
 
 def test_non_finite_loss_stops_naming_step_and_ids(data, tmp_path):

@@ -104,7 +104,7 @@ def load_jobs(metadata: Path, cfg: Config, seed: int, errors: ResumableJsonl, su
 class TargetMaker:
     """Runs a strategy over jobs with degeneracy handling and truncation flags."""
 
-    def __init__(self, cfg: Config, generator: TextGenerator | None, sampling: Sampling):
+    def __init__(self, cfg: Config, generator: TextGenerator, sampling: Sampling):
         if cfg.targets.strategy not in STRATEGIES:
             raise ValueError(f"targets.strategy: unknown '{cfg.targets.strategy}'; known: {', '.join(STRATEGIES)}")
         self.cfg, self.gen, self.sampling = cfg, generator, sampling
@@ -113,8 +113,6 @@ class TargetMaker:
 
     def _generate(self, sampling: Sampling):
         def run(texts: list[str]) -> list[Generation]:
-            if self.gen is None:
-                raise RuntimeError("this strategy needs the LLM")
             prompts = [self.gen.prompt_ids(t) for t in texts]
             outs = self.gen.generate(prompts, sampling, self.cfg.targets.batch_size)
             self.new_tokens += sum(o.tokens for o in outs)
@@ -151,9 +149,8 @@ class TargetMaker:
                 errors.append({"id": job.id, "kind": "degenerate", "error": f"{reason} after "
                                f"{self.cfg.targets.max_retries} retries", "text": draft.text})
                 continue
-            n_tokens = self.gen.target_length(draft.text) if self.gen else None
-            truncated = bool((draft.generation is not None and not draft.generation.finished)
-                             or (n_tokens is not None and n_tokens > limit))
+            n_tokens = self.gen.target_length(draft.text)
+            truncated = bool((draft.generation is not None and not draft.generation.finished) or n_tokens > limit)
             summary.truncated += truncated
             rec = {"id": job.id, "audio": job.audio, "transcript": job.transcript, "description": job.description,
                    "instruction": job.instruction,

@@ -25,6 +25,8 @@ class TrainRecord:
     transcript: str | None
     instruction: str
     target: str
+    description: str
+    """The text description the target was generated from (token masking scores against it)."""
 
 
 @dataclass
@@ -55,7 +57,7 @@ def load_targets(path: str | Path, skip_truncated: bool = True) -> tuple[list[Tr
         except Exception as err:
             raise JsonlError(f"{path}:{line.number}: audio {rec['audio']} cannot be read ({err})") from None
         out.append(TrainRecord(str(rec["id"]), audio, info.frames / info.samplerate, rec.get("transcript"),
-                               rec["instruction"], rec["target"]))
+                               rec["instruction"], rec["target"], rec.get("description", "")))
     report.kept = len(out)
     return out, report
 

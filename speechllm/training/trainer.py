@@ -135,16 +135,12 @@ class Trainer:
     def _token_masks(self) -> dict[str, list[bool]]:
         """Selective Token Masking: per record, drop from the loss the `token_masking` fraction of
         target tokens the base LLM finds least probable given the text description."""
-        from ..data.jsonl import iter_lines
-
         frac = self.cfg.train.token_masking
-        descriptions = {str(line.record["id"]): line.record.get("description", "")
-                        for line in iter_lines(self.cfg.train.data) if line.record}
         m = self.model
         masks = {}
         with torch.no_grad():
             for r in self.train_records:
-                pieces = m.prompt.pieces(f"{descriptions.get(r.id, '')}\n\n{r.instruction}", None, has_audio=False)
+                pieces = m.prompt.pieces(f"{r.description}\n\n{r.instruction}", None, has_audio=False)
                 prompt = pieces.before_audio + pieces.after_audio
                 target = m.prompt.text(r.target)
                 ids = torch.tensor([prompt + target], device=m.device)
