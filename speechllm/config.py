@@ -69,6 +69,10 @@ class AdapterConfig:
     """Settings used when kind is `qformer`."""
     mlp: MLPConfig = field(default_factory=MLPConfig)
     """Settings used when kind is `mlp`."""
+    match_embedding_norm: bool = False
+    """Rescale every audio embedding to the mean norm of the LLM's token embeddings, so audio
+    enters the frozen LLM at the scale of text (a fresh adapter's outputs are several times
+    larger than token embeddings, and grow in training)."""
 
 
 @dataclass
@@ -165,8 +169,11 @@ class TrainConfig:
     """Compute the frozen encoder's tapped states once per clip and reuse them (fp16 on disk)."""
     cache_dir: str | None = None
     """Feature cache root; None: $SPEECHLLM_HOME/features."""
-    skip_truncated: bool = True
-    """Leave out targets flagged `truncated` by `speechllm targets` (counted in the log)."""
+    skip_truncated: bool = False
+    """True leaves out targets flagged `truncated` by `speechllm targets` (counted in the log).
+    False (default) learns them as cut, without the end-of-turn, so the model never learns to
+    stop at the cut; leaving them out skews training towards short answers (long "Describe..."
+    answers are the ones that get cut), which measurably cost instruction following (README)."""
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     """Optional LoRA on the LLM."""
     token_masking: float = 0.0

@@ -145,7 +145,24 @@ def test_untrained_adapter_is_deterministic_for_a_seed(tiny_cfg):
     assert np.isfinite(sum(v.sum().item() for v in a.values()))
 
 
-@pytest.mark.parametrize("overrides", [["model.adapter.kind=mlp"], ["model.llm.dtype=bfloat16"]])
+def test_audio_embeddings_can_be_put_at_the_scale_of_token_embeddings(sample_wav):
+    from speechllm.config import load_config
+    from speechllm.model import build_model
+
+    from conftest import TINY_CONFIG
+
+    plain = build_model(load_config(TINY_CONFIG))
+    matched = build_model(load_config(TINY_CONFIG, ["model.adapter.match_embedding_norm=true"]))
+    token_norm = matched.llm.get_input_embeddings().weight.norm(dim=-1).mean()
+    with torch.no_grad():
+        raw, _ = plain.encode_audio([sample_wav, sample_wav[:24000]])
+        scaled, _ = matched.encode_audio([sample_wav, sample_wav[:24000]])
+    assert plain.embedding_norm is None and not torch.allclose(raw.norm(dim=-1).mean(), token_norm, rtol=0.1)
+    torch.testing.assert_close(scaled.norm(dim=-1), torch.full(scaled.shape[:2], float(token_norm)))
+
+
+@pytest.mark.parametrize("overrides", [["model.adapter.kind=mlp"], ["model.llm.dtype=bfloat16"],
+                                       ["model.adapter.match_embedding_norm=true"]])
 def test_other_adapters_and_dtypes_train_and_reload(overrides, sample_wav, tmp_path):
     from speechllm.config import load_config
     from speechllm.model import build_model

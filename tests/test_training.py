@@ -140,6 +140,22 @@ def test_token_masking_masks_the_least_probable_fraction(data, tmp_path):
     assert int((batch.labels[0] != -100).sum()) == len(kept) + len(model.prompt.end_of_turn_ids)
 
 
+def test_truncated_targets_are_skipped_or_learned_without_end_of_turn(data, tmp_path):
+    skipping = Trainer(cfg(data, tmp_path / "skip", "train.max_steps=1", "train.skip_truncated=true"),
+                       progress=False)
+    assert "long" not in {r.id for r in skipping.train_records}
+    keeping = Trainer(cfg(data, tmp_path / "keep", "train.max_steps=1"), progress=False)
+    cut = next(r for r in keeping.train_records if r.id == "long")
+    whole = next(r for r in keeping.train_records if r.id == "c0")
+    model = keeping.model
+    batch = model.build_batch(keeping.examples([cut, whole]))
+    labelled = [row[row != -100].tolist() for row in batch.labels]
+    text = model.prompt.text(cut.target)
+    # the same words; only the complete answer is taught to stop
+    assert labelled[0] == text
+    assert labelled[1] == text + model.prompt.end_of_turn_ids
+
+
 def test_non_finite_loss_stops_naming_step_and_ids(data, tmp_path):
     with pytest.raises(TrainingError, match=r"step \d+: loss is (nan|inf) on the batch with ids c"):
         train(cfg(data, tmp_path / "nan", "train.max_steps=5", "train.lr=1e30", "train.grad_clip=1e30"),

@@ -80,9 +80,10 @@ class PromptBuilder:
                          + self.text(instruction) + self.suffix_ids),
         )
 
-    def target(self, target: str) -> list[int]:
-        """The assistant answer followed by the template's end-of-turn tokens (both in the loss)."""
-        return self.text(target) + self.end_of_turn_ids
+    def target(self, target: str, complete: bool = True) -> list[int]:
+        """The assistant answer followed by the template's end-of-turn tokens (both in the loss);
+        an answer cut at a length limit (`complete=False`) gets no end-of-turn."""
+        return self.text(target) + (self.end_of_turn_ids if complete else [])
 
     @property
     def stop_ids(self) -> list[int]:

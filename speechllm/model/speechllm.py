@@ -48,6 +48,9 @@ class Example:
     """Record id, for error messages."""
     target_mask: list[bool] | None = None
     """Per target token (end-of-turn excluded), False leaves it out of the loss (token masking)."""
+    target_complete: bool = True
+    """False: the target was cut at the length limit; it is learned without the end-of-turn
+    tokens, so the model learns its words but never to stop where it was cut."""
 
     @property
     def has_audio(self) -> bool:
@@ -83,6 +86,11 @@ class SpeechLLM(nn.Module):
         self.llm.requires_grad_(False)
         self.llm.eval()
         self.prompt = PromptBuilder(tokenizer, config.prompt, config.llm.system_prompt)
+        self.embedding_norm = None
+        """Mean norm of the LLM's token embeddings, when audio embeddings are rescaled to it."""
+        if config.adapter.match_embedding_norm:
+            with torch.no_grad():
+                self.embedding_norm = float(llm.get_input_embeddings().weight.float().norm(dim=-1).mean())
         self.lora = None
         """The LoRAConfig applied to the LLM (by `speechllm.model.lora.apply_lora`), if any."""
 
@@ -136,6 +144,8 @@ class SpeechLLM(nn.Module):
     def _adapt(self, states: list[torch.Tensor], lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         adapter_dtype = next(self.adapter.parameters()).dtype
         embeds, out_lengths = self.adapter([s.to(adapter_dtype) for s in states], lengths)
+        if self.embedding_norm is not None:
+            embeds = embeds * (self.embedding_norm / embeds.norm(dim=-1, keepdim=True).clamp_min(1e-6))
         return embeds.to(self.llm.dtype), out_lengths
 
     def build_batch(self, examples: list[Example], for_generation: bool = False) -> Batch:
@@ -156,7 +166,8 @@ class SpeechLLM(nn.Module):
         seqs, labels = [], []
         for i, ex in enumerate(examples):
             pieces = self.prompt.pieces(ex.instruction, ex.transcript, has_audio=ex.has_audio)
-            target = [] if for_generation or ex.target is None else self.prompt.target(ex.target)
+            target = ([] if for_generation or ex.target is None
+                      else self.prompt.target(ex.target, complete=ex.target_complete))
             if ex.target is None and not for_generation:
                 raise ValueError(f"example {ex.id or i} has no target to train on")
             parts = [embed(torch.tensor(pieces.before_audio, device=device))]
@@ -170,7 +181,8 @@ class SpeechLLM(nn.Module):
             n_prompt = len(pieces.before_audio) + n_audio + len(pieces.after_audio)
             target_labels = list(target)
             if ex.target_mask is not None and target:
-                for j, keep in enumerate(ex.target_mask[: len(target) - len(self.prompt.end_of_turn_ids)]):
+                n_text = len(target) - (len(self.prompt.end_of_turn_ids) if ex.target_complete else 0)
+                for j, keep in enumerate(ex.target_mask[:n_text]):
                     if not keep:
                         target_labels[j] = IGNORE_INDEX
             labels.append([IGNORE_INDEX] * n_prompt + target_labels)

@@ -3,8 +3,8 @@
 Each record's target is made by the chosen strategy; answers of the LLM that are degenerate
 (empty, or stuck in a repeated n-gram loop) are regenerated with seeded sampling up to
 `targets.max_retries` times, then dropped into `<out>.errors.jsonl`; answers longer than the
-training maximum (`train.max_target_tokens`) are flagged `"truncated": true` and counted, never
-cut. Output is appended record by record, so a rerun continues where a killed run stopped.
+training maximum (`train.max_target_tokens`) stop there and are flagged `"truncated": true` and
+counted (training learns them without an end-of-turn, or leaves them out: `train.skip_truncated`). Output is appended record by record, so a rerun continues where a killed run stopped.
 
 Under `accelerate launch --num_processes N` (GPUs) or `torchrun --nproc_per_node N` (CPUs),
 process i takes every N-th record, writes

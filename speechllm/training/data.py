@@ -27,6 +27,8 @@ class TrainRecord:
     target: str
     description: str
     """The text description the target was generated from (token masking scores against it)."""
+    truncated: bool = False
+    """The target was cut at `train.max_target_tokens` (learned without an end-of-turn)."""
 
 
 @dataclass
@@ -37,7 +39,8 @@ class DataReport:
 
 
 def load_targets(path: str | Path, skip_truncated: bool = True) -> tuple[list[TrainRecord], DataReport]:
-    """Records of a targets.jsonl; audio paths are resolved against the file's folder. A malformed
+    """Records of a targets.jsonl; audio paths are resolved against the file's folder. Targets
+    flagged `truncated` are left out (counted) or, with `skip_truncated=False`, kept as cut. A malformed
     line or a missing audio file is an error naming the file and line."""
     path = Path(path)
     if not path.is_file():
@@ -57,7 +60,8 @@ def load_targets(path: str | Path, skip_truncated: bool = True) -> tuple[list[Tr
         except Exception as err:
             raise JsonlError(f"{path}:{line.number}: audio {rec['audio']} cannot be read ({err})") from None
         out.append(TrainRecord(str(rec["id"]), audio, info.frames / info.samplerate, rec.get("transcript"),
-                               rec["instruction"], rec["target"], rec.get("description", "")))
+                               rec["instruction"], rec["target"], rec.get("description", ""),
+                               bool(rec.get("truncated"))))
     report.kept = len(out)
     return out, report
 

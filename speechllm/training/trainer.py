@@ -98,8 +98,10 @@ class Trainer:
             self.eval_records = [r for r in records if held_out(r.id, t.eval_fraction)]
         if not self.train_records:
             raise TrainingError(f"{t.data}: no training records ({report.truncated} left out as truncated)")
-        self.acc.print(f"[speechllm] train {len(self.train_records)} records, held out {len(self.eval_records)}, "
-                       f"{report.truncated} truncated targets left out")
+        cut = sum(r.truncated for r in records)
+        self.acc.print(f"[speechllm] train {len(self.train_records)} records, held out {len(self.eval_records)}; "
+                       + (f"{report.truncated} truncated targets left out" if t.skip_truncated
+                          else f"{cut} truncated targets learned without an end-of-turn"))
         self.cache = None
         if t.feature_cache:
             from .cache import FeatureCache
@@ -128,9 +130,10 @@ class Trainer:
         if self.cache is not None:
             states = self.cache.get([r.audio for r in records])
             return [Example(r.instruction, None, r.transcript, r.target, states=s, id=r.id,
-                            target_mask=self.masks.get(r.id)) for r, s in zip(records, states)]
+                            target_mask=self.masks.get(r.id), target_complete=not r.truncated)
+                    for r, s in zip(records, states)]
         return [Example(r.instruction, load_audio(r.audio), r.transcript, r.target, id=r.id,
-                        target_mask=self.masks.get(r.id)) for r in records]
+                        target_mask=self.masks.get(r.id), target_complete=not r.truncated) for r in records]
 
     def _token_masks(self) -> dict[str, list[bool]]:
         """Selective Token Masking: per record, drop from the loss the `token_masking` fraction of
