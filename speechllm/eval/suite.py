@@ -25,7 +25,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -33,6 +33,9 @@ from ..data.jsonl import ResumableJsonl, iter_lines, sibling_path, write_jsonl_a
 from .constraints import CONSTRAINTS, Constraint, sample_constraint
 from .forgetting import BOOTSTRAP_SAMPLES, CONFIDENCE, forgetting_rate
 from .tasks import TaskError, score_item, tasks_from_metadata, validate_item
+
+if TYPE_CHECKING:
+    from .ifeval import IFEvalSet
 
 DATA_FORMATS = ("auto", "tasks", "metadata", "dynamic-superb", "mmau")
 TRAINING_METRICS = "metrics.jsonl"
@@ -380,31 +383,56 @@ def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:10]
 
 
-def run_eval(checkpoints: list[Path], data: Path, out: Path, opts: EvalOptions) -> dict:
-    """Evaluate every checkpoint against the text reference; writes out/report.{json,md} and
-    plots and returns the report."""
-    import torch
+@dataclass
+class EvalSet:
+    """What every checkpoint is asked, by key: `task:<id>` (audio task items), `if:<id>` (the
+    forgetting items) and `text:<key>` (text prompts, no audio); with each clip's waveform."""
 
-    from .. import weights
+    items: list[dict]
+    """Usable audio task items (each with a description and readable audio)."""
+    fitems: list[dict]
+    """Forgetting items: a task item's question plus one format constraint."""
+    text_set: "IFEvalSet | None"
+    """The text-only prompt set, None when skipped."""
+    audio: dict[str, np.ndarray]
+    """Item audio path -> 16 kHz waveform."""
+    left_out: int
+    """Items left out (see tasks.errors.jsonl)."""
+
+    def __post_init__(self):
+        self.by_id = {it["id"]: it for it in self.items}
+        self.fitems_by_id = {f["id"]: f for f in self.fitems}
+        self.text_by_key = {p[0]: p for p in (self.text_set.prompts if self.text_set else [])}
+        self.task_keys = [f"task:{it['id']}" for it in self.items]
+        self.if_keys = [f"if:{f['id']}" for f in self.fitems]
+        self.text_keys = [f"text:{k}" for k in self.text_by_key]
+        self.groups = ((self.task_keys, "audio tasks"), (self.if_keys, "forgetting"), (self.text_keys, "text prompts"))
+
+    def instruction(self, key: str) -> str:
+        kind, _, id_ = key.partition(":")
+        if kind == "task":
+            return self.by_id[id_]["instruction"]
+        if kind == "if":
+            return self.fitems_by_id[id_]["instruction"]
+        return self.text_by_key[id_][1]
+
+    def item(self, key: str) -> dict | None:
+        """The audio task item a key asks about (None for a text prompt)."""
+        kind, _, id_ = key.partition(":")
+        if kind == "task":
+            return self.by_id[id_]
+        if kind == "if":
+            return self.by_id[self.fitems_by_id[id_]["base"]]
+        return None
+
+
+def load_eval_set(data: Path, out: Path, opts: EvalOptions, asr_model: str) -> EvalSet:
+    """Read the items, annotate those without a description, load their audio, draw the forgetting
+    items and the text prompts; writes tasks.jsonl, tasks.errors.jsonl and forgetting.jsonl."""
     from ..audio import AudioError, load_audio
-    from ..config import GenerationConfig
-    from ..model.speechllm import Example, SpeechLLM
-    from .answer import Reference, speech_answers
-    from .report import write_report
-    from .retention import load_base_llm, text_kl
-
-    if not checkpoints:
-        raise EvalError("name at least one --checkpoint")
-    names = checkpoint_names(checkpoints)
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
 
     items, errors = read_items(data, out, opts)
-    first_cfg = json.loads((checkpoints[0] / "config.json").read_text()) if (checkpoints[0] / "config.json").exists() \
-        else None
-    if first_cfg is None:
-        raise EvalError(f"{checkpoints[0]}: not a speechllm checkpoint (no config.json)")
-    annotate_missing(items, out, opts.asr_model or first_cfg["model"]["encoder"]["name"], opts.progress)
+    annotate_missing(items, out, asr_model, opts.progress)
     audio: dict[str, np.ndarray] = {}
     usable = []
     for it in items:
@@ -419,65 +447,96 @@ def run_eval(checkpoints: list[Path], data: Path, out: Path, opts: EvalOptions) 
                 errors.append({"id": it["id"], "kind": "audio", "error": str(err)})
                 continue
         usable.append(it)
-    items = usable
-    write_jsonl_atomic(out / "tasks.jsonl", items)
+    write_jsonl_atomic(out / "tasks.jsonl", usable)
     write_jsonl_atomic(sibling_path(out / "tasks.jsonl", ".errors.jsonl"), errors)
-    if not items:
+    if not usable:
         raise EvalError(f"{data}: no usable task items ({len(errors)} errors, see "
                         f"{sibling_path(out / 'tasks.jsonl', '.errors.jsonl')})")
-    fitems = forgetting_items(items, opts)
+    fitems = forgetting_items(usable, opts)
     write_jsonl_atomic(out / "forgetting.jsonl", fitems)
-    by_id = {it["id"]: it for it in items}
-    text_set = None
-    if opts.text_prompts != 0:
-        from .ifeval import builtin_prompts, load_ifeval, load_text_ifeval
-
-        loaders = {"auto": lambda: load_text_ifeval(allow_builtin=True), "ifeval": load_ifeval,
-                   "builtin": builtin_prompts}
-        if opts.text_prompt_set not in loaders:
-            raise EvalError(f"text prompt set '{opts.text_prompt_set}' is not one of {', '.join(loaders)}")
-        text_set = loaders[opts.text_prompt_set]()
-        if opts.text_prompts is not None:
-            text_set.prompts = text_set.prompts[: opts.text_prompts]
-    text_by_key = {p[0]: p for p in (text_set.prompts if text_set else [])}
-    print(f"[speechllm] eval: {len(items)} task items in {len(set(i['task'] for i in items))} tasks, "
-          f"{len(fitems)} forgetting items, {len(text_by_key)} text prompts, {len(errors)} left out",
+    es = EvalSet(usable, fitems, text_prompts(opts), audio, len(errors))
+    print(f"[speechllm] eval: {len(es.items)} task items in {len(set(i['task'] for i in es.items))} tasks, "
+          f"{len(es.fitems)} forgetting items, {len(es.text_by_key)} text prompts, {es.left_out} left out",
           file=sys.stderr)
+    return es
+
+
+def text_prompts(opts: EvalOptions) -> "IFEvalSet | None":
+    """The text-only prompt set the options ask for (None when `text_prompts` is 0)."""
+    if opts.text_prompts == 0:
+        return None
+    from .ifeval import builtin_prompts, load_ifeval, load_text_ifeval
+
+    loaders = {"auto": lambda: load_text_ifeval(allow_builtin=True), "ifeval": load_ifeval,
+               "builtin": builtin_prompts}
+    if opts.text_prompt_set not in loaders:
+        raise EvalError(f"text prompt set '{opts.text_prompt_set}' is not one of {', '.join(loaders)}")
+    text_set = loaders[opts.text_prompt_set]()
+    if opts.text_prompts is not None:
+        text_set.prompts = text_set.prompts[: opts.text_prompts]
+    return text_set
+
+
+def score_checkpoint(es: EvalSet, answers: dict[str, str], ref_answers: dict[str, str], opts: EvalOptions):
+    """Score one system's answers against the reference's on the same keys.
+    Returns (tasks, per-item task scores, constraints, pass per forgetting item (system, reference),
+    forgetting result or None, text IFEval summary or None)."""
+    tasks, per_item = task_scores(es.items, {k: answers[k] for k in es.task_keys},
+                                  {k: ref_answers[k] for k in es.task_keys}, opts.bootstrap, opts.seed)
+    constraints = [Constraint(f["constraint"]["kind"], f["constraint"]["params"]) for f in es.fitems]
+    s_pass = [c.check(answers[k]) for c, k in zip(constraints, es.if_keys)]
+    r_pass = [c.check(ref_answers[k]) for c, k in zip(constraints, es.if_keys)]
+    forgetting = forgetting_rate(s_pass, r_pass, [c.kind for c in constraints], samples=opts.bootstrap,
+                                 seed=opts.seed) if es.fitems else None
+    ifeval = None
+    if es.text_by_key:
+        from .ifeval import score as score_ifeval
+
+        prompts = list(es.text_by_key.values())
+        ours = score_ifeval([answers[f"text:{p[0]}"] for p in prompts], prompts)
+        theirs = score_ifeval([ref_answers[f"text:{p[0]}"] for p in prompts], prompts)
+        ifeval = {"source": es.text_set.source, "prompts": len(prompts),
+                  "prompt_accuracy": ours["prompt_accuracy"], "prompt_accuracy_base": theirs["prompt_accuracy"],
+                  "instruction_accuracy": ours["instruction_accuracy"],
+                  "instruction_accuracy_base": theirs["instruction_accuracy"],
+                  "identical_answers": sum(answers[f"text:{p[0]}"] == ref_answers[f"text:{p[0]}"] for p in prompts)}
+    return tasks, per_item, constraints, (s_pass, r_pass), forgetting, ifeval
+
+
+def run_eval(checkpoints: list[Path], data: Path, out: Path, opts: EvalOptions) -> dict:
+    """Evaluate every checkpoint against the text reference; writes out/report.{json,md} and
+    plots and returns the report."""
+    import torch
+
+    from .. import weights
+    from ..config import GenerationConfig
+    from ..model.speechllm import Example, SpeechLLM
+    from .answer import Reference, speech_answers
+    from .report import write_report
+    from .retention import load_base_llm, text_kl
+
+    if not checkpoints:
+        raise EvalError("name at least one --checkpoint")
+    names = checkpoint_names(checkpoints)
+    if not (checkpoints[0] / "config.json").exists():
+        raise EvalError(f"{checkpoints[0]}: not a speechllm checkpoint (no config.json)")
+    first_cfg = json.loads((checkpoints[0] / "config.json").read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    es = load_eval_set(data, out, opts, opts.asr_model or first_cfg["model"]["encoder"]["name"])
 
     task_gen = GenerationConfig(max_new_tokens=opts.max_new_tokens)
     if_gen = GenerationConfig(max_new_tokens=opts.if_max_new_tokens)
-    settings = {"max_new_tokens": opts.max_new_tokens, "if_max_new_tokens": opts.if_max_new_tokens,
-                "greedy": True, "format": 1}
-    task_keys = [f"task:{it['id']}" for it in items]
-    if_keys = [f"if:{f['id']}" for f in fitems]
-    text_keys = [f"text:{k}" for k in text_by_key]
-
-    fitems_by_id = {f["id"]: f for f in fitems}
-
-    def instruction_of(key: str) -> str:
-        kind, _, id_ = key.partition(":")
-        if kind == "task":
-            return by_id[id_]["instruction"]
-        if kind == "if":
-            return fitems_by_id[id_]["instruction"]
-        return text_by_key[id_][1]
-
-    def item_of(key: str) -> dict | None:
-        kind, _, id_ = key.partition(":")
-        if kind == "task":
-            return by_id[id_]
-        if kind == "if":
-            return by_id[fitems_by_id[id_]["base"]]
-        return None
 
     def gen_of(key: str) -> GenerationConfig:
         return task_gen if key.startswith("task:") else if_gen
 
-    groups = ((task_keys, "audio tasks"), (if_keys, "forgetting"), (text_keys, "text prompts"))
-    report: dict = {"data": {"source": str(data), "task_items": len(items), "forgetting_items": len(fitems),
-                             "left_out": len(errors), "tasks": sorted({i["task"] for i in items}),
-                             "text_prompts": len(text_by_key),
-                             "text_prompt_source": text_set.source if text_set else None},
+    settings = {"max_new_tokens": opts.max_new_tokens, "if_max_new_tokens": opts.if_max_new_tokens,
+                "greedy": True, "format": 1}
+    report: dict = {"data": {"source": str(data), "task_items": len(es.items), "forgetting_items": len(es.fitems),
+                             "left_out": es.left_out, "tasks": sorted({i["task"] for i in es.items}),
+                             "text_prompts": len(es.text_by_key),
+                             "text_prompt_source": es.text_set.source if es.text_set else None},
                     "options": {k: v for k, v in asdict(opts).items() if k not in ("progress", "device")},
                     "references": {}, "checkpoints": {}}
     passes: dict[str, list[bool]] = {}
@@ -490,50 +549,31 @@ def run_eval(checkpoints: list[Path], data: Path, out: Path, opts: EvalOptions) 
                         "system_prompt": model.config.llm.system_prompt, **settings}
         ref_name = f"reference-{_digest(ref_identity)}"
         ref = Generations(out / "generations", ref_name, ref_identity)
-        for keys, desc in groups:
-            ref.fill(keys, lambda k: len(instruction_of(k)) + len((item_of(k) or {}).get("description", "")),
-                     lambda chunk: _reference_answers(reference, chunk, item_of, instruction_of, gen_of(chunk[0])),
+        for keys, desc in es.groups:
+            ref.fill(keys, lambda k: len(es.instruction(k)) + len((es.item(k) or {}).get("description", "")),
+                     lambda chunk: _reference_answers(reference, chunk, es, gen_of(chunk[0])),
                      opts.batch_size, desc, opts.progress)
 
-        identity = {"checkpoint": str(ckpt.resolve()), "adapter_sha256": weights.sha256_file(ckpt /
-                                                                                              "adapter.safetensors"),
+        identity = {"checkpoint": str(ckpt.resolve()),
+                    "adapter_sha256": weights.sha256_file(ckpt / "adapter.safetensors"),
                     "reference": ref_name, **settings}
         sysgen = Generations(out / "generations", name, identity)
 
         def answer(chunk: list[str]) -> list[str]:
             examples = []
             for k in chunk:
-                it = item_of(k)
-                examples.append(Example(instruction=instruction_of(k), audio=audio[it["audio"]] if it else None,
+                it = es.item(k)
+                examples.append(Example(instruction=es.instruction(k), audio=es.audio[it["audio"]] if it else None,
                                         transcript=it.get("transcript") if it else None, id=k))
             return speech_answers(model, examples, gen_of(chunk[0]), len(chunk))
 
-        for keys, desc in groups:
-            sysgen.fill(keys, lambda k: len(audio[item_of(k)["audio"]]) if item_of(k) else len(instruction_of(k)),
+        for keys, desc in es.groups:
+            sysgen.fill(keys, lambda k: len(es.audio[es.item(k)["audio"]]) if es.item(k) else len(es.instruction(k)),
                         answer, opts.batch_size, desc, opts.progress)
 
         kl = text_kl(model, base)
-        tasks, per_item = task_scores(items, {k: sysgen.answers[k] for k in task_keys},
-                                      {k: ref.answers[k] for k in task_keys}, opts.bootstrap, opts.seed)
-        constraints = [Constraint(f["constraint"]["kind"], f["constraint"]["params"]) for f in fitems]
-        s_pass = [c.check(sysgen.answers[k]) for c, k in zip(constraints, if_keys)]
-        r_pass = [c.check(ref.answers[k]) for c, k in zip(constraints, if_keys)]
-        forgetting = forgetting_rate(s_pass, r_pass, [c.kind for c in constraints], samples=opts.bootstrap,
-                                     seed=opts.seed) if fitems else None
-        retention = {**kl, "ifeval": None}
-        if text_by_key:
-            from .ifeval import score as score_ifeval
-
-            prompts = list(text_by_key.values())
-            ours = score_ifeval([sysgen.answers[f"text:{p[0]}"] for p in prompts], prompts)
-            theirs = score_ifeval([ref.answers[f"text:{p[0]}"] for p in prompts], prompts)
-            retention["ifeval"] = {"source": text_set.source, "prompts": len(prompts),
-                                   "prompt_accuracy": ours["prompt_accuracy"],
-                                   "prompt_accuracy_base": theirs["prompt_accuracy"],
-                                   "instruction_accuracy": ours["instruction_accuracy"],
-                                   "instruction_accuracy_base": theirs["instruction_accuracy"],
-                                   "identical_answers": sum(sysgen.answers[f"text:{p[0]}"] ==
-                                                            ref.answers[f"text:{p[0]}"] for p in prompts)}
+        tasks, per_item, constraints, (s_pass, r_pass), forgetting, ifeval = score_checkpoint(
+            es, sysgen.answers, ref.answers, opts)
         meta = json.loads((ckpt / "config.json").read_text())
         report["references"].setdefault(ref_name, {"llm": model.config.llm.name, "tasks": {
             t: {k: v[k] for k in ("accuracy_ref", "ref_ci_low", "ref_ci_high", "accuracy_ref_strict", "wer_ref")
@@ -541,10 +581,10 @@ def run_eval(checkpoints: list[Path], data: Path, out: Path, opts: EvalOptions) 
             "ifrate": forgetting.ifrate_ref if forgetting else None})
         report["checkpoints"][name] = {
             "path": str(ckpt), "reference": ref_name, "lora": meta.get("lora"), "tasks": tasks,
-            "forgetting": forgetting.to_dict() if forgetting else None, "text_retention": retention,
-            "training": training_summary(ckpt)}
-        _write_audit(out / "generations" / f"{name}.scored.jsonl", items, fitems, constraints, sysgen, ref,
-                     per_item, s_pass, r_pass)
+            "forgetting": forgetting.to_dict() if forgetting else None,
+            "text_retention": {**kl, "ifeval": ifeval}, "training": training_summary(ckpt)}
+        _write_audit(out / "generations" / f"{name}.scored.jsonl", es, constraints, sysgen, ref, per_item,
+                     s_pass, r_pass)
         del model, base, reference
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -555,24 +595,24 @@ def run_eval(checkpoints: list[Path], data: Path, out: Path, opts: EvalOptions) 
     return report
 
 
-def _reference_answers(reference, chunk: list[str], item_of, instruction_of, gen) -> list[str]:
+def _reference_answers(reference, chunk: list[str], es: EvalSet, gen) -> list[str]:
     """The reference's answers to one batch of keys: description + instruction for audio items,
     the prompt as it is for text prompts (a batch never mixes the two)."""
-    instructions = [instruction_of(k) for k in chunk]
-    if item_of(chunk[0]) is None:
+    instructions = [es.instruction(k) for k in chunk]
+    if es.item(chunk[0]) is None:
         return [g.text for g in reference.answer_text(instructions, gen, len(chunk))]
-    return [g.text for g in reference.answer([item_of(k)["description"] for k in chunk], instructions, gen,
+    return [g.text for g in reference.answer([es.item(k)["description"] for k in chunk], instructions, gen,
                                              len(chunk))]
 
 
-def _write_audit(path: Path, items, fitems, constraints, sysgen, ref, per_item, s_pass, r_pass) -> None:
+def _write_audit(path: Path, es: EvalSet, constraints, sysgen, ref, per_item, s_pass, r_pass) -> None:
     """Every answer of the checkpoint next to the reference's, with its score (for reading)."""
     rows = []
-    for it in items:
+    for it in es.items:
         k = f"task:{it['id']}"
         rows.append({"key": k, "task": it["task"], "instruction": it["instruction"], "reference": it["reference"],
                      "answer": sysgen.answers[k], "answer_ref": ref.answers[k], "score": per_item.get(it["id"])})
-    for f, c, k, sp, rp in zip(fitems, constraints, [f"if:{f['id']}" for f in fitems], s_pass, r_pass):
+    for f, c, k, sp, rp in zip(es.fitems, constraints, es.if_keys, s_pass, r_pass):
         rows.append({"key": k, "instruction": f["instruction"], "constraint": f["constraint"],
                      "answer": sysgen.answers[k], "followed": sp, "answer_ref": ref.answers[k], "followed_ref": rp})
     write_jsonl_atomic(path, rows)
