@@ -91,9 +91,6 @@ def demo_config(plan: DemoPlan, strategy: str, out: Path):
     overrides = [
         f"model.llm.system_prompt={SYSTEM_PROMPT}", f"targets.system_prompt={SYSTEM_PROMPT}",
         f"targets.strategy={strategy}", f"targets.instruction_pool={json.dumps(INSTRUCTION_POOL)}",
-        # audio embeddings at the scale of SmolLM2's token embeddings (unscaled, the trained
-        # adapter's were 16x larger and overrode the instruction; README, "what it took")
-        "model.adapter.match_embedding_norm=true",
         "targets.batch_size=16",
         f"train.data={out / 'data' / f'train.{strategy}.targets.jsonl'}", f"train.out_dir={out / 'runs' / strategy}",
         f"train.max_steps={plan.steps}", f"train.batch_size={plan.batch_size}", f"train.lr={plan.lr}",
