@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from speechllm.eval.suite import EvalError, EvalOptions, bootstrap_interval, forgetting_items, read_items, run_eval
+from speechllm.eval.forgetting import bootstrap_interval
+from speechllm.eval.suite import EvalError, EvalOptions, forgetting_items, read_items, run_eval
 from speechllm.eval.tasks import (TaskError, extract_lenient, extract_strict, score_item, tasks_from_metadata,
                                   transcript_errors, validate_item)
 
@@ -135,9 +136,13 @@ def test_bootstrap_interval_brackets_the_mean():
     import numpy as np
 
     v = np.array([1.0] * 30 + [0.0] * 10)
-    lo, hi = bootstrap_interval(len(v), lambda idx: float(v[idx].mean()), 500, 0)
+    lo, hi = bootstrap_interval(len(v), lambda idx: v[idx].mean(1), 500, 0)
     assert lo < 0.75 < hi and hi - lo < 0.35
-    assert bootstrap_interval(0, lambda idx: 0.0, 10, 0) == (None, None)
+    assert bootstrap_interval(0, lambda idx: idx.mean(1), 10, 0) == (None, None)
+    # resamples where the statistic is undefined are left out, not counted
+    z = np.array([0.0] * 39 + [1.0])
+    lo, hi = bootstrap_interval(len(z), lambda idx: 1 / z[idx].sum(1), 500, 0)
+    assert hi == 1.0 and 0.1 < lo < 1.0  # an infinite 1/0 would have become the upper end
 
 
 def test_compare_checkpoints_is_paired():

@@ -58,12 +58,12 @@ class Reference:
         self.generator = generator
 
     @classmethod
-    def for_model(cls, model: SpeechLLM, llm=None) -> "Reference":
-        """The reference for `model`'s base LLM: `llm` if given (a loaded copy of the base),
-        else the model's own LLM when unchanged, else a freshly loaded base."""
-        if llm is None and model.lora is None:
+    def for_model(cls, model: SpeechLLM) -> "Reference":
+        """The reference for `model`'s base LLM: the model's own LLM when unchanged (frozen, no
+        LoRA), else a freshly loaded copy of the base."""
+        if model.lora is None:
             llm = model.llm
-        elif llm is None:
+        else:
             from .retention import load_base_llm
 
             llm = load_base_llm(model)

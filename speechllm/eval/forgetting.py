@@ -13,11 +13,30 @@ percentiles of delta over the resamples.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
 BOOTSTRAP_SAMPLES = 2000
 CONFIDENCE = 0.95
+
+
+def bootstrap_interval(n: int, stat: Callable[[np.ndarray], np.ndarray], samples: int = BOOTSTRAP_SAMPLES,
+                       seed: int = 0, confidence: float = CONFIDENCE) -> tuple[float | None, float | None]:
+    """Percentile interval of a statistic over `samples` resamples of n items with replacement.
+
+    `stat` maps an index matrix (samples, n) to one value per resample (samples,); resamples where
+    it is not finite (e.g. a ratio over a zero) are left out. (None, None) when nothing is left."""
+    if n == 0:
+        return None, None
+    idx = np.random.default_rng(seed).integers(0, n, size=(samples, n))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        values = np.asarray(stat(idx), dtype=float)
+    values = values[np.isfinite(values)]
+    if not len(values):
+        return None, None
+    tail = (1 - confidence) / 2 * 100
+    return float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))
 
 
 @dataclass
@@ -52,14 +71,8 @@ def forgetting_rate(speech: list[bool], reference: list[bool], kinds: list[str] 
     if s.shape != r.shape or s.ndim != 1 or len(s) == 0:
         raise ValueError(f"need two equally long, non-empty pass lists (got {s.shape} and {r.shape})")
     ifrate, ifrate_ref = float(s.mean()), float(r.mean())
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(s), size=(samples, len(s)))
-    s_b, r_b = s[idx].mean(axis=1), r[idx].mean(axis=1)
-    ok = r_b > 0
-    deltas = (s_b[ok] - r_b[ok]) / r_b[ok]
-    tail = (1 - confidence) / 2 * 100
-    lo, hi = (float(np.percentile(deltas, tail)), float(np.percentile(deltas, 100 - tail))) if len(deltas) else \
-        (None, None)
+    lo, hi = bootstrap_interval(len(s), lambda idx: (s[idx].mean(1) - r[idx].mean(1)) / r[idx].mean(1), samples,
+                                seed, confidence)
     per: dict[str, dict] = {}
     if kinds is not None:
         if len(kinds) != len(s):

@@ -31,7 +31,7 @@ import numpy as np
 
 from ..data.jsonl import ResumableJsonl, iter_lines, sibling_path, write_jsonl_atomic
 from .constraints import CONSTRAINTS, Constraint, sample_constraint
-from .forgetting import BOOTSTRAP_SAMPLES, CONFIDENCE, forgetting_rate
+from .forgetting import BOOTSTRAP_SAMPLES, bootstrap_interval, forgetting_rate
 from .tasks import TaskError, score_item, tasks_from_metadata, validate_item
 
 if TYPE_CHECKING:
@@ -266,20 +266,6 @@ class Generations:
 
 # ----------------------------------------------------------------------------- statistics
 
-def bootstrap_interval(n: int, stat: Callable[[np.ndarray], float], samples: int, seed: int,
-                       confidence: float = CONFIDENCE) -> tuple[float | None, float | None]:
-    """Percentile interval of `stat(indices)` over `samples` resamples of range(n)."""
-    if n == 0:
-        return None, None
-    rng = np.random.default_rng(seed)
-    values = np.array([stat(rng.integers(0, n, size=n)) for _ in range(samples)])
-    values = values[np.isfinite(values)]
-    if not len(values):
-        return None, None
-    tail = (1 - confidence) / 2 * 100
-    return float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))
-
-
 def task_scores(items: list[dict], answers: dict[str, str], ref_answers: dict[str, str], samples: int,
                 seed: int) -> tuple[dict, dict]:
     """Per task: the system's and the reference's scores, with intervals and the paired
@@ -303,7 +289,7 @@ def task_scores(items: list[dict], answers: dict[str, str], ref_answers: dict[st
             a_strict = np.array([s["correct_strict"] for s in ours], float)
             r = np.array([s["correct"] for s in ref], float)
             r_strict = np.array([s["correct_strict"] for s in ref], float)
-            acc = lambda v: (lambda idx: float(v[idx].mean()))
+            acc = lambda v: (lambda idx: v[idx].mean(1))
             lo, hi = bootstrap_interval(len(a), acc(a), samples, seed_t)
             rlo, rhi = bootstrap_interval(len(r), acc(r), samples, seed_t)
             dlo, dhi = bootstrap_interval(len(a), acc(a - r), samples, seed_t)
@@ -318,7 +304,7 @@ def task_scores(items: list[dict], answers: dict[str, str], ref_answers: dict[st
             e = np.array([s["errors"] for s in ours], float)
             re_ = np.array([s["errors"] for s in ref], float)
             w = np.array([s["words"] for s in ours], float)
-            wer = lambda v: (lambda idx: float(v[idx].sum() / max(w[idx].sum(), 1)))
+            wer = lambda v: (lambda idx: v[idx].sum(1) / np.maximum(w[idx].sum(1), 1))
             lo, hi = bootstrap_interval(len(e), wer(e), samples, seed_t)
             rlo, rhi = bootstrap_interval(len(e), wer(re_), samples, seed_t)
             w_all, r_all = float(e.sum() / max(w.sum(), 1)), float(re_.sum() / max(w.sum(), 1))
@@ -359,7 +345,7 @@ def compare_checkpoints(passes: dict[str, list[bool]], samples: int, seed: int) 
             x, y = np.asarray(passes[a], float), np.asarray(passes[b], float)
             if not len(x):
                 continue
-            lo, hi = bootstrap_interval(len(x), lambda idx: float(x[idx].mean() - y[idx].mean()), samples, seed)
+            lo, hi = bootstrap_interval(len(x), lambda idx: x[idx].mean(1) - y[idx].mean(1), samples, seed)
             out[f"{a} vs {b}"] = {"items": len(x), "ifrate_diff": float(x.mean() - y.mean()), "ci_low": lo,
                                   "ci_high": hi}
     return out
@@ -513,7 +499,7 @@ def run_eval(checkpoints: list[Path], data: Path, out: Path, opts: EvalOptions) 
     from ..model.speechllm import Example, SpeechLLM
     from .answer import Reference, speech_answers
     from .report import write_report
-    from .retention import load_base_llm, text_kl
+    from .retention import text_kl
 
     if not checkpoints:
         raise EvalError("name at least one --checkpoint")
@@ -542,8 +528,9 @@ def run_eval(checkpoints: list[Path], data: Path, out: Path, opts: EvalOptions) 
     passes: dict[str, list[bool]] = {}
     for name, ckpt in zip(names, checkpoints):
         model = SpeechLLM.from_pretrained(ckpt, device=opts.device).eval()
-        base = load_base_llm(model)
-        reference = Reference.for_model(model, llm=base)
+        # the model's own frozen LLM, or with LoRA a fresh copy of the base: the reference and the KL baseline
+        reference = Reference.for_model(model)
+        base = reference.generator.llm
 
         ref_identity = {"llm": model.config.llm.name, "fingerprint": weights.fingerprint(model.config.llm.name),
                         "system_prompt": model.config.llm.system_prompt, **settings}
