@@ -19,12 +19,14 @@ from pathlib import Path
 EMBEDDED_DEFAULT = ["smollm2-135m-instruct", "whisper-tiny.en"]
 
 
-def _err(msg: str) -> int:
+def fail(msg: str) -> int:
+    """Print `msg` as the command's error; returns the exit status (2)."""
     print(f"speechllm: error: {msg}", file=sys.stderr)
     return 2
 
 
-def _info(msg: str) -> None:
+def info(msg: str) -> None:
+    """A progress or status line on stderr."""
     print(f"[speechllm] {msg}", file=sys.stderr, flush=True)
 
 
@@ -54,7 +56,7 @@ def cmd_models_prepare(args: argparse.Namespace) -> int:
     names = args.names or EMBEDDED_DEFAULT
     unknown = [n for n in names if n not in weights.REGISTRY]
     if unknown:
-        return _err(f"unknown model(s) {', '.join(unknown)}; known: {', '.join(weights.REGISTRY)}")
+        return fail(f"unknown model(s) {', '.join(unknown)}; known: {', '.join(weights.REGISTRY)}")
     for name in names:
         t0 = time.perf_counter()
         was_ready = weights.is_ready(name) and not args.force
@@ -74,7 +76,7 @@ def cmd_annotate(args: argparse.Namespace) -> int:
 
     src = Path(args.input) if args.input else None
     if (src is None) == (args.hf_dataset is None):
-        return _err("give exactly one input: a manifest .jsonl, a folder of audio files, or --hf-dataset")
+        return fail("give exactly one input: a manifest .jsonl, a folder of audio files, or --hf-dataset")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.hf_dataset:
@@ -85,7 +87,7 @@ def cmd_annotate(args: argparse.Namespace) -> int:
     elif src.is_file():
         items = pl.manifest_items(src, out.parent)
     else:
-        return _err(f"{src}: no such manifest or folder")
+        return fail(f"{src}: no such manifest or folder")
     opts = pl.AnnotateOptions(
         annotators=[a.strip() for a in args.annotators.split(",") if a.strip()],
         asr_model=args.asr_model, workers=args.workers, batch_size=args.batch_size,
@@ -109,7 +111,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
         synthesize(Path(args.out), n=args.n, seed=args.seed, test_fraction=args.test_fraction,
                    workers=args.workers, progress=not args.quiet)
     except SynthError as err:
-        return _err(str(err))
+        return fail(str(err))
     return 0
 
 
@@ -125,7 +127,7 @@ def cmd_targets(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides)
     metadata = Path(args.metadata)
     if not metadata.is_file():
-        return _err(f"{metadata}: no such metadata file (make one with `speechllm annotate`)")
+        return fail(f"{metadata}: no such metadata file (make one with `speechllm annotate`)")
     summary = run_targets(metadata, Path(args.out), cfg, device=args.device, progress=not args.quiet)
     print(summary.line(Path(args.out)))
     return 0
@@ -141,7 +143,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         out = train(cfg, progress=not args.quiet)
     except TrainingError as err:
-        return _err(str(err))
+        return fail(str(err))
     print(f"train: adapter -> {out} (speechllm chat --checkpoint {out} --audio CLIP \"What can you hear?\")")
     return 0
 
@@ -155,10 +157,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     data = Path(args.data)
     if not data.exists():
-        return _err(f"{data}: no such file or folder")
+        return fail(f"{data}: no such file or folder")
     for c in args.checkpoint:
         if not (Path(c) / "config.json").is_file():
-            return _err(f"{c}: not a speechllm checkpoint (no config.json; make one with `speechllm train`)")
+            return fail(f"{c}: not a speechllm checkpoint (no config.json; make one with `speechllm train`)")
     opts = EvalOptions(data_format=args.data_format, split=args.split, tasks=args.tasks,
                        max_per_task=args.max_per_task, forgetting_items=args.forgetting_items,
                        constraint_kinds=args.constraints, text_prompts=args.text_prompts,
@@ -169,7 +171,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     try:
         run_eval([Path(c) for c in args.checkpoint], data, Path(args.out), opts)
     except (EvalError, TaskError) as err:
-        return _err(str(err))
+        return fail(str(err))
     print((Path(args.out) / "report.md").read_text())
     print(f"eval: report -> {Path(args.out) / 'report.md'}, {Path(args.out) / 'report.json'}, "
           f"{Path(args.out) / 'plots'}")
@@ -188,7 +190,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     try:
         run_demo(Path(args.out), quick=args.quick, device=args.device, progress=not args.quiet)
     except (SynthError, EvalError, TrainingError) as err:
-        return _err(str(err))
+        return fail(str(err))
     print((Path(args.out) / "report.md").read_text())
     print(f"demo: report -> {Path(args.out) / 'report.md'} (plots in {Path(args.out) / 'plots'}); "
           f"try: speechllm chat --checkpoint {Path(args.out) / 'runs' / 'self-output'} --audio "
@@ -198,24 +200,45 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- chat
 
-def cmd_chat(args: argparse.Namespace) -> int:
+def add_model_source(p: argparse.ArgumentParser) -> None:
+    """`--checkpoint DIR` or `--untrained`, and `--config` for the untrained one (chat, serve)."""
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", metavar="DIR", help="a trained adapter folder (from `speechllm train`)")
+    src.add_argument("--untrained", action="store_true",
+                     help="a freshly initialised adapter on the configured base models (smoke test)")
+    p.add_argument("--config", metavar="YAML",
+                   help="model config for --untrained (default: the embedded default, as in configs/default.yaml)")
+
+
+def load_model(args: argparse.Namespace):
+    """The model that `add_model_source`'s options name, in eval mode, and the config its
+    generation settings come from (`args.overrides` applied). Raises ConfigError for --config
+    with a checkpoint (a checkpoint carries its own model config)."""
     import torch
 
-    from .audio import load_audio
-    from .config import load_config
-    from .model import Example, SpeechLLM, build_model
+    from .config import ConfigError, load_config
+    from .model import SpeechLLM, build_model
 
-    t0 = time.perf_counter()
     if args.checkpoint:
         if args.config:
-            return _err("--config applies to --untrained; a checkpoint carries its own model config")
+            raise ConfigError("--config applies to --untrained; a checkpoint carries its own model config")
         cfg = load_config(None, args.overrides)
         model = SpeechLLM.from_pretrained(args.checkpoint, device=args.device)
     else:
         cfg = load_config(args.config, args.overrides)
         torch.manual_seed(cfg.generation.seed)  # the untrained adapter is the same on every run
         model = build_model(cfg, device=args.device)
-    model.eval()
+    return model.eval(), cfg
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    import torch
+
+    from .audio import load_audio
+    from .model import Example
+
+    t0 = time.perf_counter()
+    model, cfg = load_model(args)
     t_load = time.perf_counter() - t0
 
     wav = load_audio(args.audio, max_seconds=model.config.encoder.max_seconds)
@@ -225,17 +248,17 @@ def cmd_chat(args: argparse.Namespace) -> int:
         from annotate.asr import SpeechRecognizer
 
         transcript = SpeechRecognizer(args.asr_model or model.config.encoder.name).transcribe([wav])[0]
-        _info(f"transcript: {transcript!r}")
+        info(f"transcript: {transcript!r}")
     t_asr = time.perf_counter() - t1
     if args.checkpoint is None:
-        _info("untrained adapter: the audio embeddings are random; the answer rests on the transcript")
+        info("untrained adapter: the audio embeddings are random; the answer rests on the transcript")
     t2 = time.perf_counter()
     with torch.inference_mode():
         answer = model.generate([Example(instruction=args.question, audio=wav, transcript=transcript)],
                                 cfg.generation)[0]
     t_gen = time.perf_counter() - t2
     print(answer)
-    _info(f"load {t_load:.1f} s, asr {t_asr:.2f} s, answer {t_gen:.2f} s for a {len(wav) / 16000:.1f} s clip")
+    info(f"load {t_load:.1f} s, asr {t_asr:.2f} s, answer {t_gen:.2f} s for a {len(wav) / 16000:.1f} s clip")
     return 0
 
 
@@ -446,13 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
                "  speechllm chat --checkpoint runs/demo/self-output --audio clip.mp3 \"Describe the voice.\" \\\n"
                "      generation.do_sample=true generation.temperature=0.6",
     )
-    src = chat.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", metavar="DIR", help="a trained adapter folder (from `speechllm train`)")
-    src.add_argument("--untrained", action="store_true",
-                     help="a freshly initialised adapter on the configured base models (smoke test)")
+    add_model_source(chat)
     chat.add_argument("--audio", required=True, metavar="FILE", help="the audio file")
     chat.add_argument("question", help="the instruction, e.g. \"What can you hear?\"")
-    chat.add_argument("--config", metavar="YAML", help="model config for --untrained (default: the embedded default, as in configs/default.yaml)")
     chat.add_argument("--transcript", help="use this transcript instead of running Whisper")
     chat.add_argument("--no-transcript", action="store_true", help="give the model no transcript")
     chat.add_argument("--asr-model", metavar="NAME", help="Whisper model for the transcript (default: the encoder's)")
@@ -487,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (AudioError, ConfigError, WeightsError, CheckpointError, ChatTemplateError, JsonlError) as err:
-        return _err(str(err))
+        return fail(str(err))
 
 
 if __name__ == "__main__":

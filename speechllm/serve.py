@@ -44,6 +44,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from .cli import add_model_source, fail, info, load_model
+
 DEFAULT_HOST = "127.0.0.1"
 """Loopback only: the page runs a model for whoever reaches it."""
 DEFAULT_PORT = 7860
@@ -67,10 +69,6 @@ DEFAULT_INSTRUCTION = "What can you hear?"
 """Pre-filled in the page's instruction box."""
 ERROR_KINDS = ("too_large", "too_long", "too_short", "audio", "no_speech", "annotator", "request", "internal")
 """The `kind` of an error reply."""
-
-
-def _info(msg: str) -> None:
-    print(f"[speechllm] {msg}", file=sys.stderr, flush=True)
 
 
 class ServeError(Exception):
@@ -240,7 +238,7 @@ class _Handler(BaseHTTPRequestHandler):
     timeout = SOCKET_TIMEOUT_S
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002 (the base class's name)
-        _info(f"{self.address_string()} {format % args}")
+        info(f"{self.address_string()} {format % args}")
 
     def _send(self, status: HTTPStatus, body: bytes, content_type: str, close: bool = False) -> None:
         self.send_response(status)
@@ -306,7 +304,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(ServeError(HTTPStatus.INTERNAL_SERVER_ERROR, "internal",
                                    f"{filename}: the server failed: {type(err).__name__}: {err}"))
             return
-        _info(f"answered {filename} ({result['duration']:.1f} s): speech model {result['speech']['seconds']:.2f} s, "
+        info(f"answered {filename} ({result['duration']:.1f} s): speech model {result['speech']['seconds']:.2f} s, "
               f"reference {result['reference']['seconds']:.2f} s, annotation {result['timings']['annotate']:.2f} s")
         self._json(HTTPStatus.OK, result)
 
@@ -573,40 +571,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """`speechllm serve`: load the model and annotators once, then serve until Ctrl-C."""
     import ipaddress
 
-    import torch
-
-    from .config import load_config
-    from .model import SpeechLLM, build_model
-
-    if args.checkpoint:
-        if args.config:
-            return _err("--config applies to --untrained; a checkpoint carries its own model config")
-        cfg = load_config(None, args.overrides)
-        model = SpeechLLM.from_pretrained(args.checkpoint, device=args.device)
-        label = str(args.checkpoint)
-    else:
-        cfg = load_config(args.config, args.overrides)
-        torch.manual_seed(cfg.generation.seed)  # the untrained adapter is the same on every run
-        model = build_model(cfg, device=args.device)
-        label = "untrained adapter (random audio embeddings)"
+    model, cfg = load_model(args)
+    label = str(args.checkpoint) if args.checkpoint else "untrained adapter (random audio embeddings)"
     if args.max_upload_mb <= 0:
-        return _err(f"--max-upload-mb must be positive, got {args.max_upload_mb:g}")
+        return fail(f"--max-upload-mb must be positive, got {args.max_upload_mb:g}")
     max_seconds = args.max_seconds if args.max_seconds is not None else model.config.encoder.max_seconds
     asr = None if args.no_transcript else (args.asr_model or model.config.encoder.name)
     try:
         answerer = Answerer(model, cfg.generation, max_seconds=max_seconds, asr_model=asr, label=label)
     except ValueError as err:
-        return _err(str(err))
+        return fail(str(err))
     try:
         server = SpeechServer(answerer, args.host, args.port, int(args.max_upload_mb * BYTES_PER_MB))
     except OSError as err:
-        return _err(f"cannot listen on {args.host}:{args.port} ({err.strerror or err})")
+        return fail(f"cannot listen on {args.host}:{args.port} ({err.strerror or err})")
     try:
         loopback = ipaddress.ip_address(server.server_address[0]).is_loopback
     except ValueError:
         loopback = False
     if not loopback:
-        _info(f"listening on {args.host}: anyone who can reach this machine can use the page "
+        info(f"listening on {args.host}: anyone who can reach this machine can use the page "
               "(browsers allow the microphone only on localhost or https)")
     print(f"serve: {server.url} (Ctrl-C stops)", flush=True)
     try:
@@ -616,11 +600,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         server.server_close()
     return 0
-
-
-def _err(msg: str) -> int:
-    print(f"speechllm: error: {msg}", file=sys.stderr)
-    return 2
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -639,11 +618,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                "  speechllm serve --checkpoint runs/NAME --max-seconds 15 --max-upload-mb 5\n"
                "  curl --data-binary @clip.wav 'http://127.0.0.1:7860/api/answer?instruction=Describe+the+voice.'",
     )
-    src = srv.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", metavar="DIR", help="a trained adapter folder (from `speechllm train`)")
-    src.add_argument("--untrained", action="store_true",
-                     help="a freshly initialised adapter on the configured base models (smoke test)")
-    srv.add_argument("--config", metavar="YAML", help="model config for --untrained (default: the embedded default)")
+    add_model_source(srv)
     srv.add_argument("--host", default=DEFAULT_HOST, help="address to bind (default: %(default)s, this machine only)")
     srv.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (default: %(default)s; 0 picks a free one)")
     srv.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_MB,
@@ -662,23 +637,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m speechllm.serve ARGS` is `speechllm serve ARGS`."""
-    from .audio import AudioError
-    from .config import ConfigError
-    from .model.prompt import ChatTemplateError
-    from .model.speechllm import CheckpointError
-    from .weights import WeightsError
+    from .cli import main as cli_main
 
-    parser = argparse.ArgumentParser(prog="speechllm")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args, extra = parser.parse_known_args(["serve", *(sys.argv[1:] if argv is None else argv)])
-    unknown = [e for e in extra if "=" not in e or e.startswith("-")]
-    if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    args.overrides = list(args.overrides) + extra
-    try:
-        return args.func(args)
-    except (AudioError, ConfigError, WeightsError, CheckpointError, ChatTemplateError) as err:
-        return _err(str(err))
+    return cli_main(["serve", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

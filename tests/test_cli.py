@@ -1,6 +1,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from conftest import SAMPLE, TINY_CONFIG
 
 from speechllm.cli import main
@@ -37,3 +39,9 @@ def test_models_list_and_help():
         assert name in out.stdout
     helptext = subprocess.run([sys.executable, "-m", "speechllm.cli", "chat", "--help"], capture_output=True, text=True)
     assert "--checkpoint" in helptext.stdout and "examples:" in helptext.stdout
+
+
+@pytest.mark.parametrize("command", [["chat", "--audio", str(SAMPLE), "Hi?"], ["serve"]])
+def test_config_beside_a_checkpoint_is_refused_by_chat_and_serve(command, tmp_path, capsys):
+    rc = main([command[0], "--checkpoint", str(tmp_path), "--config", str(TINY_CONFIG), *command[1:]])
+    assert rc == 2 and "--config applies to --untrained" in capsys.readouterr().err
