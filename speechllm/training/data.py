@@ -35,7 +35,7 @@ class TrainRecord:
 class DataReport:
     kept: int = 0
     truncated: int = 0
-    missing_audio: int = 0
+    """Targets flagged truncated (left out or kept, as `skip_truncated` says)."""
 
 
 def load_targets(path: str | Path, skip_truncated: bool = True) -> tuple[list[TrainRecord], DataReport]:
@@ -51,8 +51,8 @@ def load_targets(path: str | Path, skip_truncated: bool = True) -> tuple[list[Tr
         if line.error:
             raise JsonlError(line.error)
         rec = line.record
+        report.truncated += bool(rec.get("truncated"))
         if skip_truncated and rec.get("truncated"):
-            report.truncated += 1
             continue
         audio = (root / rec["audio"]).absolute()
         try:

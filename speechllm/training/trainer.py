@@ -98,10 +98,9 @@ class Trainer:
             self.eval_records = [r for r in records if held_out(r.id, t.eval_fraction)]
         if not self.train_records:
             raise TrainingError(f"{t.data}: no training records ({report.truncated} left out as truncated)")
-        cut = sum(r.truncated for r in records)
         self.acc.print(f"[speechllm] train {len(self.train_records)} records, held out {len(self.eval_records)}; "
-                       + (f"{report.truncated} truncated targets left out" if t.skip_truncated
-                          else f"{cut} truncated targets learned without an end-of-turn"))
+                       f"{report.truncated} truncated targets "
+                       + ("left out" if t.skip_truncated else "learned without an end-of-turn"))
         self.cache = None
         if t.feature_cache:
             from .cache import FeatureCache
