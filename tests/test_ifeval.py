@@ -17,7 +17,7 @@ from speechllm.eval.ifeval import (
     load_ifeval,
     load_text_ifeval,
     map_instruction,
-    parse_ifeval_lines,
+    read_ifeval,
     score,
 )
 from speechllm.weights import WeightsError
@@ -71,7 +71,7 @@ def test_unmappable(iid, kwargs):
     assert map_instruction(iid, kwargs) is None
 
 
-def test_parse_lines_keeps_fully_mapped_prompts():
+def test_reading_keeps_fully_mapped_prompts(tmp_path):
     lines = [
         _line(1000, "Write a poem. No commas, under 40 words.",
               ["punctuation:no_comma", "length_constraints:number_words"],
@@ -84,7 +84,8 @@ def test_parse_lines_keeps_fully_mapped_prompts():
         _line(1003, "Repeat, then add a P.P.S", ["combination:repeat_prompt", "detectable_content:postscript"],
               [{"prompt_to_repeat": "x"}, {"postscript_marker": "P.P.S"}]),
     ]
-    s = parse_ifeval_lines(lines, "x.jsonl")
+    (tmp_path / "x.jsonl").write_text("\n".join(lines) + "\n")
+    s = read_ifeval(tmp_path / "x.jsonl")
     assert s.total == 4 and s.kept == 2
     assert [p.key for p in s.prompts] == ["1000", "1002"]
     key, prompt, constraints = s.prompts[0]
@@ -99,10 +100,11 @@ def test_parse_lines_keeps_fully_mapped_prompts():
     _line(1, "p", ["punctuation:no_comma", "detectable_format:title"], [{}]),
     _line(1, "p", [], []),
 ])
-def test_malformed_line_names_file_and_line(bad):
+def test_malformed_line_names_file_and_line(bad, tmp_path):
     good = _line(0, "p", ["punctuation:no_comma"], [{}])
-    with pytest.raises(ValueError, match=r"^x\.jsonl:2: "):
-        parse_ifeval_lines([good, bad], "x.jsonl")
+    (tmp_path / "x.jsonl").write_text(f"{good}\n{bad}\n")
+    with pytest.raises(ValueError, match=r"x\.jsonl:2: "):
+        read_ifeval(tmp_path / "x.jsonl")
 
 
 # ----------------------------------------------------------------------------- scoring

