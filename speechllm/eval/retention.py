@@ -1,7 +1,7 @@
 """Text-only retention: does the speech model, given no audio, still behave like the base LLM?
 
-The speech model's text path (no audio; LoRA active if trained with it) and a freshly loaded copy
-of the base LLM score the same chat prompts; the mean KL divergence of their next-token
+The speech model's text path (no audio; LoRA active if trained with it) and the base LLM (a
+freshly loaded copy, `load_base_llm`, when LoRA changed the model's own) score the same chat prompts; the mean KL divergence of their next-token
 distributions over every prompt position is reported. A frozen LLM without LoRA gives exactly 0.
 """
 
