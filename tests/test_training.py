@@ -176,3 +176,17 @@ def test_two_processes_equal_one_process_with_matching_accumulation(data, tmp_pa
     b = load_file(str(tmp_path / "two" / "adapter.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+
+
+def test_weight_decay_falls_on_matrices_only(tiny_model):
+    from speechllm.training.trainer import param_groups
+
+    decay, no_decay = param_groups(tiny_model, 0.01)
+    assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in tiny_model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    kept = {names[id(p)] for p in no_decay["params"]}
+    assert "adapter.layer_logits" in kept and "adapter.queries" in decayed and "adapter.proj.weight" in decayed
+    assert all(n.endswith("bias") or ".norm" in n or n.endswith("layer_logits") for n in kept), kept
+    assert not any(n.endswith("bias") or ".norm" in n for n in decayed), decayed
+    assert decayed | kept == {n for n, p in tiny_model.named_parameters() if p.requires_grad}

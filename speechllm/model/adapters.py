@@ -82,6 +82,9 @@ class QFormerAdapter(nn.Module):
     results; LayerNorm + Linear map to the LLM width. A clip always becomes `num_queries`
     embeddings, whatever its length."""
 
+    no_weight_decay = ("layer_logits",)
+    """Mixing logits, not a projection: the optimizer leaves them out of weight decay."""
+
     def __init__(self, cfg: QFormerConfig, encoder_width: int, num_taps: int, llm_width: int):
         super().__init__()
         width = cfg.hidden_size or encoder_width

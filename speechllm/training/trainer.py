@@ -36,6 +36,19 @@ class TrainingError(RuntimeError):
     """Training cannot go on (non-finite loss, no data, ...)."""
 
 
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: weight decay on the trainable matrices only (Linear weights, learned query
+    tables); none on biases, norms, or parameters a module lists in its `no_weight_decay` set
+    (the Q-Former's per-query layer logits, a softmax's inputs, not a projection)."""
+    skip = {f"{prefix}.{name}" if prefix else name
+            for prefix, module in model.named_modules() for name in getattr(module, "no_weight_decay", ())}
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 and name not in skip else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
 def lr_lambda(warmup: int, total: int, schedule: str):
     """Linear warmup to 1, then cosine to 0 (or constant)."""
     if schedule not in ("cosine", "constant"):
@@ -113,7 +126,7 @@ class Trainer:
             self.acc.wait_for_everyone()
         self.masks = self._token_masks() if t.token_masking > 0 else {}
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+        optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t.warmup_steps, t.max_steps,
                                                                                 t.schedule))
         self.ddp, self.optimizer = self.acc.prepare(model, optimizer)
