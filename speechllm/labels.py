@@ -1,8 +1,14 @@
-"""Shared label bins: where a measured value turns into a word.
+"""The attribute table: every attribute a clip can be described by, in one place.
 
-The synthetic corpus (`annotate.synth`) labels its clips with these bins, and the annotators label
-real audio with the same bins, so the two can be compared value by value. Every edge is an
-absolute number (not a percentile of some corpus):
+Each row (:class:`Attribute`) names an attribute once for every stage: its values (the word
+bins), the numeric edges that turn a measurement into a value, the description field
+("Gender: Female"), the question the evaluation asks, the synonyms an answer may use for a value,
+the cue words that commit an answer to a value (the `selective` strategy's agreement check), and
+the phrases of the `label` strategy's template sentence. The annotators measure with the edges,
+the synthetic corpus labels its clips with the same edges, the targets and evaluation stages read
+the words from here.
+
+Measured attributes and their bins (every edge an absolute number, not a corpus percentile):
 
 - pitch: the clip's median F0 in Hz; low < 120 <= normal <= 200 < high;
 - speed: syllables per second of speech time (the duration of the detected speech); slow < 3 <=
@@ -10,8 +16,10 @@ absolute number (not a percentile of some corpus):
   stage counts them the same way;
 - volume: integrated loudness in LUFS (ITU-R BS.1770, as pyloudnorm measures it);
   quiet < -33 <= normal <= -20 < loud;
-- noise: signal-to-noise ratio in dB; noisy < 20 <= clean.
+- noise: signal-to-noise ratio in dB; noisy < 20 <= clean;
+- gender: from pitch (the annotator abstains near 160 Hz), or a label.
 
+Label-only attributes (emotion, age, accent: no offline model exists) come from manifest labels.
 A value on an edge belongs to the inner bin (`to_bin` documents the rule).
 """
 
@@ -20,7 +28,9 @@ from __future__ import annotations
 import bisect
 import math
 import re
+import string
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 PITCH_BINS_HZ = (120.0, 200.0)
 """Median-F0 edges (Hz) between `PITCH_NAMES`."""
@@ -100,3 +110,87 @@ def count_syllables(text: str) -> int:
     annotators' measurements both count with it, so its errors cancel between them.
     """
     return sum(word_syllables(w) for w in _TOKENS.findall(text))
+
+
+# ----------------------------------------------------------------------------- the table
+
+@dataclass(frozen=True)
+class Attribute:
+    """One row of the attribute table."""
+
+    name: str
+    """Key in manifest labels, annotations and task names ("gender")."""
+    field: str
+    """Name in the description line ("Gender" in "(Gender: Female, ...)")."""
+    question: str
+    """The evaluation's question (the answer-format line with the values is added to it)."""
+    values: tuple[str, ...] = ()
+    """The values in a natural order; empty for open label sets (emotion, age, accent)."""
+    measured: bool = True
+    """An offline annotator measures it; False: it comes only from manifest labels."""
+    synonyms: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """value -> other words that name it in an answer ("woman" for female)."""
+    cues: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """value -> words that commit an answer to that value; an answer with another value's cues
+    contradicts the label. A value without cues ("normal") commits to nothing."""
+    phrases: dict[str, str] = field(default_factory=dict)
+    """value -> its phrase in the `label` strategy's template sentence."""
+
+
+ATTRIBUTES: dict[str, Attribute] = {a.name: a for a in (
+    Attribute("gender", "Gender", "Is the speaker male or female?", GENDER_NAMES,
+              synonyms={"female": ("woman", "women", "feminine", "girl", "lady"),
+                        "male": ("man", "men", "masculine", "boy", "gentleman")},
+              cues={"female": ("female", "woman", "women", "she", "her", "lady", "girl", "feminine"),
+                    "male": ("male", "man", "men", "he", "his", "him", "gentleman", "boy", "masculine")},
+              phrases={"female": "a woman", "male": "a man"}),
+    Attribute("pitch", "Pitch", "Is the speaker's voice low, normal or high in pitch?", PITCH_NAMES,
+              synonyms={"high": ("high-pitched", "high pitched"), "low": ("low-pitched", "low pitched", "deep")},
+              cues={"low": ("low-pitched", "deep", "low pitch"), "high": ("high-pitched", "high pitch", "squeaky")}),
+    Attribute("speed", "Speaking speed", "Does the speaker talk slowly, at a normal speed, or fast?", SPEED_NAMES,
+              synonyms={"fast": ("quick", "quickly", "rapid", "rapidly", "fast-paced", "fast paced"),
+                        "slow": ("slowly", "slow-paced", "slow paced")},
+              cues={"slow": ("slowly", "slow pace", "slow"), "fast": ("quickly", "fast", "rapid", "rapidly")},
+              phrases={"slow": "slowly", "fast": "fast", "normal": "at a normal pace"}),
+    Attribute("volume", "Volume", "Is the recording quiet, normal or loud in volume?", VOLUME_NAMES,
+              synonyms={"quiet": ("quietly", "soft", "softly"), "loud": ("loudly",)},
+              cues={"quiet": ("quiet", "quietly", "soft", "softly", "whisper"), "loud": ("loud", "loudly", "shouting")},
+              phrases={"quiet": "quietly", "loud": "loudly", "normal": "at a normal volume"}),
+    Attribute("noise", "Noise", "Is the recording clean or noisy?", ("clean", "noisy"),
+              synonyms={"noisy": ("noisily",)},
+              cues={"noisy": ("noisy", "background noise", "static", "hiss"),
+                    "clean": ("clean", "clear", "no background noise")},
+              phrases={"noisy": "There is noticeable background noise.",
+                       "clean": "The recording is clean, without background noise."}),
+    Attribute("emotion", "Emotion", "What emotion does the speaker's voice express?", measured=False),
+    Attribute("age", "Age", "How old does the speaker sound?", measured=False),
+    Attribute("accent", "Accent", "What accent does the speaker have?", measured=False),
+)}
+"""The attributes in description order (gender first)."""
+
+MEASURED = tuple(a.name for a in ATTRIBUTES.values() if a.measured)
+"""Attributes an offline annotator measures: gender, pitch, speed, volume, noise."""
+LABEL_ONLY = tuple(a.name for a in ATTRIBUTES.values() if not a.measured)
+"""Attributes taken from manifest labels as given: emotion, age, accent."""
+TRANSCRIPT = "transcript"
+"""The label / annotation key of the words spoken."""
+
+NOT_ATTRIBUTES = frozenset({"transcript", "split", "voice", "engine", "engine_settings", "noise_type", "speaker",
+                            "speaker_id", "id", "audio", "file", "path", "source"})
+"""Label columns that describe how a clip was made or where it sits, not what it sounds like."""
+
+
+def normalize_label(text: str) -> str:
+    """A label or an answer as compared with labels: lower case, single spaces, no surrounding
+    whitespace, quotes or punctuation ("  'Female.' " -> "female")."""
+    return re.sub(r"\s+", " ", text.lower()).strip(_LABEL_STRIP)
+
+
+_LABEL_STRIP = string.whitespace + string.punctuation + "“”‘’«»"
+
+
+def generic(name: str) -> Attribute:
+    """The row of `name`, or a generic one for a label column the table does not know (its
+    question asks for the speaker's `name`; its values come from the data)."""
+    return ATTRIBUTES.get(name) or Attribute(name, name.replace("_", " ").title(), f"What is the speaker's {name}?",
+                                             measured=False)

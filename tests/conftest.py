@@ -52,6 +52,6 @@ def tiny_model(tiny_cfg):
 
 @pytest.fixture(scope="session")
 def sample_wav():
-    from speechllm.audio import load_audio
+    from speechllm.io.audio import load_audio
 
     return load_audio(SAMPLE)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from speechllm.audio import SAMPLE_RATE, AudioError, load_audio
+from speechllm.io.audio import SAMPLE_RATE, AudioError, load_audio
 
 
 @pytest.mark.parametrize("fmt,ext", [("WAV", "wav"), ("FLAC", "flac"), ("OGG", "ogg"), ("MP3", "mp3")])

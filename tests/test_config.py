@@ -52,3 +52,65 @@ def test_desta2_recipe_parses():
     t = cfg.train
     assert (t.lr, t.betas, t.weight_decay, t.schedule, t.warmup_steps, t.mixed_precision, t.grad_clip) == \
         (1e-4, [0.9, 0.98], 0.01, "cosine", 2000, "bf16", 1.0)
+
+
+def test_enumerated_settings_are_checked_at_load_with_the_key():
+    with pytest.raises(ConfigError, match=r"train.schedule: 'linear' is not one of cosine, constant"):
+        load_config(None, ["train.schedule=linear"])
+    with pytest.raises(ConfigError, match=r"model.llm.dtype: 'bf16' is not one of .*bfloat16"):
+        load_config(None, ["model.llm.dtype=bf16"])
+    with pytest.raises(ConfigError, match=r"did you mean 'self-output'"):
+        load_config(None, ["targets.strategy=self_output"])
+    with pytest.raises(ConfigError, match=r"eval.data_format: 'csv' is not one of"):
+        load_config(None, None, {"eval": {"data_format": "csv"}})
+
+
+def test_one_system_prompt_a_moved_key_says_where_it_went():
+    with pytest.raises(ConfigError, match=r"'system_prompt' moved to model.llm.system_prompt"):
+        load_config(None, ["targets.system_prompt=Be brief."])
+
+
+def test_every_stage_lives_in_one_config_and_every_field_is_documented():
+    import dataclasses
+
+    from speechllm.config import field_docs
+
+    cfg = Config()
+    assert {f.name for f in dataclasses.fields(cfg)} >= {"model", "generation", "targets", "train", "annotate", "eval",
+                                                         "serve"}
+
+    def walk(obj):
+        docs = field_docs(type(obj))
+        for f in dataclasses.fields(obj):
+            assert docs.get(f.name), f"{type(obj).__name__}.{f.name} has no docstring"
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value)
+
+    walk(cfg)
+
+
+def test_command_flags_are_derived_from_the_config_fields():
+    """`speechllm eval --batch-size 4 --tasks gender speed --no-...` override the `eval:` section,
+    flags not given leave the config as it is, list flags also take commas."""
+    import argparse
+
+    from speechllm.cli import annotate as annotate_cmd
+    from speechllm.cli import eval as eval_cmd
+    from speechllm.cli.common import config_from_args
+
+    sub = argparse.ArgumentParser().add_subparsers()
+    eval_cmd.add_parser(sub)
+    annotate_cmd.add_parser(sub)
+    args = sub.choices["eval"].parse_args(["--checkpoint", "c", "--data", "d", "--out", "o", "--batch-size", "4",
+                                           "--tasks", "gender,speed", "pitch", "eval.seed=3"])
+    cfg = config_from_args(args)
+    assert (cfg.eval.batch_size, cfg.eval.tasks, cfg.eval.seed) == (4, ["gender", "speed", "pitch"], 3)
+    assert cfg.eval.if_max_new_tokens == 192  # not given: the default
+    with pytest.raises(SystemExit):
+        sub.choices["eval"].parse_args(["--checkpoint", "c", "--data", "d", "--out", "o", "--text-prompt-set", "x"])
+    args = sub.choices["annotate"].parse_args(["m.jsonl", "--out", "o.jsonl", "--trust-labels", "--workers", "1"])
+    cfg = config_from_args(args).annotate
+    assert (cfg.trust_labels, cfg.workers, cfg.dnsmos) == (True, 1, False)
+    helptext = sub.choices["eval"].format_help()
+    assert "--if-max-new-tokens N" in helptext and "Answer length for forgetting items" in helptext

@@ -21,7 +21,7 @@ import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 from transformers import WhisperConfig, WhisperForConditionalGeneration, WhisperProcessor
 
-from speechllm.convert_ct2 import (
+from speechllm.hub.convert_ct2 import (
     CT2_BINARY_VERSION,
     MODEL_FILE,
     TOKENIZER_FILE,
@@ -338,7 +338,7 @@ def _word_errors(hypothesis: str, reference: str) -> int:
 def real_model(request):
     """(ct2 folder, converted model, processor, log-mel features [1, n_mels, 3000]) of an embedded
     Whisper, prepared through the weights resolver (fetch, sha256 check, conversion)."""
-    from speechllm import weights
+    from speechllm.hub import weights
 
     folder = Path(weights.prepare(request.param))
     model = WhisperForConditionalGeneration.from_pretrained(folder).eval()

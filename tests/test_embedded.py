@@ -21,7 +21,7 @@ def default_model():
 
 
 def test_prepare_is_ready_and_pinned():
-    from speechllm import weights
+    from speechllm.hub import weights
 
     for name in ("smollm2-135m-instruct", "whisper-tiny.en"):
         path = weights.prepare(name)
@@ -44,7 +44,7 @@ def test_text_path_of_the_real_llm_is_exact_and_answers(default_model):
 
 def test_asr_and_chat_on_a_real_clip(default_model):
     from annotate.asr import SpeechRecognizer
-    from speechllm.audio import load_audio
+    from speechllm.io.audio import load_audio
     from speechllm.model import Example
 
     wav = load_audio(SAMPLE)
@@ -58,8 +58,8 @@ def test_asr_and_chat_on_a_real_clip(default_model):
 
 
 def test_trimmed_encoder_front_end_matches_padded_on_real_weights():
-    from speechllm import weights
-    from speechllm.audio import load_audio
+    from speechllm.hub import weights
+    from speechllm.io.audio import load_audio
     from speechllm.model.encoder import load_whisper_encoder
 
     enc = load_whisper_encoder(weights.resolve("whisper-tiny.en"), layers=[0, 4])

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from speechllm import weights
+from speechllm.hub import weights
 from speechllm.model.encoder import load_whisper_encoder
 
 

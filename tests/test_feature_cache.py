@@ -10,8 +10,8 @@ import pytest
 import soundfile as sf
 import torch
 
-from speechllm import weights
-from speechllm.audio import AudioError, load_audio
+from speechllm.hub import weights
+from speechllm.io.audio import AudioError, load_audio
 from speechllm.model.encoder import load_whisper_encoder
 from speechllm.training import cache as cache_mod
 from speechllm.training.cache import CACHE_INFO, FeatureCache

@@ -3,8 +3,8 @@ import zipfile
 
 import pytest
 
-from speechllm import weights
-from speechllm.weights import EmbeddedModel, SourceFile, WeightsError
+from speechllm.hub import weights
+from speechllm.hub.weights import EmbeddedModel, SourceFile, WeightsError
 
 
 def fake_wheel(folder, payload: bytes):

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .audio import SAMPLE_RATE
+from ..io.audio import SAMPLE_RATE
 
 CT2_BINARY_VERSION = 6
 MODEL_FILE = "model.bin"
@@ -168,44 +168,70 @@ def read_ct2_model(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, s
         corrupt file (bad dtype id, size mismatch, duplicate name, dangling alias, trailing
         bytes).
     """
-    path = Path(path)
+    cursor = _open_model_file(Path(path))
+    spec_name = _read_header(cursor)
+    variables = _read_variables(cursor)
+    aliases = _read_aliases(cursor, variables)
+    if cursor.offset != cursor.size:
+        raise cursor.fail(f"{cursor.size - cursor.offset} unexpected trailing bytes")
+    return variables, aliases, spec_name
+
+
+def _open_model_file(path: Path) -> _Cursor:
+    """A cursor at the start of a read-only memory map of ``path`` (refused when empty)."""
     if path.stat().st_size == 0:
         raise ValueError(f"{path}: empty file, not a CTranslate2 model")
     with path.open("rb") as handle:
         buffer = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-    cursor = _Cursor(path, buffer)
+    return _Cursor(path, buffer)
 
+
+def _read_header(cursor: _Cursor) -> str:
+    """Check the binary version and return the spec name; the spec revision is skipped."""
     version = cursor.u32()
     if version != CT2_BINARY_VERSION:
         raise ValueError(
-            f"{path}: unsupported CTranslate2 binary version {version} "
+            f"{cursor.path}: unsupported CTranslate2 binary version {version} "
             f"(this reader supports version {CT2_BINARY_VERSION})"
         )
     spec_name = cursor.string()
     cursor.u32()  # spec revision: the variable names below are what the mapping relies on
+    return spec_name
 
+
+def _read_variables(cursor: _Cursor) -> dict[str, np.ndarray]:
+    """The variable table: name -> array (bfloat16 widened to float32, others as views)."""
     variables: dict[str, np.ndarray] = {}
     count = cursor.u32()
     for index in range(count):
         cursor.where = f"the name of variable {index} of {count}"
         name = cursor.string()
         cursor.where = f"variable {name!r}"
-        ndim = cursor.u8()
-        shape = cursor.unpack(f"<{ndim}I")
-        type_id = cursor.u8()
-        if type_id not in _CT2_DTYPES:
-            raise cursor.fail(f"unknown dtype id {type_id}")
-        dtype = _CT2_DTYPES[type_id]
-        nbytes = cursor.u32()
-        expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        if nbytes != expected:
-            raise cursor.fail(f"{nbytes} data bytes for shape {shape} of dtype id {type_id}, "
-                              f"expected {expected}")
-        if name in variables:
-            raise cursor.fail("duplicate variable name")
-        values = cursor.array(dtype, shape)
-        variables[name] = _bfloat16_to_float32(values) if type_id == BFLOAT16_TYPE_ID else values
+        variables[name] = _read_variable(cursor, is_duplicate=name in variables)
+    return variables
 
+
+def _read_variable(cursor: _Cursor, is_duplicate: bool) -> np.ndarray:
+    """One variable's shape, dtype, byte count and data, after its name has been read."""
+    ndim = cursor.u8()
+    shape = cursor.unpack(f"<{ndim}I")
+    type_id = cursor.u8()
+    if type_id not in _CT2_DTYPES:
+        raise cursor.fail(f"unknown dtype id {type_id}")
+    dtype = _CT2_DTYPES[type_id]
+    nbytes = cursor.u32()
+    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if nbytes != expected:
+        raise cursor.fail(f"{nbytes} data bytes for shape {shape} of dtype id {type_id}, "
+                          f"expected {expected}")
+    if is_duplicate:
+        raise cursor.fail("duplicate variable name")
+    values = cursor.array(dtype, shape)
+    return _bfloat16_to_float32(values) if type_id == BFLOAT16_TYPE_ID else values
+
+
+def _read_aliases(cursor: _Cursor, variables: dict[str, np.ndarray]) -> dict[str, str]:
+    """The alias table: alias -> the name of an existing variable."""
     cursor.where = "the alias table"
     aliases: dict[str, str] = {}
     for _ in range(cursor.u32()):
@@ -214,9 +240,7 @@ def read_ct2_model(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, s
         if target not in variables:
             raise cursor.fail(f"alias {alias!r} points to missing variable {target!r}")
         aliases[alias] = target
-    if cursor.offset != cursor.size:
-        raise cursor.fail(f"{cursor.size - cursor.offset} unexpected trailing bytes")
-    return variables, aliases, spec_name
+    return aliases
 
 
 class _Ct2Variables:
@@ -415,13 +439,8 @@ def generation_settings(ct2_config: dict, special_ids: dict[str, int], vocab_siz
     missing = [t for t in (END_OF_TEXT, START_OF_TRANSCRIPT, NO_TIMESTAMPS) if t not in special_ids]
     if missing:
         raise ValueError(f"tokenizer lacks the special tokens {missing}")
+    suppress, suppress_begin = _suppressed_ids(ct2_config, vocab_size)
     end_of_text = special_ids[END_OF_TEXT]
-    suppress = list(ct2_config.get("suppress_ids") or [])
-    suppress_begin = list(ct2_config.get("suppress_ids_begin") or [])
-    out_of_range = [i for i in suppress + suppress_begin if not 0 <= i < vocab_size]
-    if out_of_range:
-        raise ValueError(f"suppressed token ids {out_of_range} are outside the vocabulary "
-                         f"of {vocab_size}")
     is_multilingual = vocab_size >= MULTILINGUAL_MIN_VOCAB_SIZE
     settings = {
         "decoder_start_token_id": special_ids[START_OF_TRANSCRIPT],
@@ -441,21 +460,38 @@ def generation_settings(ct2_config: dict, special_ids: dict[str, int], vocab_siz
     if ct2_config.get("alignment_heads"):
         settings["alignment_heads"] = [list(pair) for pair in ct2_config["alignment_heads"]]
     if is_multilingual:
-        lang_to_id = {token: i for token, i in special_ids.items() if LANGUAGE_TOKEN.fullmatch(token)}
-        ct2_lang_ids = ct2_config.get("lang_ids") or []
-        if not lang_to_id or (ct2_lang_ids and set(ct2_lang_ids) != set(lang_to_id.values())):
-            raise ValueError(f"language tokens of the tokenizer {sorted(lang_to_id.values())} do not "
-                             f"match the CTranslate2 lang_ids {sorted(ct2_lang_ids)}")
-        missing_tasks = [t for t in (TRANSCRIBE, TRANSLATE) if t not in special_ids]
-        if missing_tasks:
-            raise ValueError(f"multilingual tokenizer lacks the task tokens {missing_tasks}")
-        settings["lang_to_id"] = dict(sorted(lang_to_id.items(), key=lambda item: item[1]))
-        settings["task_to_id"] = {"transcribe": special_ids[TRANSCRIBE],
-                                  "translate": special_ids[TRANSLATE]}
+        settings.update(_multilingual_settings(ct2_config, special_ids))
+    return settings
+
+
+def _suppressed_ids(ct2_config: dict, vocab_size: int) -> tuple[list[int], list[int]]:
+    """``(suppress_ids, suppress_ids_begin)`` of the CTranslate2 config, checked against the vocab."""
+    suppress = list(ct2_config.get("suppress_ids") or [])
+    suppress_begin = list(ct2_config.get("suppress_ids_begin") or [])
+    out_of_range = [i for i in suppress + suppress_begin if not 0 <= i < vocab_size]
+    if out_of_range:
+        raise ValueError(f"suppressed token ids {out_of_range} are outside the vocabulary "
+                         f"of {vocab_size}")
+    return suppress, suppress_begin
+
+
+def _multilingual_settings(ct2_config: dict, special_ids: dict[str, int]) -> dict:
+    """``lang_to_id``, ``task_to_id`` and the default ``task`` of a multilingual model."""
+    lang_to_id = {token: i for token, i in special_ids.items() if LANGUAGE_TOKEN.fullmatch(token)}
+    ct2_lang_ids = ct2_config.get("lang_ids") or []
+    if not lang_to_id or (ct2_lang_ids and set(ct2_lang_ids) != set(lang_to_id.values())):
+        raise ValueError(f"language tokens of the tokenizer {sorted(lang_to_id.values())} do not "
+                         f"match the CTranslate2 lang_ids {sorted(ct2_lang_ids)}")
+    missing_tasks = [t for t in (TRANSCRIBE, TRANSLATE) if t not in special_ids]
+    if missing_tasks:
+        raise ValueError(f"multilingual tokenizer lacks the task tokens {missing_tasks}")
+    return {
+        "lang_to_id": dict(sorted(lang_to_id.items(), key=lambda item: item[1])),
+        "task_to_id": {"transcribe": special_ids[TRANSCRIBE], "translate": special_ids[TRANSLATE]},
         # Without a task, generate() would prompt [sot, language, notimestamps] after language
         # detection, which Whisper never saw in training; openai/whisper defaults to transcribe.
-        settings["task"] = DEFAULT_TASK
-    return settings
+        "task": DEFAULT_TASK,
+    }
 
 
 def _read_json(path: Path) -> dict:
@@ -512,9 +548,29 @@ def ct2_whisper_to_transformers(ct2_dir: str | Path, out_dir: str | Path) -> Non
     """
     # torch/transformers are imported here so that read_ct2_model stays numpy-only.
     import torch
-    from transformers import GenerationConfig, WhisperConfig, WhisperForConditionalGeneration
+    from transformers import GenerationConfig, WhisperForConditionalGeneration
 
     ct2_dir, out_dir = Path(ct2_dir), Path(out_dir)
+    src, ct2_config, tokenizer_path, special_ids = _read_ct2_whisper(ct2_dir)
+    state, heads = _convert_weights(src)
+    sizes = _model_sizes(src, state, heads)
+    chunk_seconds = _chunk_seconds(sizes["max_source_positions"], src.path)
+    settings = generation_settings(ct2_config, special_ids, sizes["vocab_size"],
+                                   sizes["max_target_positions"])
+    config = _whisper_config(sizes, settings)
+
+    with torch.device("meta"):
+        model = WhisperForConditionalGeneration(config)
+    # strict: every architecture key gets exactly one converted tensor of the right shape.
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=True,
+                          assign=True)
+    model.generation_config = GenerationConfig(**settings)
+    model.save_pretrained(out_dir)
+    _save_processor(out_dir, tokenizer_path, special_ids, sizes["num_mel_bins"], chunk_seconds)
+
+
+def _read_ct2_whisper(ct2_dir: Path) -> tuple[_Ct2Variables, dict, Path, dict[str, int]]:
+    """``(variables, config.json, tokenizer.json path, special token ids)`` of a Whisper folder."""
     model_path = ct2_dir / MODEL_FILE
     variables, aliases, spec_name = read_ct2_model(model_path)
     if spec_name != WHISPER_SPEC_NAME:
@@ -522,35 +578,50 @@ def ct2_whisper_to_transformers(ct2_dir: str | Path, out_dir: str | Path) -> Non
     ct2_config = _read_json(ct2_dir / CONFIG_FILE)
     tokenizer_path = ct2_dir / TOKENIZER_FILE
     special_ids = special_token_ids(_read_json(tokenizer_path))
+    return _Ct2Variables(model_path, variables, aliases), ct2_config, tokenizer_path, special_ids
 
-    src = _Ct2Variables(model_path, variables, aliases)
+
+def _convert_weights(src: _Ct2Variables) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """The transformers state dict and ``{encoder,decoder}_attention_heads`` of the model.
+
+    Every stored variable must be used by the mapping.
+    """
     _check_decoder_flags(src)
-    encoder_heads = src.scalar("encoder/num_heads")
-    decoder_heads = src.scalar("decoder/num_heads")
+    heads = {
+        "encoder_attention_heads": src.scalar("encoder/num_heads"),
+        "decoder_attention_heads": src.scalar("decoder/num_heads"),
+    }
     state = _whisper_state_dict(src)
     src.check_all_used()
+    return state, heads
 
+
+def _model_sizes(src: _Ct2Variables, state: dict[str, np.ndarray], heads: dict[str, int]) -> dict:
+    """``WhisperConfig`` size arguments, all derived from the converted arrays and head counts."""
     vocab_size, d_model = state["model.decoder.embed_tokens.weight"].shape
-    n_mels = state["model.encoder.conv1.weight"].shape[1]
-    max_source_positions = state["model.encoder.embed_positions.weight"].shape[0]
-    max_target_positions = state["model.decoder.embed_positions.weight"].shape[0]
-    for heads in (encoder_heads, decoder_heads):
-        if heads <= 0 or d_model % heads:
-            raise ValueError(f"{model_path}: {heads} heads do not divide d_model {d_model}")
-    chunk_seconds = _chunk_seconds(max_source_positions, model_path)
-    settings = generation_settings(ct2_config, special_ids, vocab_size, max_target_positions)
-    config = WhisperConfig(
-        vocab_size=vocab_size,
-        num_mel_bins=n_mels,
-        d_model=d_model,
-        encoder_layers=src.layer_count("encoder"),
-        decoder_layers=src.layer_count("decoder"),
-        encoder_attention_heads=encoder_heads,
-        decoder_attention_heads=decoder_heads,
-        encoder_ffn_dim=state["model.encoder.layers.0.fc1.weight"].shape[0],
-        decoder_ffn_dim=state["model.decoder.layers.0.fc1.weight"].shape[0],
-        max_source_positions=max_source_positions,
-        max_target_positions=max_target_positions,
+    for count in heads.values():
+        if count <= 0 or d_model % count:
+            raise ValueError(f"{src.path}: {count} heads do not divide d_model {d_model}")
+    return {
+        "vocab_size": vocab_size,
+        "num_mel_bins": state["model.encoder.conv1.weight"].shape[1],
+        "d_model": d_model,
+        "encoder_layers": src.layer_count("encoder"),
+        "decoder_layers": src.layer_count("decoder"),
+        **heads,
+        "encoder_ffn_dim": state["model.encoder.layers.0.fc1.weight"].shape[0],
+        "decoder_ffn_dim": state["model.decoder.layers.0.fc1.weight"].shape[0],
+        "max_source_positions": state["model.encoder.embed_positions.weight"].shape[0],
+        "max_target_positions": state["model.decoder.embed_positions.weight"].shape[0],
+    }
+
+
+def _whisper_config(sizes: dict, settings: dict):
+    """A ``WhisperConfig`` of the given sizes with the generation settings' special token ids."""
+    from transformers import WhisperConfig
+
+    return WhisperConfig(
+        **sizes,
         activation_function="gelu",
         scale_embedding=False,
         tie_word_embeddings=True,
@@ -561,12 +632,3 @@ def ct2_whisper_to_transformers(ct2_dir: str | Path, out_dir: str | Path) -> Non
         suppress_tokens=settings["suppress_tokens"],
         begin_suppress_tokens=settings["begin_suppress_tokens"],
     )
-
-    with torch.device("meta"):
-        model = WhisperForConditionalGeneration(config)
-    # strict: every architecture key gets exactly one converted tensor of the right shape.
-    model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=True,
-                          assign=True)
-    model.generation_config = GenerationConfig(**settings)
-    model.save_pretrained(out_dir)
-    _save_processor(out_dir, tokenizer_path, special_ids, n_mels, chunk_seconds)

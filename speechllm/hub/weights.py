@@ -29,6 +29,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable, Iterator
 
+from ..errors import SpeechLLMError
+
 READY_MARKER = "speechllm-ready.json"
 """Written last into a converted folder; a folder without it is never used."""
 CONVERTER_VERSION = 1
@@ -38,7 +40,7 @@ CT2_SUBDIR = "ctranslate2"
 HASH_CHUNK = 1 << 20
 
 
-class WeightsError(RuntimeError):
+class WeightsError(SpeechLLMError, RuntimeError):
     """A model that cannot be resolved, fetched, verified or converted."""
 
 

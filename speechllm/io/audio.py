@@ -6,13 +6,15 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import SpeechLLMError
+
 SAMPLE_RATE = 16_000
 """Whisper's sample rate; every waveform inside speechllm is at this rate."""
 MIN_SECONDS = 0.1
 """Shorter clips carry too little signal for one encoder frame pair."""
 
 
-class AudioError(ValueError):
+class AudioError(SpeechLLMError, ValueError):
     """An audio file that cannot be used; the message names the file and the cause."""
 
 

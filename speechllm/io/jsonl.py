@@ -14,8 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from ..errors import SpeechLLMError
 
-class JsonlError(ValueError):
+
+class JsonlError(SpeechLLMError, ValueError):
     """A JSONL line that cannot be parsed; names the file and the line."""
 
 

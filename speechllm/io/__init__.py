@@ -1,0 +1,2 @@
+"""Reading and writing the bytes every stage shares: audio files (`audio`) and resumable,
+atomic JSONL (`jsonl`)."""
