@@ -1,20 +1,22 @@
 """Calibrate the synthetic corpus's voices, or check a generated corpus against its labels.
 
-    python scripts/calibrate_synth.py [--sentences 10] [--workers 2]    # calibration tables
-    python scripts/calibrate_synth.py --verify OUT_DIR                  # label vs realisation
+    python scripts/calibrate_synth.py [--sentences 10] [--workers 2] [--out PATH]   # calibration.json
+    python scripts/calibrate_synth.py --verify OUT_DIR                               # label vs realisation
 
-Calibration renders a few sentences with every voice of `annotate.synth.VOICES` over a grid of
-engine settings and measures
+Calibration renders a few sentences with every voice of `speechllm.data.synth.corpus.VOICES` over a
+grid of engine settings and measures
 - pitch: for each pitch setting (espeak-ng -p, flite int_f0_target_mean) at three rate settings
   (the rate moves F0 by up to 5%), the median over sentences of each clip's median F0
   (praat-parselmouth);
 - rate: for each rate setting (espeak-ng -s, flite duration_stretch) at the default pitch, the
-  syllables (`annotate.bins.count_syllables`) of all sentences over their total speech time
-  (`annotate.synth.speech_span`), and the spread over sentences.
-It prints a readable table, then `PITCH_CALIBRATION` and `RATE_CALIBRATION` as Python literals to
-paste into annotate/synth.py. Pitch rows keep only the part of the grid where F0 rises with the
-setting (some espeak-ng variants jump an octave at -p 0). Voices whose tables are identical are
-flagged: espeak-ng silently ignores a variant it cannot attach (e.g. "en-gb+f2").
+  syllables (`speechllm.labels.count_syllables`) of all sentences over their total speech time
+  (`speechllm.data.synth.corpus.speech_span`), and the spread over sentences.
+It prints a readable table, then writes the tables (median F0 to 0.1 Hz, rates to 0.01 syllables per
+second) to the corpus's calibration file, speechllm/data/synth/calibration.json (or `--out`),
+replacing it atomically; its layout is described in the file's "note". Pitch rows keep only the part
+of the grid where F0 rises with the setting (some espeak-ng variants jump an octave at -p 0). Voices
+whose tables are identical are flagged: espeak-ng silently ignores a variant it cannot attach (e.g.
+"en-gb+f2").
 
 Verification reads OUT_DIR/{train,test}.jsonl and reports, per split, engine and noise, how often
 the realised median F0 of the written clip falls in the labelled pitch bin, and how often its
@@ -27,14 +29,16 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from annotate import synth
-from annotate.bins import PITCH_BINS_HZ, PITCH_NAMES, SPEED_BINS_SYLL_PER_S, SPEED_NAMES, count_syllables, to_bin
-from speechllm.audio import SAMPLE_RATE, load_audio
+from speechllm.data.synth import corpus as synth
+from speechllm.labels import PITCH_BINS_HZ, PITCH_NAMES, SPEED_BINS_SYLL_PER_S, SPEED_NAMES, count_syllables, to_bin
+from speechllm.io.audio import SAMPLE_RATE, load_audio
 
 F0_FLOOR_HZ, F0_CEILING_HZ, F0_STEP_S = 60.0, 500.0, 0.01
 """Pitch tracker settings (the same as the pitch annotator's)."""
@@ -48,8 +52,14 @@ ESPEAK_PITCH_RATES = (80, 175, 330)
 FLITE_PITCH_STRETCHES = (2.0, 1.0, 0.6)
 """Rate settings at which the pitch grid is measured."""
 FLITE_DEFAULT_STRETCH = 1.0
-TABLE_WIDTH = 110
-"""Line width of the printed Python tables."""
+PITCH_DECIMALS, RATE_DECIMALS = 1, 2
+"""Decimals kept in the calibration file of a median F0 (Hz) and of a rate (syllables per second)."""
+DEFAULT_OUT = Path(synth.__file__).with_name(synth.CALIBRATION_RESOURCE)
+"""The calibration file the corpus reads (`--out` default)."""
+JSON_WIDTH = 110
+"""The calibration file's number lists wrap at this line width."""
+JSON_INDENT = "  "
+"""Indentation of one nesting level in the calibration file."""
 
 
 def median_f0(wav: np.ndarray) -> float:
@@ -107,7 +117,80 @@ def rising_rows(rows: list[tuple]) -> list[tuple]:
     return keep
 
 
-def calibrate(n_sentences: int, workers: int) -> None:
+def calibration_tables(results: list[dict], engines: dict[str, str]) -> synth.Calibration:
+    """The calibration of `calibrate_voice` results: pitch rows cut to where F0 rises with the
+    setting (`rising_rows`), medians rounded to `PITCH_DECIMALS` and `RATE_DECIMALS`."""
+    pitch = {r["voice"]: {rate: tuple((s, round(m, PITCH_DECIMALS)) for s, m, _, _ in rising_rows(rows))
+                          for rate, rows in r["pitch"].items()} for r in results}
+    rate = {r["voice"]: tuple((s, round(m, RATE_DECIMALS)) for s, m, _, _ in r["rate"]) for r in results}
+    return synth.Calibration(pitch=pitch, rate=rate, engines=engines)
+
+
+def _json_depth(value: Any) -> int:
+    """How deep JSON containers nest in `value` (0 for a number or string)."""
+    if isinstance(value, dict):
+        return 1 + max(map(_json_depth, value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max(map(_json_depth, value), default=0)
+    return 0
+
+
+def _compact_json(value: Any) -> str:
+    """`value` as one line of JSON (NaN and infinities are an error: the file must stay standard JSON)."""
+    return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(", ", ": "))
+
+
+def _json_text(value: Any, indent: str, column: int) -> str:
+    """`value` as JSON text that starts at `column` of a line indented by `indent`: containers that
+    nest more than two deep one member per line, the others on one line wrapped at `JSON_WIDTH`."""
+    if not isinstance(value, (dict, list)):
+        return _compact_json(value)
+    opening, closing = "{}" if isinstance(value, dict) else "[]"
+    if not value:
+        return opening + closing
+    members = list(value.items()) if isinstance(value, dict) else [(None, v) for v in value]
+    if _json_depth(value) > 2:
+        inner = indent + JSON_INDENT
+        lines = []
+        for key, member in members:
+            head = inner + ("" if key is None else f"{_compact_json(key)}: ")
+            lines.append(head + _json_text(member, inner, len(head)))
+        return opening + "\n" + ",\n".join(lines) + "\n" + indent + closing
+    cells = [_compact_json(member) if key is None else f"{_compact_json(key)}: {_compact_json(member)}"
+             for key, member in members]
+    cells = [cell + "," for cell in cells[:-1]] + [cells[-1] + closing]
+    start = column + len(opening)
+    lines, width = [[]], start
+    for cell in cells:
+        if lines[-1] and width + 1 + len(cell) > JSON_WIDTH:
+            lines.append([])
+            width = start
+        width += len(cell) + (1 if lines[-1] else 0)
+        lines[-1].append(cell)
+    return opening + ("\n" + " " * start).join(" ".join(line) for line in lines)
+
+
+def calibration_text(calibration: synth.Calibration) -> str:
+    """The calibration file's text: `synth.calibration_to_json`, nested objects one member per line
+    and the number lists wrapped, so that the file reads like a table."""
+    return _json_text(synth.calibration_to_json(calibration), "", 0) + "\n"
+
+
+def write_calibration(path: Path, calibration: synth.Calibration) -> None:
+    """Write `calibration` to `path` atomically: a temporary file beside it, read back as the corpus
+    reads it (every voice, well-formed), then os.replace."""
+    text = calibration_text(calibration)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        synth.read_calibration(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def calibrate(n_sentences: int, workers: int, out: Path) -> None:
+    """Measure every voice, print the summary, and write the calibration file `out`."""
     synth.require_engines()
     synth.check_voices()
     all_sentences = synth.load_sentences()
@@ -117,7 +200,8 @@ def calibrate(n_sentences: int, workers: int) -> None:
     with mp.get_context("spawn").Pool(workers) as pool:
         results = pool.map(calibrate_voice, jobs)
 
-    print(f"# {n_sentences} calibration sentences; engines: {synth.require_engines()}")
+    engines = synth.require_engines()
+    print(f"# {n_sentences} calibration sentences; engines: {engines}")
     print("\n## pitch: setting -> median F0 Hz (min-max over sentences), per rate setting")
     for r in results:
         for rate, rows in r["pitch"].items():
@@ -134,36 +218,8 @@ def calibrate(n_sentences: int, workers: int) -> None:
             print(f"\nWARNING: {r['voice']} renders exactly like {seen[key]}: the engine ignores part of its name")
         seen.setdefault(key, r["voice"])
 
-    print()
-    print(format_tables({r["voice"]: {rate: [row[:2] for row in rising_rows(rows)] for rate, rows in r["pitch"].items()}
-                         for r in results},
-                        {r["voice"]: [row[:2] for row in r["rate"]] for r in results}))
-
-
-def _wrapped(prefix: str, cells: list[str], indent: str, width: int = TABLE_WIDTH) -> list[str]:
-    lines, line = [], prefix + "("
-    for cell in cells:
-        if len(line) + len(cell) + 2 > width:
-            lines.append(line.rstrip())
-            line = indent + " "
-        line += cell + ", "
-    lines.append(line.rstrip() + "),")
-    return lines
-
-
-def format_tables(pitch: dict[str, dict[float, list[tuple]]], rate: dict[str, list[tuple]]) -> str:
-    """`PITCH_CALIBRATION` and `RATE_CALIBRATION` as Python source for annotate/synth.py."""
-    out = ["PITCH_CALIBRATION: dict[str, dict[float, tuple[tuple[float | None, float], ...]]] = {"]
-    for voice, per_rate in pitch.items():
-        out.append(f'    "{voice}": {{')
-        for r, rows in per_rate.items():
-            out += _wrapped(f"        {r!r}: ", [f"({s!r}, {m:.1f})" for s, m in rows], " " * 8)
-        out.append("    },")
-    out += ["}", "RATE_CALIBRATION: dict[str, tuple[tuple[float, float], ...]] = {"]
-    for voice, rows in rate.items():
-        out += _wrapped(f'    "{voice}": ', [f"({s!r}, {m:.2f})" for s, m in rows], " " * 4)
-    out.append("}")
-    return "\n".join(out)
+    write_calibration(out, calibration_tables(results, engines))
+    print(f"\nwrote the calibration of {len(results)} voices to {out}")
 
 
 _VAD = None
@@ -236,12 +292,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sentences", type=int, default=10, help="calibration sentences per setting")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                    help="calibration file to write (default: the corpus's own, %(default)s)")
     ap.add_argument("--verify", type=Path, metavar="OUT_DIR", help="check a generated corpus instead")
     args = ap.parse_args()
     if args.verify is not None:
         verify(args.verify, args.workers)
     else:
-        calibrate(args.sentences, args.workers)
+        calibrate(args.sentences, args.workers, args.out)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,10 @@ scripts/install_system_deps.sh); one 12-clip corpus is made per session, in a fe
 
 from __future__ import annotations
 
+import copy
+import importlib.util
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -13,15 +16,17 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from annotate import synth
-from annotate.bins import (GENDER_NAMES, NOISE_NAMES, PITCH_BINS_HZ, PITCH_NAMES, SPEED_NAMES, VOLUME_BINS_LUFS,
-                           VOLUME_NAMES, to_bin)
+from speechllm.data.synth import corpus as synth
+from speechllm.labels import (GENDER_NAMES, NOISE_NAMES, PITCH_BINS_HZ, PITCH_NAMES, SPEED_NAMES, VOLUME_BINS_LUFS,
+                              VOLUME_NAMES, to_bin)
 
 N_CLIPS, SEED = 12, 7
 LABEL_KEYS = {"transcript", "gender", "pitch", "speed", "volume", "noise", "f0_hz_target", "rate_wpm",
               "syllables_per_second_target", "syllables", "loudness_lufs", "snr_db", "noise_type",
               "speech_start_s", "speech_end_s", "voice", "engine", "engine_settings", "split"}
 F0_FLOOR_HZ, F0_CEILING_HZ = 60.0, 500.0
+SHIPPED_CALIBRATION = Path(synth.__file__).with_name(synth.CALIBRATION_RESOURCE)
+CALIBRATE_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "calibrate_synth.py"
 
 
 def _records(out: Path) -> list[dict]:
@@ -195,3 +200,94 @@ def test_plan_depends_only_on_seed_and_index():
     assert [s.split for s in a].count("test") == 4
     for spec in a:
         assert spec.voice in splits.voices[spec.split] and spec.sentence in splits.sentences[spec.split]
+
+
+def _calibrate_script():
+    """scripts/calibrate_synth.py as a module (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("calibrate_synth", CALIBRATE_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_shipped_calibration_round_trips():
+    text = SHIPPED_CALIBRATION.read_text(encoding="utf-8")
+    calibration = synth.load_calibration()
+    assert synth.calibration_to_json(calibration) == json.loads(text)
+    assert _calibrate_script().calibration_text(calibration) == text
+    assert synth.calibration_from_json(json.loads(text), str(SHIPPED_CALIBRATION)) == calibration
+    assert set(calibration.pitch) == set(calibration.rate) == {v.name for v in synth.VOICES}
+
+
+def test_calibration_holds_the_numbers_it_had_as_python_literals():
+    calibration = synth.load_calibration()
+    f1 = calibration.pitch["espeak-ng:en-us+f1"]
+    assert list(f1) == [80, 175, 330] and all(type(rate) is int for rate in f1)
+    assert f1[80][0] == (0, 114.5) and type(f1[80][0][0]) is int
+    assert f1[330][-1] == (99, 305.8)
+    f1_rate = calibration.rate["espeak-ng:en-us+f1"]
+    assert (f1_rate[0], f1_rate[-1]) == ((80, 2.21), (450, 11.27))
+    kal16 = calibration.pitch["flite:kal16"]
+    assert list(kal16) == [2.0, 1.0, 0.6] and all(type(rate) is float for rate in kal16)
+    assert kal16[2.0][0] == (70.0, 65.9) and kal16[0.6][-1] == (290.0, 296.8)
+    kal16_rate = calibration.rate["flite:kal16"]
+    assert (kal16_rate[0], kal16_rate[-1]) == ((3.0, 1.79), (0.4, 13.39))
+    assert calibration.pitch["flite:rms"] == {2.0: ((None, 103.5),), 1.0: ((None, 101.8),), 0.6: ((None, 98.9),)}
+    assert isinstance(kal16[1.0], tuple) and all(isinstance(row, tuple) for row in kal16_rate)
+
+
+def test_calibration_script_writes_the_shipped_file(tmp_path):
+    script = _calibrate_script()
+    calibration = synth.load_calibration()
+    results = []
+    for voice, table in calibration.pitch.items():
+        pitch = {}
+        for rate, rows in table.items():
+            measured = [(s, f0 + 0.004, f0 - 9.0, f0 + 9.0) for s, f0 in rows]
+            if rows[0][0] is not None:  # a lower setting an octave up (as espeak-ng -p 0 can be): cut
+                measured.insert(0, (rows[0][0] - 10, 2 * rows[0][1], 0.0, 0.0))
+            pitch[rate] = measured
+        rate_rows = [(s, sps + 0.001, sps - 0.5, sps + 0.5) for s, sps in calibration.rate[voice]]
+        results.append({"voice": voice, "pitch": pitch, "rate": rate_rows})
+    assert script.DEFAULT_OUT == SHIPPED_CALIBRATION
+    out = tmp_path / "calibration.json"
+    script.write_calibration(out, script.calibration_tables(results, calibration.engines))
+    assert out.read_bytes() == SHIPPED_CALIBRATION.read_bytes()
+    with pytest.raises(synth.SynthError, match="no pitch calibration for voice flite:rms"):  # checked, then replaced
+        script.write_calibration(out, script.calibration_tables(results[:-1], calibration.engines))
+    assert out.read_bytes() == SHIPPED_CALIBRATION.read_bytes()
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]  # no temporary file left
+
+
+def test_bad_calibration_file_names_the_file_and_the_voice(tmp_path):
+    path = tmp_path / "calibration.json"
+    with pytest.raises(synth.SynthError, match=re.escape(f"{path}: calibration file missing")):
+        synth.read_calibration(path)
+    path.write_text("{", encoding="utf-8")
+    with pytest.raises(synth.SynthError, match=re.escape(f"{path}: calibration file is not valid JSON")):
+        synth.read_calibration(path)
+    doc = synth.calibration_to_json(synth.load_calibration())
+    breakages = [
+        (lambda d: d.update(format=2), "format: 2, this version reads format 1"),
+        (lambda d: d["rate"].pop("flite:awb"), "no rate calibration for voice flite:awb"),
+        (lambda d: d["pitch"].pop("espeak-ng:en+m2"), "no pitch calibration for voice espeak-ng:en+m2"),
+        (lambda d: d["pitch"]["espeak-ng:en+f2"]["175"].__setitem__(3, [30]),
+         'pitch["espeak-ng:en+f2"]["175"][3]: [30] is not a [setting, value] pair of numbers'),
+        (lambda d: d["pitch"]["flite:slt"].update(fast=[[70.0, 73.3]]),
+         "pitch[\"flite:slt\"]: key 'fast' is not a rate setting written as a JSON number"),
+    ]
+    for break_it, message in breakages:
+        broken = copy.deepcopy(doc)
+        break_it(broken)
+        path.write_text(json.dumps(broken), encoding="utf-8")
+        with pytest.raises(synth.SynthError, match=re.escape(f"{path}: ") + ".*" + re.escape(message)):
+            synth.read_calibration(path)
+
+
+def test_synthesize_without_its_calibration_names_the_file(monkeypatch, tmp_path):
+    missing = tmp_path / "calibration.json"
+    monkeypatch.setattr(synth, "_calibration_ref", lambda: missing)
+    synth.load_calibration.cache_clear()
+    with pytest.raises(synth.SynthError, match=re.escape(f"{missing}: calibration file missing")):
+        synth.synthesize(tmp_path / "out", 2, progress=False)
+    assert not (tmp_path / "out").exists()

@@ -1,1 +1,1 @@
-"""Data formats shared by the stages (JSONL manifests, metadata, targets)."""
+"""Data the project makes itself: the labelled synthetic speech corpus (`synth`)."""

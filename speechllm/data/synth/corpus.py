@@ -5,17 +5,17 @@ settings chosen so that each label is known from how the clip was made, not from
 
 - `transcript`: the sentence given to the engine;
 - `gender`: the voice's gender;
-- `pitch` (low / normal / high, `annotate.bins.PITCH_BINS_HZ` on the median F0): the engine's pitch
-  setting is chosen from a per-voice calibration table (`PITCH_CALIBRATION`, measured by
-  `scripts/calibrate_synth.py`) so the expected median F0 lands well inside a bin. Targets:
+- `pitch` (low / normal / high, `speechllm.labels.PITCH_BINS_HZ` on the median F0): the engine's pitch
+  setting is chosen from a per-voice calibration table (`Calibration.pitch` in `calibration.json`,
+  measured by `scripts/calibrate_synth.py`) so the expected median F0 lands well inside a bin. Targets:
   male low 85-110 Hz, male normal 125-145 Hz, female normal 175-195 Hz, female high 215-260 Hz.
   Male-high and female-low clips are never made, and the normal band keeps clear of the gender
   annotator's uncertain band around 160 Hz (`annotate.pitch`), so gender stays inferable from
   pitch, as it is for most real adult voices;
 - `speed` (slow / normal / fast, `SPEED_BINS_SYLL_PER_S` on syllables per second of speech time,
-  syllables counted by `annotate.bins.count_syllables`): a target rate is drawn well inside a bin
+  syllables counted by `speechllm.labels.count_syllables`): a target rate is drawn well inside a bin
   and the engine's rate setting is steered onto it the way loudness is steered onto its target
-  (see `speak`): the calibrated setting (`RATE_CALIBRATION`) first, then corrections from the
+  (see `speak`): the calibrated setting (`Calibration.rate`) first, then corrections from the
   rendering's own syllables over its speech span (first to last speech sound), until it is within
   `RATE_TOLERANCE`. Sentences differ too much at one setting (by up to 40%) for an open-loop
   setting to give unambiguous bins. A target the engine cannot reach (espeak-ng goes no slower than
@@ -45,7 +45,7 @@ and however often a run was interrupted and resumed.
 Output (`synthesize`): `out_dir/audio/<id>.wav` (16 kHz mono PCM16), `out_dir/train.jsonl`,
 `out_dir/test.jsonl` (`{"id", "audio": "audio/<id>.wav", "labels": {...}}`) and `out_dir/synth.json`.
 
-The sentences (`annotate/data/sentences.txt`) were written for this project and are dedicated to
+The sentences (`sentences.txt` beside this file) were written for this project and are dedicated to
 the public domain (CC0 1.0).
 
 mbrola voices (contrib, not in Debian main) and piper are not used: the voice set is fixed so that
@@ -54,6 +54,7 @@ a seed means the same corpus on every machine, and only calibrated voices can hi
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -73,11 +74,12 @@ from typing import Any
 
 import numpy as np
 
-from speechllm.audio import SAMPLE_RATE, prepare_waveform
-from speechllm.data.jsonl import ResumableJsonl, iter_lines, write_jsonl_atomic
+from ...errors import SpeechLLMError
+from ...io.audio import SAMPLE_RATE, prepare_waveform
+from ...io.jsonl import ResumableJsonl, iter_lines, write_jsonl_atomic
 
-from .bins import (GENDER_NAMES, NOISE_NAMES, PITCH_BINS_HZ, PITCH_NAMES, SPEED_BINS_SYLL_PER_S, SPEED_NAMES,
-                   VOLUME_BINS_LUFS, VOLUME_NAMES, count_syllables, to_bin)
+from ...labels import (GENDER_NAMES, MEASURED, NOISE_NAMES, PITCH_BINS_HZ, PITCH_NAMES, SPEED_BINS_SYLL_PER_S,
+                       SPEED_NAMES, VOLUME_BINS_LUFS, VOLUME_NAMES, count_syllables, to_bin)
 
 FORMAT_VERSION = 1
 """Version of the corpus recipe; part of the settings a resumed run must match."""
@@ -109,7 +111,7 @@ targets reach down to -19 LUFS (1 LU inside the bin) to stay under `PEAK_LIMIT_D
 NOISY_FRACTION = 0.5
 """Share of clips that get noise."""
 NOISY_SNR_DB = (5.0, 15.0)
-"""SNR range of noisy clips (5 dB inside `annotate.bins.NOISE_SNR_DB`; below 5 dB white noise the
+"""SNR range of noisy clips (5 dB inside `speechllm.labels.NOISE_SNR_DB`; below 5 dB white noise the
 speech is barely intelligible, to Whisper and to listeners)."""
 NOISE_TYPES = ("white", "pink")
 PINK_NOISE_LOW_HZ = 20.0
@@ -181,299 +183,8 @@ out a voice holds out its timbre. British English is "en", not "en-gb": espeak-n
 drops the variant of "en-gb+f2" (the calibration script flags voices that sound the same)."""
 VOICES_BY_NAME = {v.name: v for v in VOICES}
 
-# ----------------------------------------------------------------------------- calibration
-# Produced by `python scripts/calibrate_synth.py` (espeak-ng 1.51, flite 2.2), which prints these
-# two tables. PITCH_CALIBRATION: per voice and per calibrated rate setting, (pitch setting, median
-# F0 in Hz) rows, the F0 being the median over the calibration sentences of each rendering's median
-# F0 (parselmouth). Pitch settings are espeak-ng -p or flite int_f0_target_mean (Hz); None marks a
-# voice without pitch control. RATE_CALIBRATION: per voice, (rate setting, syllables per second of
-# speech time over all calibration sentences) rows at the default pitch; rate settings are
-# espeak-ng -s (words per minute) or flite duration_stretch.
 
-PITCH_CALIBRATION: dict[str, dict[float, tuple[tuple[float | None, float], ...]]] = {
-    "espeak-ng:en-us+f1": {
-        80: ((0, 114.5), (10, 124.7), (20, 135.1), (30, 148.3), (40, 162.6), (50, 180.0), (60, 199.5),
-         (70, 222.0), (80, 247.5), (90, 277.2), (99, 306.6),),
-        175: ((0, 114.8), (10, 124.5), (20, 134.8), (30, 148.0), (40, 162.4), (50, 179.8), (60, 199.6),
-         (70, 222.1), (80, 246.8), (90, 277.0), (99, 306.7),),
-        330: ((0, 115.6), (10, 125.0), (20, 135.4), (30, 148.1), (40, 162.4), (50, 179.9), (60, 198.9),
-         (70, 221.6), (80, 246.8), (90, 276.6), (99, 305.8),),
-    },
-    "espeak-ng:en+f2": {
-        80: ((0, 128.3), (10, 139.1), (20, 149.3), (30, 162.9), (40, 177.5), (50, 195.1), (60, 214.7),
-         (70, 237.5), (80, 263.8), (90, 293.8), (99, 324.1),),
-        175: ((0, 129.0), (10, 139.4), (20, 149.8), (30, 163.7), (40, 177.7), (50, 195.6), (60, 215.4),
-         (70, 237.5), (80, 263.9), (90, 293.8), (99, 323.9),),
-        330: ((0, 131.0), (10, 141.2), (20, 150.9), (30, 164.2), (40, 179.1), (50, 197.0), (60, 216.1),
-         (70, 239.2), (80, 264.8), (90, 295.2), (99, 325.0),),
-    },
-    "espeak-ng:en-us+f3": {
-        80: ((0, 146.6), (10, 156.7), (20, 167.0), (30, 180.5), (40, 194.8), (50, 212.2), (60, 231.6),
-         (70, 253.8), (80, 278.9), (90, 308.6), (99, 337.4),),
-        175: ((0, 146.7), (10, 156.8), (20, 166.8), (30, 180.2), (40, 194.5), (50, 212.0), (60, 231.6),
-         (70, 253.6), (80, 279.4), (90, 309.5), (99, 339.0),),
-        330: ((0, 147.7), (10, 157.8), (20, 168.3), (30, 181.1), (40, 194.1), (50, 211.9), (60, 231.1),
-         (70, 253.5), (80, 278.8), (90, 308.5), (99, 338.1),),
-    },
-    "espeak-ng:en-gb-x-rp+f4": {
-        80: ((0, 112.4), (10, 123.0), (20, 133.3), (30, 146.7), (40, 161.2), (50, 178.9), (60, 198.7),
-         (70, 221.5), (80, 247.4), (90, 277.5), (99, 307.6),),
-        175: ((0, 112.9), (10, 123.5), (20, 133.8), (30, 147.3), (40, 162.0), (50, 179.7), (60, 199.3),
-         (70, 222.2), (80, 247.8), (90, 278.3), (99, 309.0),),
-        330: ((0, 114.0), (10, 123.7), (20, 134.6), (30, 147.8), (40, 162.6), (50, 179.8), (60, 199.5),
-         (70, 222.3), (80, 248.5), (90, 278.5), (99, 308.6),),
-    },
-    "espeak-ng:en-gb-scotland+f5": {
-        80: ((0, 129.4), (10, 141.2), (20, 153.1), (30, 168.4), (40, 185.1), (50, 205.1), (60, 227.3),
-         (70, 253.5), (80, 283.0), (90, 317.0), (99, 351.5),),
-        175: ((0, 129.9), (10, 141.8), (20, 153.6), (30, 168.9), (40, 185.4), (50, 205.4), (60, 227.6),
-         (70, 253.6), (80, 283.0), (90, 317.6), (99, 351.3),),
-        330: ((0, 130.3), (10, 142.1), (20, 153.6), (30, 168.7), (40, 185.8), (50, 205.4), (60, 227.8),
-         (70, 253.9), (80, 283.3), (90, 317.5), (99, 351.0),),
-    },
-    "espeak-ng:en-us+Alicia": {
-        80: ((0, 165.7), (10, 179.0), (20, 192.5), (30, 210.0), (40, 228.5), (50, 251.2), (60, 276.8),
-         (70, 305.8), (80, 339.3), (90, 377.5), (99, 417.0),),
-        175: ((0, 166.2), (10, 179.5), (20, 192.5), (30, 210.0), (40, 228.8), (50, 251.5), (60, 276.5),
-         (70, 306.1), (80, 339.1), (90, 377.8), (99, 417.4),),
-        330: ((0, 169.0), (10, 181.9), (20, 194.9), (30, 212.0), (40, 231.3), (50, 253.7), (60, 279.0),
-         (70, 308.3), (80, 340.5), (90, 379.7), (99, 418.4),),
-    },
-    "espeak-ng:en-029+Andrea": {
-        80: ((0, 149.1), (10, 164.2), (20, 179.1), (30, 198.5), (40, 219.5), (50, 244.6), (60, 273.0),
-         (70, 305.9), (80, 343.5), (90, 386.7), (99, 430.8),),
-        175: ((0, 150.0), (10, 164.7), (20, 179.2), (30, 198.9), (40, 219.9), (50, 245.2), (60, 273.5),
-         (70, 306.3), (80, 343.7), (90, 387.3), (99, 431.1),),
-        330: ((0, 150.9), (10, 165.5), (20, 180.9), (30, 199.8), (40, 220.9), (50, 245.8), (60, 274.3),
-         (70, 307.1), (80, 344.1), (90, 388.3), (99, 431.4),),
-    },
-    "espeak-ng:en+Annie": {
-        80: ((0, 182.3), (10, 190.7), (20, 199.6), (30, 210.8), (40, 222.9), (50, 237.6), (60, 253.9),
-         (70, 272.9), (80, 294.6), (90, 319.5), (99, 344.5),),
-        175: ((0, 182.7), (10, 189.8), (20, 198.4), (30, 209.3), (40, 221.9), (50, 236.4), (60, 252.9),
-         (70, 272.0), (80, 293.1), (90, 318.1), (99, 343.7),),
-        330: ((0, 185.7), (10, 195.2), (20, 201.1), (30, 213.8), (40, 224.8), (50, 237.7), (60, 253.5),
-         (70, 270.9), (80, 294.4), (90, 319.1), (99, 342.7),),
-    },
-    "espeak-ng:en-us-nyc+belinda": {
-        80: ((0, 133.6), (10, 148.6), (20, 163.6), (30, 182.9), (40, 203.8), (50, 229.2), (60, 257.6),
-         (70, 290.2), (80, 327.7), (90, 370.9), (99, 414.2),),
-        175: ((0, 133.6), (10, 148.8), (20, 163.6), (30, 183.1), (40, 203.9), (50, 229.6), (60, 257.7),
-         (70, 290.7), (80, 327.9), (90, 371.3), (99, 414.5),),
-        330: ((0, 133.7), (10, 148.5), (20, 163.3), (30, 183.0), (40, 203.5), (50, 229.0), (60, 257.2),
-         (70, 290.2), (80, 327.6), (90, 370.8), (99, 414.1),),
-    },
-    "espeak-ng:en-gb-x-gbclan+steph": {
-        80: ((0, 105.7), (10, 118.0), (20, 130.4), (30, 146.2), (40, 163.5), (50, 184.1), (60, 207.6),
-         (70, 234.6), (80, 265.4), (90, 300.8), (99, 336.7),),
-        175: ((0, 105.8), (10, 118.2), (20, 130.4), (30, 146.3), (40, 163.6), (50, 184.3), (60, 207.6),
-         (70, 234.7), (80, 265.3), (90, 300.8), (99, 336.8),),
-        330: ((0, 105.7), (10, 118.3), (20, 130.5), (30, 146.6), (40, 163.6), (50, 184.5), (60, 208.0),
-         (70, 234.6), (80, 265.6), (90, 301.2), (99, 336.7),),
-    },
-    "espeak-ng:en-us+anika": {
-        80: ((0, 172.3), (10, 187.3), (20, 202.4), (30, 221.7), (40, 242.5), (50, 268.3), (60, 296.3),
-         (70, 329.4), (80, 366.4), (90, 409.0), (99, 452.9),),
-        175: ((0, 174.0), (10, 188.8), (20, 203.2), (30, 223.1), (40, 243.4), (50, 268.8), (60, 297.2),
-         (70, 330.3), (80, 368.0), (90, 410.4), (99, 453.6),),
-        330: ((0, 173.0), (10, 187.5), (20, 203.6), (30, 222.7), (40, 243.9), (50, 268.6), (60, 297.2),
-         (70, 329.8), (80, 367.2), (90, 411.5), (99, 454.0),),
-    },
-    "espeak-ng:en-gb-x-gbcwmd+aunty": {
-        80: ((0, 74.9), (10, 90.2), (20, 105.5), (30, 125.1), (40, 146.4), (50, 172.3), (60, 201.1),
-         (70, 234.7), (80, 272.7), (90, 317.1), (99, 361.1),),
-        175: ((0, 74.6), (10, 90.0), (20, 105.2), (30, 124.6), (40, 146.2), (50, 172.1), (60, 201.0),
-         (70, 234.7), (80, 272.4), (90, 317.2), (99, 361.1),),
-        330: ((0, 74.8), (10, 90.7), (20, 105.2), (30, 125.1), (40, 146.7), (50, 172.5), (60, 201.6),
-         (70, 234.8), (80, 273.2), (90, 317.4), (99, 361.7),),
-    },
-    "espeak-ng:en-us+m1": {
-        80: ((0, 66.9), (10, 67.9), (20, 71.8), (30, 78.2), (40, 85.0), (50, 93.6), (60, 103.6), (70, 114.8),
-         (80, 127.8), (90, 142.6), (99, 157.6),),
-        175: ((0, 65.7), (10, 67.6), (20, 72.0), (30, 77.6), (40, 84.9), (50, 93.5), (60, 103.2),
-         (70, 114.5), (80, 127.6), (90, 142.7), (99, 157.7),),
-        330: ((0, 67.5), (10, 69.1), (20, 72.2), (30, 78.8), (40, 84.9), (50, 93.7), (60, 103.2),
-         (70, 115.1), (80, 127.7), (90, 142.7), (99, 157.6),),
-    },
-    "espeak-ng:en+m2": {
-        80: ((0, 64.6), (10, 68.3), (20, 73.9), (30, 81.6), (40, 90.1), (50, 100.8), (60, 112.4),
-         (70, 126.0), (80, 141.4), (90, 159.2), (99, 177.2),),
-        175: ((0, 64.5), (10, 68.2), (20, 73.8), (30, 81.5), (40, 90.2), (50, 100.8), (60, 112.4),
-         (70, 126.1), (80, 141.7), (90, 159.6), (99, 177.7),),
-        330: ((0, 64.0), (10, 68.1), (20, 73.9), (30, 82.0), (40, 90.6), (50, 101.1), (60, 112.5),
-         (70, 126.3), (80, 141.7), (90, 159.7), (99, 177.5),),
-    },
-    "espeak-ng:en-us+m3": {
-        80: ((0, 70.7), (10, 75.4), (20, 80.7), (30, 87.5), (40, 95.2), (50, 104.6), (60, 115.2),
-         (70, 127.4), (80, 141.4), (90, 157.4), (99, 173.4),),
-        175: ((0, 70.9), (10, 75.6), (20, 81.0), (30, 87.7), (40, 95.4), (50, 104.7), (60, 115.2),
-         (70, 127.4), (80, 141.4), (90, 157.5), (99, 173.5),),
-        330: ((0, 71.3), (10, 76.3), (20, 81.7), (30, 88.2), (40, 95.8), (50, 105.2), (60, 115.4),
-         (70, 127.6), (80, 141.5), (90, 157.6), (99, 173.6),),
-    },
-    "espeak-ng:en-gb-x-rp+m4": {
-        80: ((0, 68.1), (10, 69.0), (20, 73.1), (30, 78.7), (40, 85.1), (50, 93.0), (60, 102.0), (70, 112.5),
-         (80, 124.5), (90, 138.2), (99, 151.9),),
-        175: ((0, 68.2), (10, 69.1), (20, 73.1), (30, 78.9), (40, 84.9), (50, 93.0), (60, 102.0),
-         (70, 112.5), (80, 124.3), (90, 138.2), (99, 152.1),),
-        330: ((0, 68.4), (10, 70.3), (20, 73.0), (30, 80.4), (40, 85.5), (50, 93.3), (60, 102.3),
-         (70, 112.7), (80, 125.1), (90, 138.8), (99, 152.3),),
-    },
-    "espeak-ng:en-gb-scotland+m5": {
-        80: ((0, 68.6), (10, 73.7), (20, 79.1), (30, 85.5), (40, 93.4), (50, 102.8), (60, 113.2),
-         (70, 125.5), (80, 139.4), (90, 155.4), (99, 171.8),),
-        175: ((0, 68.5), (10, 73.5), (20, 78.9), (30, 85.6), (40, 93.4), (50, 102.7), (60, 113.2),
-         (70, 125.5), (80, 139.6), (90, 155.4), (99, 171.5),),
-        330: ((0, 69.3), (10, 74.7), (20, 79.8), (30, 86.4), (40, 94.0), (50, 103.5), (60, 113.3),
-         (70, 125.7), (80, 140.1), (90, 155.5), (99, 172.0),),
-    },
-    "espeak-ng:en-029+m6": {
-        80: ((0, 66.7), (10, 71.2), (20, 76.4), (30, 83.6), (40, 91.4), (50, 101.0), (60, 111.9),
-         (70, 124.4), (80, 138.7), (90, 155.3), (99, 171.8),),
-        175: ((0, 66.4), (10, 71.3), (20, 76.3), (30, 83.3), (40, 91.5), (50, 100.9), (60, 111.9),
-         (70, 124.5), (80, 138.7), (90, 155.2), (99, 171.9),),
-        330: ((0, 66.1), (10, 70.6), (20, 77.0), (30, 84.0), (40, 91.5), (50, 101.5), (60, 112.5),
-         (70, 124.7), (80, 139.0), (90, 155.4), (99, 171.9),),
-    },
-    "espeak-ng:en-us-nyc+m7": {
-        80: ((0, 74.6), (10, 79.2), (20, 84.0), (30, 90.4), (40, 97.3), (50, 106.2), (60, 116.0),
-         (70, 127.4), (80, 140.3), (90, 155.2), (99, 170.1),),
-        175: ((0, 74.8), (10, 79.3), (20, 84.3), (30, 90.5), (40, 97.3), (50, 106.3), (60, 116.0),
-         (70, 127.4), (80, 140.3), (90, 155.2), (99, 170.3),),
-        330: ((0, 75.6), (10, 79.7), (20, 84.4), (30, 90.9), (40, 97.7), (50, 106.5), (60, 116.5),
-         (70, 127.7), (80, 140.7), (90, 155.4), (99, 170.4),),
-    },
-    "espeak-ng:en+Andy": {
-        80: ((0, 64.1), (10, 65.1), (20, 70.0), (30, 77.0), (40, 85.2), (50, 95.4), (60, 106.7), (70, 119.7),
-         (80, 134.5), (90, 151.7), (99, 169.1),),
-        175: ((0, 64.5), (10, 65.1), (20, 69.9), (30, 77.3), (40, 85.4), (50, 95.6), (60, 106.8),
-         (70, 120.1), (80, 134.9), (90, 152.2), (99, 169.4),),
-        330: ((0, 65.5), (10, 66.2), (20, 71.3), (30, 77.8), (40, 86.2), (50, 96.2), (60, 107.3),
-         (70, 120.7), (80, 135.2), (90, 152.7), (99, 169.7),),
-    },
-    "espeak-ng:en-us+ed": {
-        80: ((0, 85.7), (10, 91.7), (20, 97.5), (30, 105.8), (40, 114.6), (50, 125.4), (60, 137.5),
-         (70, 151.5), (80, 167.2), (90, 185.7), (99, 204.0),),
-        175: ((0, 85.8), (10, 92.1), (20, 97.6), (30, 106.1), (40, 114.6), (50, 125.6), (60, 137.6),
-         (70, 151.6), (80, 167.4), (90, 185.6), (99, 204.1),),
-        330: ((0, 87.6), (10, 93.0), (20, 99.0), (30, 106.3), (40, 115.0), (50, 126.3), (60, 138.2),
-         (70, 152.0), (80, 167.6), (90, 186.0), (99, 203.7),),
-    },
-    "espeak-ng:en-gb-x-gbclan+victor": {
-        80: ((0, 65.5), (10, 67.0), (20, 71.5), (30, 78.1), (40, 85.8), (50, 95.2), (60, 105.8), (70, 117.9),
-         (80, 131.8), (90, 147.8), (99, 163.9),),
-        175: ((0, 65.8), (10, 66.7), (20, 71.1), (30, 77.7), (40, 85.3), (50, 94.9), (60, 105.5),
-         (70, 117.8), (80, 131.7), (90, 147.9), (99, 164.0),),
-        330: ((0, 66.6), (10, 67.4), (20, 71.2), (30, 78.3), (40, 85.6), (50, 95.4), (60, 106.0),
-         (70, 118.2), (80, 131.9), (90, 148.1), (99, 164.2),),
-    },
-    "espeak-ng:en-us+travis": {
-        80: ((0, 72.0), (10, 76.3), (20, 80.8), (30, 86.4), (40, 93.6), (50, 102.5), (60, 112.3),
-         (70, 123.5), (80, 136.3), (90, 151.4), (99, 166.3),),
-        175: ((0, 71.9), (10, 76.4), (20, 80.9), (30, 86.5), (40, 93.8), (50, 102.4), (60, 112.1),
-         (70, 123.7), (80, 136.4), (90, 151.4), (99, 166.5),),
-        330: ((0, 72.6), (10, 76.8), (20, 80.9), (30, 87.7), (40, 93.8), (50, 102.6), (60, 112.5),
-         (70, 124.1), (80, 137.0), (90, 151.5), (99, 166.5),),
-    },
-    "espeak-ng:en-gb-x-gbcwmd+Michael": {
-        80: ((0, 73.5), (10, 78.5), (20, 83.5), (30, 90.2), (40, 97.4), (50, 106.2), (60, 116.0),
-         (70, 127.3), (80, 140.3), (90, 155.1), (99, 169.9),),
-        175: ((0, 75.2), (10, 78.5), (20, 83.4), (30, 90.4), (40, 96.9), (50, 105.7), (60, 115.1),
-         (70, 126.7), (80, 139.7), (90, 154.3), (99, 169.3),),
-        330: ((10, 81.9), (20, 87.7), (30, 93.0), (40, 98.8), (50, 105.7), (60, 116.1), (70, 127.5),
-         (80, 139.9), (90, 154.3), (99, 168.8),),
-    },
-    "flite:slt": {
-        2.0: ((70.0, 73.3), (90.0, 89.8), (110.0, 109.8), (130.0, 129.5), (150.0, 149.8), (170.0, 169.7),
-         (190.0, 189.9), (210.0, 209.6), (230.0, 229.4), (250.0, 249.3), (270.0, 269.1), (290.0, 288.0),),
-        1.0: ((70.0, 72.8), (90.0, 87.5), (110.0, 107.6), (130.0, 127.6), (150.0, 147.3), (170.0, 167.4),
-         (190.0, 187.4), (210.0, 207.3), (230.0, 227.2), (250.0, 246.8), (270.0, 266.6), (290.0, 286.6),),
-        0.6: ((70.0, 72.8), (90.0, 90.1), (110.0, 110.5), (130.0, 130.0), (150.0, 150.3), (170.0, 169.8),
-         (190.0, 189.3), (210.0, 208.8), (230.0, 228.6), (250.0, 247.5), (270.0, 267.3), (290.0, 288.2),),
-    },
-    "flite:awb": {
-        2.0: ((70.0, 71.1), (90.0, 86.0), (110.0, 104.5), (130.0, 124.9), (150.0, 144.5), (170.0, 164.6),
-         (190.0, 184.6), (210.0, 204.3), (230.0, 224.4), (250.0, 244.2), (270.0, 264.1), (290.0, 284.3),),
-        1.0: ((70.0, 70.1), (90.0, 87.3), (110.0, 106.8), (130.0, 127.2), (150.0, 146.9), (170.0, 166.7),
-         (190.0, 186.5), (210.0, 206.5), (230.0, 226.1), (250.0, 246.2), (270.0, 266.1), (290.0, 286.3),),
-        0.6: ((70.0, 71.4), (90.0, 88.3), (110.0, 106.7), (130.0, 128.0), (150.0, 147.4), (170.0, 167.5),
-         (190.0, 186.8), (210.0, 206.4), (230.0, 226.3), (250.0, 246.2), (270.0, 266.1), (290.0, 286.1),),
-    },
-    "flite:kal16": {
-        2.0: ((70.0, 65.9), (90.0, 83.6), (110.0, 104.5), (130.0, 126.0), (150.0, 147.1), (170.0, 168.9),
-         (190.0, 190.7), (210.0, 212.3), (230.0, 233.5), (250.0, 255.2), (270.0, 276.9), (290.0, 298.6),),
-        1.0: ((70.0, 65.8), (90.0, 84.1), (110.0, 105.3), (130.0, 126.1), (150.0, 147.4), (170.0, 169.0),
-         (190.0, 190.7), (210.0, 212.3), (230.0, 233.3), (250.0, 254.1), (270.0, 276.4), (290.0, 298.2),),
-        0.6: ((70.0, 65.9), (90.0, 84.0), (110.0, 105.3), (130.0, 126.5), (150.0, 147.8), (170.0, 168.7),
-         (190.0, 190.9), (210.0, 212.1), (230.0, 232.9), (250.0, 254.2), (270.0, 275.0), (290.0, 296.8),),
-    },
-    "flite:rms": {
-        2.0: ((None, 103.5),),
-        1.0: ((None, 101.8),),
-        0.6: ((None, 98.9),),
-    },
-}
-RATE_CALIBRATION: dict[str, tuple[tuple[float, float], ...]] = {
-    "espeak-ng:en-us+f1": ((80, 2.21), (100, 2.62), (125, 3.28), (150, 3.92), (175, 4.60), (210, 5.51),
-     (250, 6.52), (300, 7.77), (360, 9.29), (450, 11.27),),
-    "espeak-ng:en+f2": ((80, 2.30), (100, 2.70), (125, 3.34), (150, 3.96), (175, 4.58), (210, 5.42),
-     (250, 6.29), (300, 7.50), (360, 9.14), (450, 11.20),),
-    "espeak-ng:en-us+f3": ((80, 2.32), (100, 2.73), (125, 3.39), (150, 4.01), (175, 4.66), (210, 5.51),
-     (250, 6.37), (300, 7.51), (360, 9.05), (450, 11.33),),
-    "espeak-ng:en-gb-x-rp+f4": ((80, 2.26), (100, 2.67), (125, 3.31), (150, 3.94), (175, 4.56), (210, 5.45),
-     (250, 6.37), (300, 7.54), (360, 9.05), (450, 11.29),),
-    "espeak-ng:en-gb-scotland+f5": ((80, 2.39), (100, 2.80), (125, 3.47), (150, 4.10), (175, 4.74),
-     (210, 5.59), (250, 6.49), (300, 7.63), (360, 9.34), (450, 11.47),),
-    "espeak-ng:en-us+Alicia": ((80, 1.91), (100, 2.28), (125, 2.89), (150, 3.50), (175, 4.14), (210, 5.03),
-     (250, 6.10), (300, 7.41), (360, 9.00), (450, 10.50),),
-    "espeak-ng:en-029+Andrea": ((80, 3.14), (100, 3.67), (125, 4.44), (150, 5.17), (175, 5.86), (210, 6.76),
-     (250, 7.58), (300, 8.43), (360, 9.54), (450, 13.36),),
-    "espeak-ng:en+Annie": ((80, 2.39), (100, 2.82), (125, 3.50), (150, 4.17), (175, 4.84), (210, 5.74),
-     (250, 6.71), (300, 7.96), (360, 9.51), (450, 11.58),),
-    "espeak-ng:en-us-nyc+belinda": ((80, 2.39), (100, 2.82), (125, 3.52), (150, 4.18), (175, 4.87),
-     (210, 5.81), (250, 6.72), (300, 8.03), (360, 9.46), (450, 11.65),),
-    "espeak-ng:en-gb-x-gbclan+steph": ((80, 2.30), (100, 2.72), (125, 3.39), (150, 4.05), (175, 4.74),
-     (210, 5.66), (250, 6.73), (300, 7.97), (360, 9.50), (450, 11.59),),
-    "espeak-ng:en-us+anika": ((80, 3.01), (100, 3.49), (125, 4.26), (150, 4.97), (175, 5.65), (210, 6.51),
-     (250, 7.30), (300, 8.19), (360, 9.40), (450, 12.74),),
-    "espeak-ng:en-gb-x-gbcwmd+aunty": ((80, 2.25), (100, 2.66), (125, 3.32), (150, 3.98), (175, 4.66),
-     (210, 5.62), (250, 6.64), (300, 7.98), (360, 9.50), (450, 11.40),),
-    "espeak-ng:en-us+m1": ((80, 2.34), (100, 2.76), (125, 3.43), (150, 4.09), (175, 4.75), (210, 5.67),
-     (250, 6.58), (300, 7.76), (360, 9.19), (450, 11.49),),
-    "espeak-ng:en+m2": ((80, 2.35), (100, 2.75), (125, 3.39), (150, 4.01), (175, 4.64), (210, 5.45),
-     (250, 6.30), (300, 7.46), (360, 9.00), (450, 11.20),),
-    "espeak-ng:en-us+m3": ((80, 2.43), (100, 2.86), (125, 3.55), (150, 4.22), (175, 4.89), (210, 5.78),
-     (250, 6.72), (300, 7.79), (360, 9.17), (450, 11.63),),
-    "espeak-ng:en-gb-x-rp+m4": ((80, 2.19), (100, 2.59), (125, 3.24), (150, 3.87), (175, 4.54), (210, 5.46),
-     (250, 6.49), (300, 7.77), (360, 9.27), (450, 11.17),),
-    "espeak-ng:en-gb-scotland+m5": ((80, 2.47), (100, 2.91), (125, 3.60), (150, 4.28), (175, 4.96),
-     (210, 5.89), (250, 6.87), (300, 7.95), (360, 9.37), (450, 11.87),),
-    "espeak-ng:en-029+m6": ((80, 2.35), (100, 2.78), (125, 3.46), (150, 4.15), (175, 4.82), (210, 5.76),
-     (250, 6.77), (300, 7.98), (360, 9.31), (450, 11.73),),
-    "espeak-ng:en-us-nyc+m7": ((80, 2.38), (100, 2.80), (125, 3.49), (150, 4.17), (175, 4.86), (210, 5.77),
-     (250, 6.69), (300, 7.91), (360, 9.30), (450, 11.66),),
-    "espeak-ng:en+Andy": ((80, 2.24), (100, 2.65), (125, 3.30), (150, 3.96), (175, 4.63), (210, 5.51),
-     (250, 6.59), (300, 7.88), (360, 9.31), (450, 11.31),),
-    "espeak-ng:en-us+ed": ((80, 2.34), (100, 2.76), (125, 3.45), (150, 4.10), (175, 4.78), (210, 5.69),
-     (250, 6.62), (300, 7.80), (360, 9.24), (450, 11.56),),
-    "espeak-ng:en-gb-x-gbclan+victor": ((80, 2.29), (100, 2.70), (125, 3.37), (150, 4.03), (175, 4.70),
-     (210, 5.60), (250, 6.62), (300, 7.86), (360, 9.38), (450, 11.34),),
-    "espeak-ng:en-us+travis": ((80, 2.34), (100, 2.76), (125, 3.43), (150, 4.09), (175, 4.77), (210, 5.68),
-     (250, 6.58), (300, 7.75), (360, 9.16), (450, 11.37),),
-    "espeak-ng:en-gb-x-gbcwmd+Michael": ((80, 2.34), (100, 2.76), (125, 3.43), (150, 4.09), (175, 4.78),
-     (210, 5.64), (250, 6.62), (300, 7.89), (360, 9.37), (450, 11.55),),
-    "flite:slt": ((3.0, 1.58), (2.4, 2.01), (2.0, 2.40), (1.7, 2.84), (1.4, 3.44), (1.2, 4.00), (1.0, 4.81),
-     (0.85, 5.64), (0.7, 6.84), (0.55, 8.65), (0.4, 11.63),),
-    "flite:awb": ((3.0, 1.53), (2.4, 1.87), (2.0, 2.19), (1.7, 2.56), (1.4, 3.15), (1.2, 3.86), (1.0, 4.60),
-     (0.85, 5.23), (0.7, 6.50), (0.55, 8.04), (0.4, 10.90),),
-    "flite:kal16": ((3.0, 1.79), (2.4, 2.24), (2.0, 2.70), (1.7, 3.19), (1.4, 3.85), (1.2, 4.48),
-     (1.0, 5.42), (0.85, 6.29), (0.7, 7.76), (0.55, 9.83), (0.4, 13.39),),
-    "flite:rms": ((3.0, 1.32), (2.4, 1.66), (2.0, 1.99), (1.7, 2.35), (1.4, 2.87), (1.2, 3.34), (1.0, 4.01),
-     (0.85, 4.71), (0.7, 5.70), (0.55, 7.25), (0.4, 9.80),),
-}
-
-
-class SynthError(RuntimeError):
+class SynthError(SpeechLLMError, RuntimeError):
     """The corpus cannot be made; the message names the file or tool and the cause."""
 
 
@@ -582,14 +293,150 @@ def cut_speech(wav: np.ndarray) -> np.ndarray:
     return speech
 
 
-# ----------------------------------------------------------------------------- calibration look-ups
+# ----------------------------------------------------------------------------- calibration
+
+CALIBRATION_RESOURCE = "calibration.json"
+"""The voices' calibration tables, beside this module; scripts/calibrate_synth.py writes the file."""
+CALIBRATION_FORMAT = 1
+"""Version of the calibration file's layout (its "format" field)."""
+CALIBRATION_NOTE = (
+    "Written by scripts/calibrate_synth.py; rerun it rather than editing the numbers by hand:",
+    "python scripts/calibrate_synth.py [--sentences 10] [--workers 2] [--out PATH]; PATH defaults to this file.",
+    "It renders calibration sentences with every voice over a grid of engine settings and measures them.",
+    "pitch: per voice and calibrated rate setting, [pitch setting, median F0 in Hz] pairs, settings ascending.",
+    "Each rate key is the rate setting written as a JSON number (175 an integer, 1.0 a float).",
+    "The F0 is the median over the calibration sentences of each rendering's median F0 (praat-parselmouth).",
+    "Pitch settings are espeak-ng -p, or flite int_f0_target_mean in Hz; null: no pitch control.",
+    "rate: per voice, [rate setting, syllables per second of speech time] pairs at the default pitch,",
+    "over all calibration sentences; rate settings are espeak-ng -s (words per minute) or flite",
+    "duration_stretch (larger is slower).",
+    "engines: the version strings of the engines that were measured.",
+)
+"""The calibration file's "note": who writes it, how, and what its numbers are."""
+
+PitchTable = dict[float, tuple[tuple[float | None, float], ...]]
+"""Per calibrated rate setting: (pitch setting or None, median F0 in Hz) rows, settings ascending."""
+RateTable = tuple[tuple[float, float], ...]
+"""(rate setting, syllables per second of speech time) rows."""
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Per-voice tables from engine settings to what the renderings measure (see `CALIBRATION_NOTE`).
+
+    Rate settings keep the type they were measured with (espeak-ng's are ints, flite's floats), as
+    do pitch settings; the file stores them as JSON numbers, so a round trip gives the same values."""
+
+    pitch: dict[str, PitchTable]
+    """Per voice: its pitch table."""
+    rate: dict[str, RateTable]
+    """Per voice: its rate table (at the default pitch)."""
+    engines: dict[str, str]
+    """Version strings of the engines that were measured."""
+
+
+def calibration_to_json(calibration: Calibration) -> dict[str, Any]:
+    """The calibration file's content for `calibration`; `calibration_from_json` is its inverse."""
+    return {
+        "format": CALIBRATION_FORMAT,
+        "note": list(CALIBRATION_NOTE),
+        "engines": dict(calibration.engines),
+        "pitch": {voice: {json.dumps(rate): [list(row) for row in rows] for rate, rows in table.items()}
+                  for voice, table in calibration.pitch.items()},
+        "rate": {voice: [list(row) for row in rows] for voice, rows in calibration.rate.items()},
+    }
+
+
+def _is_number(value: Any) -> bool:
+    """Whether a JSON value is a finite number (not a boolean)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def calibration_from_json(doc: Any, source: str) -> Calibration:
+    """The tables in a calibration file's content (the inverse of `calibration_to_json`). Anything
+    malformed is a `SynthError` naming `source` and the part that is wrong (with its voice)."""
+
+    def bad(where: str, what: str) -> SynthError:
+        return SynthError(f"{source}: malformed calibration file ({where}: {what}); "
+                          f"rerun scripts/calibrate_synth.py to rewrite it")
+
+    def pairs(value: Any, where: str, null_settings: bool) -> tuple[tuple[Any, float], ...]:
+        if not isinstance(value, list) or not value:
+            raise bad(where, "expected a non-empty list of [setting, value] pairs")
+        for i, row in enumerate(value):
+            if not (isinstance(row, list) and len(row) == 2 and _is_number(row[1])
+                    and (_is_number(row[0]) or (null_settings and row[0] is None))):
+                raise bad(f"{where}[{i}]", f"{json.dumps(row)} is not a [setting, value] pair of numbers")
+        if len({row[0] is None for row in value}) > 1:
+            raise bad(where, "null and numeric pitch settings mixed")
+        return tuple((row[0], row[1]) for row in value)
+
+    if not isinstance(doc, dict):
+        raise bad("top level", "not a JSON object")
+    if doc.get("format") != CALIBRATION_FORMAT:
+        raise bad("format", f"{json.dumps(doc.get('format'))}, this version reads format {CALIBRATION_FORMAT}")
+    for section in ("engines", "pitch", "rate"):
+        if not isinstance(doc.get(section), dict):
+            raise bad(section, "missing or not a JSON object")
+    engines = doc["engines"]
+    if not all(isinstance(v, str) for v in engines.values()):
+        raise bad("engines", "expected engine names mapped to version strings")
+    pitch: dict[str, PitchTable] = {}
+    for voice, table in doc["pitch"].items():
+        if not isinstance(table, dict) or not table:
+            raise bad(f'pitch["{voice}"]', "expected an object of rate settings")
+        pitch[voice] = {}
+        for key, rows in table.items():
+            try:
+                rate = json.loads(key)
+            except ValueError:
+                rate = None
+            if not _is_number(rate) or json.dumps(rate) != key:
+                raise bad(f'pitch["{voice}"]', f"key {key!r} is not a rate setting written as a JSON number")
+            pitch[voice][rate] = pairs(rows, f'pitch["{voice}"]["{key}"]', null_settings=True)
+    rate_tables = {voice: pairs(rows, f'rate["{voice}"]', null_settings=False) for voice, rows in doc["rate"].items()}
+    return Calibration(pitch=pitch, rate=rate_tables, engines=dict(engines))
+
+
+def _calibration_ref() -> Path:
+    """The shipped calibration file (a resource of this package)."""
+    return resources.files(__package__).joinpath(CALIBRATION_RESOURCE)
+
+
+def read_calibration(source: Path, voices: tuple[Voice, ...] = VOICES) -> Calibration:
+    """The calibration file at `source` (a path or a package resource). A missing, unreadable or
+    malformed file, or one without a voice of `voices`, is a `SynthError` naming the file (and the voice)."""
+    try:
+        doc = json.loads(source.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SynthError(f"{source}: calibration file missing; run scripts/calibrate_synth.py to write it "
+                         f"(is the package data installed?)") from None
+    except OSError as err:
+        raise SynthError(f"{source}: calibration file unreadable ({err})") from None
+    except ValueError as err:
+        raise SynthError(f"{source}: calibration file is not valid JSON ({err}); "
+                         f"rerun scripts/calibrate_synth.py to rewrite it") from None
+    calibration = calibration_from_json(doc, str(source))
+    for voice in voices:
+        for section, tables in (("pitch", calibration.pitch), ("rate", calibration.rate)):
+            if voice.name not in tables:
+                raise SynthError(f"{source}: no {section} calibration for voice {voice.name}; "
+                                 f"run scripts/calibrate_synth.py to measure every voice")
+    return calibration
+
+
+@functools.cache
+def load_calibration() -> Calibration:
+    """The shipped calibration (`CALIBRATION_RESOURCE`), read and checked once per process."""
+    return read_calibration(_calibration_ref())
+
 
 def _pitch_curves(voice: Voice) -> dict[float, tuple[np.ndarray | None, np.ndarray]]:
     """Per calibrated rate setting: (pitch settings or None, median F0) arrays, settings ascending."""
-    table = PITCH_CALIBRATION.get(voice.name)
-    if not table:
-        raise SynthError(f"no pitch calibration for voice {voice.name}: run scripts/calibrate_synth.py "
-                         f"and paste its PITCH_CALIBRATION into {__file__}")
+    table = load_calibration().pitch.get(voice.name)
+    if table is None:
+        raise SynthError(f"{_calibration_ref()}: no pitch calibration for voice {voice.name}; "
+                         f"run scripts/calibrate_synth.py to measure it")
     curves = {}
     for rate, rows in table.items():
         f0 = np.array([r[1] for r in rows], dtype=float)
@@ -649,10 +496,10 @@ def pitch_setting(voice: Voice, f0_hz: float, rate: float) -> tuple[float | None
 
 def _rate_curve(voice: Voice) -> tuple[np.ndarray, np.ndarray]:
     """(rate settings, syllables per second) sorted by syllables per second."""
-    rows = RATE_CALIBRATION.get(voice.name)
-    if not rows:
-        raise SynthError(f"no rate calibration for voice {voice.name}: run scripts/calibrate_synth.py "
-                         f"and paste its RATE_CALIBRATION into {__file__}")
+    rows = load_calibration().rate.get(voice.name)
+    if rows is None:
+        raise SynthError(f"{_calibration_ref()}: no rate calibration for voice {voice.name}; "
+                         f"run scripts/calibrate_synth.py to measure it")
     rows = sorted(rows, key=lambda r: r[1])
     return np.array([r[0] for r in rows], dtype=float), np.array([r[1] for r in rows], dtype=float)
 
@@ -673,17 +520,17 @@ def calibrated_rate(voice: Voice, setting: float) -> float:
 
 # ----------------------------------------------------------------------------- sentences
 
-SENTENCES_RESOURCE = "data/sentences.txt"
-"""Path of the sentence list inside the `annotate` package."""
+SENTENCES_RESOURCE = "sentences.txt"
+"""The sentence list, beside this module."""
 
 
 def load_sentences() -> list[str]:
     """The shipped sentences (one per line; lines starting with # are comments)."""
-    ref = resources.files("annotate").joinpath(SENTENCES_RESOURCE)
+    ref = resources.files(__package__).joinpath(SENTENCES_RESOURCE)
     try:
         text = ref.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise SynthError(f"{ref}: sentence list missing (is the annotate package data installed?)") from None
+        raise SynthError(f"{ref}: sentence list missing (is the package data installed?)") from None
     sentences = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
     if len(set(sentences)) != len(sentences):
         raise SynthError(f"{ref}: the sentence list has duplicate lines")
@@ -988,7 +835,7 @@ def _render_job(job: tuple[ClipSpec, str]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- the stage
 
 SPLITS = ("train", "test")
-LABEL_COUNT_KEYS = ("gender", "pitch", "speed", "volume", "noise")
+LABEL_COUNT_KEYS = MEASURED
 """Labels whose values `SynthSummary` counts."""
 
 
@@ -1080,10 +927,30 @@ def synthesize(out_dir: Path, n: int, seed: int = 0, test_fraction: float = 0.2,
 
     Rerunning with the same arguments skips clips already written; other arguments in the same
     folder are an error. Prints a one-line summary and returns it."""
-    from tqdm import tqdm
-
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
+    settings, plan = _plan_corpus(n, seed, test_fraction)
+    audio_dir, info_path = _prepare_out_dir(out_dir, settings)
+    manifests = {split: out_dir / f"{split}.jsonl" for split in SPLITS}
+    planned = {s.id: s for s in plan}
+    records = {split: _completed(manifests[split], planned, split, audio_dir) for split in SPLITS}
+    todo = [s for s in plan if s.id not in records[s.split]]
+    skipped = n - len(todo)
+    _render_clips(todo, audio_dir, manifests, records, workers, progress)
+
+    for split in SPLITS:  # the plan's order, whatever order the clips were finished in
+        write_jsonl_atomic(manifests[split], [records[split][s.id] for s in plan if s.id in records[split]])
+    label_counts = _label_counts(records)
+    clips = {split: len(records[split]) for split in SPLITS}
+    _write_json_atomic(info_path, _corpus_info(settings, clips, label_counts))
+    summary = SynthSummary(out_dir=out_dir, clips=clips, generated=len(todo), skipped=skipped,
+                           seconds=time.perf_counter() - t0, labels=label_counts)
+    print(summary.line())
+    return summary
+
+
+def _plan_corpus(n: int, seed: int, test_fraction: float) -> tuple[dict[str, Any], list[ClipSpec]]:
+    """Check the arguments, engines and voices; return the run's settings and every clip's spec."""
     if n < 1:
         raise SynthError(f"--n must be at least 1, got {n}")
     if not 0.0 <= test_fraction < 1.0:
@@ -1093,9 +960,12 @@ def synthesize(out_dir: Path, n: int, seed: int = 0, test_fraction: float = 0.2,
     sentences = load_sentences()
     splits = split_voices_and_sentences(seed, test_fraction, VOICES, sentences)
     settings = _settings(n, seed, test_fraction, engines, splits, sentences)
-    plan = [plan_clip(i, seed, test_fraction, splits) for i in range(n)]
-    planned = {s.id: s for s in plan}
+    return settings, [plan_clip(i, seed, test_fraction, splits) for i in range(n)]
 
+
+def _prepare_out_dir(out_dir: Path, settings: dict[str, Any]) -> tuple[Path, Path]:
+    """Make `out_dir/audio`, refuse a corpus made with other settings, mark the corpus incomplete
+    and remove temporary wavs an interrupted run left. Returns the audio folder and `synth.json`."""
     audio_dir = out_dir / "audio"
     audio_dir.mkdir(parents=True, exist_ok=True)
     info_path = out_dir / "synth.json"
@@ -1103,11 +973,15 @@ def synthesize(out_dir: Path, n: int, seed: int = 0, test_fraction: float = 0.2,
     _write_json_atomic(info_path, {"settings": settings, "complete": False})
     for stale in audio_dir.glob(".*.tmp"):
         stale.unlink()
+    return audio_dir, info_path
 
-    manifests = {split: out_dir / f"{split}.jsonl" for split in SPLITS}
-    records = {split: _completed(manifests[split], planned, split, audio_dir) for split in SPLITS}
-    todo = [s for s in plan if s.id not in records[s.split]]
-    skipped = n - len(todo)
+
+def _render_clips(todo: list[ClipSpec], audio_dir: Path, manifests: dict[str, Path],
+                  records: dict[str, dict[str, dict]], workers: int, progress: bool) -> None:
+    """Render the `todo` clips on up to `workers` processes, appending each record to its split's
+    manifest as it arrives and adding it to `records`."""
+    from tqdm import tqdm
+
     writers = {split: ResumableJsonl(manifests[split]) for split in SPLITS}
     bar = tqdm(total=len(todo), desc="synth", unit="clip", disable=not progress, file=sys.stderr)
     jobs = [(s, str(audio_dir)) for s in todo]
@@ -1134,19 +1008,20 @@ def synthesize(out_dir: Path, n: int, seed: int = 0, test_fraction: float = 0.2,
         if pool is not None:
             pool.terminate()
 
-    for split in SPLITS:  # the plan's order, whatever order the clips were finished in
-        write_jsonl_atomic(manifests[split], [records[split][s.id] for s in plan if s.id in records[split]])
-    label_counts = {split: {key: dict(sorted(Counter(str(r["labels"][key]) for r in records[split].values()).items()))
-                            for key in LABEL_COUNT_KEYS} for split in SPLITS}
-    clips = {split: len(records[split]) for split in SPLITS}
-    _write_json_atomic(info_path, {
+
+def _label_counts(records: dict[str, dict[str, dict]]) -> dict[str, dict[str, dict[str, int]]]:
+    """split -> label key -> value -> clips, for the keys in `LABEL_COUNT_KEYS`."""
+    return {split: {key: dict(sorted(Counter(str(r["labels"][key]) for r in records[split].values()).items()))
+                    for key in LABEL_COUNT_KEYS} for split in SPLITS}
+
+
+def _corpus_info(settings: dict[str, Any], clips: dict[str, int],
+                 label_counts: dict[str, dict[str, dict[str, int]]]) -> dict[str, Any]:
+    """The `synth.json` of a complete corpus: settings, counts, label bins and targets."""
+    return {
         "settings": settings, "complete": True, "clips": clips, "labels": label_counts,
         "bins": {"pitch_hz": PITCH_BINS_HZ, "speed_syllables_per_s": SPEED_BINS_SYLL_PER_S,
                  "volume_lufs": VOLUME_BINS_LUFS},
         "targets": {"pitch_hz": {f"{g} {b}": r for (g, b), r in PITCH_TARGETS_HZ.items()},
                     "speed_syllables_per_s": SPEED_TARGETS_SYLL_PER_S, "loudness_lufs": LOUDNESS_TARGETS_LUFS,
-                    "noisy_snr_db": NOISY_SNR_DB, "noisy_fraction": NOISY_FRACTION, "silence_s": SILENCE_S}})
-    summary = SynthSummary(out_dir=out_dir, clips=clips, generated=len(todo), skipped=skipped,
-                           seconds=time.perf_counter() - t0, labels=label_counts)
-    print(summary.line())
-    return summary
+                    "noisy_snr_db": NOISY_SNR_DB, "noisy_fraction": NOISY_FRACTION, "silence_s": SILENCE_S}}
