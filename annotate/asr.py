@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from speechllm import weights
-from speechllm.audio import SAMPLE_RATE
+from speechllm.hub import weights
+from speechllm.io.audio import SAMPLE_RATE
 
 from .base import Annotation, Annotator, Clip, register_annotator
 

@@ -40,7 +40,7 @@ class Clip:
 
     @property
     def duration(self) -> float:
-        from speechllm.audio import SAMPLE_RATE
+        from speechllm.io.audio import SAMPLE_RATE
 
         return len(self.wav) / SAMPLE_RATE
 

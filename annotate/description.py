@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import math
 
-FIELD_ORDER = ("Gender", "Pitch", "Speaking speed", "Volume", "Noise")
-"""Display order of the built-in fields; other fields follow in the order given."""
-LABEL_ONLY_FIELDS = {"emotion": "Emotion", "age": "Age", "accent": "Accent"}
+from speechllm.labels import ATTRIBUTES, LABEL_ONLY
+
+FIELD_ORDER = tuple(a.field for a in ATTRIBUTES.values())
+"""Display order of the table's fields (`speechllm.labels`); other fields follow in the order given."""
+LABEL_ONLY_FIELDS = {name: ATTRIBUTES[name].field for name in LABEL_ONLY}
 """Label keys used as given (no offline annotator exists for them) -> description field name."""
 
 

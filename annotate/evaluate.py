@@ -7,7 +7,8 @@ from __future__ import annotations
 import functools
 from collections import Counter
 
-BIN_ATTRIBUTES = ("gender", "pitch", "speed", "volume", "noise")
+from speechllm.labels import MEASURED as BIN_ATTRIBUTES
+
 ABSTAIN = "(none)"
 """Predicted value shown when an annotator abstained or was not run."""
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from .base import Annotation, Annotator, Clip, register_annotator
-from .bins import NOISE_NAMES, NOISE_SNR_DB, to_bin
+from speechllm.labels import ATTRIBUTES, NOISE_NAMES, NOISE_SNR_DB, to_bin
 
 FRAME_S = 0.02
 """Energy frame length."""
@@ -56,7 +56,7 @@ def estimate_snr(wav: np.ndarray, segments: list[list[float]], sample_rate: int)
 class Noise(Annotator):
     """SNR estimate -> Noise: clean / noisy (noisy below `NOISE_SNR_DB`)."""
 
-    name, version, field, requires = "noise", "1", "Noise", ("vad",)
+    name, version, field, requires = "noise", "1", ATTRIBUTES["noise"].field, ("vad",)
 
     def __init__(self, dnsmos: bool = False):
         """dnsmos: also run DNSMOS (needs `pip install speechmos onnxruntime`, adds ~0.05 RTF)
@@ -71,7 +71,7 @@ class Noise(Annotator):
             self._dnsmos = module
 
     def annotate(self, clips: list[Clip], prior) -> list[Annotation]:
-        from speechllm.audio import SAMPLE_RATE
+        from speechllm.io.audio import SAMPLE_RATE
 
         out = []
         for c, p in zip(clips, prior):

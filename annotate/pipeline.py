@@ -19,39 +19,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from speechllm.audio import SAMPLE_RATE, AudioError, load_audio, prepare_waveform
-from speechllm.data.jsonl import ResumableJsonl, iter_lines, read_jsonl, sibling_path, write_jsonl_atomic
+from speechllm.io.audio import SAMPLE_RATE, AudioError, load_audio, prepare_waveform
+from speechllm.config import AnnotateConfig
+from speechllm.labels import MEASURED, TRANSCRIPT
+from speechllm.records import MetadataRecord
+from speechllm.io.jsonl import ResumableJsonl, iter_lines, read_jsonl, sibling_path, write_jsonl_atomic
 
 from . import asr, noise, pitch, rate, signal, vad  # noqa: F401  (register the built-in annotators)
 from .base import ANNOTATORS, Annotation, Clip, ClipError, order_annotators
 from .description import LABEL_ONLY_FIELDS, describe
 
-DEFAULT_ANNOTATORS = ["duration", "vad", "transcript", "pitch", "gender", "volume", "speed", "noise"]
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
-LABEL_KEYS = ("transcript", "gender", "pitch", "speed", "volume", "noise")
+LABEL_KEYS = (TRANSCRIPT, *MEASURED)
 """Manifest label keys that name an annotator's output (overridable with --trust-labels)."""
-
-
-@dataclass
-class AnnotateOptions:
-    annotators: list[str] = field(default_factory=lambda: list(DEFAULT_ANNOTATORS))
-    """Annotators to run (dependencies must be included; order is resolved)."""
-    asr_model: str = "whisper-tiny.en"
-    """Whisper model for transcripts: embedded name, folder or hub id."""
-    workers: int = 2
-    """Parallel processes; each loads every annotator once."""
-    batch_size: int = 8
-    """Clips per batch (ASR runs batched)."""
-    max_seconds: float = 30.0
-    """Longer clips are errors (Whisper sees 30 s)."""
-    dnsmos: bool = False
-    """Also score noise with DNSMOS (optional packages speechmos + onnxruntime)."""
-    trust_labels: bool = False
-    """Manifest labels override annotator guesses for the same attribute."""
-    retry_errors: bool = False
-    """Retry ids that failed in an earlier run instead of skipping them."""
-    progress: bool = True
-    """Show a progress bar."""
 
 
 @dataclass
@@ -244,27 +224,20 @@ def annotate_batch(items: list[Item], max_seconds: float, trust_labels: bool) ->
             if trust_labels and ann.name in LABEL_KEYS and clip.labels.get(ann.name) not in (None, ""):
                 out = _override(ann.name, out, clip.labels)
             prior[ann.name] = out
-    records = [clip_record(clip, res, annotators) for clip, res in zip(clips, results)]
+    records = [clip_record(clip, res, annotators).to_json() for clip, res in zip(clips, results)]
     return records, errors
 
 
-def clip_record(clip: Clip, res: dict[str, Annotation], annotators) -> dict:
+def clip_record(clip: Clip, res: dict[str, Annotation], annotators) -> MetadataRecord:
     """One metadata.jsonl record from a clip's annotation results (what every stage reads)."""
     fields = [(a.field, res[a.name].bin) for a in annotators if a.field and res[a.name].bin]
     for key, name in LABEL_ONLY_FIELDS.items():
         if clip.labels.get(key) not in (None, "") and key not in ANNOTATORS:
             fields.append((name, str(clip.labels[key])))
     transcript = res["transcript"].value if "transcript" in res else clip.labels.get("transcript")
-    rec = {
-        "id": clip.id,
-        "audio": clip.audio,
-        "duration": round(clip.duration, 3),
-        "annotations": {a.name: {**res[a.name].to_dict(), "annotator": a.tag} for a in annotators},
-        "description": describe(clip.duration, transcript, fields),
-    }
-    if clip.labels:
-        rec["labels"] = clip.labels
-    return rec
+    return MetadataRecord(clip.id, clip.audio, round(clip.duration, 3),
+                          {a.name: {**res[a.name].to_dict(), "annotator": a.tag} for a in annotators},
+                          describe(clip.duration, transcript, fields), clip.labels)
 
 
 def _work(args: tuple[list[Item], float, bool]) -> tuple[list[dict], list[dict], float]:
@@ -275,7 +248,29 @@ def _work(args: tuple[list[Item], float, bool]) -> tuple[list[dict], list[dict],
 
 # ----------------------------------------------------------------------------- the stage
 
-def run(items: Iterator[Item | dict], out: Path, opts: AnnotateOptions, errors_path: Path | None = None) -> Summary:
+def _pending(items: Iterator[Item | dict], done: ResumableJsonl, failed: ResumableJsonl,
+             summary: Summary) -> list[Item]:
+    """The items still to annotate; input errors (dicts: malformed line, bad path, undecodable HF
+    row) go to the errors file once; ids already written or failed are counted and skipped."""
+    todo: list[Item] = []
+    for it in items:
+        summary.total += 1
+        id_ = it["id"] if isinstance(it, dict) else it.id
+        if id_ in done:
+            summary.done_before += 1
+        elif id_ in failed:
+            summary.errors_before += 1
+        elif isinstance(it, dict):
+            failed.write(it)
+            summary.errors += 1
+            summary.error_kinds[it["kind"]] = summary.error_kinds.get(it["kind"], 0) + 1
+        else:
+            todo.append(it)
+    return todo
+
+
+def run(items: Iterator[Item | dict], out: Path, opts: AnnotateConfig, errors_path: Path | None = None,
+        progress: bool = True) -> Summary:
     """Annotate every item not yet in `out` (or in the errors file), appending as they finish."""
     from tqdm import tqdm
 
@@ -286,30 +281,12 @@ def run(items: Iterator[Item | dict], out: Path, opts: AnnotateOptions, errors_p
     if opts.retry_errors and errors_path.exists():
         write_jsonl_atomic(errors_path, [])
     with ResumableJsonl(out) as done, ResumableJsonl(errors_path) as failed:
-        todo: list[Item] = []
-        for it in items:
-            summary.total += 1
-            if isinstance(it, dict):  # an input error (malformed line, bad path, undecodable HF row)
-                if it["id"] in done:
-                    summary.done_before += 1
-                elif it["id"] in failed:
-                    summary.errors_before += 1
-                else:
-                    failed.write(it)
-                    summary.errors += 1
-                    summary.error_kinds[it["kind"]] = summary.error_kinds.get(it["kind"], 0) + 1
-            elif it.id in done:
-                summary.done_before += 1
-            elif it.id in failed:
-                summary.errors_before += 1
-            else:
-                todo.append(it)
+        todo = _pending(items, done, failed, summary)
         batches = [todo[i: i + opts.batch_size] for i in range(0, len(todo), opts.batch_size)]
         workers = max(1, min(opts.workers, len(batches)))
-        cpu = os.cpu_count() or 1
-        threads = max(1, cpu // workers)
+        threads = max(1, (os.cpu_count() or 1) // workers)
         options = {"transcript": {"model": opts.asr_model, "threads": threads}, "noise": {"dnsmos": opts.dnsmos}}
-        bar = tqdm(total=len(todo), desc="annotate", unit="clip", disable=not opts.progress, file=sys.stderr)
+        bar = tqdm(total=len(todo), desc="annotate", unit="clip", disable=not progress, file=sys.stderr)
 
         def consume(result: tuple[list[dict], list[dict], float]) -> None:
             records, errors, seconds = result
@@ -340,5 +317,7 @@ def run(items: Iterator[Item | dict], out: Path, opts: AnnotateOptions, errors_p
 
 
 def load_metadata(path: Path) -> list[dict]:
-    """All records of a metadata.jsonl (strict)."""
-    return read_jsonl(path, required=("id", "audio", "annotations", "description"))
+    """All records of a metadata.jsonl as written by this stage (strict: a malformed line is an
+    error naming the file and line)."""
+    return [MetadataRecord.from_json(r, f"{path}:{i}").to_json()
+            for i, r in enumerate(read_jsonl(path, required=("id", "audio", "annotations", "description")), 1)]

@@ -7,7 +7,7 @@ import math
 import numpy as np
 
 from .base import Annotation, Annotator, Clip, register_annotator
-from .bins import PITCH_BINS_HZ, PITCH_NAMES, to_bin
+from speechllm.labels import ATTRIBUTES, PITCH_BINS_HZ, PITCH_NAMES, to_bin
 
 F0_FLOOR_HZ, F0_CEILING_HZ = 60.0, 500.0
 """Search range of the F0 tracker, wide enough for low male and high female voices."""
@@ -45,10 +45,10 @@ def median_f0(wav: np.ndarray, sample_rate: int) -> tuple[float | None, float | 
 class Pitch(Annotator):
     """Median F0 over voiced frames -> Pitch: low / normal / high (absolute bins)."""
 
-    name, version, field = "pitch", "1", "Pitch"
+    name, version, field = "pitch", "1", ATTRIBUTES["pitch"].field
 
     def annotate(self, clips: list[Clip], prior) -> list[Annotation]:
-        from speechllm.audio import SAMPLE_RATE
+        from speechllm.io.audio import SAMPLE_RATE
 
         out = []
         for c in clips:
@@ -68,7 +68,7 @@ class GenderFromPitch(Annotator):
     """Gender guessed from median F0; abstains (bin None) near the boundary. A weak cue: replace
     it with a classifier by registering another annotator named "gender"."""
 
-    name, version, field, requires = "gender", "1", "Gender", ("pitch",)
+    name, version, field, requires = "gender", "1", ATTRIBUTES["gender"].field, ("pitch",)
 
     def annotate(self, clips: list[Clip], prior) -> list[Annotation]:
         out = []

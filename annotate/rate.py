@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from .base import Annotation, Annotator, Clip, register_annotator
-from .bins import SPEED_BINS_SYLL_PER_S, SPEED_NAMES, count_syllables, to_bin
+from speechllm.labels import ATTRIBUTES, SPEED_BINS_SYLL_PER_S, SPEED_NAMES, count_syllables, to_bin
 
 @register_annotator
 class SpeakingRate(Annotator):
     """Syllables per second of speech time (VAD) -> Speaking speed: slow / normal / fast."""
 
-    name, version, field, requires = "speed", "1", "Speaking speed", ("transcript", "vad")
+    name, version, field, requires = "speed", "1", ATTRIBUTES["speed"].field, ("transcript", "vad")
 
     def annotate(self, clips: list[Clip], prior) -> list[Annotation]:
         out = []

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .base import Annotation, Annotator, Clip, register_annotator
-from .bins import VOLUME_BINS_LUFS, VOLUME_NAMES, to_bin
+from speechllm.labels import ATTRIBUTES, VOLUME_BINS_LUFS, VOLUME_NAMES, to_bin
 
 LOUDNESS_MIN_SECONDS = 0.4
 """pyloudnorm's gating block; shorter clips fall back to RMS level."""
@@ -25,12 +25,12 @@ class Duration(Annotator):
 class Loudness(Annotator):
     """Integrated loudness (ITU-R BS.1770, pyloudnorm) -> Volume: quiet / normal / loud."""
 
-    name, version, field = "volume", "1", "Volume"
+    name, version, field = "volume", "1", ATTRIBUTES["volume"].field
 
     def __init__(self):
         import pyloudnorm
 
-        from speechllm.audio import SAMPLE_RATE
+        from speechllm.io.audio import SAMPLE_RATE
 
         self.meter = pyloudnorm.Meter(SAMPLE_RATE)
 

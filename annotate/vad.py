@@ -25,7 +25,7 @@ class SpeechSegments(Annotator):
         self.threshold = threshold
 
     def annotate(self, clips: list[Clip], prior) -> list[Annotation]:
-        from speechllm.audio import SAMPLE_RATE
+        from speechllm.io.audio import SAMPLE_RATE
 
         out = []
         for c in clips:

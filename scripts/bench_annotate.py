@@ -17,8 +17,9 @@ import time
 from pathlib import Path
 
 from annotate.base import ANNOTATORS, Clip, order_annotators
-from annotate.pipeline import DEFAULT_ANNOTATORS, AnnotateOptions, Item, manifest_items, run
-from speechllm.audio import load_audio
+from speechllm.config import DEFAULT_ANNOTATORS, AnnotateConfig
+from annotate.pipeline import Item, manifest_items, run
+from speechllm.io.audio import load_audio
 
 
 def per_annotator(items: list[Item], asr_model: str, threads: int) -> list[tuple[str, float, float]]:
@@ -57,7 +58,7 @@ def main() -> None:
         tmp = Path(tmp)
         manifest = args.manifest
         if manifest is None:
-            from annotate.synth import synthesize
+            from speechllm.data.synth import synthesize
 
             synthesize(tmp / "synth", n=args.n, seed=0, test_fraction=0.5, workers=args.workers, progress=False)
             manifest = tmp / "synth" / "test.jsonl"
@@ -74,15 +75,14 @@ def main() -> None:
         print(f"{'sum':12} {'':>7} {total:>28.4f}")
 
         out = tmp / "meta.jsonl"
-        summary = run(iter(items), out, AnnotateOptions(workers=args.workers, asr_model=args.asr_model,
-                                                         progress=False))
+        summary = run(iter(items), out, AnnotateConfig(workers=args.workers, asr_model=args.asr_model), progress=False)
         print(f"\npipeline, {args.workers} workers: {summary.wall_seconds:.1f} s for {summary.audio_seconds:.0f} s "
               f"of audio -> RTF {summary.wall_seconds / summary.audio_seconds:.4f} (model loading included)")
         again = tmp / "meta2.jsonl"
         items2 = [Item(it.id + "#2", it.audio, it.path, it.labels) for it in items]
         t0 = time.perf_counter()
         run(iter(items2 + [Item(it.id + "#3", it.audio, it.path, it.labels) for it in items]), again,
-            AnnotateOptions(workers=args.workers, asr_model=args.asr_model, progress=False))
+            AnnotateConfig(workers=args.workers, asr_model=args.asr_model), progress=False)
         wall = time.perf_counter() - t0
         # two passes over the same audio in one run: the second half of the work amortises start-up
         print(f"pipeline, {args.workers} workers, 2x the audio in one run: RTF {wall / (2 * audio_s):.4f}")

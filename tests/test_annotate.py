@@ -10,13 +10,14 @@ import pytest
 import soundfile as sf
 
 from annotate.base import ANNOTATORS, Annotation, Annotator, Clip, order_annotators, register_annotator
-from annotate.bins import to_bin
+from speechllm.labels import to_bin
 from annotate.description import describe
 from annotate.evaluate import evaluate, format_report, normalize_text
 from annotate.noise import estimate_snr
-from annotate.pipeline import AnnotateOptions, annotate_batch, manifest_items, run, _init_worker
-from annotate.bins import count_syllables, word_syllables
-from speechllm.audio import SAMPLE_RATE, load_audio
+from speechllm.config import AnnotateConfig
+from annotate.pipeline import annotate_batch, manifest_items, run, _init_worker
+from speechllm.labels import count_syllables, word_syllables
+from speechllm.io.audio import SAMPLE_RATE, load_audio
 
 NO_ASR = ["duration", "vad", "pitch", "gender", "volume", "noise"]
 SENTENCE = "The quick brown fox jumps over the lazy dog near the river bank."
@@ -157,8 +158,8 @@ def write_manifest(folder, clips):
 def test_every_bad_input_is_an_error_record_and_the_run_goes_on(tmp_path, clips):
     manifest, good = write_manifest(tmp_path, clips)
     out = tmp_path / "meta.jsonl"
-    opts = AnnotateOptions(annotators=NO_ASR, workers=1, batch_size=3, max_seconds=8.0, progress=False)
-    summary = run(manifest_items(manifest, tmp_path), out, opts)
+    opts = AnnotateConfig(annotators=NO_ASR, workers=1, batch_size=3, max_seconds=8.0)
+    summary = run(manifest_items(manifest, tmp_path), out, opts, progress=False)
     ids = [json.loads(l)["id"] for l in out.read_text().splitlines()]
     assert sorted(ids) == sorted(good)
     errors = {json.loads(l)["id"]: json.loads(l) for l in (tmp_path / "meta.errors.jsonl").read_text().splitlines()}
@@ -179,17 +180,17 @@ def test_every_bad_input_is_an_error_record_and_the_run_goes_on(tmp_path, clips)
 def test_resume_after_a_crash_loses_nothing_and_duplicates_nothing(tmp_path, clips):
     manifest, good = write_manifest(tmp_path, clips)
     out = tmp_path / "meta.jsonl"
-    opts = AnnotateOptions(annotators=NO_ASR, workers=1, batch_size=2, max_seconds=8.0, progress=False)
-    run(manifest_items(manifest, tmp_path), out, opts)
+    opts = AnnotateConfig(annotators=NO_ASR, workers=1, batch_size=2, max_seconds=8.0)
+    run(manifest_items(manifest, tmp_path), out, opts, progress=False)
     full = out.read_text().splitlines()
     # simulate kill -9 mid-write: two records complete, the third torn in half
     out.write_text("\n".join(full[:2]) + "\n" + full[2][: len(full[2]) // 2])
     (tmp_path / "meta.errors.jsonl").write_text("")
-    summary = run(manifest_items(manifest, tmp_path), out, opts)
+    summary = run(manifest_items(manifest, tmp_path), out, opts, progress=False)
     ids = [json.loads(l)["id"] for l in out.read_text().splitlines()]
     assert sorted(ids) == sorted(good) and len(ids) == len(set(ids))
     assert summary.done_before == 2 and summary.annotated == len(good) - 2 and summary.errors == 9
-    again = run(manifest_items(manifest, tmp_path), out, opts)
+    again = run(manifest_items(manifest, tmp_path), out, opts, progress=False)
     assert again.annotated == 0 and again.errors == 0 and again.done_before == len(good)
     assert again.errors_before == 9
 
@@ -198,9 +199,9 @@ def test_parallel_workers_match_one_worker(tmp_path, clips):
     manifest, good = write_manifest(tmp_path, clips)
     one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
     run(manifest_items(manifest, tmp_path), one,
-        AnnotateOptions(annotators=NO_ASR, workers=1, batch_size=2, progress=False))
+        AnnotateConfig(annotators=NO_ASR, workers=1, batch_size=2), progress=False)
     run(manifest_items(manifest, tmp_path), two,
-        AnnotateOptions(annotators=NO_ASR, workers=2, batch_size=2, progress=False))
+        AnnotateConfig(annotators=NO_ASR, workers=2, batch_size=2), progress=False)
     load = lambda p: {json.loads(l)["id"]: json.loads(l) for l in p.read_text().splitlines()}  # noqa: E731
     assert load(one) == load(two)
 
@@ -212,7 +213,7 @@ def test_trust_labels_override_and_label_only_fields(tmp_path, clips):
     for trust, expect in ((False, "Pitch: Low"), (True, "Pitch: High")):
         out = tmp_path / f"m{trust}.jsonl"
         run(manifest_items(tmp_path / "m.jsonl", tmp_path), out,
-            AnnotateOptions(annotators=NO_ASR, workers=1, trust_labels=trust, progress=False))
+            AnnotateConfig(annotators=NO_ASR, workers=1, trust_labels=trust), progress=False)
         desc = json.loads(out.read_text())["description"]
         assert expect in desc and "Emotion: Happy" in desc and "Accent: Scottish" in desc
 
@@ -270,7 +271,7 @@ def test_folder_and_hf_dataset_inputs(tmp_path, clips):
     ds.save_to_disk(str(tmp_path / "hf"))
     out = tmp_path / "hf.metadata.jsonl"
     summary = run(hf_items(str(tmp_path / "hf"), tmp_path, tmp_path / "hf.audio"), out,
-                  AnnotateOptions(annotators=NO_ASR, workers=1, progress=False))
+                  AnnotateConfig(annotators=NO_ASR, workers=1), progress=False)
     assert summary.annotated == 2
     recs = [json.loads(l) for l in out.read_text().splitlines()]
     assert recs[0]["labels"] == {"transcript": SENTENCE, "gender": "male"}

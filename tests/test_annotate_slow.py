@@ -7,7 +7,8 @@ import pytest
 from conftest import ROOT
 
 from annotate.evaluate import evaluate
-from annotate.pipeline import AnnotateOptions, manifest_items, run
+from speechllm.config import AnnotateConfig
+from annotate.pipeline import manifest_items, run
 
 pytestmark = pytest.mark.slow
 
@@ -25,7 +26,7 @@ def test_real_speech_transcript_speed_and_description(tmp_path):
                                 for k, v in REFERENCES.items()))
     # absolute audio paths are outside the manifest's folder: refused, as documented
     out = tmp_path / "meta.jsonl"
-    summary = run(manifest_items(manifest, tmp_path), out, AnnotateOptions(workers=1, progress=False))
+    summary = run(manifest_items(manifest, tmp_path), out, AnnotateConfig(workers=1), progress=False)
     assert summary.errors == 2 and summary.error_kinds == {"path": 2}
 
     (tmp_path / "samples").symlink_to(ROOT / "samples")
@@ -33,7 +34,7 @@ def test_real_speech_transcript_speed_and_description(tmp_path):
                                             "labels": {"transcript": v, "gender": "male"}}) + "\n"
                                 for k, v in REFERENCES.items()))
     out = tmp_path / "meta2.jsonl"
-    summary = run(manifest_items(manifest, tmp_path), out, AnnotateOptions(workers=2, batch_size=1, progress=False))
+    summary = run(manifest_items(manifest, tmp_path), out, AnnotateConfig(workers=2, batch_size=1), progress=False)
     assert summary.annotated == 2, (tmp_path / "meta2.errors.jsonl").read_text()
     recs = [json.loads(line) for line in out.read_text().splitlines()]
     report = evaluate(recs)
@@ -47,8 +48,8 @@ def test_real_speech_transcript_speed_and_description(tmp_path):
 
 def test_any_transformers_asr_model_by_folder_agrees_with_ctranslate2():
     from annotate.asr import SpeechRecognizer
-    from speechllm import weights
-    from speechllm.audio import load_audio
+    from speechllm.hub import weights
+    from speechllm.io.audio import load_audio
 
     wavs = [load_audio(ROOT / "samples" / f"{k}.wav") for k in REFERENCES]
     fast = SpeechRecognizer("whisper-tiny.en").transcribe(wavs)
