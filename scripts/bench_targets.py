@@ -17,7 +17,8 @@ import time
 import torch
 
 from speechllm.config import load_config
-from speechllm.targets.engine import Sampling, TextGenerator
+from speechllm.config import GenerationConfig
+from speechllm.model.generate import TextGenerator
 
 PITCHES, SPEEDS, GENDERS = ("Low", "Normal", "High"), ("Slow", "Normal", "Fast"), ("Male", "Female")
 SENTENCES = [
@@ -71,7 +72,7 @@ def main() -> None:
     cfg = load_config(args.config)
     gen = TextGenerator.from_config(cfg)
     prompts = [gen.prompt_ids(d) for d in descriptions(args.n)]
-    sampling = Sampling(args.max_new_tokens)
+    sampling = GenerationConfig(max_new_tokens=args.max_new_tokens)
     print(f"model {gen.model_name}, {args.n} prompts, max {args.max_new_tokens} new tokens, "
           f"{torch.get_num_threads()} threads")
 

@@ -14,10 +14,9 @@ from typing import Callable
 import torch
 
 from ..config import GenerationConfig
-from ..model.prompt import PromptBuilder
+from ..model.prompt import PromptBuilder, description_prompt
 from ..model.speechllm import Example, SpeechLLM
-from ..targets.engine import Generation, Sampling, TextGenerator
-from ..targets.strategies import Job, self_output_prompt
+from ..model.generate import Generation, TextGenerator
 
 OnBatch = Callable[[int], None]
 """Called after each batch with the number of answers it produced (progress bars)."""
@@ -25,8 +24,7 @@ OnBatch = Callable[[int], None]
 
 def reference_prompt(description: str, instruction: str) -> str:
     """The reference's user turn: the same text the self-output targets were generated from."""
-    return self_output_prompt(Job(id="", audio="", description=description, instruction=instruction, attrs={},
-                                  transcript=None))
+    return description_prompt(description, instruction)
 
 
 @torch.inference_mode()
@@ -70,17 +68,12 @@ class Reference:
         prompt = PromptBuilder(model.tokenizer, model.config.prompt, model.config.llm.system_prompt)
         return cls(TextGenerator(llm, model.tokenizer, prompt, model.config.llm.name))
 
-    @staticmethod
-    def _sampling(gen: GenerationConfig) -> Sampling:
-        return Sampling(max_new_tokens=gen.max_new_tokens, do_sample=gen.do_sample, temperature=gen.temperature,
-                        top_p=gen.top_p, seed=gen.seed, repetition_penalty=gen.repetition_penalty)
-
     def answer_text(self, instructions: list[str], gen: GenerationConfig, batch_size: int,
                     on_batch: OnBatch | None = None) -> list[Generation]:
         """The base LLM answering plain text prompts (no description): the text-only checks."""
         prompts = [self.generator.prompt_ids(q) for q in instructions]
         callback = (lambda n, _tokens: on_batch(n)) if on_batch is not None else None
-        return self.generator.generate(prompts, self._sampling(gen), batch_size, on_batch=callback)
+        return self.generator.generate(prompts, gen, batch_size, on_batch=callback)
 
     def answer(self, descriptions: list[str], instructions: list[str], gen: GenerationConfig, batch_size: int,
                on_batch: OnBatch | None = None) -> list[Generation]:
@@ -88,4 +81,4 @@ class Reference:
             raise ValueError(f"{len(descriptions)} descriptions for {len(instructions)} instructions")
         prompts = [self.generator.prompt_ids(reference_prompt(d, q)) for d, q in zip(descriptions, instructions)]
         callback = (lambda n, _tokens: on_batch(n)) if on_batch is not None else None
-        return self.generator.generate(prompts, self._sampling(gen), batch_size, on_batch=callback)
+        return self.generator.generate(prompts, gen, batch_size, on_batch=callback)

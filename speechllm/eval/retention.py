@@ -37,11 +37,6 @@ def text_kl(model, base_llm, prompts: list[str] = DEFAULT_PROMPTS) -> dict:
 
 def load_base_llm(model):
     """A fresh copy of the speech model's base LLM, loaded from its weights (not shared)."""
-    from transformers import AutoModelForCausalLM
+    from ..model.llm import load_llm
 
-    from .. import weights
-    from ..model.speechllm import DTYPES
-
-    cfg = model.config.llm
-    return AutoModelForCausalLM.from_pretrained(weights.resolve(cfg.name), dtype=DTYPES[cfg.dtype],
-                                                trust_remote_code=cfg.trust_remote_code).to(model.device).eval()
+    return load_llm(model.config.llm, model.device, tokenizer=False)[0]

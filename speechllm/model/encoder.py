@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..audio import SAMPLE_RATE
+from ..io.audio import SAMPLE_RATE
 
 
 def conv_output_length(length: torch.Tensor | int, conv: nn.Conv1d) -> torch.Tensor | int:

@@ -1,5 +1,6 @@
-"""Batched text generation with the frozen base LLM: prompts sorted by length, left padding,
-KV cache, greedy or seeded sampling, and a per-answer record of whether it finished."""
+"""The one batched text generator of the frozen base LLM (targets, the eval reference, serve):
+prompts sorted by length, left padding, KV cache, greedy or seeded sampling (a
+`GenerationConfig`), and a per-answer record of whether it finished."""
 
 from __future__ import annotations
 
@@ -7,10 +8,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import weights
-from ..config import Config, PromptConfig
-from ..model.prompt import PromptBuilder
-from ..model.speechllm import DTYPES
+from ..config import Config, GenerationConfig
+from .llm import load_llm
+from .prompt import PromptBuilder
 
 
 @dataclass
@@ -23,23 +23,14 @@ class Generation:
     """True when the model emitted a stop token within `max_new_tokens`."""
 
 
-@dataclass
-class Sampling:
-    max_new_tokens: int
-    do_sample: bool = False
-    temperature: float = 0.6
-    top_p: float = 0.9
-    seed: int = 0
-    repetition_penalty: float = 1.0
-    """>1 discourages repeated tokens (1: the model's own distribution)."""
-
-    def provenance(self) -> dict:
-        out = {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample, "seed": self.seed}
-        if self.do_sample:
-            out.update(temperature=self.temperature, top_p=self.top_p)
-        if self.repetition_penalty != 1.0:
-            out.update(repetition_penalty=self.repetition_penalty)
-        return out
+def provenance(gen: GenerationConfig) -> dict:
+    """The decoding settings a generated target records (sampling settings only when sampling)."""
+    out = {"max_new_tokens": gen.max_new_tokens, "do_sample": gen.do_sample, "seed": gen.seed}
+    if gen.do_sample:
+        out.update(temperature=gen.temperature, top_p=gen.top_p)
+    if gen.repetition_penalty != 1.0:
+        out.update(repetition_penalty=gen.repetition_penalty)
+    return out
 
 
 class TextGenerator:
@@ -52,15 +43,10 @@ class TextGenerator:
 
     @classmethod
     def from_config(cls, cfg: Config, device: str | torch.device = "cpu") -> "TextGenerator":
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        name = cfg.model.llm.name
-        path = weights.resolve(name)
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.model.llm.trust_remote_code)
-        llm = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.model.llm.dtype],
-                                                   trust_remote_code=cfg.model.llm.trust_remote_code).to(device)
-        prompt = PromptBuilder(tokenizer, PromptConfig(), cfg.targets.system_prompt)
-        return cls(llm, tokenizer, prompt, name)
+        """The base LLM of `cfg.model.llm`, with its system prompt."""
+        llm, tokenizer = load_llm(cfg.model.llm, device)
+        prompt = PromptBuilder(tokenizer, cfg.model.prompt, cfg.model.llm.system_prompt)
+        return cls(llm, tokenizer, prompt, cfg.model.llm.name)
 
     def prompt_ids(self, user_text: str) -> list[int]:
         """The chat prompt for one user turn, up to the assistant's first token."""
@@ -72,7 +58,7 @@ class TextGenerator:
         return len(self.prompt.target(text))
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], sampling: Sampling, batch_size: int,
+    def generate(self, prompts: list[list[int]], sampling: GenerationConfig, batch_size: int,
                  on_batch=None) -> list[Generation]:
         """Answers to token-id prompts, in input order. Batches are formed from prompts of similar
         length (less padding); with sampling, batch k is seeded with `seed + k`."""

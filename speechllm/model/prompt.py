@@ -13,13 +13,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import PromptConfig
+from ..errors import SpeechLLMError
 
 _SENTINEL = "\u2063SPEECHLLM_CONTENT\u2063"
 _SENTINEL_2 = "\u2063SPEECHLLM_ANSWER\u2063"
 
 
-class ChatTemplateError(ValueError):
+class ChatTemplateError(SpeechLLMError, ValueError):
     """The tokenizer has no usable chat template."""
+
+
+def description_prompt(description: str, instruction: str) -> str:
+    """The text LLM's user turn about a clip it cannot hear: its description, then the instruction
+    (DeSTA2's self-output prompt; also what the text reference reads in evaluation)."""
+    return f"{description}\n\n{instruction}"
 
 
 @dataclass

@@ -15,20 +15,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import weights
+from ..errors import SpeechLLMError
+from ..hub import weights
 from ..config import Config, GenerationConfig, ModelConfig, config_from_dict, to_dict
 from .adapters import build_adapter
 from .encoder import WhisperTappedEncoder, load_whisper_encoder
+from .llm import DTYPES, load_llm
 from .prompt import PromptBuilder
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 CHECKPOINT_CONFIG = "config.json"
 CHECKPOINT_FORMAT = "speechllm-adapter/1"
 IGNORE_INDEX = -100
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(SpeechLLMError, ValueError):
     """A checkpoint folder that cannot be loaded, or that does not match the base models."""
 
 
@@ -99,16 +100,9 @@ class SpeechLLM(nn.Module):
     @classmethod
     def from_config(cls, config: ModelConfig, device: str | torch.device = "cpu") -> "SpeechLLM":
         """Resolve and load the base models named in `config` and build a fresh adapter."""
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        if config.llm.dtype not in DTYPES:
-            raise ValueError(f"model.llm.dtype: '{config.llm.dtype}' is not one of {', '.join(DTYPES)}")
         dtype = DTYPES[config.llm.dtype]
         encoder = load_whisper_encoder(weights.resolve(config.encoder.name), config.encoder.layers, dtype=dtype)
-        llm_path = weights.resolve(config.llm.name)
-        tokenizer = AutoTokenizer.from_pretrained(llm_path, trust_remote_code=config.llm.trust_remote_code)
-        llm = AutoModelForCausalLM.from_pretrained(llm_path, dtype=dtype,
-                                                   trust_remote_code=config.llm.trust_remote_code)
+        llm, tokenizer = load_llm(config.llm)
         adapter = build_adapter(config.adapter, encoder_width=encoder.width, num_taps=len(config.encoder.layers),
                                 llm_width=llm.get_input_embeddings().embedding_dim)
         return cls(encoder, adapter, llm, tokenizer, config).to(device)

@@ -1,0 +1,24 @@
+"""The one place a frozen chat LLM is loaded (the speech model, the targets generator, the text
+reference and the KL baseline all come through `load_llm`)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import LLMConfig
+from ..hub import weights
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""`model.llm.dtype` names -> torch dtypes."""
+
+
+def load_llm(cfg: LLMConfig, device: str | torch.device = "cpu", tokenizer: bool = True):
+    """(causal LM in eval mode on `device`, its tokenizer or None) for the LLM `cfg` names (an
+    embedded name, a hub id or a local folder), in `cfg.dtype`. Custom modelling code runs only
+    with `cfg.trust_remote_code`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = weights.resolve(cfg.name)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code) if tokenizer else None
+    llm = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code)
+    return llm.to(device).eval(), tok
