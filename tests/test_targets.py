@@ -13,7 +13,8 @@ from conftest import ROOT, TINY_CONFIG
 
 from speechllm.config import load_config
 from speechllm.targets.checks import agreement, degenerate_reason
-from speechllm.targets.engine import Sampling, TextGenerator
+from speechllm.config import GenerationConfig
+from speechllm.model.generate import TextGenerator
 from speechllm.targets.run import choose_instruction, run_targets
 from speechllm.targets.strategies import label_target, self_output_prompt
 
@@ -56,7 +57,7 @@ def test_self_output_is_the_llm_answer_to_description_and_instruction(tmp_path, 
     rec = recs[0]
     assert rec["instruction"] == "What can you hear?" and rec["strategy"] == "self-output"
     prompt = generator.prompt_ids(f"{rec['description']}\n\nWhat can you hear?")
-    direct = generator.generate([prompt], Sampling(12), batch_size=1)[0]
+    direct = generator.generate([prompt], GenerationConfig(max_new_tokens=12), batch_size=1)[0]
     if degenerate_reason(direct.text) is None:
         assert rec["target"] == direct.text and rec["generator"]["do_sample"] is False
     else:  # the greedy answer was unusable: the record holds a sampled regeneration
@@ -98,9 +99,10 @@ def label_target_for(rec):
 
     i = int(rec["id"].removeprefix("clip"))
     gender = "female" if i % 2 else "male"
-    return label_target(job_from_record({"id": rec["id"], "audio": "", "description": "",
-                                         "labels": {"gender": gender, "pitch": "low", "transcript": TRANSCRIPT}},
-                                        "x"))
+    from speechllm.records import MetadataRecord
+
+    clip = MetadataRecord(rec["id"], "", 1.0, {}, "", {"gender": gender, "pitch": "low", "transcript": TRANSCRIPT})
+    return label_target(job_from_record(clip, "x"))
 
 
 def test_agreement_checks():
@@ -156,8 +158,8 @@ def test_transcript_with_control_strings_stays_text(generator):
 def test_batched_generation_equals_one_by_one(generator):
     prompts = [generator.prompt_ids(t) for t in ("Hello.", "What can you hear in this recording of a voice?",
                                                   "Say something about the weather today, please.")]
-    batched = generator.generate(prompts, Sampling(6), batch_size=3)
-    alone = [generator.generate([p], Sampling(6), batch_size=1)[0] for p in prompts]
+    batched = generator.generate(prompts, GenerationConfig(max_new_tokens=6), batch_size=3)
+    alone = [generator.generate([p], GenerationConfig(max_new_tokens=6), batch_size=1)[0] for p in prompts]
     assert [(g.text, g.tokens, g.finished) for g in batched] == [(g.text, g.tokens, g.finished) for g in alone]
 
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from speechllm import weights
+from speechllm.hub import weights
 from speechllm.config import load_config
 from speechllm.targets.checks import degenerate_reason
 from speechllm.targets.run import run_targets

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, SAMPLE, TINY_CONFIG
 
-from speechllm.audio import load_audio
+from speechllm.io.audio import load_audio
 from speechllm.config import load_config
 from speechllm.training.trainer import Trainer, TrainingError, train
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import re
 
+from ..labels import ATTRIBUTES, MEASURED
+
 MIN_WORDS = 1
 LOOP_MIN_REPEATS = 3
 """A span of words repeated this many times back to back is a loop..."""
@@ -14,16 +16,10 @@ LOOP_MAX_NGRAM = 16
 REPEATED_NGRAM = 6
 """An answer in which some 6-word span occurs 3 or more times anywhere is also a loop."""
 
-GENDER_WORDS = {
-    "female": {"female", "woman", "women", "she", "her", "lady", "girl", "feminine"},
-    "male": {"male", "man", "men", "he", "his", "him", "gentleman", "boy", "masculine"},
-}
-BIN_WORDS = {
-    "pitch": {"low": {"low-pitched", "deep", "low pitch"}, "high": {"high-pitched", "high pitch", "squeaky"}},
-    "speed": {"slow": {"slowly", "slow pace", "slow"}, "fast": {"quickly", "fast", "rapid", "rapidly"}},
-    "volume": {"quiet": {"quiet", "quietly", "soft", "softly", "whisper"}, "loud": {"loud", "loudly", "shouting"}},
-    "noise": {"noisy": {"noisy", "background noise", "static", "hiss"}, "clean": {"clean", "clear", "no background noise"}},
-}
+GENDER_WORDS = {value: set(words) for value, words in ATTRIBUTES["gender"].cues.items()}
+"""Words that commit an answer to a gender (pronouns included)."""
+BIN_WORDS = {name: {value: set(words) for value, words in ATTRIBUTES[name].cues.items()}
+             for name in MEASURED if name != "gender"}
 """Words that commit an answer to a bin; an answer using words of another bin than the label's
 contradicts it. "normal" bins have no words: an answer is free to say nothing."""
 

@@ -19,17 +19,20 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import __version__, weights
-from ..config import Config
-from ..data.jsonl import ResumableJsonl, iter_lines, sibling_path, write_jsonl_atomic
+import dataclasses
+
+from .. import __version__
+from ..config import Config, GenerationConfig
+from ..hub import weights
+from ..io.jsonl import ResumableJsonl, iter_lines, sibling_path, write_jsonl_atomic
 from ..distributed import accelerate_kwargs
 from .checks import degenerate_reason
-from .engine import Generation, Sampling, TextGenerator
-from .strategies import ATTRIBUTES, STRATEGIES, Draft, Job
+from ..model.generate import Generation, TextGenerator, provenance
+from ..records import MetadataRecord, RecordError, TargetRecord
+from .strategies import STRATEGIES, Draft, Job
 
 CHUNK_BATCHES = 4
 """Generation batches per written chunk (progress and resume granularity)."""
-LABEL_ONLY = ("emotion", "age", "accent")
 
 
 @dataclass
@@ -58,19 +61,8 @@ def errors_path(out: Path) -> Path:
     return sibling_path(out, ".errors.jsonl")
 
 
-def job_from_record(rec: dict, instruction: str) -> Job:
-    labels = rec.get("labels") or {}
-    ann = rec.get("annotations") or {}
-    attrs = {}
-    for key in ATTRIBUTES:
-        value = labels.get(key) or (ann.get(key) or {}).get("bin")
-        if value:
-            attrs[key] = str(value).lower()
-    for key in LABEL_ONLY:
-        if labels.get(key):
-            attrs[key] = str(labels[key]).lower()
-    transcript = labels.get("transcript") or (ann.get("transcript") or {}).get("value")
-    return Job(str(rec["id"]), rec["audio"], rec["description"], instruction, attrs, transcript)
+def job_from_record(rec: MetadataRecord, instruction: str) -> Job:
+    return Job(rec.id, rec.audio, rec.description, instruction, rec.attributes(), rec.transcript)
 
 
 def choose_instruction(record_id: str, cfg: Config, seed: int) -> str:
@@ -85,33 +77,37 @@ def choose_instruction(record_id: str, cfg: Config, seed: int) -> str:
 def load_jobs(metadata: Path, cfg: Config, seed: int, errors: ResumableJsonl, summary: TargetsSummary) -> list[Job]:
     jobs = []
     seen: set[str] = set()
-    for line in iter_lines(metadata, required=("id", "audio", "description")):
+    for line in iter_lines(metadata, required=MetadataRecord.REQUIRED):
         if line.error:
             summary.malformed += 1
             errors.write({"id": f"{metadata.name}:line{line.number}", "kind": "malformed", "error": line.error})
             continue
-        rid = str(line.record["id"])
+        try:
+            rec = MetadataRecord.from_json(line.record, f"{metadata}:{line.number}")
+        except RecordError as err:
+            summary.malformed += 1
+            errors.write({"id": f"{metadata.name}:line{line.number}", "kind": "malformed", "error": str(err)})
+            continue
+        rid = rec.id
         if rid in seen:
             summary.malformed += 1
             errors.write({"id": f"{metadata.name}:line{line.number}", "kind": "duplicate",
                           "error": f"{metadata}:{line.number}: duplicate id '{rid}'"})
             continue
         seen.add(rid)
-        jobs.append(job_from_record(line.record, choose_instruction(rid, cfg, seed)))
+        jobs.append(job_from_record(rec, choose_instruction(rid, cfg, seed)))
     return jobs
 
 
 class TargetMaker:
     """Runs a strategy over jobs with degeneracy handling and truncation flags."""
 
-    def __init__(self, cfg: Config, generator: TextGenerator, sampling: Sampling):
-        if cfg.targets.strategy not in STRATEGIES:
-            raise ValueError(f"targets.strategy: unknown '{cfg.targets.strategy}'; known: {', '.join(STRATEGIES)}")
+    def __init__(self, cfg: Config, generator: TextGenerator, sampling: GenerationConfig):
         self.cfg, self.gen, self.sampling = cfg, generator, sampling
         self.strategy = STRATEGIES[cfg.targets.strategy]()
         self.new_tokens = 0
 
-    def _generate(self, sampling: Sampling):
+    def _generate(self, sampling: GenerationConfig):
         def run(texts: list[str]) -> list[Generation]:
             prompts = [self.gen.prompt_ids(t) for t in texts]
             outs = self.gen.generate(prompts, sampling, self.cfg.targets.batch_size)
@@ -119,13 +115,13 @@ class TargetMaker:
             return outs
         return run
 
-    def provenance(self, draft: Draft, sampling: Sampling) -> dict:
+    def provenance(self, draft: Draft, sampling: GenerationConfig) -> dict:
         if draft.source == "template":
             return {"template": draft.extra.get("template", "label-template/1"), "speechllm": __version__}
         return {"model": self.gen.model_name, "fingerprint": weights.fingerprint(self.gen.model_name),
-                "system_prompt": self.cfg.targets.system_prompt, **sampling.provenance(), "speechllm": __version__}
+                "system_prompt": self.cfg.model.llm.system_prompt, **provenance(sampling), "speechllm": __version__}
 
-    def make(self, jobs: list[Job], summary: TargetsSummary) -> tuple[list[dict], list[dict]]:
+    def make(self, jobs: list[Job], summary: TargetsSummary) -> tuple[list[TargetRecord], list[dict]]:
         """(records, error records) for `jobs`."""
         min_recall = self.cfg.targets.min_transcript_recall
         drafts = self.strategy.drafts(jobs, self._generate(self.sampling), min_recall)
@@ -134,8 +130,8 @@ class TargetMaker:
             bad = [i for i, d in enumerate(drafts) if d.source == "llm" and degenerate_reason(d.text)]
             if not bad:
                 break
-            retry = Sampling(self.sampling.max_new_tokens, do_sample=True, temperature=max(self.sampling.temperature,
-                             0.7), top_p=self.sampling.top_p, seed=self.sampling.seed + 1000 * attempt)
+            retry = dataclasses.replace(self.sampling, do_sample=True, temperature=max(self.sampling.temperature, 0.7),
+                                        seed=self.sampling.seed + 1000 * attempt)
             again = self.strategy.drafts([jobs[i] for i in bad], self._generate(retry), min_recall)
             for i, d in zip(bad, again):
                 drafts[i], used[i] = d, retry
@@ -152,16 +148,12 @@ class TargetMaker:
             n_tokens = self.gen.target_length(draft.text)
             truncated = bool((draft.generation is not None and not draft.generation.finished) or n_tokens > limit)
             summary.truncated += truncated
-            rec = {"id": job.id, "audio": job.audio, "transcript": job.transcript, "description": job.description,
-                   "instruction": job.instruction,
-                   "target": draft.text, "strategy": self.strategy.name, "generator": self.provenance(draft, sampling),
-                   "target_tokens": n_tokens, "truncated": truncated}
-            if draft.extra.get("kept"):
-                rec["kept"] = draft.extra["kept"]
-                summary.kept[draft.extra["kept"]] = summary.kept.get(draft.extra["kept"], 0) + 1
-            if draft.extra.get("checks"):
-                rec["checks"] = draft.extra["checks"]
-            records.append(rec)
+            kept = draft.extra.get("kept")
+            if kept:
+                summary.kept[kept] = summary.kept.get(kept, 0) + 1
+            records.append(TargetRecord(job.id, job.audio, job.transcript, job.description, job.instruction, draft.text,
+                                        self.strategy.name, self.provenance(draft, sampling), n_tokens, truncated,
+                                        kept, draft.extra.get("checks")))
         return records, errors
 
 
@@ -177,8 +169,7 @@ def run_targets(metadata: Path, out: Path, cfg: Config, device: str = "cpu", pro
     summary = TargetsSummary()
     part = out if world == 1 else part_path(out, rank, world)
     seed = cfg.generation.seed
-    sampling = Sampling(cfg.train.max_target_tokens, cfg.generation.do_sample, cfg.generation.temperature,
-                        cfg.generation.top_p, seed + 7919 * rank)
+    sampling = dataclasses.replace(cfg.generation, max_new_tokens=cfg.train.max_target_tokens, seed=seed + 7919 * rank)
     with ResumableJsonl(part) as done, ResumableJsonl(errors_path(part)) as failed:
         jobs = load_jobs(metadata, cfg, seed, failed, summary)
         summary.total = len(jobs)
@@ -197,7 +188,7 @@ def run_targets(metadata: Path, out: Path, cfg: Config, device: str = "cpu", pro
         for start in range(0, len(todo), chunk):
             records, errors = maker.make(todo[start: start + chunk], summary)
             for r in records:
-                done.write(r)
+                done.write(r.to_json())
             for e in errors:
                 failed.write(e)
             summary.written += len(records)

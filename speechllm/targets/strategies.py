@@ -16,10 +16,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+from ..labels import ATTRIBUTES, LABEL_ONLY
 from .checks import agreement
-from .engine import Generation
+from ..model.generate import Generation
+from ..model.prompt import description_prompt
 
-ATTRIBUTES = ("gender", "pitch", "speed", "volume", "noise")
 PARAPHRASE_INSTRUCTION = ("Rewrite the following description of an audio recording in your own words, "
                           "as an answer to someone who asked what can be heard. Keep every fact.\n\n")
 LABEL_TEMPLATE_VERSION = "label-template/1"
@@ -52,28 +53,24 @@ Generate = Callable[[list[str]], list[Generation]]
 
 
 def self_output_prompt(job: Job) -> str:
-    return f"{job.description}\n\n{job.instruction}"
+    return description_prompt(job.description, job.instruction)
 
 
 def label_target(job: Job) -> str:
-    """The template target: plain statements of the labelled facts, then the words spoken."""
+    """The template target: plain statements of the labelled facts (each attribute's phrase from
+    the attribute table), then the words spoken."""
     a = job.attrs
+    phrase = {name: ATTRIBUTES[name].phrases for name in ("gender", "speed", "volume", "noise")}
     parts = []
-    who = {"female": "a woman", "male": "a man"}.get(a.get("gender", ""), "a speaker")
+    who = phrase["gender"].get(a.get("gender", ""), "a speaker")
     voice = f" with a {a['pitch']}-pitched voice" if a.get("pitch") else ""
     parts.append(f"The recording contains {who} speaking{voice}.")
-    manner = []
-    if a.get("speed"):
-        manner.append({"slow": "slowly", "fast": "fast", "normal": "at a normal pace"}.get(a["speed"], a["speed"]))
-    if a.get("volume"):
-        manner.append({"quiet": "quietly", "loud": "loudly", "normal": "at a normal volume"}.get(a["volume"],
-                                                                                                 a["volume"]))
+    manner = [phrase[k].get(a[k], a[k]) for k in ("speed", "volume") if a.get(k)]
     if manner:
         parts.append("The speaker talks " + " and ".join(manner) + ".")
     if a.get("noise"):
-        parts.append({"noisy": "There is noticeable background noise.",
-                      "clean": "The recording is clean, without background noise."}.get(a["noise"], ""))
-    for key in ("emotion", "age", "accent"):
+        parts.append(phrase["noise"].get(a["noise"], ""))
+    for key in LABEL_ONLY:
         if a.get(key):
             parts.append(f"The speaker's {key} is {a[key]}.")
     if job.transcript:

@@ -33,8 +33,8 @@ from pathlib import Path
 
 import torch
 
-from .. import weights
-from ..audio import load_audio
+from ..hub import weights
+from ..io.audio import load_audio
 from ..model.encoder import WhisperTappedEncoder
 
 CACHE_FORMAT_VERSION = 1

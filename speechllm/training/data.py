@@ -10,7 +10,8 @@ from pathlib import Path
 
 import soundfile as sf
 
-from ..data.jsonl import JsonlError, iter_lines
+from ..io.jsonl import JsonlError, iter_lines
+from ..records import TargetRecord
 
 MEGABATCH = 32
 """Batches per length-sorting window: batches hold clips of similar length, order stays random."""
@@ -47,21 +48,20 @@ def load_targets(path: str | Path, skip_truncated: bool = True) -> tuple[list[Tr
         raise JsonlError(f"{path}: no such targets file (make one with `speechllm targets`)")
     root = path.absolute().parent
     out, report = [], DataReport()
-    for line in iter_lines(path, required=("id", "audio", "instruction", "target")):
+    for line in iter_lines(path, required=TargetRecord.REQUIRED):
         if line.error:
             raise JsonlError(line.error)
-        rec = line.record
-        report.truncated += bool(rec.get("truncated"))
-        if skip_truncated and rec.get("truncated"):
+        rec = TargetRecord.from_json(line.record, f"{path}:{line.number}")
+        report.truncated += rec.truncated
+        if skip_truncated and rec.truncated:
             continue
-        audio = (root / rec["audio"]).absolute()
+        audio = (root / rec.audio).absolute()
         try:
             info = sf.info(str(audio))
         except Exception as err:
-            raise JsonlError(f"{path}:{line.number}: audio {rec['audio']} cannot be read ({err})") from None
-        out.append(TrainRecord(str(rec["id"]), audio, info.frames / info.samplerate, rec.get("transcript"),
-                               rec["instruction"], rec["target"], rec.get("description", ""),
-                               bool(rec.get("truncated"))))
+            raise JsonlError(f"{path}:{line.number}: audio {rec.audio} cannot be read ({err})") from None
+        out.append(TrainRecord(rec.id, audio, info.frames / info.samplerate, rec.transcript, rec.instruction,
+                               rec.target, rec.description, rec.truncated))
     report.kept = len(out)
     return out, report
 

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from .. import weights
+from ..errors import SpeechLLMError
+from ..hub import weights
 from ..distributed import accelerate_kwargs
 from ..config import Config, to_dict
 from ..model import Example, build_model
@@ -32,7 +33,7 @@ METRICS_FILE = "metrics.jsonl"
 RESOLVED_CONFIG = "resolved_config.json"
 
 
-class TrainingError(RuntimeError):
+class TrainingError(SpeechLLMError, RuntimeError):
     """Training cannot go on (non-finite loss, no data, ...)."""
 
 
@@ -137,7 +138,7 @@ class Trainer:
     # ------------------------------------------------------------------ data
 
     def examples(self, records: list[TrainRecord]) -> list[Example]:
-        from ..audio import load_audio
+        from ..io.audio import load_audio
 
         if self.cache is not None:
             states = self.cache.get([r.audio for r in records])
@@ -292,7 +293,7 @@ class Trainer:
         """After a resume, drop metrics logged past the checkpoint (they are logged again)."""
         path = self.out / METRICS_FILE
         if path.exists():
-            from ..data.jsonl import iter_lines, write_jsonl_atomic
+            from ..io.jsonl import iter_lines, write_jsonl_atomic
 
             rows = [line.record for line in iter_lines(path) if line.record and line.record.get("step", 0) <= self.step]
             write_jsonl_atomic(path, rows)
