@@ -89,7 +89,7 @@ def demo_config(plan: DemoPlan, strategy: str, out: Path):
     from .config import load_config
 
     overrides = [
-        f"model.llm.system_prompt={SYSTEM_PROMPT}", f"targets.system_prompt={SYSTEM_PROMPT}",
+        f"model.llm.system_prompt={SYSTEM_PROMPT}",
         f"targets.strategy={strategy}", f"targets.instruction_pool={json.dumps(INSTRUCTION_POOL)}",
         "targets.batch_size=16",
         f"train.data={out / 'data' / f'train.{strategy}.targets.jsonl'}", f"train.out_dir={out / 'runs' / strategy}",
@@ -119,11 +119,12 @@ class Stages:
 
 def run_demo(out: Path, quick: bool = False, device: str = "cpu", progress: bool = True) -> dict:
     """Run (or finish) the demo in `out`; returns the evaluation report."""
-    from annotate.pipeline import AnnotateOptions, manifest_items, run as annotate
-    from annotate.synth import synthesize
+    from annotate.pipeline import manifest_items, run as annotate
 
-    from . import weights
-    from .eval.suite import EvalOptions, run_eval
+    from .config import AnnotateConfig, EvalConfig
+    from .data.synth import synthesize
+    from .eval.suite import run_eval
+    from .hub import weights
     from .targets.run import run_targets
     from .training.trainer import train
 
@@ -143,10 +144,10 @@ def run_demo(out: Path, quick: bool = False, device: str = "cpu", progress: bool
     def annotate_splits():
         # the synthetic manifests carry the true transcript and attributes; DeSTA2.5 also builds its
         # descriptions on ground-truth transcripts (espeak/flite speech defeats whisper-tiny, see README)
-        opts = AnnotateOptions(trust_labels=True, progress=progress)
+        opts = AnnotateConfig(trust_labels=True)
         for split in ("train", "test"):
             target = data / f"{split}.metadata.jsonl"
-            summary = annotate(manifest_items(synth / f"{split}.jsonl", data), target, opts)
+            summary = annotate(manifest_items(synth / f"{split}.jsonl", data), target, opts, progress=progress)
             print(summary.line(target), file=sys.stderr)
     stages.run("annotate train and test clips", annotate_splits)
 
@@ -161,13 +162,13 @@ def run_demo(out: Path, quick: bool = False, device: str = "cpu", progress: bool
         stages.run(f"train: {strategy} ({plan.steps} steps x {plan.batch_size})",
                    lambda: train(cfg, progress=progress))
 
-    opts = EvalOptions(data_format="metadata", max_per_task=plan.per_task, forgetting_items=plan.forgetting_items,
-                       constraint_kinds=plan.constraints, text_prompts=plan.text_prompts, text_prompt_set="builtin",
-                       max_new_tokens=plan.task_tokens, if_max_new_tokens=plan.if_tokens,
-                       batch_size=plan.eval_batch_size, seed=plan.seed, device=device, progress=progress)
+    eval_cfg = EvalConfig(data_format="metadata", max_per_task=plan.per_task, forgetting_items=plan.forgetting_items,
+                          constraints=plan.constraints, text_prompts=plan.text_prompts, text_prompt_set="builtin",
+                          max_new_tokens=plan.task_tokens, if_max_new_tokens=plan.if_tokens,
+                          batch_size=plan.eval_batch_size, seed=plan.seed)
     report = stages.run("evaluate both adapters against the text reference",
                         lambda: run_eval([out / "runs" / s for s in STRATEGIES], data / "test.metadata.jsonl", out,
-                                         opts))
+                                         eval_cfg, device=device, progress=progress))
     total = round(time.perf_counter() - t0, 1)
     (out / "demo.json").write_text(json.dumps({"plan": asdict(plan), "quick": quick, "stage_seconds": stages.times,
                                                "total_seconds": total}, indent=2) + "\n")

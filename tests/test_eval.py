@@ -8,10 +8,14 @@ from pathlib import Path
 
 import pytest
 
+from speechllm.config import EvalConfig
 from speechllm.eval.forgetting import bootstrap_interval
-from speechllm.eval.suite import EvalError, EvalOptions, forgetting_items, read_items, run_eval
+from speechllm.eval.items import EvalSet, forgetting_items, read_items
+from speechllm.eval.scoring import CheckpointScores, compare_checkpoints, score_checkpoint
+from speechllm.eval.suite import EvalError, run_eval
 from speechllm.eval.tasks import (TaskError, extract_lenient, extract_strict, score_item, tasks_from_metadata,
-                                  transcript_errors, validate_item)
+                                  transcript_errors)
+from speechllm.records import MetadataRecord, RecordError, TaskItem
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = sorted((ROOT / "samples").glob("*.wav"))
@@ -51,11 +55,11 @@ def test_label_extraction_multiword_and_letters():
 
 
 def test_score_item_label_and_transcript():
-    item = {"answer_kind": "label", "labels": ["female", "male"], "reference": "male", "instruction": "?"}
+    item = TaskItem("g", "gender", "a.wav", "?", "label", "male", labels=["female", "male"])
     assert score_item(item, "male") == {"strict": "male", "lenient": "male", "correct_strict": True, "correct": True}
     assert score_item(item, "A man speaks.")["correct"] and not score_item(item, "A man speaks.")["correct_strict"]
     assert not score_item(item, "female")["correct"]
-    t = {"answer_kind": "transcript", "reference": "The cat sat on the mat."}
+    t = TaskItem("t", "transcription", "a.wav", "?", "transcript", "The cat sat on the mat.")
     assert score_item(t, "the cat sat on the mat") == {"errors": 0, "words": 6}
     assert score_item(t, "The cat sat on a hat!") == {"errors": 2, "words": 6}
     assert transcript_errors("", "two words") == (2, 2)
@@ -75,27 +79,35 @@ def _meta(id_, audio, gender, pitch, transcript, extra_labels=None, with_labels=
     return rec
 
 
+def _records(recs: list[dict]) -> list[MetadataRecord]:
+    return [MetadataRecord.from_json(r, f"test:{i}") for i, r in enumerate(recs, 1)]
+
+
 def test_tasks_from_metadata():
-    recs = [_meta("a", "a.wav", "male", "low", "one two", {"emotion": "happy"}),
-            _meta("b", "b.wav", "female", "high", "three", {"emotion": "sad"}),
-            _meta("c", "c.wav", "female", "normal", "four", {"emotion": "sad"})]
+    recs = _records([_meta("a", "a.wav", "male", "low", "one two", {"emotion": "happy"}),
+                     _meta("b", "b.wav", "female", "high", "three", {"emotion": "sad"}),
+                     _meta("c", "c.wav", "female", "normal", "four", {"emotion": "sad"})])
     items = tasks_from_metadata(recs)
-    tasks = [it["task"] for it in items]
+    assert all(isinstance(it, TaskItem) for it in items)
+    tasks = [it.task for it in items]
     # attribute tasks in their fixed order, then generic label columns, then transcription; 'voice' is no task;
     # speed/volume/noise have a single value in this data: no task
     assert sorted(set(tasks), key=tasks.index) == ["gender", "pitch", "emotion", "transcription"]
-    g = next(it for it in items if it["id"] == "gender/a")
-    assert g["labels"] == ["female", "male"] and g["reference"] == "male" and g["audio"] == "a.wav"
-    assert g["instruction"] == "Is the speaker male or female? Answer with one word: female or male."
-    assert g["question"] == "Is the speaker male or female?" and g["transcript"] == "one two"
-    assert next(it for it in items if it["id"] == "pitch/c")["labels"] == ["low", "normal", "high"]
-    assert next(it for it in items if it["id"] == "emotion/b")["labels"] == ["happy", "sad"]
-    # labels win over annotations: the reference transcript is the labelled one
-    assert next(it for it in items if it["id"] == "transcription/a")["reference"] == "ONE TWO"
+    by_id = {it.id: it for it in items}
+    g = by_id["gender/a"]
+    assert g.labels == ["female", "male"] and g.reference == "male" and g.audio == "a.wav"
+    assert g.instruction == "Is the speaker male or female? Answer with one word: female or male."
+    assert g.question == "Is the speaker male or female?" and g.transcript == "one two"
+    assert by_id["pitch/c"].labels == ["low", "normal", "high"]
+    assert by_id["emotion/b"].labels == ["happy", "sad"]
+    # labels win over annotations: the reference transcript is the labelled one, while the speech
+    # model is given what the ASR heard
+    t = by_id["transcription/a"]
+    assert t.reference == "ONE TWO" and t.transcript == "one two" and t.answer_kind == "transcript"
     # unlabelled clips fall back on annotation bins
-    unlabelled = tasks_from_metadata([_meta("a", "a.wav", "male", "low", "x", with_labels=False),
-                                      _meta("b", "b.wav", "female", "low", "y", with_labels=False)])
-    assert {it["task"] for it in unlabelled} == {"gender", "transcription"}
+    unlabelled = tasks_from_metadata(_records([_meta("a", "a.wav", "male", "low", "x", with_labels=False),
+                                               _meta("b", "b.wav", "female", "low", "y", with_labels=False)]))
+    assert {it.task for it in unlabelled} == {"gender", "transcription"}
     assert len(tasks_from_metadata(recs, tasks=["gender"], max_per_task=2)) == 2
     with pytest.raises(TaskError, match="no data for task.*age"):
         tasks_from_metadata(recs, tasks=["age"])
@@ -107,29 +119,41 @@ def test_task_file_errors_name_the_line(tmp_path):
     path = tmp_path / "tasks.jsonl"
     path.write_text("\n".join([json.dumps(good), "{broken", json.dumps({**good, "id": "y", "reference": "c"}),
                                json.dumps({**good, "id": "z", "answer_kind": "essay"}), json.dumps(good)]) + "\n")
-    items, errors = read_items(path, tmp_path, EvalOptions(data_format="tasks"))
-    assert [it["id"] for it in items] == ["x"]
+    items, errors = read_items(path, tmp_path, EvalConfig(data_format="tasks"))
+    assert [it.id for it in items] == ["x"]
     reasons = {e["id"]: e["error"] for e in errors}
     assert "tasks.jsonl:2" in reasons["line-2"]
     assert "reference 'c' is not among labels" in reasons["y"] and "tasks.jsonl:3" in reasons["y"]
     assert "answer_kind 'essay'" in reasons["z"]
     assert "repeats" in reasons["x"]
-    with pytest.raises(TaskError, match="missing or empty field"):
-        validate_item({"id": "q"}, "here")
+    with pytest.raises(RecordError, match="here: missing or empty field"):
+        TaskItem.from_json({"id": "q"}, "here")
+
+
+def test_metadata_errors_name_the_line(tmp_path):
+    path = tmp_path / "test.metadata.jsonl"
+    good = json.dumps(_meta("a", "a.wav", "male", "low", "x"))
+    path.write_text("\n".join([good, json.dumps({"id": "b", "audio": "b.wav"})]) + "\n")
+    with pytest.raises(EvalError, match=r"test\.metadata\.jsonl:2: missing field\(s\) description"):
+        read_items(path, tmp_path, EvalConfig(data_format="metadata"))
+    path.write_text("\n".join([good, "{broken"]) + "\n")
+    with pytest.raises(EvalError, match=r"test\.metadata\.jsonl:2: not valid JSON"):
+        read_items(path, tmp_path, EvalConfig())
 
 
 def test_forgetting_items_deal_constraint_kinds_evenly():
-    items = [{"id": f"gender/{i}", "task": "gender", "instruction": "Is it? Answer with one word: a or b.",
-              "question": "Is it?", "answer_kind": "label"} for i in range(26)]
-    opts = EvalOptions(seed=3)
-    f = forgetting_items(items, opts)
-    assert f == forgetting_items(items, opts)  # deterministic
-    kinds = [x["constraint"]["kind"] for x in f]
+    items = [TaskItem(f"gender/{i}", "gender", "a.wav", "Is it? Answer with one word: a or b.", "label", "a",
+                      labels=["a", "b"], question="Is it?") for i in range(26)]
+    cfg = EvalConfig(seed=3)
+    f = forgetting_items(items, cfg)
+    assert f == forgetting_items(items, cfg)  # deterministic
+    kinds = [x.constraint.kind for x in f]
     assert all(kinds.count(k) == 2 for k in set(kinds)) and len(set(kinds)) == 13
-    assert all(x["instruction"].startswith("Is it? ") and "Answer with one word" not in x["instruction"] for x in f)
-    assert len(forgetting_items(items, EvalOptions(forgetting_items=5, constraint_kinds=["lowercase"]))) == 5
+    assert all(x.instruction.startswith("Is it? ") and "Answer with one word" not in x.instruction for x in f)
+    assert all(x.id == x.base and x.to_json()["constraint"] == x.constraint.to_dict() for x in f)
+    assert len(forgetting_items(items, EvalConfig(forgetting_items=5, constraints=["lowercase"]))) == 5
     with pytest.raises(EvalError, match="unknown constraint kind"):
-        forgetting_items(items, EvalOptions(constraint_kinds=["haiku"]))
+        forgetting_items(items, EvalConfig(constraints=["haiku"]))
 
 
 def test_bootstrap_interval_brackets_the_mean():
@@ -145,9 +169,25 @@ def test_bootstrap_interval_brackets_the_mean():
     assert hi == 1.0 and 0.1 < lo < 1.0  # an infinite 1/0 would have become the upper end
 
 
-def test_compare_checkpoints_is_paired():
-    from speechllm.eval.suite import compare_checkpoints
+def test_score_checkpoint_names_its_results():
+    items = [TaskItem(f"gender/{i}", "gender", "a.wav", "Is it? Answer with one word: female or male.", "label",
+                      ref, labels=["female", "male"], question="Is it?", description="d")
+             for i, ref in enumerate(["male", "female", "male", "female"])]
+    es = EvalSet(items, forgetting_items(items, EvalConfig(constraints=["lowercase"])), None, {}, 0)
+    answers = {**{f"task:{it.id}": it.reference for it in items}, **{k: "all in lower case" for k in es.if_keys}}
+    ref_answers = {**{f"task:{it.id}": "male" for it in items}, **{k: "Not Lower Case" for k in es.if_keys}}
+    s = score_checkpoint(es, answers, ref_answers, EvalConfig(bootstrap=50))
+    assert isinstance(s, CheckpointScores)
+    assert s.tasks["gender"]["accuracy"] == 1.0 and s.tasks["gender"]["accuracy_ref"] == 0.5
+    assert s.tasks["gender"]["diff"] == 0.5
+    assert s.per_item["gender/1"] == {"strict": "female", "lenient": "female", "correct_strict": True,
+                                      "correct": True}
+    assert s.passes == [True] * 4 and s.passes_ref == [False] * 4
+    assert s.forgetting.ifrate == 1.0 and s.forgetting.ifrate_ref == 0.0 and s.forgetting.delta is None
+    assert s.ifeval is None  # no text prompts
 
+
+def test_compare_checkpoints_is_paired():
     # a follows every constraint b follows plus 10 more: the paired difference is exactly 10/40 in
     # every resample where those items are drawn, so its interval stays above 0
     b = [True] * 10 + [False] * 30
@@ -180,9 +220,8 @@ def test_eval_suite_tiny_end_to_end_and_resume(tmp_path, tiny_eval_setup, monkey
     second = tmp_path / "label"
     shutil.copytree(ckpt, second)
     out = tmp_path / "eval"
-    opts = EvalOptions(max_new_tokens=6, if_max_new_tokens=8, text_prompts=4, text_prompt_set="builtin",
-                       bootstrap=50, progress=False)
-    report = run_eval([ckpt, second], meta, out, opts)
+    cfg = EvalConfig(max_new_tokens=6, if_max_new_tokens=8, text_prompts=4, text_prompt_set="builtin", bootstrap=50)
+    report = run_eval([ckpt, second], meta, out, cfg, progress=False)
 
     for name in ("self-output", "label"):
         c = report["checkpoints"][name]
@@ -217,10 +256,10 @@ def test_eval_suite_tiny_end_to_end_and_resume(tmp_path, tiny_eval_setup, monkey
         raise AssertionError("a finished run generated again")
 
     monkeypatch.setattr(SpeechLLM, "generate", no_generation)
-    from speechllm.targets.engine import TextGenerator
+    from speechllm.model.generate import TextGenerator
 
     monkeypatch.setattr(TextGenerator, "generate", no_generation)
-    again = run_eval([ckpt, second], meta, out, opts)
+    again = run_eval([ckpt, second], meta, out, cfg, progress=False)
     assert again["checkpoints"] == report["checkpoints"]
 
 
@@ -231,15 +270,14 @@ def test_eval_suite_changed_checkpoint_is_answered_afresh(tmp_path, tiny_eval_se
 
     ckpt, meta = tiny_eval_setup
     out = tmp_path / "eval"
-    opts = EvalOptions(max_new_tokens=4, if_max_new_tokens=4, text_prompts=0, bootstrap=20, progress=False,
-                       tasks=["gender"])
-    run_eval([ckpt], meta, out, opts)
+    cfg = EvalConfig(max_new_tokens=4, if_max_new_tokens=4, text_prompts=0, bootstrap=20, tasks=["gender"])
+    run_eval([ckpt], meta, out, cfg, progress=False)
     model = SpeechLLM.from_pretrained(ckpt)
     with torch.no_grad():
         for p in model.adapter.parameters():
             p.add_(1.0)
     model.save_pretrained(ckpt)
-    run_eval([ckpt], meta, out, opts)
+    run_eval([ckpt], meta, out, cfg, progress=False)
     assert list((out / "generations").glob("self-output.jsonl.stale-*"))
     assert len((out / "generations" / "self-output.jsonl").read_text().splitlines()) == 2 * len(SAMPLES)
 
@@ -247,15 +285,15 @@ def test_eval_suite_changed_checkpoint_is_answered_afresh(tmp_path, tiny_eval_se
 def test_eval_rejects_bad_inputs(tmp_path, tiny_eval_setup):
     ckpt, meta = tiny_eval_setup
     with pytest.raises(EvalError, match="at least one"):
-        run_eval([], meta, tmp_path / "o", EvalOptions())
+        run_eval([], meta, tmp_path / "o", EvalConfig())
     weird = tmp_path / "weird.jsonl"
     weird.write_text('{"foo": 1}\n')
     with pytest.raises(EvalError, match="cannot tell the data format"):
-        run_eval([ckpt], weird, tmp_path / "o", EvalOptions(progress=False))
+        run_eval([ckpt], weird, tmp_path / "o", EvalConfig(), progress=False)
     ref = tmp_path / "reference"
     shutil.copytree(ckpt, ref)
     with pytest.raises(EvalError, match="may not be called 'reference'"):
-        run_eval([ref], meta, tmp_path / "o", EvalOptions(progress=False))
+        run_eval([ref], meta, tmp_path / "o", EvalConfig(), progress=False)
 
 
 def test_eval_suite_on_mmau_annotates_clips_without_description(tmp_path, tiny_model):
@@ -269,11 +307,12 @@ def test_eval_suite_on_mmau_annotates_clips_without_description(tmp_path, tiny_m
     data = tmp_path / "mmau.json"
     data.write_text(json.dumps(entries))
     out = tmp_path / "eval"
-    report = run_eval([ckpt], data, out, EvalOptions(max_new_tokens=4, if_max_new_tokens=4, text_prompts=0,
-                                                     bootstrap=20, asr_model="tiny-random-whisper",
-                                                     progress=False))
+    report = run_eval([ckpt], data, out, EvalConfig(max_new_tokens=4, if_max_new_tokens=4, text_prompts=0,
+                                                    bootstrap=20, asr_model="tiny-random-whisper"),
+                      progress=False)
     items = [json.loads(l) for l in (out / "tasks.jsonl").read_text().splitlines()]
     assert items and all(it["description"].startswith("[00:00-") for it in items)
+    assert all(TaskItem.from_json(it, f"tasks.jsonl:{i}").to_json() == it for i, it in enumerate(items, 1))
     annotated = (out / "annotations.jsonl").read_text().splitlines()
     assert len(annotated) == len({it["audio"] for it in items})  # once per clip
     assert set(report["checkpoints"]["ckpt"]["tasks"]) == {it["task"] for it in items}

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from speechllm.audio import SAMPLE_RATE
+from speechllm.io.audio import SAMPLE_RATE
 from speechllm.eval.readers import MMAU_ANSWER_LINE, read_dynamic_superb, read_mmau
+from speechllm.records import TaskItem
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "eval"
 INSTRUCTION = "Does the audio contain speech? The answer could be yes or no."
@@ -65,9 +66,10 @@ def test_dynamic_superb_items_errors_and_flacs(superb, tmp_path):
     out = tmp_path / "out"
     items, errors = read_dynamic_superb(str(superb), out)
     task = "SpeechDetection_Tones"
-    assert [i["id"] for i in items] == [f"{task}/clip_a.wav", f"{task}/clip_b.wav", f"{task}/clip_c.wav"]
+    assert [i.id for i in items] == [f"{task}/clip_a.wav", f"{task}/clip_b.wav", f"{task}/clip_c.wav"]
     first = items[0]
-    assert first == {
+    assert isinstance(first, TaskItem)
+    assert first.to_json() == {
         "id": f"{task}/clip_a.wav",
         "task": task,
         "audio": f"audio/{task}/clip_a.wav.flac",
@@ -77,11 +79,11 @@ def test_dynamic_superb_items_errors_and_flacs(superb, tmp_path):
         "labels": ["maybe", "no", "yes"],  # the whole dataset's labels, the failed row's included
         "source": f"dynamic-superb:{superb}",
     }
-    assert [i["reference"] for i in items] == ["yes", "no", "yes"]
+    assert [i.reference for i in items] == ["yes", "no", "yes"]
     durations = [0.5, 0.75, 0.25]
     for item, seconds in zip(items, durations):
-        path = out / item["audio"]
-        assert path.is_file() and not Path(item["audio"]).is_absolute()
+        path = out / item.audio
+        assert path.is_file() and not Path(item.audio).is_absolute()
         data, sr = sf.read(path)
         assert sr == SAMPLE_RATE and data.ndim == 1
         assert abs(len(data) - seconds * SAMPLE_RATE) <= 2
@@ -96,7 +98,7 @@ def test_dynamic_superb_items_errors_and_flacs(superb, tmp_path):
 def test_dynamic_superb_rerun_does_not_rewrite(superb, tmp_path):
     out = tmp_path / "out"
     items, _ = read_dynamic_superb(str(superb), out)
-    before = {i["audio"]: (out / i["audio"]).stat() for i in items}
+    before = {i.audio: (out / i.audio).stat() for i in items}
     items2, errors2 = read_dynamic_superb(str(superb), out)
     assert items2 == items and len(errors2) == 1
     for rel, st in before.items():
@@ -109,10 +111,10 @@ def test_dynamic_superb_task_name_split_and_row_ids(tmp_path):
     cols["file"] = ["same.wav"] * 4  # not unique: rows are numbered instead
     folder = _save(tmp_path, "Multi", cols, splits=("test",))
     items, errors = read_dynamic_superb(str(folder), tmp_path / "out", task="my_task")
-    assert [i["id"] for i in items] == ["my_task/00000000", "my_task/00000001", "my_task/00000002"]
+    assert [i.id for i in items] == ["my_task/00000000", "my_task/00000001", "my_task/00000002"]
     assert errors[0]["id"] == "my_task/00000003"
-    assert items[0]["audio"] == "audio/my_task/00000000.flac"
-    assert items[0]["source"] == f"dynamic-superb:{folder}[test]"
+    assert items[0].audio == "audio/my_task/00000000.flac"
+    assert items[0].source == f"dynamic-superb:{folder}[test]"
 
     two = _save(tmp_path, "TwoSplits", _superb_columns(), splits=("train", "test"))
     with pytest.raises(ValueError, match="train, test"):
@@ -133,9 +135,9 @@ def test_dynamic_superb_class_label_and_empty_fields(tmp_path):
     ds = ds.cast_column("label", datasets.ClassLabel(names=["no", "yes"]))
     ds.save_to_disk(str(tmp_path / "ClassLabels"))
     items, errors = read_dynamic_superb(str(tmp_path / "ClassLabels"), tmp_path / "out")
-    assert [(i["id"], i["reference"]) for i in items] == [("ClassLabels/clip_a.wav", "yes"),
-                                                          ("ClassLabels/clip_b.wav", "no")]
-    assert items[0]["labels"] == ["no", "yes"]
+    assert [(i.id, i.reference) for i in items] == [("ClassLabels/clip_a.wav", "yes"),
+                                                    ("ClassLabels/clip_b.wav", "no")]
+    assert items[0].labels == ["no", "yes"]
     kinds = {e["id"]: e["kind"] for e in errors}
     assert kinds == {"ClassLabels/clip_c.wav": "malformed", "ClassLabels/clip_d.wav": "audio"}
     assert "[2]" in next(e["error"] for e in errors if e["kind"] == "malformed")
@@ -166,11 +168,11 @@ def mmau(tmp_path):
 
 def test_mmau_items(mmau):
     items, errors = read_mmau(mmau)
-    assert [i["id"] for i in items] == ["mmau/a1b2c3d4-0001", "mmau/a1b2c3d4-0002"]
+    assert [i.id for i in items] == ["mmau/a1b2c3d4-0001", "mmau/a1b2c3d4-0002"]
     sound, music = items
     question = ("Based on the given audio, identify the source of the tone.\n"
                 "Choices: (A) Alarm (B) Electronic device (C) Musical instrument (D) Bird")
-    assert sound == {
+    assert sound.to_json() == {
         "id": "mmau/a1b2c3d4-0001",
         "task": "mmau/sound",
         "audio": str(mmau.parent / "test-mini-audios" / "a1b2c3d4-0001.wav"),
@@ -183,11 +185,12 @@ def test_mmau_items(mmau):
         "meta": {"category": "Reasoning", "sub-category": "Acoustic Source Inference",
                  "difficulty": "medium", "dataset": "AudioSet"},
     }
-    assert Path(sound["audio"]).is_absolute() and Path(sound["audio"]).is_file()
+    assert set(sound.extra) == {"meta"} and sound.extra["meta"]["dataset"] == "AudioSet"  # kept as given
+    assert Path(sound.audio).is_absolute() and Path(sound.audio).is_file()
     # a repeated choice is listed once
-    assert music["task"] == "mmau/music" and music["labels"] == ["one", "six", "four"]
-    assert music["instruction"].endswith("Choices: (A) one (B) six (C) four\n" + MMAU_ANSWER_LINE)
-    assert music["reference"] == "one"
+    assert music.task == "mmau/music" and music.labels == ["one", "six", "four"]
+    assert music.instruction.endswith("Choices: (A) one (B) six (C) four\n" + MMAU_ANSWER_LINE)
+    assert music.reference == "one"
 
 
 def test_mmau_errors_name_file_and_entry(mmau):
@@ -210,8 +213,8 @@ def test_mmau_relative_to_out_dir_and_duplicates(mmau):
     mmau.write_text(json.dumps(data))
     (mmau.parent / "test-mini-audios" / "a1b2c3d4-0005.wav").write_bytes(b"not audio")
     items, errors = read_mmau(mmau, out_dir=mmau.parent)
-    assert items[0]["audio"] == "test-mini-audios/a1b2c3d4-0001.wav"
-    assert all((mmau.parent / i["audio"]).is_file() for i in items)
+    assert items[0].audio == "test-mini-audios/a1b2c3d4-0001.wav"
+    assert all((mmau.parent / i.audio).is_file() for i in items)
     by_id = {e["id"]: e for e in errors}
     assert by_id["mmau-mini.json[5]"]["kind"] == "duplicate"
     assert "expected an object, got str" in by_id["mmau-mini.json[6]"]["error"]

@@ -17,8 +17,12 @@ from typing import Callable
 
 import numpy as np
 
-BOOTSTRAP_SAMPLES = 2000
+from ..config import EvalConfig
+
+BOOTSTRAP_SAMPLES: int = EvalConfig.bootstrap
+"""Resamples of an interval when none are given: the evaluation's configured default."""
 CONFIDENCE = 0.95
+"""Coverage of every interval."""
 
 
 def bootstrap_interval(n: int, stat: Callable[[np.ndarray], np.ndarray], samples: int = BOOTSTRAP_SAMPLES,

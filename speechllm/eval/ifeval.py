@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
 
-from speechllm.weights import (
+from speechllm.hub.weights import (
     HASH_CHUNK,
     SourceFile,
     WeightsError,
@@ -55,7 +55,7 @@ from speechllm.weights import (
     home,
 )
 
-from ..data.jsonl import iter_lines
+from ..io.jsonl import iter_lines
 from .constraints import CONSTRAINTS, Constraint, sample_constraint
 
 __all__ = [

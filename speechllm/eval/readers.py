@@ -1,4 +1,4 @@
-"""Readers that turn public audio benchmarks into task items (the format of `speechllm.eval.tasks`).
+"""Readers that turn public audio benchmarks into task items (`speechllm.records.TaskItem`).
 
 Two sources:
 
@@ -21,7 +21,9 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+
+from ..records import TaskItem
 
 __all__ = [
     "DYNAMIC_SUPERB_COLUMNS",
@@ -84,8 +86,39 @@ def _id_column(ds) -> str | None:
     return None
 
 
+def _load_task(spec: str, split: str | None, task: str | None) -> tuple[Any, str | None, str]:
+    """The dataset of ``spec``, its split and the task name; ``ValueError`` when it lacks a
+    Dynamic-SUPERB column or the task name is unusable."""
+    from annotate.pipeline import load_hf_dataset
+
+    ds, split = load_hf_dataset(spec, split)
+    missing = [c for c in DYNAMIC_SUPERB_COLUMNS if c not in ds.column_names]
+    if missing:
+        raise ValueError(f"{spec}: not a Dynamic-SUPERB task: no column(s) {', '.join(missing)} "
+                         f"(columns: {', '.join(ds.column_names)})")
+    task = task or _task_name(spec)
+    if not task.strip() or ".." in Path(task).parts:
+        raise ValueError(f"{spec}: unusable task name {task!r}")
+    return ds, split, task
+
+
+def _label_text(ds) -> Callable[[Any], str]:
+    """A function giving a row's label as text ("" when absent); a ClassLabel column stores ints,
+    which become their names."""
+    names = getattr(ds.features["label"], "names", None)
+
+    def as_label(value: Any) -> str:
+        if value is None:
+            return ""
+        if names is not None and isinstance(value, int) and 0 <= value < len(names):
+            return names[value]
+        return str(value).strip()
+
+    return as_label
+
+
 def read_dynamic_superb(spec: str, out_dir: Path, split: str | None = None,
-                        task: str | None = None) -> tuple[list[dict], list[dict]]:
+                        task: str | None = None) -> tuple[list[TaskItem], list[dict]]:
     """Task items of one Dynamic-SUPERB task (a ``save_to_disk`` folder or a hub name).
 
     Each row becomes a ``label`` item: ``instruction`` as given, ``reference`` its ``label``,
@@ -99,28 +132,11 @@ def read_dynamic_superb(spec: str, out_dir: Path, split: str | None = None,
     dict for that row. Raises ``ValueError`` if the dataset lacks one of the columns ``audio``,
     ``instruction``, ``label``, or has several splits and ``split`` is not given.
     """
-    from annotate.pipeline import Item, hf_items, load_hf_dataset  # the one soundfile decoder shared with annotate
+    from annotate.pipeline import Item, hf_items  # the one soundfile decoder shared with annotate
 
     out_dir = Path(out_dir)
-    ds, split = load_hf_dataset(spec, split)
-    missing = [c for c in DYNAMIC_SUPERB_COLUMNS if c not in ds.column_names]
-    if missing:
-        raise ValueError(f"{spec}: not a Dynamic-SUPERB task: no column(s) {', '.join(missing)} "
-                         f"(columns: {', '.join(ds.column_names)})")
-    task = task or _task_name(spec)
-    if not task.strip() or ".." in Path(task).parts:
-        raise ValueError(f"{spec}: unusable task name {task!r}")
-
-    label_feature = ds.features["label"]
-    names = getattr(label_feature, "names", None)  # a ClassLabel column stores ints
-
-    def as_label(value: Any) -> str:
-        if value is None:
-            return ""
-        if names is not None and isinstance(value, int) and 0 <= value < len(names):
-            return names[value]
-        return str(value).strip()
-
+    ds, split, task = _load_task(spec, split, task)
+    as_label = _label_text(ds)
     label_set = sorted({lab for lab in (as_label(v) for v in ds["label"]) if lab})
     id_col = _id_column(ds)
     # hf_items numbers the rows itself when its id column is absent from a row; "" never is a column.
@@ -129,7 +145,7 @@ def read_dynamic_superb(spec: str, out_dir: Path, split: str | None = None,
     source = f"dynamic-superb:{spec}" + (f"[{split}]" if split else "")
     audio_dir = out_dir / AUDIO_SUBDIR / task.replace("/", "_")
 
-    items: list[dict] = []
+    items: list[TaskItem] = []
     errors: list[dict] = []
     for entry in hf_items(spec, out_dir, audio_dir, audio_column="audio", id_column=id_col or "",
                           text_column="", split=split):
@@ -143,16 +159,10 @@ def read_dynamic_superb(spec: str, out_dir: Path, split: str | None = None,
             errors.append(_error(f"{task}/{entry.id}", f"{spec}[{i}]: empty or missing instruction or label",
                                  "malformed"))
             continue
-        items.append({
-            "id": f"{task}/{entry.id}",
-            "task": task,
-            "audio": _relative_or_absolute(Path(entry.path), out_dir),
-            "instruction": instruction.strip(),
-            "answer_kind": "label",
-            "reference": label,
-            "labels": list(label_set),
-            "source": source,
-        })
+        items.append(TaskItem(id=f"{task}/{entry.id}", task=task,
+                              audio=_relative_or_absolute(Path(entry.path), out_dir),
+                              instruction=instruction.strip(), answer_kind="label", reference=label,
+                              labels=list(label_set), source=source))
     return items, errors
 
 
@@ -178,7 +188,7 @@ def _check_audio(path: Path) -> str | None:
     return None
 
 
-def _mmau_entry(entry: Any, path: Path, root: Path, out_dir: Path | None) -> dict | str:
+def _mmau_entry(entry: Any, path: Path, root: Path, out_dir: Path | None) -> TaskItem | str:
     """One MMAU entry -> an item, or the reason it is malformed (without the file/index prefix)."""
     if not isinstance(entry, dict):
         return f"expected an object, got {type(entry).__name__}"
@@ -207,32 +217,22 @@ def _mmau_entry(entry: Any, path: Path, root: Path, out_dir: Path | None) -> dic
     if problem:
         return f"audio {entry['audio_id']!r} ({audio}): {problem}"
     question = f"{entry['question'].strip()}\nChoices: {format_choices(distinct)}"
-    item = {
-        "id": f"mmau/{entry['id'].strip()}",
-        "task": f"mmau/{entry['task'].strip()}",
-        "audio": _relative_or_absolute(audio, out_dir),
-        "instruction": f"{question}\n{MMAU_ANSWER_LINE}",
-        "question": question,
-        "answer_kind": "label",
-        "reference": answer,
-        "labels": distinct,
-        "source": f"mmau:{path.name}",
-    }
     meta = {k: entry[k] for k in MMAU_META if isinstance(entry.get(k), str)}
-    if meta:
-        item["meta"] = meta
-    return item
+    return TaskItem(id=f"mmau/{entry['id'].strip()}", task=f"mmau/{entry['task'].strip()}",
+                    audio=_relative_or_absolute(audio, out_dir), instruction=f"{question}\n{MMAU_ANSWER_LINE}",
+                    answer_kind="label", reference=answer, labels=distinct, question=question,
+                    source=f"mmau:{path.name}", extra={"meta": meta} if meta else {})
 
 
-def read_mmau(path: Path, out_dir: Path | None = None) -> tuple[list[dict], list[dict]]:
+def read_mmau(path: Path, out_dir: Path | None = None) -> tuple[list[TaskItem], list[dict]]:
     """Task items of an MMAU JSON file (e.g. ``mmau-test-mini.json``).
 
     Each entry becomes a ``label`` item: ``id`` ``mmau/<id>``, ``task`` ``mmau/<task>`` (sound,
     music or speech), ``instruction`` the question, a ``Choices: (A) .. (B) ..`` line and
     :data:`MMAU_ANSWER_LINE`; ``question`` the same without the answer line; ``labels`` the
-    distinct choices in order; ``reference`` the answer; ``meta`` the category, sub-category,
-    difficulty and dataset when present. ``audio`` is absolute, or relative to ``out_dir`` when
-    given and the file lies inside it.
+    distinct choices in order; ``reference`` the answer; ``meta`` (in the item's ``extra``) the
+    category, sub-category, difficulty and dataset when present. ``audio`` is absolute, or relative
+    to ``out_dir`` when given and the file lies inside it.
 
     Returns ``(items, errors)``: an entry with missing fields, an answer that is not a choice, a
     duplicate id, or a missing or unreadable audio file becomes an error naming the file and the
@@ -250,7 +250,7 @@ def read_mmau(path: Path, out_dir: Path | None = None) -> tuple[list[dict], list
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON list of MMAU entries at the top level, got {type(data).__name__}")
     root = Path(os.path.abspath(path)).parent
-    items: list[dict] = []
+    items: list[TaskItem] = []
     errors: list[dict] = []
     seen: set[str] = set()
     for index, entry in enumerate(data):
@@ -262,9 +262,9 @@ def read_mmau(path: Path, out_dir: Path | None = None) -> tuple[list[dict], list
             kind = "audio" if result.startswith("audio ") else "malformed"
             errors.append(_error(err_id, f"{where}: {result}", kind))
             continue
-        if result["id"] in seen:
+        if result.id in seen:
             errors.append(_error(f"{path.name}[{index}]", f"{where}: duplicate id '{raw_id}'", "duplicate"))
             continue
-        seen.add(result["id"])
+        seen.add(result.id)
         items.append(result)
     return items, errors

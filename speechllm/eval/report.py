@@ -30,34 +30,44 @@ def _signed(x: float | None) -> str:
     return "–" if x is None else f"{x:+.3f}"
 
 
-def markdown(report: dict) -> str:
-    ck = report["checkpoints"]
-    names = list(ck)
+def _data_lines(report: dict) -> list[str]:
+    """The title and the data summary."""
     d = report["data"]
-    lines = ["# speechllm evaluation", "",
-             f"Data: `{d['source']}`: {d['task_items']} task items in {len(d['tasks'])} tasks, "
-             f"{d['forgetting_items']} forgetting items, {d['text_prompts']} text prompts"
-             f"{' (' + d['text_prompt_source'] + ')' if d.get('text_prompt_source') else ''}; "
-             f"{d['left_out']} items left out. Intervals: 95% bootstrap over items.", ""]
+    return ["# speechllm evaluation", "",
+            f"Data: `{d['source']}`: {d['task_items']} task items in {len(d['tasks'])} tasks, "
+            f"{d['forgetting_items']} forgetting items, {d['text_prompts']} text prompts"
+            f"{' (' + d['text_prompt_source'] + ')' if d.get('text_prompt_source') else ''}; "
+            f"{d['left_out']} items left out. Intervals: 95% bootstrap over items.", ""]
 
-    lines += ["## Audio tasks", "",
-              "Accuracy in % (lenient label extraction; strict in the JSON; transcription: 100 - WER). "
-              "`reference` is the base LLM reading the text description.", "",
-              "| task | items | " + " | ".join(names) + " | reference |",
-              "|---|---|" + "---|" * (len(names) + 1)]
-    first = ck[names[0]]["tasks"]
-    for task, t in first.items():
+
+def _task_lines(ck: dict, names: list[str]) -> list[str]:
+    """The audio task table: accuracy per checkpoint and the reference."""
+    lines = ["## Audio tasks", "",
+             "Accuracy in % (lenient label extraction; strict in the JSON; transcription: 100 - WER). "
+             "`reference` is the base LLM reading the text description.", "",
+             "| task | items | " + " | ".join(names) + " | reference |",
+             "|---|---|" + "---|" * (len(names) + 1)]
+    for task, t in ck[names[0]]["tasks"].items():
         if t.get("accuracy") is None:
             continue
-        cells = [f"{_pct(ck[n]['tasks'][task]['accuracy'])}{_ci(ck[n]['tasks'][task].get('ci_low'), ck[n]['tasks'][task].get('ci_high'))}"
-                 for n in names]
+        rows = [ck[n]["tasks"][task] for n in names]
+        cells = [f"{_pct(r['accuracy'])}{_ci(r.get('ci_low'), r.get('ci_high'))}" for r in rows]
         ref = f"{_pct(t['accuracy_ref'])}{_ci(t.get('ref_ci_low'), t.get('ref_ci_high'))}"
         lines.append(f"| {task} | {t['items']} | " + " | ".join(cells) + f" | {ref} |")
+    return lines
 
-    lines += ["", "## Forgetting (Speech-IFEval style)", "",
-              "IFrate: share of answers that follow the format constraint added to the task question. "
-              "delta = (IFrate - IFrate_ref) / IFrate_ref: 0 means nothing forgotten, -1 all of it.", "",
-              "| checkpoint | items | IFrate (audio) | IFrate_ref (text) | delta [95% CI] |", "|---|---|---|---|---|"]
+
+def _constraint_kinds(ck: dict, names: list[str]) -> list[str]:
+    """Every constraint kind any checkpoint was scored on, sorted."""
+    return sorted({k for n in names if ck[n]["forgetting"] for k in ck[n]["forgetting"]["per_constraint"]})
+
+
+def _forgetting_lines(report: dict, ck: dict, names: list[str]) -> list[str]:
+    """The forgetting table, the pairwise comparisons and the per-constraint table."""
+    lines = ["", "## Forgetting (Speech-IFEval style)", "",
+             "IFrate: share of answers that follow the format constraint added to the task question. "
+             "delta = (IFrate - IFrate_ref) / IFrate_ref: 0 means nothing forgotten, -1 all of it.", "",
+             "| checkpoint | items | IFrate (audio) | IFrate_ref (text) | delta [95% CI] |", "|---|---|---|---|---|"]
     for n in names:
         f = ck[n]["forgetting"]
         if f:
@@ -69,93 +79,105 @@ def markdown(report: dict) -> str:
         for pair, c in report["comparisons"].items():
             lines.append(f"| {pair} | {c['items']} | {_signed(c['ifrate_diff'])}"
                          f"{_ci(c['ci_low'], c['ci_high'], pct=False)} |")
-    kinds = sorted({k for n in names if ck[n]["forgetting"] for k in ck[n]["forgetting"]["per_constraint"]})
+    kinds = _constraint_kinds(ck, names)
     if kinds:
         lines += ["", "Per constraint (IFrate %):", "",
-                  "| constraint | items | " + " | ".join(names) + " | reference |", "|---|---|" + "---|" * (len(names) + 1)]
+                  "| constraint | items | " + " | ".join(names) + " | reference |",
+                  "|---|---|" + "---|" * (len(names) + 1)]
         for k in kinds:
             per = [ck[n]["forgetting"]["per_constraint"].get(k, {}) for n in names]
             lines.append(f"| {k} | {per[0].get('items', 0)} | " + " | ".join(_pct(p.get("ifrate")) for p in per) +
                          f" | {_pct(per[0].get('ifrate_ref'))} |")
+    return lines
 
-    lines += ["", "## Text-only retention", "",
-              "The speech model with no audio against the base LLM: mean KL of next-token distributions over "
-              "fixed chat prompts (0 = identical), and the instruction-following rate on text prompts "
-              "(prompt-level, all constraints followed).", "",
-              "| checkpoint | LoRA | KL (nats) | KL max | text IFrate | base IFrate | identical answers |",
-              "|---|---|---|---|---|---|---|"]
+
+def _retention_lines(ck: dict, names: list[str]) -> list[str]:
+    """The text-only retention table: KL to the base LLM and the text IFrate."""
+    lines = ["", "## Text-only retention", "",
+             "The speech model with no audio against the base LLM: mean KL of next-token distributions over "
+             "fixed chat prompts (0 = identical), and the instruction-following rate on text prompts "
+             "(prompt-level, all constraints followed).", "",
+             "| checkpoint | LoRA | KL (nats) | KL max | text IFrate | base IFrate | identical answers |",
+             "|---|---|---|---|---|---|---|"]
     for n in names:
         r = ck[n]["text_retention"]
         ife = r.get("ifeval") or {}
         lines.append(f"| {n} | {'yes' if ck[n]['lora'] else 'no'} | {r['kl']:.3g} | {r['kl_max']:.3g} | "
                      f"{_pct(ife.get('prompt_accuracy'))} | {_pct(ife.get('prompt_accuracy_base'))} | "
                      f"{ife.get('identical_answers', '–')}/{ife.get('prompts', '–')} |")
+    return lines
 
+
+def _training_lines(ck: dict, names: list[str]) -> list[str]:
+    """The training table (checkpoints with a metrics.jsonl only; nothing when none has one)."""
     trained = [n for n in names if ck[n].get("training")]
-    if trained:
-        lines += ["", "## Training", "", "| checkpoint | steps | first loss | final loss | final eval loss |",
-                  "|---|---|---|---|---|"]
-        for n in trained:
-            t = ck[n]["training"]
-            ev = "–" if t["final_eval_loss"] is None else f"{t['final_eval_loss']:.3f}"
-            lines.append(f"| {n} | {t['steps']} | {t['first_loss']:.3f} | {t['final_loss']:.3f} | {ev} |")
+    if not trained:
+        return []
+    lines = ["", "## Training", "", "| checkpoint | steps | first loss | final loss | final eval loss |",
+             "|---|---|---|---|---|"]
+    for n in trained:
+        t = ck[n]["training"]
+        ev = "–" if t["final_eval_loss"] is None else f"{t['final_eval_loss']:.3f}"
+        lines.append(f"| {n} | {t['steps']} | {t['first_loss']:.3f} | {t['final_loss']:.3f} | {ev} |")
+    return lines
+
+
+def markdown(report: dict) -> str:
+    """report.md: the tables of the report."""
+    ck = report["checkpoints"]
+    names = list(ck)
+    lines = (_data_lines(report) + _task_lines(ck, names) + _forgetting_lines(report, ck, names)
+             + _retention_lines(ck, names) + _training_lines(ck, names))
     lines += ["", "Plots: " + ", ".join(f"[{p}](plots/{p})" for p in PLOTS) + ". Every answer: `generations/`.", ""]
     return "\n".join(lines)
 
 
-def plots(report: dict, folder: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def _err(values, lows, highs):
+    """Error-bar extents (2, n) from interval ends; a missing end draws no bar on that side."""
     import numpy as np
 
-    folder.mkdir(parents=True, exist_ok=True)
-    ck = report["checkpoints"]
-    names = list(ck)
-    made = []
+    return np.array([[v - (l if l is not None else v) for v, l in zip(values, lows)],
+                     [(h if h is not None else v) - v for v, h in zip(values, highs)]]).clip(min=0)
 
-    def save(fig, name):
-        path = folder / name
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        made.append(path)
 
-    def err(values, lows, highs):
-        return np.array([[v - (l if l is not None else v) for v, l in zip(values, lows)],
-                         [(h if h is not None else v) - v for v, h in zip(values, highs)]]).clip(min=0)
+def _plot_tasks(ax, ck: dict, names: list[str]) -> None:
+    """Per-task accuracy bars of each checkpoint and the reference."""
+    import numpy as np
 
     tasks = [t for t, v in ck[names[0]]["tasks"].items() if v.get("accuracy") is not None]
     series = [(n, [ck[n]["tasks"][t] for t in tasks], "accuracy", "ci_low", "ci_high") for n in names]
-    series.append(("reference", [ck[names[0]]["tasks"][t] for t in tasks], "accuracy_ref", "ref_ci_low", "ref_ci_high"))
-    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(tasks) * len(series) / 2), 4))
+    series.append(("reference", [ck[names[0]]["tasks"][t] for t in tasks], "accuracy_ref", "ref_ci_low",
+                   "ref_ci_high"))
     width = 0.8 / len(series)
     x = np.arange(len(tasks))
     for i, (label, rows, key, lo, hi) in enumerate(series):
         vals = [r[key] for r in rows]
-        ax.bar(x + i * width, vals, width, label=label, yerr=err(vals, [r.get(lo) for r in rows],
-                                                                   [r.get(hi) for r in rows]), capsize=3)
+        ax.bar(x + i * width, vals, width, label=label, yerr=_err(vals, [r.get(lo) for r in rows],
+                                                                    [r.get(hi) for r in rows]), capsize=3)
     ax.set_xticks(x + width * (len(series) - 1) / 2, tasks, rotation=20)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("accuracy (transcription: 1 - WER)")
     ax.set_title("Audio tasks")
     ax.legend(fontsize=8)
-    save(fig, "tasks.png")
 
-    fig, ax = plt.subplots(figsize=(max(4, 1.5 * len(names)), 3.5))
+
+def _plot_forgetting(ax, ck: dict, names: list[str]) -> None:
+    """The forgetting rate delta of each checkpoint with its interval."""
     deltas = [(ck[n]["forgetting"] or {}).get("delta") for n in names]
     vals = [d if d is not None else 0.0 for d in deltas]
-    ax.bar(names, vals, yerr=err(vals, [(ck[n]["forgetting"] or {}).get("ci_low") for n in names],
-                                 [(ck[n]["forgetting"] or {}).get("ci_high") for n in names]), capsize=4,
+    ax.bar(names, vals, yerr=_err(vals, [(ck[n]["forgetting"] or {}).get("ci_low") for n in names],
+                                  [(ck[n]["forgetting"] or {}).get("ci_high") for n in names]), capsize=4,
            color=["tab:green" if v > -0.1 else "tab:red" for v in vals])
     ax.axhline(0, color="black", lw=0.8)
     ax.set_ylabel("forgetting rate delta")
     ax.set_title("Instruction following vs the text reference")
-    save(fig, "forgetting.png")
 
-    kinds = sorted({k for n in names if ck[n]["forgetting"] for k in ck[n]["forgetting"]["per_constraint"]})
-    fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(kinds) * (len(names) + 1) / 2), 4))
+
+def _plot_constraints(ax, ck: dict, names: list[str]) -> None:
+    """IFrate per constraint kind of each checkpoint and the reference."""
+    import numpy as np
+
+    kinds = _constraint_kinds(ck, names)
     width = 0.8 / (len(names) + 1)
     x = np.arange(len(kinds))
     for i, n in enumerate(names + ["reference"]):
@@ -167,9 +189,10 @@ def plots(report: dict, folder: Path) -> list[Path]:
     ax.set_ylabel("IFrate")
     ax.set_title("Constraint pass rates")
     ax.legend(fontsize=8)
-    save(fig, "constraints.png")
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+
+def _plot_training(ax, ck: dict, names: list[str]) -> None:
+    """Training (and eval) loss curves of the checkpoints that have them."""
     for n in names:
         t = ck[n].get("training")
         if not t:
@@ -186,7 +209,33 @@ def plots(report: dict, folder: Path) -> list[Path]:
         ax.legend(fontsize=8)
     else:
         ax.text(0.5, 0.5, "no metrics.jsonl in the checkpoints", ha="center", transform=ax.transAxes)
-    save(fig, "training.png")
+
+
+def plots(report: dict, folder: Path) -> list[Path]:
+    """The PNG plots (`PLOTS`) into `folder`; returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    ck = report["checkpoints"]
+    names = list(ck)
+    n_tasks = sum(v.get("accuracy") is not None for v in ck[names[0]]["tasks"].values())
+    n_kinds = len(_constraint_kinds(ck, names))
+    figures = (("tasks.png", (max(6, 1.3 * n_tasks * (len(names) + 1) / 2), 4), _plot_tasks),
+               ("forgetting.png", (max(4, 1.5 * len(names)), 3.5), _plot_forgetting),
+               ("constraints.png", (max(6, 0.8 * n_kinds * (len(names) + 1) / 2), 4), _plot_constraints),
+               ("training.png", (6, 3.5), _plot_training))
+    made = []
+    for name, size, draw in figures:
+        fig, ax = plt.subplots(figsize=size)
+        draw(ax, ck, names)
+        path = folder / name
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        made.append(path)
     return made
 
 

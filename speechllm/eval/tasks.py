@@ -1,7 +1,7 @@
-"""Audio tasks (Dynamic-SUPERB style): the item format, a generator from held-out clips, label
+"""Audio tasks (Dynamic-SUPERB style): a generator of task items from held-out clips, label
 extraction and scoring.
 
-A task item is one JSON line::
+A task item is a `speechllm.records.TaskItem`, one JSON line of tasks.jsonl::
 
     {"id": "gender/synth-s0-000004", "task": "gender", "audio": "audio/synth-s0-000004.wav",
      "instruction": "Is the speaker male or female? Answer with one word: female or male.",
@@ -11,8 +11,9 @@ A task item is one JSON line::
 ``audio`` is absolute or relative to the tasks file's folder. ``answer_kind`` is ``label`` (one
 of ``labels``), ``transcript`` (scored by WER) or ``free`` (kept for audit, not scored).
 ``question`` (optional) is the instruction without its answer-format line; the forgetting
-checks add their format constraint to it. ``description`` (what the text reference reads) and ``transcript`` (the ASR text the speech model
-gets) come from annotation; items without them are annotated by the eval run.
+checks add their format constraint to it. ``description`` (what the text reference reads) and
+``transcript`` (the ASR text the speech model gets) come from annotation; items without them are
+annotated by the eval run.
 
 Label extraction from a free-text answer:
 
@@ -27,61 +28,50 @@ from __future__ import annotations
 
 import random
 import re
-import string
 from dataclasses import dataclass
 
-ANSWER_KINDS = ("label", "transcript", "free")
-REQUIRED_FIELDS = ("id", "task", "audio", "instruction", "answer_kind", "reference")
+from ..errors import SpeechLLMError
+from ..labels import ATTRIBUTES, NOT_ATTRIBUTES, generic
+from ..labels import normalize_label as _norm
+from ..records import ANSWER_KINDS, MetadataRecord, TaskItem
+
+__all__ = ["ANSWER_KINDS", "ATTRIBUTE_TASKS", "MAX_GENERIC_LABELS", "SYNONYMS", "TRANSCRIPTION", "TaskError",
+           "TaskSpec", "extract_lenient", "extract_strict", "label_instruction", "normalize_transcript",
+           "score_item", "tasks_from_metadata", "transcript_errors"]
 
 
 @dataclass(frozen=True)
 class TaskSpec:
     """A task built from one attribute of a clip."""
     name: str
+    """The task's name (the attribute's key, or `transcription`)."""
     instruction: str
     """Question; for label tasks the label list is appended by :func:`label_instruction`."""
     labels: tuple[str, ...] = ()
     """The label set in a natural order (empty: taken from the data)."""
     answer_kind: str = "label"
+    """How its items are scored (`ANSWER_KINDS`)."""
 
 
-ATTRIBUTE_TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (
-    TaskSpec("gender", "Is the speaker male or female?", ("female", "male")),
-    TaskSpec("pitch", "Is the speaker's voice low, normal or high in pitch?", ("low", "normal", "high")),
-    TaskSpec("speed", "Does the speaker talk slowly, at a normal speed, or fast?", ("slow", "normal", "fast")),
-    TaskSpec("volume", "Is the recording quiet, normal or loud in volume?", ("quiet", "normal", "loud")),
-    TaskSpec("noise", "Is the recording clean or noisy?", ("clean", "noisy")),
-    TaskSpec("emotion", "What emotion does the speaker's voice express?"),
-    TaskSpec("age", "How old does the speaker sound?"),
-    TaskSpec("accent", "What accent does the speaker have?"),
-)}
+ATTRIBUTE_TASKS: dict[str, TaskSpec] = {a.name: TaskSpec(a.name, a.question, a.values)
+                                         for a in ATTRIBUTES.values()}
+"""One task per attribute of the table (`speechllm.labels`), in its order."""
 TRANSCRIPTION = TaskSpec("transcription", "Transcribe the speech exactly, word for word.", (), "transcript")
 
-NOT_TASKS = frozenset({"transcript", "split", "voice", "engine", "engine_settings", "noise_type", "speaker",
-                       "speaker_id", "id", "audio", "file", "path", "source"})
-"""Label columns that describe how a clip was made or where it sits, not what it sounds like."""
 MAX_GENERIC_LABELS = 12
 """A generic label column becomes a task only with 2..this many distinct values."""
 
-SYNONYMS: dict[str, tuple[str, ...]] = {
-    "female": ("woman", "women", "feminine", "girl", "lady"),
-    "male": ("man", "men", "masculine", "boy", "gentleman"),
-    "fast": ("quick", "quickly", "rapid", "rapidly", "fast-paced", "fast paced"),
-    "slow": ("slowly", "slow-paced", "slow paced"),
-    "quiet": ("quietly", "soft", "softly"),
-    "loud": ("loudly",),
-    "high": ("high-pitched", "high pitched"),
-    "low": ("low-pitched", "low pitched", "deep"),
-    "noisy": ("noisily",),
-}
+SYNONYMS: dict[str, tuple[str, ...]] = {value: words for a in ATTRIBUTES.values()
+                                        for value, words in a.synonyms.items()}
 """Words that count as a label in lenient extraction (only when the label is in the item's set)."""
 
 
-class TaskError(ValueError):
-    """A malformed task file or item."""
+class TaskError(SpeechLLMError, ValueError):
+    """Task items that cannot be made (e.g. a task asked for that the data has no values for)."""
 
 
 def label_instruction(question: str, labels: list[str]) -> str:
+    """The question with its answer-format line listing the labels."""
     if len(labels) == 2:
         options = f"{labels[0]} or {labels[1]}"
     else:
@@ -91,47 +81,16 @@ def label_instruction(question: str, labels: list[str]) -> str:
 
 # ----------------------------------------------------------------------------- generator
 
-def _value(record: dict, key: str) -> str | None:
-    """The clip's true value of `key`: its label if labelled, else the annotation's word bin."""
-    labels = record.get("labels") or {}
-    if isinstance(labels.get(key), str) and labels[key].strip():
-        return labels[key].strip()
-    ann = (record.get("annotations") or {}).get(key)
-    if isinstance(ann, dict):
-        value = ann.get("bin") if key != "transcript" else ann.get("value")
-        if isinstance(value, str) and value.strip():
-            return value.strip()
-    return None
-
-
-def _base_item(record: dict, task: str, audio: str) -> dict:
-    item = {"id": f"{task}/{record['id']}", "task": task, "audio": audio, "source": f"clip:{record['id']}"}
-    if record.get("description"):
-        item["description"] = record["description"]
-    transcript = ((record.get("annotations") or {}).get("transcript") or {}).get("value")
-    if isinstance(transcript, str):
-        item["transcript"] = transcript
-    return item
-
-
-def tasks_from_metadata(records: list[dict], tasks: list[str] | None = None, max_per_task: int | None = None,
-                        seed: int = 0) -> list[dict]:
-    """Task items from annotated (and possibly labelled) clips, e.g. a held-out `metadata.jsonl`.
-
-    One task per attribute with a known question (gender, pitch, speed, volume, noise, emotion,
-    age, accent), one per other label column with 2..12 distinct string values, and transcription
-    (reference: the label transcript, else the ASR transcript). `tasks` restricts the set by name;
-    `max_per_task` keeps a seeded sample per task. Audio paths stay as the records give them.
-    """
-    if not records:
-        return []
+def _task_specs(records: list[MetadataRecord], tasks: list[str] | None) -> list[TaskSpec]:
+    """The tasks the records have data for: the table's attributes in its order, then other label
+    columns by name, then transcription; restricted to `tasks` when given."""
     keys: dict[str, TaskSpec] = {}
     for rec in records:
-        for key, value in (rec.get("labels") or {}).items():
-            if key in NOT_TASKS or not isinstance(value, str):
+        for key, value in rec.labels.items():
+            if key in NOT_ATTRIBUTES or not isinstance(value, str):
                 continue
-            keys.setdefault(key, ATTRIBUTE_TASKS.get(key) or TaskSpec(key, f"What is the speaker's {key}?"))
-        for key in (rec.get("annotations") or {}):
+            keys.setdefault(key, ATTRIBUTE_TASKS.get(key) or TaskSpec(key, generic(key).question))
+        for key in rec.annotations:
             if key in ATTRIBUTE_TASKS and ATTRIBUTE_TASKS[key].labels:
                 keys.setdefault(key, ATTRIBUTE_TASKS[key])
     specs = [keys[k] for k in ATTRIBUTE_TASKS if k in keys] + [keys[k] for k in sorted(keys)
@@ -143,59 +102,56 @@ def tasks_from_metadata(records: list[dict], tasks: list[str] | None = None, max
             raise TaskError(f"no data for task(s) {', '.join(sorted(unknown))}; available: "
                             f"{', '.join(s.name for s in specs)}")
         specs = [s for s in specs if s.name in tasks]
+    return specs
 
-    items: list[dict] = []
-    for spec in specs:
-        pairs = [(rec, _value(rec, "transcript" if spec.answer_kind == "transcript" else spec.name))
-                 for rec in records]
-        pairs = [(rec, v) for rec, v in pairs if v is not None]
-        if spec.answer_kind == "label":
-            seen = sorted({v.lower() for _, v in pairs})
-            labels = [l for l in spec.labels if l in seen] if spec.labels else seen
-            labels += [l for l in seen if l not in labels]
-            if not 2 <= len(labels) <= MAX_GENERIC_LABELS:
-                continue
-        if max_per_task is not None and len(pairs) > max_per_task:
-            rng = random.Random(f"{seed}/{spec.name}")
-            keep = set(rng.sample(range(len(pairs)), max_per_task))
-            pairs = [p for i, p in enumerate(pairs) if i in keep]
-        for rec, value in pairs:
-            item = _base_item(rec, spec.name, rec["audio"])
-            if spec.answer_kind == "label":
-                item.update(instruction=label_instruction(spec.instruction, labels), question=spec.instruction,
-                            answer_kind="label", reference=value.lower(), labels=labels)
-            else:
-                item.update(instruction=spec.instruction, answer_kind=spec.answer_kind, reference=value)
-            items.append(item)
+
+def _spec_items(spec: TaskSpec, records: list[MetadataRecord], max_per_task: int | None,
+                seed: int) -> list[TaskItem]:
+    """The items of one task: every record with a value for it (a seeded sample when capped);
+    none for a label task with fewer than 2 or more than `MAX_GENERIC_LABELS` distinct values."""
+    pairs = [(rec, rec.transcript if spec.answer_kind == "transcript" else rec.value(spec.name)) for rec in records]
+    pairs = [(rec, v) for rec, v in pairs if v is not None]
+    labels: list[str] | None = None
+    if spec.answer_kind == "label":
+        seen = sorted({v.lower() for _, v in pairs})
+        labels = [l for l in spec.labels if l in seen] if spec.labels else seen
+        labels += [l for l in seen if l not in labels]
+        if not 2 <= len(labels) <= MAX_GENERIC_LABELS:
+            return []
+    if max_per_task is not None and len(pairs) > max_per_task:
+        keep = set(random.Random(f"{seed}/{spec.name}").sample(range(len(pairs)), max_per_task))
+        pairs = [p for i, p in enumerate(pairs) if i in keep]
+    items = []
+    for rec, value in pairs:
+        item = TaskItem(id=f"{spec.name}/{rec.id}", task=spec.name, audio=rec.audio, instruction=spec.instruction,
+                        answer_kind=spec.answer_kind, reference=value, source=f"clip:{rec.id}",
+                        description=rec.description or None, transcript=rec.asr_transcript)
+        if labels is not None:
+            item.instruction, item.question = label_instruction(spec.instruction, labels), spec.instruction
+            item.reference, item.labels = value.lower(), list(labels)
+        items.append(item)
     return items
 
 
-def validate_item(item: dict, where: str) -> dict:
-    """Check one task item's fields; raises TaskError naming `where` (file and line)."""
-    if not isinstance(item, dict):
-        raise TaskError(f"{where}: a task item must be a JSON object")
-    missing = [k for k in REQUIRED_FIELDS if not isinstance(item.get(k), str) or not item[k].strip()]
-    if missing:
-        raise TaskError(f"{where}: missing or empty field(s) {', '.join(missing)}")
-    if item["answer_kind"] not in ANSWER_KINDS:
-        raise TaskError(f"{where}: answer_kind '{item['answer_kind']}' is not one of {', '.join(ANSWER_KINDS)}")
-    if item["answer_kind"] == "label":
-        labels = item.get("labels")
-        if not isinstance(labels, list) or len(labels) < 2 or not all(isinstance(l, str) for l in labels):
-            raise TaskError(f"{where}: a label item needs 'labels', a list of at least two strings")
-        if _norm(item["reference"]) not in {_norm(l) for l in labels}:
-            raise TaskError(f"{where}: reference '{item['reference']}' is not among labels {labels}")
-    return item
+def tasks_from_metadata(records: list[MetadataRecord], tasks: list[str] | None = None,
+                        max_per_task: int | None = None, seed: int = 0) -> list[TaskItem]:
+    """Task items from annotated (and possibly labelled) clips, e.g. a held-out `metadata.jsonl`.
+
+    One task per attribute with a known question (gender, pitch, speed, volume, noise, emotion,
+    age, accent), one per other label column with 2..12 distinct string values, and transcription
+    (reference: the label transcript, else the ASR transcript). Each item's `transcript` is the
+    clip's ASR transcript (what the speech model hears). `tasks` restricts the set by name;
+    `max_per_task` keeps a seeded sample per task. Audio paths stay as the records give them.
+    """
+    if not records:
+        return []
+    return [item for spec in _task_specs(records, tasks) for item in _spec_items(spec, records, max_per_task, seed)]
 
 
 # ----------------------------------------------------------------------------- extraction
 
-_STRIP = string.whitespace + string.punctuation + "“”‘’«»"
 _LETTER = re.compile(r"^\(?([a-z])\)?[.:]?$")
-
-
-def _norm(text: str) -> str:
-    return re.sub(r"\s+", " ", text.lower()).strip(_STRIP)
+"""A lettered-choice answer: ``B``, ``(B)``, ``B.``, ``b:`` (after `normalize_label`)."""
 
 
 def _lettered(instruction: str, labels: list[str]) -> bool:
@@ -238,6 +194,7 @@ def extract_lenient(answer: str, labels: list[str], instruction: str = "") -> st
 # ----------------------------------------------------------------------------- scoring
 
 def normalize_transcript(text: str) -> str:
+    """`text` after Whisper's English normalisation (the one the annotate stage evaluates with)."""
     from annotate.evaluate import normalize_text
 
     return normalize_text(text)
@@ -257,18 +214,17 @@ def transcript_errors(hypothesis: str, reference: str) -> tuple[int, int]:
     return out.substitutions + out.deletions + out.insertions, len(ref.split())
 
 
-def score_item(item: dict, answer: str) -> dict:
+def score_item(item: TaskItem, answer: str) -> dict:
     """Per-item score: label items -> strict/lenient extraction and correctness; transcript
     items -> word errors and reference words; free items -> nothing."""
-    kind = item["answer_kind"]
-    if kind == "label":
-        labels = item["labels"]
-        s = extract_strict(answer, labels, item["instruction"])
-        l = extract_lenient(answer, labels, item["instruction"])
-        ref = _norm(item["reference"])
+    if item.answer_kind == "label":
+        labels = item.labels or []
+        s = extract_strict(answer, labels, item.instruction)
+        l = extract_lenient(answer, labels, item.instruction)
+        ref = _norm(item.reference)
         return {"strict": s, "lenient": l, "correct_strict": s is not None and _norm(s) == ref,
                 "correct": l is not None and _norm(l) == ref}
-    if kind == "transcript":
-        errors, words = transcript_errors(answer, item["reference"])
+    if item.answer_kind == "transcript":
+        errors, words = transcript_errors(answer, item.reference)
         return {"errors": errors, "words": words}
     return {}
