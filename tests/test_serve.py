@@ -20,8 +20,10 @@ import soundfile as sf
 
 from conftest import ROOT, SAMPLE
 
-from speechllm.audio import SAMPLE_RATE
-from speechllm.serve import DEFAULT_HOST, DEFAULT_PORT, ERROR_KINDS, Answerer, SpeechServer, add_parser, main
+from speechllm.io.audio import SAMPLE_RATE
+from speechllm.cli import main as cli_main
+from speechllm.config import load_config
+from speechllm.serve.app import DEFAULT_HOST, DEFAULT_PORT, ERROR_KINDS, Answerer, SpeechServer
 
 MAX_SECONDS = 10.0
 """The test server's duration limit (below the 30 s encoder window, so it is the one enforced)."""
@@ -153,11 +155,17 @@ def test_page_and_info_carry_the_limits_and_models(server):
 def test_command_line_binds_to_this_machine_by_default(tiny_checkpoint, capsys):
     import argparse
 
+    from speechllm.cli.common import section_updates
+    from speechllm.cli.serve import add_parser
+
     args = add_parser(argparse.ArgumentParser().add_subparsers()).parse_args(["--checkpoint", "x"])
-    assert (args.host, args.port) == (DEFAULT_HOST, DEFAULT_PORT) == ("127.0.0.1", 7860)
-    assert main(["--checkpoint", str(tiny_checkpoint), "--no-transcript", "--max-seconds", "31"]) == 2
+    serve = load_config(None, None, section_updates(args)).serve
+    assert (serve.host, serve.port) == (DEFAULT_HOST, DEFAULT_PORT) == ("127.0.0.1", 7860)
+    args = add_parser(argparse.ArgumentParser().add_subparsers()).parse_args(["--checkpoint", "x", "--port", "80"])
+    assert load_config(None, None, section_updates(args)).serve.port == 80
+    assert cli_main(["serve", "--checkpoint", str(tiny_checkpoint), "--no-transcript", "--max-seconds", "31"]) == 2
     assert "--max-seconds must be in (0, 30]" in capsys.readouterr().err
-    assert main(["--checkpoint", str(tiny_checkpoint.parent)]) == 2
+    assert cli_main(["serve", "--checkpoint", str(tiny_checkpoint.parent)]) == 2
     assert "not a speechllm checkpoint" in capsys.readouterr().err
 
 

