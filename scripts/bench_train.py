@@ -17,17 +17,19 @@ import json
 import resource
 import tempfile
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from speechllm.audio import load_audio
-from speechllm.config import load_config
-from speechllm.model import Batch, Example, build_model
+from speechllm.io.audio import load_audio
+from speechllm.config import Config, load_config
+from speechllm.model import Batch, Example, SpeechLLM, build_model
 from speechllm.model.speechllm import IGNORE_INDEX
 from speechllm.training.cache import FeatureCache
-from speechllm.training.data import epoch_batches, load_targets
+from speechllm.training.data import TrainRecord, epoch_batches, load_targets
 
 DESTA_SEQ_LEN = 300
 """DeSTA2.5's max_seq_length: every batch is padded (or cut) to it."""
@@ -47,7 +49,9 @@ def matmul_peak(repeats: int = 10) -> float:
 
 
 def make_corpus(folder: Path, n: int) -> Path:
-    from annotate.synth import synthesize
+    """Synthesize `n` labelled clips under `folder` and write their training targets; returns the
+    targets file."""
+    from speechllm.data.synth import synthesize
 
     synthesize(folder / "synth", n=n, seed=0, test_fraction=0.5, workers=2, progress=False)
     lines = []
@@ -63,23 +67,69 @@ def make_corpus(folder: Path, n: int) -> Path:
     return path
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
+    """The command line: see the module docstring."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="model config (default: the embedded default)")
     p.add_argument("--n", type=int, default=32, help="synthetic clips")
     p.add_argument("--steps", type=int, default=6, help="timed steps per setting")
     p.add_argument("--batch-size", type=int, default=8)
-    args = p.parse_args()
+    return p.parse_args()
 
-    cfg = load_config(args.config)
-    torch.manual_seed(0)
-    model = build_model(cfg)
-    params = [q for q in model.parameters() if q.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
-    # matmul parameters the LLM applies to every token: all but the (tied) embedding table, whose
-    # LM-head use is limited to target positions here
+
+def llm_matmul_params(model: SpeechLLM) -> int:
+    """Matmul parameters the LLM applies to every token: all but the (tied) embedding table, whose
+    LM-head use is limited to target positions here."""
     embed = model.llm.get_input_embeddings().weight
-    llm_params = sum(q.numel() for q in model.llm.parameters() if q.data_ptr() != embed.data_ptr())
+    return sum(q.numel() for q in model.llm.parameters() if q.data_ptr() != embed.data_ptr())
+
+
+def optimizer_step(model: SpeechLLM, opt: torch.optim.Optimizer, batch: Batch) -> tuple[float, int]:
+    """Forward, backward and one optimizer step on `batch`; returns (loss, attended tokens)."""
+    loss = model(batch)
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+    return float(loss.detach()), int(batch.attention_mask.sum())
+
+
+def ours_step(model: SpeechLLM, opt: torch.optim.Optimizer, cache: FeatureCache,
+              recs: list[TrainRecord]) -> tuple[float, int]:
+    """speechllm's step: cached encoder states, the batch padded to its longest sequence."""
+    states = cache.get([r.audio for r in recs])
+    exs = [Example(r.instruction, None, r.transcript, r.target, states=s) for r, s in zip(recs, states)]
+    return optimizer_step(model, opt, model.build_batch(exs))
+
+
+def desta_step(model: SpeechLLM, opt: torch.optim.Optimizer, recs: list[TrainRecord]) -> tuple[float, int]:
+    """DeSTA2.5-style step: the encoder on 30 s of padded input, the batch padded to 300 tokens."""
+    wavs = [load_audio(r.audio) for r in recs]
+    feats = model.encoder.feature_extractor(wavs, sampling_rate=16000, return_tensors="pt")["input_features"]
+    with torch.no_grad():  # every clip padded to 30 s: 1500 encoder frames each, every step
+        enc = model.encoder(feats, torch.full((len(recs),), feats.shape[-1]))
+    exs = [Example(r.instruction, None, r.transcript, r.target, states=[s[i] for s in enc.states])
+           for i, r in enumerate(recs)]
+    b = model.build_batch(exs)
+    pad = DESTA_SEQ_LEN - b.inputs_embeds.shape[1]  # every batch padded (or cut) to 300 tokens
+    batch = Batch(F.pad(b.inputs_embeds, (0, 0, 0, pad)), F.pad(b.attention_mask, (0, pad)),
+                  F.pad(b.labels, (0, pad), value=IGNORE_INDEX))
+    return optimizer_step(model, opt, batch)
+
+
+def time_steps(step: Callable[[list[TrainRecord]], tuple[float, int]], steps: list[list[TrainRecord]]
+               ) -> tuple[float, float]:
+    """(samples/s, tokens/s) of `step` over the batches `steps`, after one warm-up step."""
+    step(steps[0])  # warm-up
+    t0 = time.perf_counter()
+    tokens = sum(step(recs)[1] for recs in steps)
+    dt = time.perf_counter() - t0
+    return sum(len(s) for s in steps) / dt, tokens / dt
+
+
+def run_settings(model: SpeechLLM, opt: torch.optim.Optimizer, cfg: Config, args: argparse.Namespace
+                 ) -> tuple[dict[str, tuple[float, float]], float, int]:
+    """Both settings on the same synthetic records: ({setting: (samples/s, tokens/s)}, seconds
+    to build the feature cache, clips)."""
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         records, _ = load_targets(make_corpus(tmp, args.n))
@@ -89,53 +139,40 @@ def main() -> None:
         t0 = time.perf_counter()
         cache.build([r.audio for r in records], progress=False)
         t_cache = time.perf_counter() - t0
-
-        def ours(recs) -> tuple[float, int]:
-            states = cache.get([r.audio for r in recs])
-            exs = [Example(r.instruction, None, r.transcript, r.target, states=s) for r, s in zip(recs, states)]
-            batch = model.build_batch(exs)
-            loss = model(batch)
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            return float(loss.detach()), int(batch.attention_mask.sum())
-
-        def desta(recs) -> tuple[float, int]:
-            wavs = [load_audio(r.audio) for r in recs]
-            feats = model.encoder.feature_extractor(wavs, sampling_rate=16000, return_tensors="pt")["input_features"]
-            with torch.no_grad():  # every clip padded to 30 s: 1500 encoder frames each, every step
-                enc = model.encoder(feats, torch.full((len(recs),), feats.shape[-1]))
-            exs = [Example(r.instruction, None, r.transcript, r.target, states=[s[i] for s in enc.states])
-                   for i, r in enumerate(recs)]
-            b = model.build_batch(exs)
-            pad = DESTA_SEQ_LEN - b.inputs_embeds.shape[1]  # every batch padded (or cut) to 300 tokens
-            batch = Batch(F.pad(b.inputs_embeds, (0, 0, 0, pad)), F.pad(b.attention_mask, (0, pad)),
-                          F.pad(b.labels, (0, pad), value=IGNORE_INDEX))
-            loss = model(batch)
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            return float(loss.detach()), int(batch.attention_mask.sum())
-
         results = {}
-        for name, step in (("ours", ours), ("desta2.5-style", desta)):
-            step(steps[0])  # warm-up
-            t0 = time.perf_counter()
-            tokens = sum(step(recs)[1] for recs in steps)
-            dt = time.perf_counter() - t0
-            results[name] = (sum(len(s) for s in steps) / dt, tokens / dt)
-    peak = matmul_peak()
+        for name, step in (("ours", partial(ours_step, model, opt, cache)),
+                           ("desta2.5-style", partial(desta_step, model, opt))):
+            results[name] = time_steps(step, steps)
+    return results, t_cache, len(records)
+
+
+def report(cfg: Config, args: argparse.Namespace, results: dict[str, tuple[float, float]], t_cache: float,
+           clips: int, llm_params: int, peak: float) -> None:
+    """Print throughput of both settings, the speedup, achieved FLOP/s and peak RSS."""
     sps_ours, tok_ours = results["ours"]
     sps_desta, _ = results["desta2.5-style"]
     llm_flops = 4 * llm_params * tok_ours  # per second: forward (2/param/token) + activation gradients (2)
     print(f"{cfg.model.llm.name} + {cfg.model.encoder.name}, batch {args.batch_size}, {args.steps} steps each, "
-          f"{torch.get_num_threads()} threads; feature cache built once in {t_cache:.1f} s for {len(records)} clips")
+          f"{torch.get_num_threads()} threads; feature cache built once in {t_cache:.1f} s for {clips} clips")
     print(f"ours: {sps_ours:.2f} samples/s; DeSTA2.5-style (30 s encoder input, no cache, 300-token batches): "
           f"{sps_desta:.2f} samples/s")
     print(f"speedup {sps_ours / sps_desta:.1f}")
     print(f"LLM part: {llm_flops / 1e9:.1f} GFLOP/s achieved vs fp32 matmul peak {peak / 1e9:.1f} GFLOP/s "
           f"= {llm_flops / peak:.0%}")
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GB")
+
+
+def main() -> None:
+    """Build the model, time both settings and print the comparison."""
+    args = parse_args()
+    cfg = load_config(args.config)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    params = [q for q in model.parameters() if q.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    llm_params = llm_matmul_params(model)
+    results, t_cache, clips = run_settings(model, opt, cfg, args)
+    report(cfg, args, results, t_cache, clips, llm_params, matmul_peak())
 
 
 if __name__ == "__main__":
