@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from speechllm import weights
-from speechllm.audio import load_audio
+from speechllm.hub import weights
+from speechllm.io.audio import load_audio
 from speechllm.model.encoder import load_whisper_encoder
 
 SAMPLES = sorted((Path(__file__).resolve().parent.parent / "samples").glob("*.wav"))

@@ -20,7 +20,7 @@ from speechllm.eval.ifeval import (
     read_ifeval,
     score,
 )
-from speechllm.weights import WeightsError
+from speechllm.hub.weights import WeightsError
 
 EXPECTED_KEPT = 180
 """Prompts of the pinned IFEval file whose every instruction maps (measured; see the slow test)."""
