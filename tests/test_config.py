@@ -114,3 +114,65 @@ def test_command_flags_are_derived_from_the_config_fields():
     assert (cfg.trust_labels, cfg.workers, cfg.dnsmos) == (True, 1, False)
     helptext = sub.choices["eval"].format_help()
     assert "--if-max-new-tokens N" in helptext and "Answer length for forgetting items" in helptext
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.grad_accum=0", "train.grad_accum: must be at least 1, got 0"),
+    ("train.max_steps=0", "train.max_steps: must be at least 1, got 0"),
+    ("train.max_steps=-5", "train.max_steps: must be at least 1, got -5"),
+    ("train.batch_size=0", "train.batch_size: must be at least 1, got 0"),
+    ("train.lr=nan", "train.lr: must be a finite number, got nan"),
+    ("train.lr=-0.001", "train.lr: must be greater than 0, got -0.001"),
+    ("train.eval_fraction=1.5", r"train.eval_fraction: must be in \[0, 1\), got 1.5"),
+    ("train.token_masking=1", r"train.token_masking: must be in \[0, 1\), got 1.0"),
+    ("train.betas=[0.9]", "train.betas: needs exactly 2 item"),
+    ("train.betas=[0.9, 1.5]", r"train.betas: item 1: must be in \[0, 1\)"),
+    ("model.encoder.layers=[]", "model.encoder.layers: needs at least 1 item"),
+    ("model.encoder.layers=[-1]", "model.encoder.layers: item 0: must be at least 0"),
+    ("model.adapter.qformer.dropout=1", r"model.adapter.qformer.dropout: must be in \[0, 1\)"),
+    ("generation.top_p=0", r"generation.top_p: must be in \(0, 1\]"),
+    ("generation.temperature=0", "generation.temperature: must be greater than 0"),
+    ("generation.max_new_tokens=0", "generation.max_new_tokens: must be at least 1"),
+    ("targets.min_transcript_recall=2", r"targets.min_transcript_recall: must be in \[0, 1\]"),
+    ("annotate.workers=0", "annotate.workers: must be at least 1"),
+    ("eval.bootstrap=0", "eval.bootstrap: must be at least 1"),
+    ("serve.port=70000", r"serve.port: must be in \[0, 65535\]"),
+    ("serve.max_upload_mb=-1", "serve.max_upload_mb: must be greater than 0"),
+])
+def test_impossible_settings_fail_at_load_naming_the_key(override, message, tmp_path):
+    with pytest.raises(ConfigError, match=f"override: {message}"):
+        load_config(ROOT / "configs" / "tiny.yaml", [override])
+    # the same rule, the same message, from a YAML file
+    import yaml
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(parse_overrides([override])))
+    with pytest.raises(ConfigError, match=f"bad.yaml: {message}"):
+        load_config(bad)
+
+
+def test_every_numeric_setting_has_a_range_rule():
+    """Each int or float setting (alone, optional or in a list) of every config section states
+    the values it may take, and every default satisfies it."""
+    import dataclasses
+    import typing
+
+    from speechllm.config import RANGE
+
+    def numeric(tp) -> bool:
+        args = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
+        return any(a in (int, float) or typing.get_origin(a) is list and typing.get_args(a)[0] in (int, float)
+                   for a in args)
+
+    def walk(cls, where):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            tp = hints[f.name]
+            if dataclasses.is_dataclass(tp):
+                walk(tp, f"{where}.{f.name}")
+            elif numeric(tp):
+                assert RANGE in f.metadata, f"{where}.{f.name} has no range rule"
+                default = getattr(cls(), f.name)
+                assert f.metadata[RANGE].problem(default) is None, f"{where}.{f.name}: default {default!r}"
+
+    walk(Config, "config")

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -180,3 +181,128 @@ def test_other_adapters_and_dtypes_train_and_reload(overrides, sample_wav, tmp_p
     reloaded = SpeechLLM.from_pretrained(model.save_pretrained(tmp_path / "ckpt"))
     assert reloaded.config == model.config
     torch.testing.assert_close(reloaded(reloaded.build_batch(examples(sample_wav))), loss.detach(), atol=0, rtol=0)
+
+
+# ----------------------------------------------------------------------------- hostile checkpoints
+
+MARKER_CODE = """open({marker!r}, "w").write("ran")
+from transformers import LlamaConfig, LlamaForCausalLM
+
+
+class EvilConfig(LlamaConfig):
+    model_type = "evil-llama"
+
+
+class EvilModel(LlamaForCausalLM):
+    config_class = EvilConfig
+"""
+
+
+def evil_llm_folder(tmp_path):
+    """A copy of the tiny LLM whose config maps to custom code (evil.py) that writes a marker file
+    when imported; returns (folder, marker)."""
+    import shutil
+
+    from speechllm.hub import weights
+
+    folder, marker = tmp_path / "evil-llm", tmp_path / "code-ran"
+    shutil.copytree(weights.resolve("tiny-random-llama"), folder, ignore=shutil.ignore_patterns(weights.READY_MARKER))
+    (folder / "evil.py").write_text(MARKER_CODE.format(marker=str(marker)))
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="evil-llama", auto_map={"AutoConfig": "evil.EvilConfig",
+                                                     "AutoModelForCausalLM": "evil.EvilModel"})
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder, marker
+
+
+def edit_meta(folder, change):
+    meta = json.loads((folder / CHECKPOINT_CONFIG).read_text())
+    change(meta)
+    (folder / CHECKPOINT_CONFIG).write_text(json.dumps(meta))
+
+
+def test_a_checkpoint_never_runs_code(tiny_model, tmp_path):
+    from speechllm.hub import weights
+
+    evil, marker = evil_llm_folder(tmp_path)
+
+    def point_at_evil(meta, record_it):
+        meta["model"]["llm"].update(name=str(evil), trust_remote_code=True)
+        if record_it:  # a consistent forgery: the recorded base is the folder, with its true fingerprint
+            meta["base"]["llm"] = {"name": str(evil), "fingerprint": weights.fingerprint(str(evil))}
+
+    named = tiny_model.save_pretrained(tmp_path / "named")
+    edit_meta(named, lambda meta: point_at_evil(meta, False))
+    with pytest.raises(CheckpointError, match="trained on 'tiny-random-llama'"):
+        SpeechLLM.from_pretrained(named)
+    forged = tiny_model.save_pretrained(tmp_path / "forged")
+    edit_meta(forged, lambda meta: point_at_evil(meta, True))
+    with pytest.raises(CheckpointError, match=r"custom code \(auto_map\), which a checkpoint never enables"):
+        SpeechLLM.from_pretrained(forged)
+    assert not marker.exists()
+
+
+def test_damaged_or_mismatched_checkpoints_are_clear_errors(tiny_model, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from speechllm.hub import weights
+
+    cut = tiny_model.save_pretrained(tmp_path / "cut")
+    data = (cut / ADAPTER_WEIGHTS).read_bytes()
+    (cut / ADAPTER_WEIGHTS).write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="adapter.safetensors: cannot be read .*truncated"):
+        SpeechLLM.from_pretrained(cut)
+    renamed = tiny_model.save_pretrained(tmp_path / "renamed")
+    edit_meta(renamed, lambda meta: meta["model"]["llm"].update(name="smollm2-135m-instruct"))
+    with pytest.raises(CheckpointError, match="model.llm.name is 'smollm2-135m-instruct', but the adapter was trained"):
+        SpeechLLM.from_pretrained(renamed)
+    # another base LLM of another width, recorded consistently: the weights do not fit
+    narrow = tmp_path / "narrow-llm"
+    source = weights.resolve("tiny-random-llama")
+    llm = AutoModelForCausalLM.from_pretrained(source)
+    llm.config.update({"hidden_size": 32, "intermediate_size": 64, "head_dim": 8})
+    AutoModelForCausalLM.from_config(llm.config).save_pretrained(narrow)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        (narrow / name).write_bytes((Path(source) / name).read_bytes())
+    other = tiny_model.save_pretrained(tmp_path / "other")
+
+    def to_narrow(meta):
+        meta["model"]["llm"]["name"] = str(narrow)
+        meta["base"]["llm"] = {"name": str(narrow), "fingerprint": weights.fingerprint(str(narrow))}
+    edit_meta(other, to_narrow)
+    with pytest.raises(CheckpointError, match=r"do not fit the model's shapes .*other base models"):
+        SpeechLLM.from_pretrained(other)
+    broken = tiny_model.save_pretrained(tmp_path / "broken")
+    edit_meta(broken, lambda meta: meta.pop("base"))
+    with pytest.raises(CheckpointError, match="'base.encoder' must record"):
+        SpeechLLM.from_pretrained(broken)
+    (broken / CHECKPOINT_CONFIG).write_text('{"format": "speechllm-adapter/1", "model": ')
+    with pytest.raises(CheckpointError, match="not a speechllm checkpoint"):
+        SpeechLLM.from_pretrained(broken)
+
+
+def test_an_unknown_base_model_fails_at_once_offline(tiny_cfg, monkeypatch):
+    import dataclasses
+
+    from speechllm.hub.weights import WeightsError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    llm = dataclasses.replace(tiny_cfg.model.llm, name="tiny-random-lama")
+    with pytest.raises(WeightsError, match=r"did you mean 'tiny-random-llama'.*not in the local cache.*HF_HUB_OFFLINE"):
+        SpeechLLM.from_config(dataclasses.replace(tiny_cfg.model, llm=llm))
+
+
+def test_prompts_longer_than_the_context_are_length_errors(tiny_model, sample_wav):
+    from speechllm.config import GenerationConfig
+    from speechllm.model.speechllm import LengthError
+
+    context = tiny_model.context_length
+    assert context == tiny_model.llm.config.max_position_embeddings
+    short = Example("What can you hear?", sample_wav)
+    n = tiny_model.prompt_length(short.instruction, None, True, len(sample_wav) / 16000)
+    assert n == int(tiny_model.build_batch([short], for_generation=True).attention_mask.sum())
+    with pytest.raises(LengthError, match=rf"{n} positions \+ {context} answer tokens .* context of {context}"):
+        tiny_model.generate([short], GenerationConfig(max_new_tokens=context))
+    long = Example(" ".join(["can"] * 2000), sample_wav, None, "Yes.", id="clip-7")
+    with pytest.raises(LengthError, match=r"example clip-7: \d+ positions exceed the LLM's context"):
+        tiny_model.build_batch([long])

@@ -39,11 +39,15 @@ def data(tmp_path_factory):
     return d
 
 
+def cfg_args(data, out, *more):
+    """Overrides of a short run on the fixture's data (`train.data` not included)."""
+    return [f"train.out_dir={out}", "train.batch_size=4", "train.lr=0.01", "train.warmup_steps=1",
+            "train.eval_fraction=0", "train.log_every=1", "train.eval_every=1000", f"train.cache_dir={data / 'cache'}",
+            *more]
+
+
 def cfg(data, out, *more):
-    return load_config(TINY_CONFIG, [f"train.data={data / 'targets.jsonl'}", f"train.out_dir={out}",
-                                     "train.batch_size=4", "train.lr=0.01", "train.warmup_steps=1",
-                                     "train.eval_fraction=0", "train.log_every=1", "train.eval_every=1000",
-                                     f"train.cache_dir={data / 'cache'}", *more])
+    return load_config(TINY_CONFIG, [f"train.data={data / 'targets.jsonl'}", *cfg_args(data, out, *more)])
 
 
 def metrics(out):
@@ -190,3 +194,98 @@ def test_weight_decay_falls_on_matrices_only(tiny_model):
     assert all(n.endswith("bias") or ".norm" in n or n.endswith("layer_logits") for n in kept), kept
     assert not any(n.endswith("bias") or ".norm" in n for n in decayed), decayed
     assert decayed | kept == {n for n, p in tiny_model.named_parameters() if p.requires_grad}
+
+
+# ----------------------------------------------------------------------------- bounds and hostile data
+
+def write_targets(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def base_records(data, n=4):
+    """The fixture's first `n` records, with absolute audio paths (usable from any folder)."""
+    recs = [json.loads(line) for line in (data / "targets.jsonl").read_text().splitlines()][:n]
+    return [{**r, "audio": str(data / r["audio"])} for r in recs]
+
+
+def test_a_huge_target_is_cut_and_every_batch_stays_bounded(data, tmp_path):
+    limit = 16
+    recs = base_records(data)
+    recs[0]["target"] = " ".join(["word"] * 10_000)
+    path = write_targets(tmp_path / "huge.targets.jsonl", recs)
+    trainer = Trainer(load_config(TINY_CONFIG, [f"train.data={path}", f"train.out_dir={tmp_path / 'run'}",
+                                                f"train.max_target_tokens={limit}", "train.batch_size=4",
+                                                "train.max_steps=2", "train.eval_fraction=0",
+                                                f"train.cache_dir={data / 'cache'}"]), progress=False)
+    assert trainer.report.cut == 1 and trainer.report.kept == 4
+    model = trainer.model
+    cut = next(r for r in trainer.train_records if r.id == "c0")
+    assert cut.truncated and 0 < len(model.prompt.text(cut.target)) <= limit
+    bound = max(model.prompt_length(r.instruction, r.transcript, True, r.seconds) for r in trainer.train_records)
+    for k in range(trainer.stream.per_epoch):
+        batch = model.build_batch(trainer.examples(trainer.stream[k]))
+        assert batch.inputs_embeds.shape[1] <= bound + limit
+    assert (trainer.train() / "adapter.safetensors").is_file()
+
+
+def test_unusable_records_are_left_out_and_counted(data, tmp_path):
+    long_clip = tmp_path / "long.wav"
+    sf.write(long_clip, np.zeros(31 * 16000, dtype=np.float32), 16000)
+    good = base_records(data)
+    bad = [{**good[0], "id": "empty", "target": "  "},
+           {**good[0], "id": "wordy", "instruction": "Say " * 600},
+           {**good[0], "id": "crowded", "instruction": " ".join(["can"] * 480)},
+           {**good[0], "id": "long-clip", "audio": str(long_clip)}]
+    path = write_targets(tmp_path / "mixed.targets.jsonl", good + bad)
+    trainer = Trainer(load_config(TINY_CONFIG, [f"train.data={path}", f"train.out_dir={tmp_path / 'run'}",
+                                                "train.eval_fraction=0", "train.feature_cache=false"]), progress=False)
+    report = trainer.report
+    assert (report.empty_target, report.long_instruction, report.over_context, report.audio_length) == (1, 1, 1, 1)
+    assert sorted(r.id for r in trainer.train_records) == sorted(r["id"] for r in good)
+    line = report.line()
+    assert "1 empty targets left out" in line and "longer than the LLM's context" in line
+
+
+def test_targets_written_in_another_folder_train_on_the_same_clips(tmp_path, capsys):
+    from speechllm.cli import main
+
+    source, elsewhere = tmp_path / "corpus", tmp_path / "elsewhere"
+    for folder, seconds in ((source, 1.5), (elsewhere, 3.0)):  # same names, other clips: decoys
+        (folder / "audio").mkdir(parents=True)
+        for i in range(3):
+            sf.write(folder / "audio" / f"clip{i}.wav", load_audio(SAMPLE)[: int(seconds * 16000)], 16000)
+    meta = [{"id": f"clip{i}", "audio": f"audio/clip{i}.wav", "description": '[00:00-00:01] "hi" (Gender: Male)',
+             "labels": {"gender": "male"}} for i in range(3)]
+    write_targets(source / "train.metadata.jsonl", meta)
+    out = elsewhere / "train.targets.jsonl"  # beside the decoys: a copied relative path would name them
+    assert main(["targets", str(source / "train.metadata.jsonl"), "--out", str(out), "--strategy", "label",
+                 "--config", str(TINY_CONFIG), "--quiet"]) == 0
+    trainer = Trainer(load_config(TINY_CONFIG, [f"train.data={out}", f"train.out_dir={tmp_path / 'run'}",
+                                                "train.eval_fraction=0", "train.feature_cache=false"]), progress=False)
+    assert {r.audio.resolve() for r in trainer.train_records} == {(source / "audio" / f"clip{i}.wav").resolve()
+                                                                  for i in range(3)}
+    assert all(r.seconds == pytest.approx(1.5) for r in trainer.train_records)
+
+
+def test_resume_only_with_the_settings_the_run_was_trained_with(data, tmp_path):
+    out = tmp_path / "run"
+    train(cfg(data, out, "train.max_steps=2"), progress=False)
+    with pytest.raises(TrainingError, match=r"other settings \(train.lr: 0.01 -> 0.02\).*train.resume=must.*"
+                                            r"train.resume=never"):
+        Trainer(cfg(data, out, "train.max_steps=2", "train.lr=0.02"), progress=False)
+    fewer = data / "fewer.targets.jsonl"  # beside the clips it names
+    fewer.write_text("".join(line + "\n" for line in (data / "targets.jsonl").read_text().splitlines()[1:]))
+    with pytest.raises(TrainingError, match=r"train.data: \"sha256:"):
+        Trainer(load_config(TINY_CONFIG, [f"train.data={fewer}", *cfg_args(data, out, "train.max_steps=2")]),
+                progress=False)
+    # told to, it goes on from the checkpoint with the new settings
+    resumed = Trainer(cfg(data, out, "train.max_steps=4", "train.lr=0.02", "train.resume=must"), progress=False)
+    assert resumed.resume() and resumed.step == 2
+    assert resumed.scheduler.base_lrs == [0.02, 0.02]
+    assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(0.02 * resumed.scheduler.lr_lambdas[0](2))
+    # or starts afresh in the same folder
+    fresh = Trainer(cfg(data, out, "train.max_steps=2", "train.lr=0.02", "train.resume=never"), progress=False)
+    assert fresh.resume_from is None and not (out / "checkpoints").exists() and not (out / "metrics.jsonl").exists()
+    with pytest.raises(TrainingError, match="train.resume=must: .* holds no checkpoint"):
+        Trainer(cfg(data, tmp_path / "empty", "train.resume=must"), progress=False)

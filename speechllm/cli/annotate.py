@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .common import add_config_args, add_section_flags, config_from_args, fail, new_parser
+from .common import add_config_args, add_section_flags, config_from_args, fail, new_parser, output_file_problem
 
 
 def add_parser(sub) -> None:
@@ -50,6 +50,9 @@ def run(args: argparse.Namespace) -> int:
     if (src is None) == (args.hf_dataset is None):
         return fail("give exactly one input: a manifest .jsonl, a folder of audio files, or --hf-dataset")
     out = Path(args.out)
+    problem = output_file_problem(out, src)
+    if problem:
+        return fail(problem)
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.hf_dataset:
         items = pl.hf_items(args.hf_dataset, out.parent, out.with_name(out.stem + ".audio"), args.audio_column,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from .common import add_model_source, add_overrides, info, load_model, new_parser
+from .common import add_model_source, add_overrides, fail, info, load_model, new_parser
 
 
 def add_parser(sub) -> None:
@@ -31,9 +31,16 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..io.audio import SAMPLE_RATE, load_audio
+    from ..io.audio import SAMPLE_RATE, audio_seconds, load_audio
     from ..model import Example
+    from ..records import MAX_INSTRUCTION_CHARS
 
+    question = args.question.strip()
+    if not question:
+        return fail("the question is empty; ask one, e.g. \"What can you hear?\"")
+    if len(question) > MAX_INSTRUCTION_CHARS:
+        return fail(f"the question has {len(question)} characters; at most {MAX_INSTRUCTION_CHARS}")
+    audio_seconds(args.audio)  # an unusable file is reported before the models load
     t0 = time.perf_counter()
     model, cfg = load_model(args)
     t_load = time.perf_counter() - t0
@@ -51,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
         info("untrained adapter: the audio embeddings are random; the answer rests on the transcript")
     t2 = time.perf_counter()
     with torch.inference_mode():
-        answer = model.generate([Example(instruction=args.question, audio=wav, transcript=transcript)],
+        answer = model.generate([Example(instruction=question, audio=wav, transcript=transcript)],
                                 cfg.generation)[0]
     t_gen = time.perf_counter() - t2
     print(answer)

@@ -12,6 +12,7 @@ import re
 import sys
 import types
 import typing
+from pathlib import Path
 from typing import Any, Literal
 
 from ..config import Config, field_docs, load_config
@@ -26,6 +27,20 @@ def fail(msg: str) -> int:
 def info(msg: str) -> None:
     """A progress or status line on stderr."""
     print(f"[speechllm] {msg}", file=sys.stderr, flush=True)
+
+
+def output_file_problem(out: str | Path, source: str | Path | None = None) -> str | None:
+    """Why `--out` cannot be the JSONL file a command appends to (it is the input `source`, a
+    folder, or under a file), None when it can."""
+    from ..io.paths import folder_problem, same_file
+
+    out = Path(out)
+    if source is not None and Path(source).is_file() and same_file(out, source):
+        return f"--out {out} is the input file; write to another file"
+    if out.is_dir():
+        return f"--out {out} is a folder; name the .jsonl file to write"
+    problem = folder_problem(out.parent)
+    return f"--out {out}: {problem}" if problem else None
 
 
 def new_parser(sub, name: str, help: str, description: str, examples: list[str]) -> argparse.ArgumentParser:
@@ -152,7 +167,9 @@ def load_model(args: argparse.Namespace):
             raise ConfigError("--config applies to --untrained; a checkpoint carries its own model config")
         updates = section_updates(args)
         cfg = load_config(None, args.overrides, updates)
-        model = SpeechLLM.from_pretrained(args.checkpoint, device=args.device)
+        # custom model code only if the user asks here, never because the checkpoint says so
+        model = SpeechLLM.from_pretrained(args.checkpoint, device=args.device,
+                                          trust_remote_code=cfg.model.llm.trust_remote_code)
     else:
         cfg = config_from_args(args)
         torch.manual_seed(cfg.generation.seed)  # the untrained adapter is the same on every run

@@ -27,9 +27,13 @@ def run(args: argparse.Namespace) -> int:
     from ..data.synth import SynthError
     from ..demo import run_demo
     from ..eval.suite import EvalError
+    from ..io.paths import folder_problem
     from ..training.trainer import TrainingError
 
     out = Path(args.out)
+    problem = folder_problem(out)
+    if problem:
+        return fail(f"--out: {problem}")
     try:
         run_demo(out, quick=args.quick, device=args.device, progress=not args.quiet)
     except (SynthError, EvalError, TrainingError) as err:

@@ -40,7 +40,10 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..eval.suite import EvalError, run_eval
+    from ..errors import SpeechLLMError
+    from ..eval.suite import run_eval
+    from ..io.paths import folder_problem
+    from ..model.speechllm import read_checkpoint, read_weights
 
     cfg = config_from_args(args).eval
     data = Path(args.data)
@@ -49,10 +52,18 @@ def run(args: argparse.Namespace) -> int:
     for c in args.checkpoint:
         if not (Path(c) / "config.json").is_file():
             return fail(f"{c}: not a speechllm checkpoint (no config.json; make one with `speechllm train`)")
+        read_checkpoint(Path(c))  # a damaged checkpoint is reported now, not after the others are answered
+        read_weights(Path(c))
     out = Path(args.out)
+    problem = folder_problem(out)
+    if problem:
+        return fail(f"--out: {problem}")
+    existed = out.exists()
     try:
         run_eval([Path(c) for c in args.checkpoint], data, out, cfg, device=args.device, progress=not args.quiet)
-    except EvalError as err:
+    except SpeechLLMError as err:
+        if not existed and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # nothing was written: leave no empty folder behind
         return fail(str(err))
     print((out / "report.md").read_text())
     print(f"eval: report -> {out / 'report.md'}, {out / 'report.json'}, {out / 'plots'}")

@@ -27,7 +27,13 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..data.synth import SynthError, synthesize
+    from ..io.paths import folder_problem
 
+    problem = folder_problem(args.out)
+    if problem:
+        return fail(f"--out: {problem}")
+    if args.workers < 1:
+        return fail(f"--workers must be at least 1, got {args.workers}")
     try:
         synthesize(Path(args.out), n=args.n, seed=args.seed, test_fraction=args.test_fraction,
                    workers=args.workers, progress=not args.quiet)

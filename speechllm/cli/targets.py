@@ -7,7 +7,7 @@ import typing
 from pathlib import Path
 
 from ..config import TargetsConfig
-from .common import add_common, add_config_args, config_from_args, fail, new_parser
+from .common import add_common, add_config_args, config_from_args, fail, new_parser, output_file_problem
 
 
 def add_parser(sub) -> None:
@@ -33,12 +33,18 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..hub import weights
     from ..targets.run import run_targets
 
     cfg = config_from_args(args)
     metadata = Path(args.metadata)
     if not metadata.is_file():
-        return fail(f"{metadata}: no such metadata file (make one with `speechllm annotate`)")
+        what = "is a folder, not" if metadata.is_dir() else "no such"
+        return fail(f"{metadata}: {what} metadata file (make one with `speechllm annotate`)")
+    problem = output_file_problem(args.out, metadata)
+    if problem:
+        return fail(problem)
+    weights.check_available(cfg.model.llm.name)  # an unknown LLM fails now, not after the hub's retries
     summary = run_targets(metadata, Path(args.out), cfg, device=args.device, progress=not args.quiet)
     print(summary.line(Path(args.out)))
     return 0

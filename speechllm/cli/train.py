@@ -11,7 +11,11 @@ def add_parser(sub) -> None:
     p = new_parser(
         sub, "train", "train the adapter on targets.jsonl (resumable, accelerate-ready)",
         "Train the adapter (frozen Whisper encoder and LLM) so the LLM gives the targets from audio.\n"
-        "Re-running the same command resumes from the newest checkpoint in train.out_dir.\n"
+        "Re-running the same command resumes from the newest checkpoint in train.out_dir; with other\n"
+        "settings (data, model, lr, batch size, schedule, steps, seed, ...) it stops and names them:\n"
+        "train.resume=must continues that run with the new settings, train.resume=never starts afresh.\n"
+        "Targets longer than train.max_target_tokens are cut there; records that cannot fit the model\n"
+        "(empty target, instruction, clip or sequence too long) are left out; both are counted.\n"
         "Multi-GPU / multi-node: `accelerate launch [--num_processes N] -m speechllm.cli train ...`.",
         ["speechllm train --config configs/default.yaml train.data=data/train.targets.jsonl \\",
          "    train.out_dir=runs/self-output train.max_steps=300",

@@ -32,7 +32,7 @@ import numpy as np
 from ..config import AnnotateConfig, EvalConfig
 from ..errors import SpeechLLMError
 from ..io.jsonl import iter_lines, sibling_path, write_jsonl_atomic
-from ..records import MetadataRecord, RecordError, TaskItem
+from ..records import MAX_INSTRUCTION_CHARS, MetadataRecord, RecordError, TaskItem
 from .constraints import CONSTRAINTS, Constraint, sample_constraint
 from .tasks import tasks_from_metadata
 
@@ -131,7 +131,7 @@ def _read_format(fmt: str, data: Path, out: Path, cfg: EvalConfig) -> tuple[list
         items, errors = read_task_file(data)
         return rebase(items, data.parent, out), errors
     if fmt == "metadata":
-        items = tasks_from_metadata(read_metadata(data), cfg.tasks, cfg.max_per_task, cfg.seed)
+        items = tasks_from_metadata(read_metadata(data), cfg.tasks, cfg.max_per_task, cfg.seed, cfg.vary_phrasing)
         return rebase(items, data.parent, out), []
     if fmt == "dynamic-superb":
         from .readers import read_dynamic_superb
@@ -365,6 +365,11 @@ def _with_audio(items: list[TaskItem], out: Path, errors: list[dict]) -> tuple[l
     audio: dict[str, np.ndarray] = {}
     usable = []
     for it in items:
+        longest = max(len(it.instruction), len(it.question or ""))
+        if longest > MAX_INSTRUCTION_CHARS:
+            errors.append(_error(it.id, "instruction", f"the instruction has {longest} characters; at most "
+                                 f"{MAX_INSTRUCTION_CHARS}"))
+            continue
         if not it.description:
             errors.append(_error(it.id, "annotation", f"{it.audio}: no description (annotation failed; see "
                                  f"{sibling_path(out / ANNOTATIONS_FILE, '.errors.jsonl').name})"))

@@ -48,7 +48,8 @@ GENERATIONS_FORMAT = 1
 """Version of the answer cache's identity; a change makes every saved answer stale."""
 DIGEST_CHARS = 10
 """Hex digits of the reference identity's hash in its name."""
-REFERENCE_SCORES = ("accuracy_ref", "ref_ci_low", "ref_ci_high", "accuracy_ref_strict", "wer_ref")
+REFERENCE_SCORES = ("accuracy_ref", "ref_ci_low", "ref_ci_high", "accuracy_ref_strict", "wer_ref", "contains_ref",
+                    "fidelity_ref")
 """The reference's own numbers of a task, reported once per reference."""
 
 
@@ -120,6 +121,7 @@ def evaluate_checkpoint(ckpt: Path, name: str, es: EvalSet, out: Path, cfg: Eval
     model = SpeechLLM.from_pretrained(ckpt, device=device).eval()
     # the model's own frozen LLM, or with LoRA a fresh copy of the base: the reference and the KL baseline
     reference = Reference.for_model(model)
+    _check_lengths(model, reference, es, cfg)
     ref_name, ref = _reference_generations(model, reference, es, out, cfg, progress)
     sysgen = _checkpoint_generations(model, ckpt, name, ref_name, es, out, cfg, progress)
     kl = text_kl(model, reference.generator.llm)
@@ -138,6 +140,26 @@ def evaluate_checkpoint(ckpt: Path, name: str, es: EvalSet, out: Path, cfg: Eval
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return scores.passes
+
+
+def _check_lengths(model: "SpeechLLM", reference: "Reference", es: EvalSet, cfg: EvalConfig) -> None:
+    """Every prompt (the speech model's and the reference's) leaves room for its answer in the
+    LLM's context; else an EvalError naming the first key that does not, before anything is asked."""
+    from ..io.audio import SAMPLE_RATE
+    from ..model.speechllm import LengthError
+    from .answer import reference_prompt
+
+    for keys, _ in es.groups:
+        for key in keys:
+            item, instruction = es.item(key), es.instruction(key)
+            seconds = len(es.audio[item.audio]) / SAMPLE_RATE if item else None
+            speech = model.prompt_length(instruction, item.transcript if item else None, item is not None, seconds)
+            text = reference_prompt(item.description, instruction) if item else instruction
+            try:
+                model.check_length(max(speech, len(reference.generator.prompt_ids(text))),
+                                   _generation(cfg, key).max_new_tokens, key)
+            except LengthError as err:
+                raise EvalError(f"{err} (eval.max_new_tokens / eval.if_max_new_tokens set the answer's room)") from None
 
 
 def _reference_generations(model: "SpeechLLM", reference: "Reference", es: EvalSet, out: Path, cfg: EvalConfig,

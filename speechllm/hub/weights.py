@@ -38,6 +38,11 @@ CONVERTER_VERSION = 1
 CT2_SUBDIR = "ctranslate2"
 """Inside a converted Whisper folder: the original CTranslate2 model, for fast ASR."""
 HASH_CHUNK = 1 << 20
+HUB_PROBE_TIMEOUT_S = 10
+"""Seconds to wait for the Hugging Face hub when asking whether a model id exists (one try, no
+retries: transformers' own download retries for most of a minute before giving up)."""
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+"""Environment variables that, set to 1/true/yes/on, keep every load off the network."""
 
 
 class WeightsError(SpeechLLMError, RuntimeError):
@@ -414,6 +419,51 @@ def resolve(name_or_path: str, prepare_missing: bool = True) -> str:
         raise WeightsError(f"{name_or_path}: no such folder, and not an embedded name "
                            f"({', '.join(REGISTRY)}) or a hub id")
     return name_or_path
+
+
+def check_available(name_or_path: str) -> None:
+    """Before a load: a hub id that is neither in the local Hugging Face cache nor on a reachable
+    hub is a `WeightsError` at once (one request, no retries), naming an embedded model it may
+    have meant; embedded names and local folders pass (`resolve` reports their problems)."""
+    if name_or_path in REGISTRY or Path(name_or_path).expanduser().exists():
+        return
+    resolve(name_or_path, prepare_missing=False)  # a path-like name that is no folder fails here
+    _check_hub_id(name_or_path)
+
+
+def hub_offline() -> bool:
+    """Whether the environment keeps loads off the network (`OFFLINE_VARIABLES`)."""
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on") for v in OFFLINE_VARIABLES)
+
+
+def _check_hub_id(name: str) -> None:
+    """`WeightsError` for a hub id neither in the local cache nor on a reachable hub."""
+    import difflib
+
+    from huggingface_hub import HfApi, try_to_load_from_cache
+    from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError
+
+    close = difflib.get_close_matches(name, list(REGISTRY), n=1)
+    what = (f"'{name}' is not an embedded model{f' (did you mean {close[0]!r}?)' if close else ''} nor a local "
+            "folder, and as a Hugging Face hub id")
+    try:
+        if isinstance(try_to_load_from_cache(name, "config.json"), str):
+            return
+    except HFValidationError as err:
+        raise WeightsError(f"{what} it is not valid ({err})") from None
+    if hub_offline():
+        raise WeightsError(f"{what} it is not in the local cache, and the hub is off "
+                           f"({' / '.join(OFFLINE_VARIABLES)} is set)")
+    try:
+        HfApi().model_info(name, timeout=HUB_PROBE_TIMEOUT_S)
+    except GatedRepoError:
+        return  # it exists; loading says whether this user may read it
+    except RepositoryNotFoundError:
+        raise WeightsError(f"{what} it does not exist on the hub (or is private)") from None
+    except Exception as err:  # no network: the HTTP client's connection errors share no base class with OSError
+        raise WeightsError(f"{what} it is not in the local cache and the hub cannot be reached "
+                           f"({type(err).__name__}: {err}); offline, name an embedded model or a local "
+                           "folder") from None
 
 
 def ct2_path(name_or_path: str) -> Path | None:

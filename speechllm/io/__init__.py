@@ -1,2 +1,2 @@
-"""Reading and writing the bytes every stage shares: audio files (`audio`) and resumable,
-atomic JSONL (`jsonl`)."""
+"""Reading and writing the bytes every stage shares: audio files (`audio`), resumable, atomic
+JSONL (`jsonl`), and the paths stages write (`paths`)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -19,6 +20,12 @@ from ..errors import SpeechLLMError
 
 class JsonlError(SpeechLLMError, ValueError):
     """A JSONL line that cannot be parsed; names the file and the line."""
+
+
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+"""A JSON escape of a UTF-16 surrogate: valid in pairs (an emoji), not text when alone."""
+MAX_REASON_CHARS = 200
+"""A parser's own message is cut to this length."""
 
 
 @dataclass
@@ -32,26 +39,52 @@ class Line:
 
 
 def iter_lines(path: str | Path, required: tuple[str, ...] = ()) -> Iterator[Line]:
-    """Each non-blank line of `path`, parsed; malformed lines come back with `error` set instead of
-    stopping the read (the caller decides whether that is fatal)."""
+    """Each non-blank line of `path`, parsed; malformed lines (not UTF-8, not JSON, nested past
+    the parser's depth, a number too long to convert) come back with `error` set instead of
+    stopping the read (the caller decides whether that is fatal). A path that cannot be read is
+    a `JsonlError`."""
     path = Path(path)
-    with open(path, encoding="utf-8") as f:
+    try:
+        f = open(path, "rb")
+    except OSError as err:
+        what = "is a folder, not a JSONL file" if path.is_dir() else f"cannot be read ({err.strerror or err})"
+        raise JsonlError(f"{path}: {what}") from None
+    with f:
         for number, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
             try:
-                record = json.loads(raw)
-            except json.JSONDecodeError as err:
-                yield Line(number, None, f"{path}:{number}: not valid JSON ({err.msg} at column {err.colno})")
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                yield Line(number, None, f"{path}:{number}: not UTF-8 text (byte {err.start + 1})")
                 continue
-            if not isinstance(record, dict):
-                yield Line(number, None, f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+            if not text.strip():
+                continue
+            record, error = _parse(text, f"{path}:{number}")
+            if error is not None:
+                yield Line(number, None, error)
                 continue
             missing = [k for k in required if k not in record]
             if missing:
                 yield Line(number, None, f"{path}:{number}: missing field(s) {', '.join(missing)}")
                 continue
             yield Line(number, record, None)
+
+
+def _parse(text: str, where: str) -> tuple[dict | None, str | None]:
+    """(the line's JSON object, None), or (None, why the line cannot be used)."""
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as err:
+        return None, f"{where}: not valid JSON ({err.msg} at column {err.colno})"
+    except (ValueError, RecursionError) as err:  # a number past int's digit limit, nesting too deep
+        return None, f"{where}: not usable JSON ({type(err).__name__}: {str(err)[:MAX_REASON_CHARS]})"
+    if not isinstance(record, dict):
+        return None, f"{where}: expected a JSON object, got {type(record).__name__}"
+    if SURROGATE_ESCAPE.search(text):
+        try:
+            json.dumps(record, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            return None, f"{where}: holds a lone surrogate escape (\\ud800-\\udfff), which is not text"
+    return record, None
 
 
 def read_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> list[dict]:
@@ -150,4 +183,13 @@ def write_jsonl_atomic(path: str | Path, records: list[dict]) -> None:
     with open(tmp, "w", encoding="utf-8") as f:
         for r in records:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    """Write one JSON document at once (temp file + rename), indented for reading."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     os.replace(tmp, path)

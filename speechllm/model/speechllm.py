@@ -7,6 +7,7 @@ Invariant (tested): with no audio and no LoRA, the text path gives exactly the b
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +18,9 @@ from torch import nn
 
 from ..errors import SpeechLLMError
 from ..hub import weights
-from ..config import Config, GenerationConfig, ModelConfig, config_from_dict, to_dict
+from ..config import Config, ConfigError, GenerationConfig, LoRAConfig, ModelConfig, config_from_dict, to_dict
 from .adapters import build_adapter
+from ..io.audio import SAMPLE_RATE
 from .encoder import WhisperTappedEncoder, load_whisper_encoder
 from .llm import DTYPES, load_llm
 from .prompt import PromptBuilder
@@ -27,10 +29,20 @@ ADAPTER_WEIGHTS = "adapter.safetensors"
 CHECKPOINT_CONFIG = "config.json"
 CHECKPOINT_FORMAT = "speechllm-adapter/1"
 IGNORE_INDEX = -100
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length")
+"""LLM config attributes that name its context length, in the order they are looked for."""
+BASE_PARTS = ("encoder", "llm")
+"""The base models a checkpoint names and fingerprints."""
+LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError)
+"""What transformers, safetensors and torch raise for a folder that is not the model it claims."""
 
 
 class CheckpointError(SpeechLLMError, ValueError):
     """A checkpoint folder that cannot be loaded, or that does not match the base models."""
+
+
+class LengthError(SpeechLLMError, ValueError):
+    """An input longer than the LLM's context (prompt, audio and the answer's room together)."""
 
 
 @dataclass
@@ -99,12 +111,29 @@ class SpeechLLM(nn.Module):
 
     @classmethod
     def from_config(cls, config: ModelConfig, device: str | torch.device = "cpu") -> "SpeechLLM":
-        """Resolve and load the base models named in `config` and build a fresh adapter."""
+        """Resolve and load the base models named in `config` and build a fresh adapter. A model
+        that cannot be loaded, or a setting that does not fit it, is an error naming the key."""
         dtype = DTYPES[config.llm.dtype]
-        encoder = load_whisper_encoder(weights.resolve(config.encoder.name), config.encoder.layers, dtype=dtype)
-        llm, tokenizer = load_llm(config.llm)
-        adapter = build_adapter(config.adapter, encoder_width=encoder.width, num_taps=len(config.encoder.layers),
-                                llm_width=llm.get_input_embeddings().embedding_dim)
+        for name in (config.encoder.name, config.llm.name):  # an unknown name fails now, not after retries
+            weights.check_available(name)
+        path = weights.resolve(config.encoder.name)
+        try:
+            encoder = load_whisper_encoder(path, config.encoder.layers, dtype=dtype)
+        except ValueError as err:
+            if str(err).startswith("encoder.layers"):  # the taps do not fit this encoder
+                raise ConfigError(f"model.{err}") from None
+            raise _load_error("model.encoder.name", config.encoder.name, err) from None
+        except LOAD_ERRORS as err:
+            raise _load_error("model.encoder.name", config.encoder.name, err) from None
+        try:
+            llm, tokenizer = load_llm(config.llm)
+        except LOAD_ERRORS as err:
+            raise _load_error("model.llm.name", config.llm.name, err) from None
+        try:
+            adapter = build_adapter(config.adapter, encoder_width=encoder.width, num_taps=len(config.encoder.layers),
+                                    llm_width=llm.get_input_embeddings().embedding_dim)
+        except ValueError as err:
+            raise ConfigError(f"model.adapter: {err}") from None
         return cls(encoder, adapter, llm, tokenizer, config).to(device)
 
     @property
@@ -142,29 +171,85 @@ class SpeechLLM(nn.Module):
             embeds = embeds * (self.embedding_norm / embeds.norm(dim=-1, keepdim=True).clamp_min(1e-6))
         return embeds.to(self.llm.dtype), out_lengths
 
-    def build_batch(self, examples: list[Example], for_generation: bool = False) -> Batch:
+    @property
+    def context_length(self) -> int | None:
+        """Most positions the LLM takes (prompt and answer together), from its config; None when
+        its config names none."""
+        for key in CONTEXT_KEYS:
+            value = getattr(self.llm.config, key, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
+
+    def audio_positions(self, seconds: float | None = None, frames: int | None = None) -> int:
+        """LLM positions the audio embeddings of a clip take: from its encoder `frames`, else its
+        length in `seconds`, else (neither given) the longest clip's."""
+        enc = self.encoder
+        if frames is None:
+            frames = enc.max_frames if seconds is None else math.ceil(seconds * enc.frames_per_second)
+        return int(self.adapter.output_length(torch.tensor([min(enc.max_frames, max(1, frames))]))[0])
+
+    def prompt_length(self, instruction: str, transcript: str | None = None, has_audio: bool = True,
+                      seconds: float | None = None) -> int:
+        """Positions before the answer: the template, transcript, instruction and (`has_audio`) the
+        audio embeddings of a `seconds` long clip (None: the longest)."""
+        pieces = self.prompt.pieces(instruction, transcript, has_audio=has_audio)
+        audio = self.audio_positions(seconds) if has_audio else 0
+        return len(pieces.before_audio) + audio + len(pieces.after_audio)
+
+    def check_length(self, positions: int, reserve: int = 0, what: str = "the prompt") -> None:
+        """`LengthError` when `positions` plus `reserve` answer tokens do not fit the LLM's context."""
+        limit = self.context_length
+        if limit is not None and positions + reserve > limit:
+            room = f" + {reserve} answer tokens (generation.max_new_tokens)" if reserve else ""
+            raise LengthError(f"{what}: {positions} positions{room} exceed the LLM's context of {limit} tokens; "
+                              "shorten the instruction" + (" or ask for a shorter answer" if reserve else ""))
+
+    def _audio_embeddings(self, examples: list[Example]) -> tuple[list[int], torch.Tensor | None, torch.Tensor | None]:
+        """(indices of the examples with audio, their embeddings, their lengths)."""
+        audio_idx = [i for i, ex in enumerate(examples) if ex.has_audio]
+        if not audio_idx:
+            return audio_idx, None, None
+        if all(examples[i].states is not None for i in audio_idx):
+            return (audio_idx, *self.adapt_states([examples[i].states for i in audio_idx]))
+        if any(examples[i].audio is None for i in audio_idx):
+            raise ValueError("a batch mixes precomputed states and waveforms; give one kind")
+        return (audio_idx, *self.encode_audio([examples[i].audio for i in audio_idx]))
+
+    def _target_labels(self, ex: Example, target: list[int]) -> list[int]:
+        """The target's labels, tokens that token masking leaves out set to IGNORE_INDEX."""
+        labels = list(target)
+        if ex.target_mask is not None and target:
+            n_text = len(target) - (len(self.prompt.end_of_turn_ids) if ex.target_complete else 0)
+            for j, keep in enumerate(ex.target_mask[:n_text]):
+                if not keep:
+                    labels[j] = IGNORE_INDEX
+        return labels
+
+    def build_batch(self, examples: list[Example], for_generation: bool = False, reserve: int = 0) -> Batch:
         """Lay out each example's tokens and audio embeddings; right-pad for training, left-pad
-        for generation."""
+        for generation. An example longer than the LLM's context (with `reserve` positions left
+        for the answer) is a `LengthError` naming it, raised before any audio is encoded."""
         if not examples:
             raise ValueError("empty batch")
-        embed = self.llm.get_input_embeddings()
-        audio_idx = [i for i, ex in enumerate(examples) if ex.has_audio]
-        audio_embeds = audio_lengths = None
-        if audio_idx and all(examples[i].states is not None for i in audio_idx):
-            audio_embeds, audio_lengths = self.adapt_states([examples[i].states for i in audio_idx])
-        elif audio_idx:
-            if any(examples[i].audio is None for i in audio_idx):
-                raise ValueError("a batch mixes precomputed states and waveforms; give one kind")
-            audio_embeds, audio_lengths = self.encode_audio([examples[i].audio for i in audio_idx])
-        device = self.device
-        seqs, labels = [], []
+        layouts = []
         for i, ex in enumerate(examples):
-            pieces = self.prompt.pieces(ex.instruction, ex.transcript, has_audio=ex.has_audio)
-            target = ([] if for_generation or ex.target is None
-                      else self.prompt.target(ex.target, complete=ex.target_complete))
             if ex.target is None and not for_generation:
                 raise ValueError(f"example {ex.id or i} has no target to train on")
-            parts = [embed(torch.tensor(pieces.before_audio, device=device))]
+            pieces = self.prompt.pieces(ex.instruction, ex.transcript, has_audio=ex.has_audio)
+            target = [] if for_generation else self.prompt.target(ex.target, complete=ex.target_complete)
+            seconds = len(ex.audio) / SAMPLE_RATE if ex.audio is not None else None
+            frames = ex.states[0].shape[0] if ex.states is not None else None
+            n_audio = self.audio_positions(seconds, frames) if ex.has_audio else 0
+            self.check_length(len(pieces.before_audio) + n_audio + len(pieces.after_audio) + len(target), reserve,
+                              f"example {ex.id}" if ex.id else "the prompt")
+            layouts.append((pieces, target))
+        embed = self.llm.get_input_embeddings()
+        audio_idx, audio_embeds, audio_lengths = self._audio_embeddings(examples)
+        device = self.device
+        seqs, labels = [], []
+        for i, (ex, (pieces, target)) in enumerate(zip(examples, layouts)):
+            parts = [embed(torch.tensor(pieces.before_audio, device=device, dtype=torch.long))]
             n_audio = 0
             if ex.has_audio:
                 j = audio_idx.index(i)
@@ -173,13 +258,12 @@ class SpeechLLM(nn.Module):
             parts.append(embed(torch.tensor(pieces.after_audio + target, device=device, dtype=torch.long)))
             seqs.append(torch.cat(parts, dim=0))
             n_prompt = len(pieces.before_audio) + n_audio + len(pieces.after_audio)
-            target_labels = list(target)
-            if ex.target_mask is not None and target:
-                n_text = len(target) - (len(self.prompt.end_of_turn_ids) if ex.target_complete else 0)
-                for j, keep in enumerate(ex.target_mask[:n_text]):
-                    if not keep:
-                        target_labels[j] = IGNORE_INDEX
-            labels.append([IGNORE_INDEX] * n_prompt + target_labels)
+            labels.append([IGNORE_INDEX] * n_prompt + self._target_labels(ex, target))
+        return self._pad(seqs, labels, for_generation)
+
+    def _pad(self, seqs: list[torch.Tensor], labels: list[list[int]], for_generation: bool) -> Batch:
+        """One batch of the sequences: right-padded for training, left-padded for generation."""
+        device = self.device
         longest = max(s.shape[0] for s in seqs)
         width = seqs[0].shape[1]
         inputs = torch.zeros(len(seqs), longest, width, dtype=seqs[0].dtype, device=device)
@@ -221,7 +305,7 @@ class SpeechLLM(nn.Module):
     def generate(self, examples: list[Example], gen: GenerationConfig | None = None) -> list[str]:
         """Answers for a batch of examples (clips of different lengths welcome)."""
         gen = gen or GenerationConfig()
-        batch = self.build_batch(examples, for_generation=True)
+        batch = self.build_batch(examples, for_generation=True, reserve=gen.max_new_tokens)
         kwargs = dict(max_new_tokens=gen.max_new_tokens, do_sample=gen.do_sample,
                       repetition_penalty=gen.repetition_penalty, eos_token_id=self.prompt.stop_ids,
                       pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
@@ -265,41 +349,138 @@ class SpeechLLM(nn.Module):
         return folder
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, device: str | torch.device = "cpu",
-                        check_base: bool = True) -> "SpeechLLM":
+    def from_pretrained(cls, folder: str | Path, device: str | torch.device = "cpu", check_base: bool = True,
+                        trust_remote_code: bool = False) -> "SpeechLLM":
         """Rebuild from a checkpoint folder: base models from their names, trainable weights from
-        the safetensors file. The base models' fingerprints must match the recorded ones."""
-        from safetensors.torch import load_file
+        the safetensors file.
 
+        A checkpoint is data someone may hand you, so it never runs code: custom modelling code
+        is allowed only by the caller's `trust_remote_code` (the checkpoint's own setting is
+        ignored), the base models its config names must be the ones it records, and (with
+        `check_base`) their fingerprints must match the recorded ones; all of this, and the
+        weights file, is checked before any base model is loaded."""
         folder = Path(folder)
+        meta = read_checkpoint(folder)
+        config = _checkpoint_config(folder, meta, trust_remote_code)
+        _check_base_models(folder, meta, config, check_base)
+        state = read_weights(folder)
         try:
-            meta = json.loads((folder / CHECKPOINT_CONFIG).read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise CheckpointError(f"{folder}: not a speechllm checkpoint ({CHECKPOINT_CONFIG}: {err})") from None
-        if meta.get("format") != CHECKPOINT_FORMAT:
-            raise CheckpointError(f"{folder}: format {meta.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
-        config = config_from_dict(meta["model"], ModelConfig)
-        model = cls.from_config(config, device=device)
-        if meta.get("lora"):
-            from ..config import LoRAConfig
-            from .lora import apply_lora
+            model = cls.from_config(config, device=device)
+            if meta.get("lora"):
+                from .lora import apply_lora
 
-            apply_lora(model, config_from_dict(meta["lora"], LoRAConfig))
-        if check_base:
-            for part in ("encoder", "llm"):
-                rec = meta["base"][part]
-                now = weights.fingerprint(rec["name"])
-                if now != rec["fingerprint"]:
-                    raise CheckpointError(f"{folder}: base {part} '{rec['name']}' has fingerprint {now}, but the "
-                                          f"adapter was trained on {rec['fingerprint']}")
-        state = load_file(str(folder / ADAPTER_WEIGHTS), device=str(device))
-        expected = set(model.trainable_state_dict())
-        if set(state) != expected:
-            missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-            raise CheckpointError(f"{folder}: weights do not match the model: missing {missing[:5]}, "
-                                  f"unexpected {unexpected[:5]}")
-        model.load_state_dict(state, strict=False)
+                apply_lora(model, config_from_dict(meta["lora"], LoRAConfig))
+        except SpeechLLMError as err:
+            raise CheckpointError(f"{folder}: {err}{_custom_code_hint(config)}") from None
+        _load_trainable(folder, model, state)
         return model
+
+
+def _load_error(key: str, name: str, err: Exception) -> SpeechLLMError:
+    """The error for the model `name` (set by `key`) that failed to load with `err` (kept as it
+    is when it already is a clear one)."""
+    if isinstance(err, SpeechLLMError):
+        return err
+    reason = (str(err).strip().splitlines() or [""])[0]
+    return weights.WeightsError(f"{key} '{name}': cannot be loaded ({type(err).__name__}: {reason})")
+
+
+def read_checkpoint(folder: Path) -> dict:
+    """The checkpoint's config.json, checked for the fields loading needs."""
+    path = folder / CHECKPOINT_CONFIG
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise CheckpointError(f"{folder}: not a speechllm checkpoint ({CHECKPOINT_CONFIG}: {err})") from None
+    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise CheckpointError(f"{path}: format {found!r}, expected {CHECKPOINT_FORMAT!r}")
+    base = meta.get("base")
+    for part in BASE_PARTS:
+        rec = base.get(part) if isinstance(base, dict) else None
+        if not (isinstance(rec, dict) and isinstance(rec.get("name"), str) and isinstance(rec.get("fingerprint"), str)):
+            raise CheckpointError(f"{path}: 'base.{part}' must record the {part}'s name and fingerprint")
+    if not isinstance(meta.get("model"), dict) or not isinstance(meta.get("lora") or {}, dict):
+        raise CheckpointError(f"{path}: 'model' (and 'lora', when present) must be JSON objects")
+    return meta
+
+
+def _checkpoint_config(folder: Path, meta: dict, trust_remote_code: bool) -> ModelConfig:
+    """The model config a checkpoint records, with custom code allowed only as the caller says."""
+    try:
+        config = config_from_dict(meta["model"], ModelConfig)
+        if meta.get("lora"):
+            config_from_dict(meta["lora"], LoRAConfig)
+    except ConfigError as err:
+        raise CheckpointError(f"{folder / CHECKPOINT_CONFIG}: {err}") from None
+    config.llm.trust_remote_code = trust_remote_code
+    return config
+
+
+def _check_base_models(folder: Path, meta: dict, config: ModelConfig, check_fingerprints: bool) -> None:
+    """The base models the config names are those the checkpoint records, with (when
+    `check_fingerprints`) the recorded fingerprints; nothing is loaded."""
+    for part, name in zip(BASE_PARTS, (config.encoder.name, config.llm.name)):
+        rec = meta["base"][part]
+        if rec["name"] != name:
+            raise CheckpointError(f"{folder / CHECKPOINT_CONFIG}: model.{part}.name is '{name}', but the adapter was "
+                                  f"trained on '{rec['name']}' (base.{part}); a checkpoint loads only its own base "
+                                  "models")
+        if not check_fingerprints:
+            continue
+        try:
+            weights.check_available(name)
+            weights.resolve(name)
+            now = weights.fingerprint(name)
+        except SpeechLLMError as err:
+            raise CheckpointError(f"{folder}: base {part}: {err}") from None
+        if now != rec["fingerprint"]:
+            raise CheckpointError(f"{folder}: base {part} '{name}' has fingerprint {now}, but the adapter was "
+                                  f"trained on {rec['fingerprint']}")
+
+
+def read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The trainable weights of a checkpoint (on the CPU); a missing or damaged file is a `CheckpointError`."""
+    from safetensors.torch import load_file
+
+    path = folder / ADAPTER_WEIGHTS
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing (the checkpoint has no weights)")
+    try:
+        return load_file(str(path))
+    except Exception as err:  # safetensors raises its own error type, and OSError, for a damaged file
+        raise CheckpointError(f"{path}: cannot be read ({type(err).__name__}: {err}); the file is damaged or "
+                              "truncated, copy it again") from None
+
+
+def _load_trainable(folder: Path, model: SpeechLLM, state: dict[str, torch.Tensor]) -> None:
+    """Put the checkpoint's weights into `model`; names and shapes must match exactly."""
+    expected = model.trainable_state_dict()
+    if set(state) != set(expected):
+        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        raise CheckpointError(f"{folder}: weights do not match the model: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}")
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+             if state[k].shape != v.shape]
+    if wrong:
+        raise CheckpointError(f"{folder}: weights do not fit the model's shapes ({'; '.join(wrong[:3])}): the "
+                              "checkpoint was trained with other base models or adapter settings")
+    model.load_state_dict({k: v.to(expected[k].device) for k, v in state.items()}, strict=False)
+
+
+def _custom_code_hint(config: ModelConfig) -> str:
+    """A note for a base model folder that names custom code, which a checkpoint never enables."""
+    if config.llm.trust_remote_code:
+        return ""
+    folder = Path(config.llm.name).expanduser()
+    for name in ("config.json", "tokenizer_config.json"):
+        try:
+            if "auto_map" in json.loads((folder / name).read_text(encoding="utf-8")):
+                return (f" ({folder / name} names custom code (auto_map), which a checkpoint never enables; "
+                        "only your own model.llm.trust_remote_code=true does)")
+        except (OSError, UnicodeDecodeError, ValueError):
+            continue
+    return ""
 
 
 def build_model(cfg: Config | ModelConfig, device: str | torch.device = "cpu") -> SpeechLLM:

@@ -34,7 +34,6 @@ import io
 import logging
 import json
 import socket
-import sys
 import threading
 import time
 import traceback
@@ -45,7 +44,8 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from ..config import ServeConfig
-from ..records import MetadataRecord
+from ..errors import SpeechLLMError
+from ..records import MAX_INSTRUCTION_CHARS, MetadataRecord
 
 log = logging.getLogger("speechllm.serve")
 
@@ -57,8 +57,6 @@ DEFAULT_MAX_UPLOAD_MB = ServeConfig.max_upload_mb
 """Largest upload; 30 s of 48 kHz stereo float32 WAV is 11.5 MB."""
 PAGE_RESOURCE = "page.html"
 """The page's HTML + JS, beside this module."""
-MAX_INSTRUCTION_CHARS = 2000
-"""Longest instruction accepted."""
 MAX_FILENAME_CHARS = 200
 """Uploaded file names are cut to this length for messages."""
 DRAIN_LIMIT_BYTES = 256 * 2**20
@@ -101,6 +99,7 @@ class Answerer:
     """
 
     def __init__(self, model, gen, max_seconds: float, asr_model: str | None, label: str = ""):
+        import annotate.pipeline  # noqa: F401 (registers the built-in annotators)
         from annotate.base import ANNOTATORS, order_annotators
         from ..config import DEFAULT_ANNOTATORS
 
@@ -214,8 +213,11 @@ class Answerer:
             transcript = record.asr_transcript
             with torch.inference_mode():
                 t2 = time.perf_counter()
-                speech = self.model.generate([Example(instruction=instruction, audio=wav, transcript=transcript)],
-                                             self.gen)[0]
+                try:
+                    speech = self.model.generate([Example(instruction=instruction, audio=wav, transcript=transcript)],
+                                                 self.gen)[0]
+                except SpeechLLMError as err:  # longer than the LLM's context
+                    raise ServeError(HTTPStatus.BAD_REQUEST, "request", f"{filename}: {err}") from None
                 t_speech = time.perf_counter() - t2
                 t3 = time.perf_counter()
                 reference = self.reference.answer([record.description], [instruction], self.gen, batch_size=1)[0]

@@ -13,24 +13,29 @@ process i takes every N-th record, writes
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import random
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import dataclasses
-
 from .. import __version__
 from ..config import Config, GenerationConfig
-from ..hub import weights
-from ..io.jsonl import ResumableJsonl, iter_lines, sibling_path, write_jsonl_atomic
 from ..distributed import accelerate_kwargs
-from .checks import degenerate_reason
+from ..hub import weights
+from ..io.jsonl import ResumableJsonl, iter_lines, sibling_path, write_json_atomic, write_jsonl_atomic
+from ..io.paths import rebase
 from ..model.generate import Generation, TextGenerator, provenance
 from ..records import MetadataRecord, RecordError, TargetRecord
-from .strategies import STRATEGIES, Draft, Job
+from .checks import degenerate_reason
+from .examples import ExamplePool, read_examples
+from .fidelity import Fidelity, measure, probes
+from .strategies import STRATEGIES, Draft, Job, Prompt
 
+FIDELITY_TOKENS = 48
+"""Answer length of the fidelity probe (a short answer states the value)."""
 CHUNK_BATCHES = 4
 """Generation batches per written chunk (progress and resume granularity)."""
 
@@ -47,6 +52,8 @@ class TargetsSummary:
     new_tokens: int = 0
     seconds: float = 0.0
     kept: dict[str, int] = field(default_factory=dict)
+    fidelity: Fidelity | None = None
+    """The teacher's measured fidelity to its descriptions (None: not probed)."""
 
     def line(self, out: Path) -> str:
         rate = self.new_tokens / self.seconds if self.seconds else 0.0
@@ -99,6 +106,39 @@ def load_jobs(metadata: Path, cfg: Config, seed: int, errors: ResumableJsonl, su
     return jobs
 
 
+def fidelity_path(out: Path) -> Path:
+    return sibling_path(out, ".fidelity.json")
+
+
+def example_pool(jobs: list[Job], cfg: Config, seed: int) -> ExamplePool:
+    """The teacher's worked examples: from `targets.example_file`, else from the run's clips."""
+    given = read_examples(cfg.targets.example_file) if cfg.targets.example_file else None
+    return ExamplePool([(j.id, j.description) for j in jobs], cfg.targets.examples, seed, given)
+
+
+def with_examples(job: Job, pool: ExamplePool) -> Job:
+    drawn = pool.draw(job.id, job.instruction)
+    return dataclasses.replace(job, examples=tuple(e.turn() for e in drawn), example_ids=tuple(e.id for e in drawn))
+
+
+def teacher_fidelity(jobs: list[Job], cfg: Config, pool: ExamplePool, maker: "TargetMaker", path: Path) -> Fidelity:
+    """The teacher's fidelity to its descriptions with this run's prompt (see `fidelity`),
+    measured once per output file (greedy) and kept beside it; printed."""
+    if path.exists():
+        saved = json.loads(path.read_text())
+        result = Fidelity(saved["examples"], {a: v["asked"] for a, v in saved["attributes"].items()},
+                          {a: v["agreed"] for a, v in saved["attributes"].items()})
+    else:
+        items = probes([(j.id, j.description) for j in jobs], cfg.targets.instruction_pool, cfg.targets.fidelity_probe,
+                       cfg.generation.seed)
+        greedy = dataclasses.replace(cfg.generation, do_sample=False, max_new_tokens=FIDELITY_TOKENS)
+        ask = maker._generate(greedy)
+        result = measure(items, lambda prompts: [g.text for g in ask(prompts)], pool)
+        write_json_atomic(path, result.to_json())
+    print(f"[speechllm] {result.line()} -> {path}", file=sys.stderr)
+    return result
+
+
 class TargetMaker:
     """Runs a strategy over jobs with degeneracy handling and truncation flags."""
 
@@ -108,8 +148,8 @@ class TargetMaker:
         self.new_tokens = 0
 
     def _generate(self, sampling: GenerationConfig):
-        def run(texts: list[str]) -> list[Generation]:
-            prompts = [self.gen.prompt_ids(t) for t in texts]
+        def run(texts: list[Prompt]) -> list[Generation]:
+            prompts = [self.gen.prompt_ids(text, list(turns)) for text, turns in texts]
             outs = self.gen.generate(prompts, sampling, self.cfg.targets.batch_size)
             self.new_tokens += sum(o.tokens for o in outs)
             return outs
@@ -151,9 +191,11 @@ class TargetMaker:
             kept = draft.extra.get("kept")
             if kept:
                 summary.kept[kept] = summary.kept.get(kept, 0) + 1
+            made_by = self.provenance(draft, sampling)
+            if draft.source == "llm" and job.example_ids:
+                made_by["examples"] = list(job.example_ids)
             records.append(TargetRecord(job.id, job.audio, job.transcript, job.description, job.instruction, draft.text,
-                                        self.strategy.name, self.provenance(draft, sampling), n_tokens, truncated,
-                                        kept, draft.extra.get("checks")))
+                                        self.strategy.name, made_by, n_tokens, truncated, kept, draft.extra.get("checks")))
         return records, errors
 
 
@@ -171,7 +213,9 @@ def run_targets(metadata: Path, out: Path, cfg: Config, device: str = "cpu", pro
     seed = cfg.generation.seed
     sampling = dataclasses.replace(cfg.generation, max_new_tokens=cfg.train.max_target_tokens, seed=seed + 7919 * rank)
     with ResumableJsonl(part) as done, ResumableJsonl(errors_path(part)) as failed:
-        jobs = load_jobs(metadata, cfg, seed, failed, summary)
+        # audio paths are relative to the metadata's folder; written, they must name the same files from out's
+        jobs = [dataclasses.replace(j, audio=rebase(j.audio, metadata.parent, out.parent))
+                for j in load_jobs(metadata, cfg, seed, failed, summary)]
         summary.total = len(jobs)
         merged_before = set()
         if world > 1 and out.exists():
@@ -182,6 +226,10 @@ def run_targets(metadata: Path, out: Path, cfg: Config, device: str = "cpu", pro
         if generator is None and todo:  # every strategy needs at least the tokenizer (target lengths)
             generator = TextGenerator.from_config(cfg, device)
         maker = TargetMaker(cfg, generator, sampling)
+        pool = example_pool(jobs, cfg, seed)
+        todo = [with_examples(j, pool) for j in todo]
+        if todo and rank == 0 and cfg.targets.strategy != "label":
+            summary.fidelity = teacher_fidelity(jobs, cfg, pool, maker, fidelity_path(out))
         chunk = cfg.targets.batch_size * CHUNK_BATCHES
         bar = tqdm(total=len(todo), desc=f"targets[{rank}]" if world > 1 else "targets", unit="rec",
                    disable=not progress, file=sys.stderr)

@@ -15,10 +15,36 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..errors import SpeechLLMError
+
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_TENSORS = "optimizer.safetensors"
 OPTIMIZER_JSON = "optimizer.json"
 STEP_PREFIX = "step-"
+
+
+class CheckpointStateError(SpeechLLMError, ValueError):
+    """A trainer checkpoint whose state file cannot be read."""
+
+
+def read_state(folder: Path) -> dict:
+    """The trainer state of a checkpoint folder (step, scheduler, world size, settings)."""
+    path = folder / STATE_FILE
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise CheckpointStateError(f"{path}: cannot be read ({err}); delete {folder} to resume from an "
+                                   "earlier checkpoint") from None
+    if not isinstance(state, dict) or not {"step", "scheduler", "world_size"} <= state.keys():
+        raise CheckpointStateError(f"{path}: not a trainer state (needs step, scheduler and world_size)")
+    return state
+
+
+def clear_run(out: Path, files: tuple[str, ...]) -> None:
+    """Delete a run folder's checkpoints and `files` (its outputs and logs), for a fresh run there."""
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    for name in files:
+        (out / name).unlink(missing_ok=True)
 
 
 def checkpoint_dir(root: Path, step: int) -> Path:

@@ -5,8 +5,11 @@ One optimizer step consumes `grad_accum` micro-batches on each of the N processe
 come from one global, deterministic stream (length-grouped batches, reshuffled each epoch from the
 seed), and process r takes micro-batch k*N + r, so N processes with accumulation A see exactly
 what one process with accumulation N*A sees. A checkpoint stores the trainable weights, the
-optimizer, the scheduler position, every process's RNG and the step; resuming replays the stream
-from there, so a killed and resumed run ends with the weights of an uninterrupted one.
+optimizer, the scheduler position, every process's RNG, the step and the settings that shape
+training; resuming replays the stream from there, so a killed and resumed run ends with the weights
+of an uninterrupted one. A run resumes only with the settings it was trained with (`train.resume`
+says what to do otherwise), and trains only on records within every length the model takes
+(`data.bound_records`), so neither a changed command line nor a hostile targets file goes unseen.
 """
 
 from __future__ import annotations
@@ -25,12 +28,22 @@ from ..errors import SpeechLLMError
 from ..hub import weights
 from ..distributed import accelerate_kwargs
 from ..config import Config, to_dict
+from ..io.paths import folder_problem
 from ..model import Example, build_model
+from ..model.speechllm import ADAPTER_WEIGHTS, CHECKPOINT_CONFIG
 from . import checkpoint as ckpt
-from .data import TrainRecord, epoch_batches, held_out, load_targets
+from .data import TrainRecord, bound_records, epoch_batches, file_digest, held_out, load_targets
 
 METRICS_FILE = "metrics.jsonl"
 RESOLVED_CONFIG = "resolved_config.json"
+SETTINGS_KEY = "settings"
+"""Key of the trainer state that records the settings a run was trained with (compared on resume)."""
+NOT_SHAPING = ("train.out_dir", "train.resume", "train.eval_data", "train.eval_every", "train.save_every",
+               "train.keep_checkpoints", "train.log_every", "train.cache_dir", "train.feature_cache",
+               "model.llm.trust_remote_code")
+"""Settings that do not change the weights a run ends with: a resume may change them freely."""
+SHOWN_CHARS = 40
+"""A differing setting's values are shown up to this many characters."""
 
 
 class TrainingError(SpeechLLMError, RuntimeError):
@@ -65,6 +78,33 @@ def lr_lambda(warmup: int, total: int, schedule: str):
     return f
 
 
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}."""
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        out.update(_flatten(value, name + ".") if isinstance(value, dict) else {name: value})
+    return out
+
+
+def training_settings(cfg: Config) -> dict:
+    """The settings that shape training, flat (`train.lr`, `model.adapter.kind`, ...), with the
+    training data as the sha256 of its file (a changed file is other data under the same name)."""
+    flat = _flatten({"model": to_dict(cfg.model), "train": to_dict(cfg.train)})
+    flat["train.data"] = file_digest(cfg.train.data)
+    return {k: v for k, v in flat.items() if k not in NOT_SHAPING}
+
+
+def differing(saved: dict, now: dict) -> list[str]:
+    """'key: saved -> now' for every setting that differs."""
+    def show(value) -> str:
+        text = json.dumps(value)
+        return text if len(text) <= SHOWN_CHARS else text[: SHOWN_CHARS - 3] + "..."
+    missing = object()
+    keys = sorted(k for k in saved.keys() | now.keys() if saved.get(k, missing) != now.get(k, missing))
+    return [f"{k}: {show(saved.get(k))} -> {show(now.get(k))}" for k in keys]
+
+
 @dataclass
 class Stream:
     """The global micro-batch stream over epochs."""
@@ -92,8 +132,16 @@ class Trainer:
             raise TrainingError("train.data: no targets file given (train.data=path/to/targets.jsonl)")
         self.cfg, self.progress = cfg, progress
         self.out = Path(t.out_dir)
+        problem = folder_problem(self.out)
+        if problem:
+            raise TrainingError(f"train.out_dir: {problem}")
+        records, self.report = load_targets(t.data, t.skip_truncated)
         self.acc = Accelerator(mixed_precision=t.mixed_precision, log_with="tensorboard",
                                project_dir=str(self.out / "logs"), **accelerate_kwargs())
+        self.settings = training_settings(cfg)
+        self.resumed_changes: list[str] = []
+        """Settings that differ from the checkpoint resumed with `train.resume=must`."""
+        self.resume_from = self._plan_resume()
         torch.manual_seed(t.seed)
         model = build_model(cfg, device=self.acc.device)
         if t.lora.enabled:
@@ -103,18 +151,7 @@ class Trainer:
             self.acc.print("[speechllm] warning: LoRA changes the LLM itself, so its text-only abilities are now at "
                            "risk; run the forgetting checks (`speechllm eval`) on this run")
         self.model = model
-        records, report = load_targets(t.data, t.skip_truncated)
-        if t.eval_data:
-            self.train_records = records
-            self.eval_records, _ = load_targets(t.eval_data, t.skip_truncated)
-        else:
-            self.train_records = [r for r in records if not held_out(r.id, t.eval_fraction)]
-            self.eval_records = [r for r in records if held_out(r.id, t.eval_fraction)]
-        if not self.train_records:
-            raise TrainingError(f"{t.data}: no training records ({report.truncated} left out as truncated)")
-        self.acc.print(f"[speechllm] train {len(self.train_records)} records, held out {len(self.eval_records)}; "
-                       f"{report.truncated} truncated targets "
-                       + ("left out" if t.skip_truncated else "learned without an end-of-turn"))
+        self._split(records)
         self.cache = None
         if t.feature_cache:
             from .cache import FeatureCache
@@ -134,6 +171,55 @@ class Trainer:
         self.params = params
         self.stream = Stream(self.train_records, t.batch_size, t.seed)
         self.step = 0
+
+    def _split(self, records: list[TrainRecord]) -> None:
+        """Bound every record to the model's limits (counted), then split train / held out."""
+        t = self.cfg.train
+        records = bound_records(records, self.model, t, self.report)
+        if t.eval_data:
+            self.train_records = records
+            held, _ = load_targets(t.eval_data, t.skip_truncated, self.report)
+            self.eval_records = bound_records(held, self.model, t, self.report)
+        else:
+            self.train_records = [r for r in records if not held_out(r.id, t.eval_fraction)]
+            self.eval_records = [r for r in records if held_out(r.id, t.eval_fraction)]
+        self.report.kept = len(self.train_records) + len(self.eval_records)
+        if not self.train_records:
+            raise TrainingError(f"{t.data}: no training records left ({self.report.line()})")
+        self.acc.print(f"[speechllm] train {len(self.train_records)} records, held out {len(self.eval_records)}; "
+                       f"{self.report.line()}"
+                       + ("" if t.skip_truncated or not self.report.truncated
+                          else " (truncated targets are learned without an end-of-turn)"))
+
+    def _plan_resume(self) -> Path | None:
+        """The checkpoint to resume from, as `train.resume` says (see `TrainConfig.resume`); a
+        run folder trained with other settings is an error naming them, unless told otherwise."""
+        t = self.cfg.train
+        root = self.out / "checkpoints"
+        if t.resume == "never":
+            if self.acc.is_main_process:
+                ckpt.clear_run(self.out, (METRICS_FILE, ADAPTER_WEIGHTS, CHECKPOINT_CONFIG))
+            self.acc.wait_for_everyone()
+            return None
+        found = ckpt.latest(root)
+        if found is None:
+            if t.resume == "must":
+                raise TrainingError(f"train.resume=must: {root} holds no checkpoint to resume from")
+            return None
+        saved = ckpt.read_state(found).get(SETTINGS_KEY) or self._settings_of_older_run()
+        if t.resume == "auto":
+            if saved is None:
+                raise TrainingError(f"{found}: records no training settings (an older speechllm made it); continue "
+                                    "it with train.resume=must, or start afresh with train.resume=never")
+            changed = differing(saved, self.settings)
+            if changed:
+                raise TrainingError(
+                    f"train.out_dir {self.out} holds a run trained with other settings ({'; '.join(changed)}). "
+                    "Continue it with these settings: train.resume=must; start afresh there (its checkpoints "
+                    "are deleted): train.resume=never; or choose another train.out_dir")
+        self.resumed_changes = (differing(saved, self.settings) if saved is not None
+                                else ["(the checkpoint records none)"])
+        return found
 
     # ------------------------------------------------------------------ data
 
@@ -181,21 +267,34 @@ class Trainer:
             self.acc.unwrap_model(self.ddp).save_pretrained(tmp)
             ckpt.optimizer_to_files(self.optimizer.state_dict(), tmp)
             ckpt.finish(tmp, final, {"step": self.step, "scheduler": self.scheduler.state_dict(),
-                                     "world_size": self.acc.num_processes})
+                                     "world_size": self.acc.num_processes, SETTINGS_KEY: self.settings})
             ckpt.prune(root, self.cfg.train.keep_checkpoints)
         self.acc.wait_for_everyone()
 
+    def _settings_of_older_run(self) -> dict | None:
+        """For a checkpoint an older speechllm wrote (no settings in it): the settings of the run
+        folder's resolved config, when it can still be read; else None."""
+        from ..config import config_from_dict
+
+        try:
+            data = json.loads((self.out / RESOLVED_CONFIG).read_text(encoding="utf-8"))
+            return training_settings(config_from_dict(data)) if isinstance(data, dict) else None
+        except (OSError, ValueError):  # missing, not JSON, or keys this version no longer has
+            return None
+
     def resume(self) -> bool:
+        """Load the checkpoint `_plan_resume` chose (if any): weights, optimizer, scheduler, RNG
+        and step. With `train.resume=must` and changed settings, the new ones apply from here."""
         from safetensors.torch import load_file
 
-        found = ckpt.latest(self.out / "checkpoints")
+        found = self.resume_from
         if found is None:
             return False
-        state = json.loads((found / ckpt.STATE_FILE).read_text())
+        state = ckpt.read_state(found)
         if state["world_size"] != self.acc.num_processes:
             raise TrainingError(f"{found}: saved with {state['world_size']} processes, resuming with "
                                 f"{self.acc.num_processes}; resume with the same number")
-        weights_ = load_file(str(found / "adapter.safetensors"), device=str(self.acc.device))
+        weights_ = load_file(str(found / ADAPTER_WEIGHTS), device=str(self.acc.device))
         model = self.acc.unwrap_model(self.ddp)
         missing = set(model.trainable_state_dict()) ^ set(weights_)
         if missing:
@@ -205,8 +304,20 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         ckpt.rng_from_file(found, self.acc.process_index)
         self.step = state["step"]
+        if self.resumed_changes:
+            self._apply_settings()
+            self.acc.print(f"[speechllm] resuming with changed settings: {'; '.join(self.resumed_changes)}")
         self.acc.print(f"[speechllm] resumed from {found} (step {self.step})")
         return True
+
+    def _apply_settings(self) -> None:
+        """Put this run's optimizer settings over those restored from a checkpoint: peak lr,
+        betas, weight decay, and the lr the (new) schedule gives at the current step."""
+        t = self.cfg.train
+        self.scheduler.base_lrs = [t.lr] * len(self.scheduler.base_lrs)
+        factor = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
+        for group, decay in zip(self.optimizer.param_groups, (t.weight_decay, 0.0)):
+            group.update(lr=t.lr * factor, initial_lr=t.lr, betas=tuple(t.betas), weight_decay=decay)
 
     # ------------------------------------------------------------------ loop
 
