@@ -10,6 +10,7 @@ guess. Attributes with no offline model (emotion, age, accent) come from manifes
 from __future__ import annotations
 
 import math
+import re
 
 from speechllm.labels import ATTRIBUTES, LABEL_ONLY
 
@@ -37,3 +38,30 @@ def describe(duration: float, transcript: str | None, fields: list[tuple[str, st
     if fields:
         parts.append("(" + ", ".join(f"{name}: {word[:1].upper()}{word[1:]}" for name, word in fields) + ")")
     return " ".join(parts)
+
+
+_SPAN = re.compile(r"^\s*\[[\d:.]+\s*-\s*[\d:.]+\]\s*")
+_FIELDS = re.compile(r"\(([^()]*)\)\s*$")
+FIELD_NAMES = {a.field.lower(): a.name for a in ATTRIBUTES.values()}
+"""Description field name (lower case) -> attribute key."""
+
+
+def parse_description(text: str) -> tuple[str | None, dict[str, str]]:
+    """(transcript, {attribute: value}) read back from a description line, the inverse of
+    `describe` (also for Speech-IFEval's `textual_audio`, whose transcript is unquoted). Field
+    names map to the attribute table's keys ("Speaking speed" -> speed); others become lower-case
+    keys; values are lower-cased."""
+    rest = _SPAN.sub("", text, count=1)
+    fields: dict[str, str] = {}
+    match = _FIELDS.search(rest)
+    if match and ":" in match.group(1):
+        rest = rest[: match.start()]
+        for part in match.group(1).split(","):
+            name, sep, value = part.partition(":")
+            if sep and name.strip() and value.strip():
+                key = name.strip().lower()
+                fields[FIELD_NAMES.get(key, key.replace(" ", "_"))] = value.strip().lower()
+    rest = rest.strip()
+    if len(rest) >= 2 and rest[0] == rest[-1] == '"':
+        rest = rest[1:-1].strip()
+    return rest or None, fields

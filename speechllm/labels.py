@@ -135,6 +135,19 @@ class Attribute:
     contradicts the label. A value without cues ("normal") commits to nothing."""
     phrases: dict[str, str] = field(default_factory=dict)
     """value -> its phrase in the `label` strategy's template sentence."""
+    questions: tuple[str, ...] = ()
+    """Other phrasings of `question` (the evaluation draws from all of them, seeded per item, so
+    that a model answering one phrasing by rote is not rewarded)."""
+    answer: str = ""
+    """A short answer stating a value, `{value}` filled in ("The speaker is {value}."): the
+    answers of the teacher's worked examples."""
+    keywords: tuple[str, ...] = ()
+    """Words that tell an instruction asks about this attribute ("male", "gender")."""
+
+    @property
+    def phrasings(self) -> tuple[str, ...]:
+        """Every phrasing of the attribute's question, `question` first."""
+        return (self.question, *self.questions)
 
 
 ATTRIBUTES: dict[str, Attribute] = {a.name: a for a in (
@@ -143,28 +156,49 @@ ATTRIBUTES: dict[str, Attribute] = {a.name: a for a in (
                         "male": ("man", "men", "masculine", "boy", "gentleman")},
               cues={"female": ("female", "woman", "women", "she", "her", "lady", "girl", "feminine"),
                     "male": ("male", "man", "men", "he", "his", "him", "gentleman", "boy", "masculine")},
-              phrases={"female": "a woman", "male": "a man"}),
+              phrases={"female": "a woman", "male": "a man"},
+              questions=("Is the speaker female or male?", "What is the speaker's gender?",
+                         "Is this a man's voice or a woman's voice?", "Is it a woman or a man speaking?"),
+              answer="The speaker is {value}.", keywords=("male", "female", "gender", "man", "woman", "men", "women")),
     Attribute("pitch", "Pitch", "Is the speaker's voice low, normal or high in pitch?", PITCH_NAMES,
               synonyms={"high": ("high-pitched", "high pitched"), "low": ("low-pitched", "low pitched", "deep")},
-              cues={"low": ("low-pitched", "deep", "low pitch"), "high": ("high-pitched", "high pitch", "squeaky")}),
+              cues={"low": ("low-pitched", "deep", "low pitch"), "high": ("high-pitched", "high pitch", "squeaky")},
+              questions=("How high or low is the speaker's voice?", "Is the voice high, normal or low in pitch?",
+                         "What is the pitch of the speaker's voice?"),
+              answer="The speaker's voice is {value} in pitch.", keywords=("pitch", "high or low", "low or high")),
     Attribute("speed", "Speaking speed", "Does the speaker talk slowly, at a normal speed, or fast?", SPEED_NAMES,
               synonyms={"fast": ("quick", "quickly", "rapid", "rapidly", "fast-paced", "fast paced"),
                         "slow": ("slowly", "slow-paced", "slow paced")},
               cues={"slow": ("slowly", "slow pace", "slow"), "fast": ("quickly", "fast", "rapid", "rapidly")},
-              phrases={"slow": "slowly", "fast": "fast", "normal": "at a normal pace"}),
+              phrases={"slow": "slowly", "fast": "fast", "normal": "at a normal pace"},
+              questions=("How fast is the speaker talking?", "Is the speaking rate fast, normal or slow?",
+                         "At what speed does the speaker talk?"),
+              answer="The speaker talks at a {value} speed.", keywords=("fast", "slow", "slowly", "quickly", "speed", "pace", "rate")),
     Attribute("volume", "Volume", "Is the recording quiet, normal or loud in volume?", VOLUME_NAMES,
               synonyms={"quiet": ("quietly", "soft", "softly"), "loud": ("loudly",)},
               cues={"quiet": ("quiet", "quietly", "soft", "softly", "whisper"), "loud": ("loud", "loudly", "shouting")},
-              phrases={"quiet": "quietly", "loud": "loudly", "normal": "at a normal volume"}),
+              phrases={"quiet": "quietly", "loud": "loudly", "normal": "at a normal volume"},
+              questions=("How loud is the speaker?", "Is the recording loud, normal or quiet?",
+                         "What is the volume of the recording?"),
+              answer="The recording is {value} in volume.", keywords=("loud", "loudly", "quiet", "volume")),
     Attribute("noise", "Noise", "Is the recording clean or noisy?", ("clean", "noisy"),
               synonyms={"noisy": ("noisily",)},
               cues={"noisy": ("noisy", "background noise", "static", "hiss"),
                     "clean": ("clean", "clear", "no background noise")},
               phrases={"noisy": "There is noticeable background noise.",
-                       "clean": "The recording is clean, without background noise."}),
-    Attribute("emotion", "Emotion", "What emotion does the speaker's voice express?", measured=False),
-    Attribute("age", "Age", "How old does the speaker sound?", measured=False),
-    Attribute("accent", "Accent", "What accent does the speaker have?", measured=False),
+                       "clean": "The recording is clean, without background noise."},
+              questions=("Is the recording noisy or clean?", "Is there background noise in the recording?",
+                         "Is the audio clean, or is there noise?"),
+              answer="The recording is {value}.", keywords=("noise", "noisy", "clean")),
+    Attribute("emotion", "Emotion", "What emotion does the speaker's voice express?", measured=False,
+              questions=("How does the speaker feel?", "What is the speaker's emotion?"),
+              answer="The speaker sounds {value}.", keywords=("emotion", "feel", "mood")),
+    Attribute("age", "Age", "How old does the speaker sound?", measured=False,
+              questions=("What age group does the speaker belong to?",), answer="The speaker sounds {value}.",
+              keywords=("age", "old", "young")),
+    Attribute("accent", "Accent", "What accent does the speaker have?", measured=False,
+              questions=("Where is the speaker's accent from?",), answer="The speaker has a {value} accent.",
+              keywords=("accent",)),
 )}
 """The attributes in description order (gender first)."""
 
@@ -178,6 +212,83 @@ TRANSCRIPT = "transcript"
 NOT_ATTRIBUTES = frozenset({"transcript", "split", "voice", "engine", "engine_settings", "noise_type", "speaker",
                             "speaker_id", "id", "audio", "file", "path", "source"})
 """Label columns that describe how a clip was made or where it sits, not what it sounds like."""
+
+
+SYNONYMS: dict[str, tuple[str, ...]] = {value: words for a in ATTRIBUTES.values() for value, words in a.synonyms.items()}
+"""Words that count as a label in lenient extraction (only when the label is in the item's set)."""
+
+TRANSCRIPT_ANSWER = 'The speaker says: "{value}"'
+"""A worked example's answer to a question about the words spoken."""
+TRANSCRIPT_QUESTION = "What did the speaker say?"
+"""The question about the words spoken when an instruction pool has none."""
+TRANSCRIPT_KEYWORDS = ("say", "said", "says", "transcribe", "transcription", "transcript", "words", "spoken")
+"""Words that tell an instruction asks for the words spoken."""
+
+
+def attribute_of(instruction: str) -> str | None:
+    """The one attribute (or `transcript`) an instruction asks about, from the table's keywords;
+    None for an open instruction ("What can you hear?") or one that names several."""
+    text = instruction.lower()
+
+    def said(keywords: tuple[str, ...]) -> bool:
+        return any(re.search(rf"(?<![a-z]){re.escape(k)}(?![a-z])", text) for k in keywords)
+
+    found = {a.name for a in ATTRIBUTES.values() if said(a.keywords)}
+    if said(TRANSCRIPT_KEYWORDS):
+        found.add(TRANSCRIPT)
+    return found.pop() if len(found) == 1 else None
+
+
+def options_line(labels: list[str] | tuple[str, ...]) -> str:
+    """The answer-format line listing the labels in the given order."""
+    options = f"{labels[0]} or {labels[1]}" if len(labels) == 2 else ", ".join(labels[:-1]) + f" or {labels[-1]}"
+    return f"Answer with one word: {options}."
+
+
+def label_instruction(question: str, labels: list[str] | tuple[str, ...]) -> str:
+    """The question with its answer-format line listing the labels."""
+    return f"{question} {options_line(labels)}"
+
+
+_LETTER = re.compile(r"^\(?([a-z])\)?[.:]?$")
+"""A lettered-choice answer: ``B``, ``(B)``, ``B.``, ``b:`` (after `normalize_label`)."""
+
+
+def _lettered(instruction: str, labels: list[str]) -> bool:
+    return bool(labels) and f"(A) {labels[0]}".lower() in instruction.lower()
+
+
+def extract_strict(answer: str, labels: list[str], instruction: str = "") -> str | None:
+    """The label the answer is, exactly (case, surrounding quotes/punctuation ignored), else None."""
+    norm = normalize_label(answer)
+    for label in labels:
+        if norm == normalize_label(label):
+            return label
+    m = _LETTER.match(norm) if _lettered(instruction, labels) else None
+    if m and ord(m.group(1)) - ord("a") < len(labels):
+        return labels[ord(m.group(1)) - ord("a")]
+    return None
+
+
+def extract_lenient(answer: str, labels: list[str], instruction: str = "") -> str | None:
+    """The label mentioned in the answer: exact answers first (as strict), then whole-word
+    mentions of labels or their synonyms; several distinct labels -> the first mentioned; every
+    label word itself (the options repeated) -> None."""
+    strict = extract_strict(answer, labels, instruction)
+    if strict is not None:
+        return strict
+    text = " " + re.sub(r"\s+", " ", answer.lower()) + " "
+    first: dict[str, int] = {}
+    literal: set[str] = set()
+    for label in labels:
+        for word in (label.lower(), *SYNONYMS.get(label.lower(), ())):
+            m = re.search(r"(?<![\w-])" + re.escape(word) + r"(?![\w-])", text)
+            if m:
+                first[label] = min(first.get(label, m.start()), m.start())
+                literal |= {label} if word == label.lower() else set()
+    if not first or (len(labels) > 1 and len(literal) == len(labels)):  # nothing, or the options echoed back
+        return None
+    return min(first, key=first.get)
 
 
 def normalize_label(text: str) -> str:

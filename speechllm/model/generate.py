@@ -48,10 +48,10 @@ class TextGenerator:
         prompt = PromptBuilder(tokenizer, cfg.model.prompt, cfg.model.llm.system_prompt)
         return cls(llm, tokenizer, prompt, cfg.model.llm.name)
 
-    def prompt_ids(self, user_text: str) -> list[int]:
-        """The chat prompt for one user turn, up to the assistant's first token."""
-        pieces = self.prompt.pieces(user_text, None, has_audio=False)
-        return pieces.before_audio + pieces.after_audio
+    def prompt_ids(self, user_text: str, examples: list[tuple[str, str]] = ()) -> list[int]:
+        """The chat prompt for one user turn, after worked-example (user, assistant) turns if any,
+        up to the assistant's first token."""
+        return self.prompt.conversation(list(examples), user_text)
 
     def target_length(self, text: str) -> int:
         """Tokens the answer takes as a training target (end-of-turn included)."""

@@ -46,6 +46,7 @@ class PromptBuilder:
                                     "speechllm needs a chat (instruct) model")
         self.tokenizer, self.cfg = tokenizer, cfg
         messages = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
+        self.system = tuple(messages)
         gen = tokenizer.apply_chat_template(messages + [{"role": "user", "content": _SENTINEL}],
                                             tokenize=False, add_generation_prompt=True)
         full = tokenizer.apply_chat_template(
@@ -65,6 +66,29 @@ class PromptBuilder:
         self.audio_start_ids = self._control(cfg.audio_start) if cfg.audio_start else []
         self.audio_end_ids = self._control(cfg.audio_end) if cfg.audio_end else []
         self.newline_ids = self._control("\n")
+
+    def conversation(self, turns: list[tuple[str, str]], user_text: str) -> list[int]:
+        """The chat prompt for `user_text` after earlier (user, assistant) `turns` (worked
+        examples), up to the assistant's first token. The template is rendered around sentinels,
+        so every content stays data text (never control tokens); with no turns this is exactly
+        `pieces(user_text, None, has_audio=False)` joined."""
+        if not turns:
+            pieces = self.pieces(user_text, None, has_audio=False)
+            return pieces.before_audio + pieces.after_audio
+        contents = [text for turn in turns for text in turn] + [user_text]
+        marks = [f"\u2063SPEECHLLM_TURN_{i}\u2063" for i in range(len(contents))]
+        messages = list(self.system)
+        for i, mark in enumerate(marks):
+            messages.append({"role": "user" if i % 2 == 0 else "assistant", "content": mark})
+        rendered = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids: list[int] = []
+        for mark, content in zip(marks, contents):
+            before, found, rendered = rendered.partition(mark)
+            if not found:
+                raise ChatTemplateError(f"{self.tokenizer.name_or_path}: the chat template does not place every "
+                                        "turn's content verbatim")
+            ids += self._control(before) + self.text(content)
+        return ids + self._control(rendered)
 
     def _control(self, text: str) -> list[int]:
         """Trusted template text: control strings become their special tokens."""

@@ -36,6 +36,10 @@ class Job:
     attrs: dict[str, str]
     """Attribute words (gender, pitch, ...) from labels, else from annotation bins."""
     transcript: str | None
+    examples: tuple[tuple[str, str], ...] = ()
+    """Worked (user turn, answer) examples shown to the teacher before this record's turn."""
+    example_ids: tuple[str, ...] = ()
+    """The clips the examples come from (provenance)."""
 
 
 @dataclass
@@ -48,8 +52,10 @@ class Draft:
     extra: dict = field(default_factory=dict)
 
 
-Generate = Callable[[list[str]], list[Generation]]
-"""Answers of the base LLM to user-turn texts (batched by the caller)."""
+Prompt = tuple[str, tuple[tuple[str, str], ...]]
+"""A user turn and the worked (user, answer) turns shown before it."""
+Generate = Callable[[list[Prompt]], list[Generation]]
+"""Answers of the base LLM to prompts (batched by the caller)."""
 
 
 def self_output_prompt(job: Job) -> str:
@@ -82,7 +88,7 @@ class SelfOutput:
     name = "self-output"
 
     def drafts(self, jobs: list[Job], generate: Generate, min_recall: float) -> list[Draft]:
-        return [Draft(g.text, "llm", g) for g in generate([self_output_prompt(j) for j in jobs])]
+        return [Draft(g.text, "llm", g) for g in generate([(self_output_prompt(j), j.examples) for j in jobs])]
 
 
 class Label:
@@ -97,7 +103,7 @@ class Paraphrase:
 
     def drafts(self, jobs: list[Job], generate: Generate, min_recall: float) -> list[Draft]:
         labels = [label_target(j) for j in jobs]
-        gens = generate([PARAPHRASE_INSTRUCTION + t for t in labels])
+        gens = generate([(PARAPHRASE_INSTRUCTION + t, ()) for t in labels])
         return [Draft(g.text, "llm", g, {"label_target": t}) for g, t in zip(gens, labels)]
 
 
@@ -106,7 +112,7 @@ class Selective:
 
     def drafts(self, jobs: list[Job], generate: Generate, min_recall: float) -> list[Draft]:
         out = []
-        for job, gen in zip(jobs, generate([self_output_prompt(j) for j in jobs])):
+        for job, gen in zip(jobs, generate([(self_output_prompt(j), j.examples) for j in jobs])):
             checks = agreement(gen.text, job.attrs, job.transcript, min_recall)
             if all(checks.values()):
                 out.append(Draft(gen.text, "llm", gen, {"checks": checks, "kept": "self-output"}))
