@@ -60,8 +60,14 @@ def test_score_item_label_and_transcript():
     assert score_item(item, "A man speaks.")["correct"] and not score_item(item, "A man speaks.")["correct_strict"]
     assert not score_item(item, "female")["correct"]
     t = TaskItem("t", "transcription", "a.wav", "?", "transcript", "The cat sat on the mat.")
-    assert score_item(t, "the cat sat on the mat") == {"errors": 0, "words": 6}
-    assert score_item(t, "The cat sat on a hat!") == {"errors": 2, "words": 6}
+    exact = score_item(t, "the cat sat on the mat")
+    assert (exact["errors"], exact["words"], exact["contains"]) == (0, 6, True)
+    wrong = score_item(t, "The cat sat on a hat!")
+    assert (wrong["errors"], wrong["words"], wrong["contains"]) == (2, 6, False)
+    # an answer that wraps the transcript in a sentence is scored on the transcript it gives
+    wrapped = score_item(t, 'The speaker says: "The cat sat on the mat."')
+    assert (wrapped["span"], wrapped["errors"], wrapped["contains"]) == ("The cat sat on the mat.", 0, True)
+    assert wrapped["answer_errors"] == 3
     assert transcript_errors("", "two words") == (2, 2)
 
 
@@ -87,7 +93,7 @@ def test_tasks_from_metadata():
     recs = _records([_meta("a", "a.wav", "male", "low", "one two", {"emotion": "happy"}),
                      _meta("b", "b.wav", "female", "high", "three", {"emotion": "sad"}),
                      _meta("c", "c.wav", "female", "normal", "four", {"emotion": "sad"})])
-    items = tasks_from_metadata(recs)
+    items = tasks_from_metadata(recs, vary=False)
     assert all(isinstance(it, TaskItem) for it in items)
     tasks = [it.task for it in items]
     # attribute tasks in their fixed order, then generic label columns, then transcription; 'voice' is no task;
@@ -317,3 +323,46 @@ def test_eval_suite_on_mmau_annotates_clips_without_description(tmp_path, tiny_m
     assert len(annotated) == len({it["audio"] for it in items})  # once per clip
     assert set(report["checkpoints"]["ckpt"]["tasks"]) == {it["task"] for it in items}
     assert all(t["answer_kind"] == "label" for t in report["checkpoints"]["ckpt"]["tasks"].values())
+
+
+def test_transcript_span_takes_quotes_then_said_then_the_closest_run():
+    from speechllm.eval.tasks import contains_transcript, transcript_span
+
+    ref = "the farmers market opens early on saturday mornings"
+    assert transcript_span('He said “The farmers market opens early on Saturday mornings.” Nice.', ref) == \
+        "The farmers market opens early on Saturday mornings."
+    assert transcript_span("Transcription: the farmers market opens", ref) == "the farmers market opens"
+    # no quotes, no cue: the run of the answer's words closest to the reference
+    assert transcript_span("I heard someone explain that the farmers market opens early on saturday mornings, "
+                           "how nice", ref) == "the farmers market opens early on saturday mornings"
+    assert transcript_span("so the farmers market opens early then", ref) == "the farmers market opens early"
+    assert transcript_span("", ref) == ""
+    assert contains_transcript("Sure! The farmers' market opens early on Saturday mornings, they said.", ref)
+    assert not contains_transcript("The market opens early on Saturday mornings.", ref)
+
+
+def test_questions_vary_in_phrasing_and_option_order_so_a_constant_answer_scores_at_chance():
+    from speechllm.labels import ATTRIBUTES
+
+    recs = _records([_meta(str(i), f"{i}.wav", ["male", "female"][i % 2], "low", "x") for i in range(40)])
+    items = [it for it in tasks_from_metadata(recs, seed=1) if it.task == "gender"]
+    again = [it for it in tasks_from_metadata(recs, seed=1) if it.task == "gender"]
+    assert [it.instruction for it in items] == [it.instruction for it in again]  # seeded
+    assert {it.question for it in items} == set(ATTRIBUTES["gender"].phrasings)  # every phrasing is drawn
+    assert {it.instruction.rsplit(": ", 1)[1] for it in items} == {"female or male.", "male or female."}
+    assert all(it.labels == ["female", "male"] for it in items)  # scoring keeps the natural order
+    # a model that always answers the first option it is offered scores about chance, not 100%
+    first = [score_item(it, it.instruction.rsplit(": ", 1)[1].split(" or ")[0])["correct"] for it in items]
+    assert 0.25 < sum(first) / len(first) < 0.75
+
+
+def test_report_shows_chance_majority_and_the_reference_fidelity():
+    from speechllm.eval.scoring import task_scores
+
+    recs = _records([_meta(str(i), f"{i}.wav", "male" if i < 3 else "female", "low", "one two") for i in range(4)])
+    items = [it for it in tasks_from_metadata(recs) if it.task == "gender"]
+    ref = {f"task:{it.id}": "The speaker is female." for it in items}  # a constant answerer
+    scores, _ = task_scores(items, ref, ref, samples=50, seed=0)
+    g = scores["gender"]
+    assert (g["chance"], g["majority"]) == (0.5, 0.75)
+    assert g["accuracy_ref"] == 0.25 and g["fidelity_ref"] == 0.25  # the descriptions say male three times

@@ -41,19 +41,30 @@ def _data_lines(report: dict) -> list[str]:
 
 
 def _task_lines(ck: dict, names: list[str]) -> list[str]:
-    """The audio task table: accuracy per checkpoint and the reference."""
+    """The audio task table: accuracy per checkpoint and the reference, beside what guessing gets
+    (chance, majority class) and the reference's fidelity to the descriptions it reads."""
     lines = ["## Audio tasks", "",
-             "Accuracy in % (lenient label extraction; strict in the JSON; transcription: 100 - WER). "
-             "`reference` is the base LLM reading the text description.", "",
-             "| task | items | " + " | ".join(names) + " | reference |",
-             "|---|---|" + "---|" * (len(names) + 1)]
+             "Accuracy in % (lenient label extraction; strict in the JSON; transcription: 100 - WER of the "
+             "transcript span in the answer). `reference` is the base LLM reading the text description; "
+             "`ref fidelity` how often its answer agrees with that description. `chance` is one over the number "
+             "of options, `majority` always answering the most frequent one.", "",
+             "| task | items | chance | majority | " + " | ".join(names) + " | reference | ref fidelity |",
+             "|---|---|---|---|" + "---|" * (len(names) + 2)]
     for task, t in ck[names[0]]["tasks"].items():
         if t.get("accuracy") is None:
             continue
         rows = [ck[n]["tasks"][task] for n in names]
         cells = [f"{_pct(r['accuracy'])}{_ci(r.get('ci_low'), r.get('ci_high'))}" for r in rows]
         ref = f"{_pct(t['accuracy_ref'])}{_ci(t.get('ref_ci_low'), t.get('ref_ci_high'))}"
-        lines.append(f"| {task} | {t['items']} | " + " | ".join(cells) + f" | {ref} |")
+        lines.append(f"| {task} | {t['items']} | {_pct(t.get('chance'))} | {_pct(t.get('majority'))} | "
+                     + " | ".join(cells) + f" | {ref} | {_pct(t.get('fidelity_ref'))} |")
+    for task, t in ck[names[0]]["tasks"].items():
+        if t.get("answer_kind") == "transcript" and "contains" in t:
+            said = ", ".join(f"{n} {_pct(ck[n]['tasks'][task]['contains'])}" for n in names)
+            lines += ["", f"{task}: answers that contain the transcript (%): {said}, reference "
+                          f"{_pct(t['contains_ref'])}; WER of the whole answers: "
+                          + ", ".join(f"{n} {_pct(ck[n]['tasks'][task]['answer_wer'])}" for n in names)
+                          + f", reference {_pct(t['answer_wer_ref'])}."]
     return lines
 
 

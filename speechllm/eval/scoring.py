@@ -8,6 +8,7 @@ system and the reference are resampled together (paired).
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import numpy as np
 
 from ..config import EvalConfig
 from ..io.jsonl import iter_lines
+from ..labels import extract_lenient, normalize_label
 from ..records import METRICS_FILE, TaskItem
 from .forgetting import ForgettingResult, bootstrap_interval, forgetting_rate
 from .items import EvalSet
@@ -29,8 +31,10 @@ def _mean_of(values: np.ndarray):
     return lambda idx: values[idx].mean(1)
 
 
-def _label_scores(ours: list[dict], ref: list[dict], samples: int, seed: int) -> dict:
-    """A label task's accuracy (lenient; strict too), the reference's, and their paired difference."""
+def _label_scores(group: list[TaskItem], ours: list[dict], ref: list[dict], samples: int, seed: int) -> dict:
+    """A label task's accuracy (lenient; strict too), the reference's, their paired difference,
+    and what guessing gets: chance (one over the number of labels) and the majority-class rate
+    (always answering the most frequent reference)."""
     a = np.array([s["correct"] for s in ours], float)
     a_strict = np.array([s["correct_strict"] for s in ours], float)
     r = np.array([s["correct"] for s in ref], float)
@@ -43,7 +47,9 @@ def _label_scores(ours: list[dict], ref: list[dict], samples: int, seed: int) ->
             "ref_ci_high": rhi, "accuracy_ref_strict": float(r_strict.mean()), "diff": float((a - r).mean()),
             "diff_ci_low": dlo, "diff_ci_high": dhi,
             "unanswered": int(sum(s["lenient"] is None for s in ours)),
-            "unanswered_ref": int(sum(s["lenient"] is None for s in ref))}
+            "unanswered_ref": int(sum(s["lenient"] is None for s in ref)),
+            "chance": float(np.mean([1 / len(it.labels or [None]) for it in group])),
+            "majority": max(Counter(normalize_label(it.reference) for it in group).values()) / len(group)}
 
 
 def _one_minus(x: float | None) -> float | None:
@@ -51,9 +57,11 @@ def _one_minus(x: float | None) -> float | None:
     return None if x is None else max(0.0, 1 - x)
 
 
-def _transcript_scores(ours: list[dict], ref: list[dict], samples: int, seed: int) -> dict:
-    """A transcription task's WER (pooled over items), the reference's, and accuracy = 1 - WER
-    (floored at 0), so transcription sits on the same axis as label tasks."""
+def _transcript_scores(group: list[TaskItem], ours: list[dict], ref: list[dict], samples: int, seed: int) -> dict:
+    """A transcription task's WER (pooled over items) of the transcript span each answer gives
+    (`tasks.transcript_span`), the reference's, accuracy = 1 - WER (floored at 0, so
+    transcription sits on the same axis as label tasks), and the share of answers that contain
+    the transcript; the WER of the whole answers too."""
     e = np.array([s["errors"] for s in ours], float)
     e_ref = np.array([s["errors"] for s in ref], float)
     w = np.array([s["words"] for s in ours], float)
@@ -67,7 +75,11 @@ def _transcript_scores(ours: list[dict], ref: list[dict], samples: int, seed: in
     return {"answer_kind": "transcript", "items": len(ours), "wer": w_all, "wer_ci_low": lo, "wer_ci_high": hi,
             "wer_ref": r_all, "wer_ref_ci_low": rlo, "wer_ref_ci_high": rhi,
             "accuracy": max(0.0, 1 - w_all), "ci_low": _one_minus(hi), "ci_high": _one_minus(lo),
-            "accuracy_ref": max(0.0, 1 - r_all), "ref_ci_low": _one_minus(rhi), "ref_ci_high": _one_minus(rlo)}
+            "accuracy_ref": max(0.0, 1 - r_all), "ref_ci_low": _one_minus(rhi), "ref_ci_high": _one_minus(rlo),
+            "contains": float(np.mean([s["contains"] for s in ours])),
+            "contains_ref": float(np.mean([s["contains"] for s in ref])),
+            "answer_wer": float(sum(s["answer_errors"] for s in ours) / max(w.sum(), 1)),
+            "answer_wer_ref": float(sum(s["answer_errors"] for s in ref) / max(w.sum(), 1))}
 
 
 def task_scores(items: list[TaskItem], answers: dict[str, str], ref_answers: dict[str, str], samples: int,
@@ -88,8 +100,28 @@ def task_scores(items: list[TaskItem], answers: dict[str, str], ref_answers: dic
         ref = [score_item(it, ref_answers[f"task:{it.id}"]) for it in group]
         per_item.update({it.id: s for it, s in zip(group, ours)})
         scores = _label_scores if kind == "label" else _transcript_scores
-        result[task] = scores(ours, ref, samples, seed + TASK_SEED_STRIDE * t_i)
+        result[task] = scores(group, ours, ref, samples, seed + TASK_SEED_STRIDE * t_i)
+        result[task]["fidelity_ref"] = reference_fidelity(group, ref_answers)
     return result, per_item
+
+
+def reference_fidelity(group: list[TaskItem], ref_answers: dict[str, str]) -> float | None:
+    """Teacher fidelity of the reference: the share of its answers that agree with the
+    description it read (the value the description states, not the label; for transcription,
+    the answer contains the description's transcript). None when no description states it."""
+    from annotate.description import parse_description
+
+    from .tasks import contains_transcript
+
+    agree = []
+    for it in group:
+        transcript, fields = parse_description(it.description or "")
+        answer = ref_answers[f"task:{it.id}"]
+        if it.answer_kind == "transcript" and transcript:
+            agree.append(contains_transcript(answer, transcript))
+        elif it.answer_kind == "label" and fields.get(it.task):
+            agree.append(extract_lenient(answer, it.labels or [], it.instruction) == fields[it.task])
+    return float(np.mean(agree)) if agree else None
 
 
 def training_summary(checkpoint: Path) -> dict | None:

@@ -31,13 +31,14 @@ import re
 from dataclasses import dataclass
 
 from ..errors import SpeechLLMError
-from ..labels import ATTRIBUTES, NOT_ATTRIBUTES, generic
+from ..labels import (ATTRIBUTES, NOT_ATTRIBUTES, SYNONYMS, extract_lenient, extract_strict, generic,
+                      label_instruction)
 from ..labels import normalize_label as _norm
 from ..records import ANSWER_KINDS, MetadataRecord, TaskItem
 
 __all__ = ["ANSWER_KINDS", "ATTRIBUTE_TASKS", "MAX_GENERIC_LABELS", "SYNONYMS", "TRANSCRIPTION", "TaskError",
            "TaskSpec", "extract_lenient", "extract_strict", "label_instruction", "normalize_transcript",
-           "score_item", "tasks_from_metadata", "transcript_errors"]
+           "score_item", "tasks_from_metadata", "transcript_errors", "transcript_span", "contains_transcript"]
 
 
 @dataclass(frozen=True)
@@ -51,32 +52,25 @@ class TaskSpec:
     """The label set in a natural order (empty: taken from the data)."""
     answer_kind: str = "label"
     """How its items are scored (`ANSWER_KINDS`)."""
+    phrasings: tuple[str, ...] = ()
+    """Other ways to ask `instruction`; an item draws one (seeded), when phrasing varies."""
 
 
-ATTRIBUTE_TASKS: dict[str, TaskSpec] = {a.name: TaskSpec(a.name, a.question, a.values)
+ATTRIBUTE_TASKS: dict[str, TaskSpec] = {a.name: TaskSpec(a.name, a.question, a.values, "label", a.phrasings)
                                          for a in ATTRIBUTES.values()}
 """One task per attribute of the table (`speechllm.labels`), in its order."""
-TRANSCRIPTION = TaskSpec("transcription", "Transcribe the speech exactly, word for word.", (), "transcript")
+TRANSCRIPTION = TaskSpec("transcription", "Transcribe the speech exactly, word for word.", (), "transcript",
+                         ("Transcribe the speech exactly, word for word.",
+                          "What are the exact words spoken in the recording?",
+                          "Write down word for word what the speaker says."))
 
 MAX_GENERIC_LABELS = 12
 """A generic label column becomes a task only with 2..this many distinct values."""
 
-SYNONYMS: dict[str, tuple[str, ...]] = {value: words for a in ATTRIBUTES.values()
-                                        for value, words in a.synonyms.items()}
-"""Words that count as a label in lenient extraction (only when the label is in the item's set)."""
 
 
 class TaskError(SpeechLLMError, ValueError):
     """Task items that cannot be made (e.g. a task asked for that the data has no values for)."""
-
-
-def label_instruction(question: str, labels: list[str]) -> str:
-    """The question with its answer-format line listing the labels."""
-    if len(labels) == 2:
-        options = f"{labels[0]} or {labels[1]}"
-    else:
-        options = ", ".join(labels[:-1]) + f" or {labels[-1]}"
-    return f"{question} Answer with one word: {options}."
 
 
 # ----------------------------------------------------------------------------- generator
@@ -105,8 +99,22 @@ def _task_specs(records: list[MetadataRecord], tasks: list[str] | None) -> list[
     return specs
 
 
+def _asked(spec: TaskSpec, labels: list[str] | None, item_id: str, seed: int, vary: bool) -> tuple[str, str]:
+    """(instruction, question) of one item: with `vary`, a phrasing of the task's question and
+    an order of the options drawn for the item (seeded), so that an answerer that always says the
+    same word, or the first option, scores at chance; else the task's first phrasing and the
+    labels in their natural order."""
+    question = spec.instruction
+    order = list(labels or [])
+    if vary:
+        rng = random.Random(f"{seed}/{item_id}/asked")
+        question = rng.choice(spec.phrasings or (spec.instruction,))
+        rng.shuffle(order)
+    return (label_instruction(question, order) if labels else question), question
+
+
 def _spec_items(spec: TaskSpec, records: list[MetadataRecord], max_per_task: int | None,
-                seed: int) -> list[TaskItem]:
+                seed: int, vary: bool = True) -> list[TaskItem]:
     """The items of one task: every record with a value for it (a seeded sample when capped);
     none for a label task with fewer than 2 or more than `MAX_GENERIC_LABELS` distinct values."""
     pairs = [(rec, rec.transcript if spec.answer_kind == "transcript" else rec.value(spec.name)) for rec in records]
@@ -123,72 +131,32 @@ def _spec_items(spec: TaskSpec, records: list[MetadataRecord], max_per_task: int
         pairs = [p for i, p in enumerate(pairs) if i in keep]
     items = []
     for rec, value in pairs:
-        item = TaskItem(id=f"{spec.name}/{rec.id}", task=spec.name, audio=rec.audio, instruction=spec.instruction,
+        item_id = f"{spec.name}/{rec.id}"
+        instruction, question = _asked(spec, labels, item_id, seed, vary)
+        item = TaskItem(id=item_id, task=spec.name, audio=rec.audio, instruction=instruction,
                         answer_kind=spec.answer_kind, reference=value, source=f"clip:{rec.id}",
                         description=rec.description or None, transcript=rec.asr_transcript)
         if labels is not None:
-            item.instruction, item.question = label_instruction(spec.instruction, labels), spec.instruction
-            item.reference, item.labels = value.lower(), list(labels)
+            item.question, item.reference, item.labels = question, value.lower(), list(labels)
         items.append(item)
     return items
 
 
 def tasks_from_metadata(records: list[MetadataRecord], tasks: list[str] | None = None,
-                        max_per_task: int | None = None, seed: int = 0) -> list[TaskItem]:
+                        max_per_task: int | None = None, seed: int = 0, vary: bool = True) -> list[TaskItem]:
     """Task items from annotated (and possibly labelled) clips, e.g. a held-out `metadata.jsonl`.
 
     One task per attribute with a known question (gender, pitch, speed, volume, noise, emotion,
     age, accent), one per other label column with 2..12 distinct string values, and transcription
     (reference: the label transcript, else the ASR transcript). Each item's `transcript` is the
     clip's ASR transcript (what the speech model hears). `tasks` restricts the set by name;
-    `max_per_task` keeps a seeded sample per task. Audio paths stay as the records give them.
+    `max_per_task` keeps a seeded sample per task; `vary` draws each item's phrasing and option
+    order (`_asked`). Audio paths stay as the records give them.
     """
     if not records:
         return []
-    return [item for spec in _task_specs(records, tasks) for item in _spec_items(spec, records, max_per_task, seed)]
-
-
-# ----------------------------------------------------------------------------- extraction
-
-_LETTER = re.compile(r"^\(?([a-z])\)?[.:]?$")
-"""A lettered-choice answer: ``B``, ``(B)``, ``B.``, ``b:`` (after `normalize_label`)."""
-
-
-def _lettered(instruction: str, labels: list[str]) -> bool:
-    return bool(labels) and f"(A) {labels[0]}".lower() in instruction.lower()
-
-
-def extract_strict(answer: str, labels: list[str], instruction: str = "") -> str | None:
-    """The label the answer is, exactly (case, surrounding quotes/punctuation ignored), else None."""
-    norm = _norm(answer)
-    for label in labels:
-        if norm == _norm(label):
-            return label
-    m = _LETTER.match(norm) if _lettered(instruction, labels) else None
-    if m and ord(m.group(1)) - ord("a") < len(labels):
-        return labels[ord(m.group(1)) - ord("a")]
-    return None
-
-
-def extract_lenient(answer: str, labels: list[str], instruction: str = "") -> str | None:
-    """The label mentioned in the answer: exact answers first (as strict), then whole-word
-    mentions of labels or their synonyms; several distinct labels -> the first mentioned; every
-    label word itself (the options repeated) -> None."""
-    strict = extract_strict(answer, labels, instruction)
-    if strict is not None:
-        return strict
-    text = " " + re.sub(r"\s+", " ", answer.lower()) + " "
-    first: dict[str, int] = {}
-    literal: set[str] = set()
-    for label in labels:
-        for word in (label.lower(), *SYNONYMS.get(label.lower(), ())):
-            m = re.search(r"(?<![\w-])" + re.escape(word) + r"(?![\w-])", text)
-            if m:
-                first[label] = min(first.get(label, m.start()), m.start())
-                literal |= {label} if word == label.lower() else set()
-    if not first or (len(labels) > 1 and len(literal) == len(labels)):  # nothing, or the options echoed back
-        return None
-    return min(first, key=first.get)
+    return [item for spec in _task_specs(records, tasks)
+            for item in _spec_items(spec, records, max_per_task, seed, vary)]
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -214,6 +182,48 @@ def transcript_errors(hypothesis: str, reference: str) -> tuple[int, int]:
     return out.substitutions + out.deletions + out.insertions, len(ref.split())
 
 
+_QUOTED = re.compile(r"[\"“]([^\"“”]+)[\"”]")
+"""A quoted span: "..." or “...”."""
+_SAID = re.compile(r"\b(?:said|says|say|saying|transcript|transcription)\s*:\s*(.+)$", re.IGNORECASE | re.DOTALL)
+"""The text after `said:`, `transcription:` and the like."""
+
+
+def _closest_window(words: list[str], ref: list[str]) -> list[str]:
+    """The contiguous run of `words` with the fewest word errors against `ref` (the shortest of
+    equally close runs: a word that matches nothing is no evidence): one edit-distance pass per
+    start, every end at once."""
+    best: tuple[int, int, int, int] = (len(ref), 0, 0, 0)  # (errors, length, start, end): the empty run
+    for start in range(len(words)):
+        row = list(range(len(ref) + 1))  # distance of ref[:i] to words[start:start]
+        for end in range(start, len(words)):
+            new = [row[0] + 1]
+            for i, r in enumerate(ref, 1):
+                new.append(min(new[i - 1] + 1, row[i] + 1, row[i - 1] + (r != words[end])))
+            row = new
+            best = min(best, (row[-1], end + 1 - start, start, end + 1))
+    return words[best[2]: best[3]]
+
+
+def transcript_span(answer: str, reference: str) -> str:
+    """The part of an answer that gives the words spoken: the longest quoted span, else what
+    follows "said:" (or "transcription:"), else the run of the answer's words closest to the
+    reference (an answer that wraps the transcript in a sentence is scored on the transcript)."""
+    quoted = [q.strip() for q in _QUOTED.findall(answer) if q.strip()]
+    if quoted:
+        return max(quoted, key=len)
+    said = _SAID.search(answer)
+    if said and said.group(1).strip():
+        return said.group(1).strip()
+    return " ".join(_closest_window(normalize_transcript(answer).split(), normalize_transcript(reference).split()))
+
+
+def contains_transcript(answer: str, reference: str) -> bool:
+    """Whether the answer holds the reference's words in order, contiguously (after Whisper's
+    English normalisation)."""
+    ref = normalize_transcript(reference).split()
+    return bool(ref) and f" {' '.join(ref)} " in f" {normalize_transcript(answer)} "
+
+
 def score_item(item: TaskItem, answer: str) -> dict:
     """Per-item score: label items -> strict/lenient extraction and correctness; transcript
     items -> word errors and reference words; free items -> nothing."""
@@ -225,6 +235,9 @@ def score_item(item: TaskItem, answer: str) -> dict:
         return {"strict": s, "lenient": l, "correct_strict": s is not None and _norm(s) == ref,
                 "correct": l is not None and _norm(l) == ref}
     if item.answer_kind == "transcript":
-        errors, words = transcript_errors(answer, item.reference)
-        return {"errors": errors, "words": words}
+        span = transcript_span(answer, item.reference)
+        errors, words = transcript_errors(span, item.reference)
+        return {"span": span, "errors": errors, "words": words,
+                "answer_errors": transcript_errors(answer, item.reference)[0],
+                "contains": contains_transcript(answer, item.reference)}
     return {}
