@@ -1,18 +1,26 @@
 #!/usr/bin/env bash
 # Install the Debian packages speechllm needs outside Python (the offline TTS engines of
-# `speechllm synth`, sox, and the headless browser + its WebDriver that the end-to-end test of
-# `speechllm serve` drives):
-#   - every package's command already on PATH: nothing to do (re-runs are instant);
+# `speechllm synth`, sox, the headless browser + its WebDriver that the end-to-end test of
+# `speechllm serve` drives, and two packages of real recorded speech the demo evaluates on:
+# pocketsphinx-testdata's LibriVox and "cards" clips and alsa-utils' spoken channel names):
+#   - every package's command already on PATH (or its file in place): nothing to do (re-runs are instant);
 #   - otherwise apt-get update + install of the missing ones, as root or through sudo;
 #   - no apt-get, or neither root nor sudo: a message naming the packages, and exit status 1.
 set -euo pipefail
 
-# package -> the command it provides
-declare -A COMMANDS=([espeak-ng]=espeak-ng [flite]=flite [sox]=sox [chromium]=chromium [chromium-driver]=chromedriver)
+# package -> the command it provides, or (an absolute path) a file it installs
+declare -A PROVIDES=([espeak-ng]=espeak-ng [flite]=flite [sox]=sox [chromium]=chromium [chromium-driver]=chromedriver
+                     [pocketsphinx-testdata]=/usr/share/pocketsphinx/test/data/librivox/transcription
+                     [alsa-utils]=/usr/share/sounds/alsa/Front_Center.wav)
 
 missing=()
-for package in espeak-ng flite sox chromium chromium-driver; do
-    command -v "${COMMANDS[$package]}" >/dev/null 2>&1 || missing+=("$package")
+for package in espeak-ng flite sox chromium chromium-driver pocketsphinx-testdata alsa-utils; do
+    what=${PROVIDES[$package]}
+    if [[ $what == /* ]]; then
+        [[ -e $what ]] || missing+=("$package")
+    else
+        command -v "$what" >/dev/null 2>&1 || missing+=("$package")
+    fi
 done
 if [[ ${#missing[@]} -eq 0 ]]; then
     exit 0

@@ -34,12 +34,15 @@ INSTRUCTION_POOL = [
     "Describe the audio.",
     "Describe the speaker's voice.",
     "Is the speaker male or female?",
+    "What is the speaker's gender?",
+    "Is the speaker's voice high or low in pitch?",
     "How fast is the speaker talking?",
     "Is the recording noisy?",
     "What did the speaker say?",
     "How loud is the speaker?",
 ]
-"""Training instructions (DeSTA2.5 draws from a pool); each clip gets one, seeded by its id."""
+"""Training instructions (DeSTA2.5 draws from a pool); each clip gets one, seeded by its id. Two
+ask the gender in different words (the evaluation varies its phrasing)."""
 
 DEMO_CONSTRAINTS = ["title", "no_commas", "keyword", "json_format", "bullet_points", "end_phrase"]
 """Constraint kinds of the demo's forgetting check: those SmolLM2-135M follows at least sometimes
@@ -74,6 +77,9 @@ class DemoPlan:
     if_tokens: int = 128
     """Answer length for constrained and text prompts."""
     eval_batch_size: int = 16
+    """Answers per generation batch in the evaluation."""
+    real: bool = True
+    """Also evaluate on the real recordings of `speechllm.data.real` (gender and transcription)."""
     seed: int = 0
     constraints: list[str] = field(default_factory=lambda: list(DEMO_CONSTRAINTS))
 
@@ -117,11 +123,43 @@ class Stages:
         return result
 
 
-def run_demo(out: Path, quick: bool = False, device: str = "cpu", progress: bool = True) -> dict:
-    """Run (or finish) the demo in `out`; returns the evaluation report."""
+def _annotate(data: Path, progress: bool) -> None:
+    """The synthetic splits with their labels trusted (the synthetic manifests carry the true
+    transcript and attributes; DeSTA2.5 also builds its descriptions on ground-truth transcripts:
+    espeak/flite speech defeats whisper-tiny, see README), and the real recordings as a user's
+    would be annotated (ASR transcript, gender from pitch)."""
     from annotate.pipeline import manifest_items, run as annotate
 
-    from .config import AnnotateConfig, EvalConfig
+    from .config import AnnotateConfig
+    from .data.real import write_real_manifest
+
+    jobs = [(data / "synth" / f"{split}.jsonl", data / f"{split}.metadata.jsonl", True) for split in ("train", "test")]
+    real = write_real_manifest(data / "real")
+    if real is not None:
+        jobs.append((real, data / "real.metadata.jsonl", False))
+    for manifest, target, trust in jobs:
+        summary = annotate(manifest_items(manifest, data), target, AnnotateConfig(trust_labels=trust),
+                           progress=progress)
+        print(summary.line(target), file=sys.stderr)
+
+
+def _eval_config(plan: DemoPlan, real: bool = False):
+    """The evaluation's settings: every task with the plan's sizes, or for the real recordings
+    gender and transcription only, with no forgetting or text items (too few clips)."""
+    from .config import EvalConfig
+
+    common = dict(data_format="metadata", max_new_tokens=plan.task_tokens, if_max_new_tokens=plan.if_tokens,
+                  batch_size=plan.eval_batch_size, seed=plan.seed)
+    if real:
+        return EvalConfig(tasks=["gender", "transcription"], forgetting_items=0, text_prompts=0, **common)
+    return EvalConfig(max_per_task=plan.per_task, forgetting_items=plan.forgetting_items,
+                      constraints=plan.constraints, text_prompts=plan.text_prompts, text_prompt_set="builtin",
+                      **common)
+
+
+def run_demo(out: Path, quick: bool = False, device: str = "cpu", progress: bool = True) -> dict:
+    """Run (or finish) the demo in `out`; returns the evaluation report (with the teacher's
+    fidelity and the real-recordings results added under `demo`)."""
     from .data.synth import synthesize
     from .eval.suite import run_eval
     from .hub import weights
@@ -129,28 +167,16 @@ def run_demo(out: Path, quick: bool = False, device: str = "cpu", progress: bool
     from .training.trainer import train
 
     plan = QUICK if quick else FULL
-    out = Path(out)
+    out, t0 = Path(out), time.perf_counter()
     data = out / "data"
     data.mkdir(parents=True, exist_ok=True)
-    stages = Stages(5 + 2 * len(STRATEGIES))
-    t0 = time.perf_counter()
-
+    stages = Stages(4 + 2 * len(STRATEGIES) + plan.real)
     stages.run("prepare the embedded models", lambda: [weights.prepare(n) for n in ("smollm2-135m-instruct",
                                                                                     "whisper-tiny.en")])
-    synth = data / "synth"
-    stages.run(f"synthesize {plan.clips} labelled clips", lambda: synthesize(synth, n=plan.clips, seed=plan.seed,
-                                                                            progress=progress))
-
-    def annotate_splits():
-        # the synthetic manifests carry the true transcript and attributes; DeSTA2.5 also builds its
-        # descriptions on ground-truth transcripts (espeak/flite speech defeats whisper-tiny, see README)
-        opts = AnnotateConfig(trust_labels=True)
-        for split in ("train", "test"):
-            target = data / f"{split}.metadata.jsonl"
-            summary = annotate(manifest_items(synth / f"{split}.jsonl", data), target, opts, progress=progress)
-            print(summary.line(target), file=sys.stderr)
-    stages.run("annotate train and test clips", annotate_splits)
-
+    stages.run(f"synthesize {plan.clips} labelled clips", lambda: synthesize(data / "synth", n=plan.clips,
+                                                                            seed=plan.seed, progress=progress))
+    stages.run("annotate train and test clips" + (" and the real recordings" if plan.real else ""),
+               lambda: _annotate(data, progress))
     for strategy in STRATEGIES:
         cfg = demo_config(plan, strategy, out)
         target = Path(cfg.train.data)
@@ -161,17 +187,80 @@ def run_demo(out: Path, quick: bool = False, device: str = "cpu", progress: bool
         cfg = demo_config(plan, strategy, out)
         stages.run(f"train: {strategy} ({plan.steps} steps x {plan.batch_size})",
                    lambda: train(cfg, progress=progress))
-
-    eval_cfg = EvalConfig(data_format="metadata", max_per_task=plan.per_task, forgetting_items=plan.forgetting_items,
-                          constraints=plan.constraints, text_prompts=plan.text_prompts, text_prompt_set="builtin",
-                          max_new_tokens=plan.task_tokens, if_max_new_tokens=plan.if_tokens,
-                          batch_size=plan.eval_batch_size, seed=plan.seed)
+    runs = [out / "runs" / s for s in STRATEGIES]
     report = stages.run("evaluate both adapters against the text reference",
-                        lambda: run_eval([out / "runs" / s for s in STRATEGIES], data / "test.metadata.jsonl", out,
-                                         eval_cfg, device=device, progress=progress))
+                        lambda: run_eval(runs, data / "test.metadata.jsonl", out, _eval_config(plan), device=device,
+                                         progress=progress))
+    real = None
+    if plan.real and (data / "real.metadata.jsonl").exists():
+        real = stages.run("evaluate both adapters on real recordings",
+                          lambda: run_eval(runs, data / "real.metadata.jsonl", out / "real", _eval_config(plan, True),
+                                           device=device, progress=progress))
+    report = _add_demo_sections(report, out, data, real)
     total = round(time.perf_counter() - t0, 1)
     (out / "demo.json").write_text(json.dumps({"plan": asdict(plan), "quick": quick, "stage_seconds": stages.times,
                                                "total_seconds": total}, indent=2) + "\n")
     print(f"\n[demo] done in {total / 60:.1f} min; stage times: "
           + ", ".join(f"{k} {v:.0f} s" for k, v in stages.times.items()), file=sys.stderr)
     return report
+
+
+def _add_demo_sections(report: dict, out: Path, data: Path, real: dict | None) -> dict:
+    """The evaluation report with the demo's own findings added (report.json under `demo`,
+    report.md as sections): the teacher's fidelity to its descriptions per attribute, and each
+    adapter's accuracy on the real recordings."""
+    from .eval.report import write_report
+    from .targets.run import fidelity_path
+
+    fidelity = {}
+    for strategy in STRATEGIES:
+        path = fidelity_path(data / f"train.{strategy}.targets.jsonl")
+        if path.exists():
+            fidelity[strategy] = json.loads(path.read_text())
+    report["demo"] = {"teacher_fidelity": fidelity, "real": _real_summary(real) if real else None}
+    write_report(report, out)
+    with open(out / "report.md", "a") as f:
+        f.write("\n" + "\n".join(demo_lines(report["demo"])) + "\n")
+    return report
+
+
+def _real_summary(real: dict) -> dict:
+    """Per checkpoint and task: accuracy with its interval, and the reference's (from the real
+    recordings' report)."""
+    keep = ("items", "accuracy", "ci_low", "ci_high", "accuracy_ref", "chance", "majority", "contains",
+            "contains_ref", "fidelity_ref")
+    return {name: {task: {k: t.get(k) for k in keep} for task, t in ck["tasks"].items()}
+            for name, ck in real["checkpoints"].items()}
+
+
+def demo_lines(demo: dict) -> list[str]:
+    """The report.md sections of the demo's own findings."""
+    lines = []
+    for strategy, fid in demo["teacher_fidelity"].items():
+        attrs = fid["attributes"]
+        prompt = f"{fid['examples']} worked examples" if fid["examples"] else "zero-shot"
+        lines += ["## Teacher fidelity", "",
+                  f"How often the teacher (the frozen LLM making the `{strategy}` targets, {prompt}) answers what the "
+                  "description it reads says (probe questions on the training descriptions; transcript: the "
+                  "answer contains it).", "", "| attribute | agreed | fidelity |", "|---|---|---|"]
+        lines += [f"| {a} | {v['agreed']}/{v['asked']} | {100 * v['fidelity']:.0f}% |" for a, v in attrs.items()]
+        lines.append("")
+        break  # one teacher: every LLM strategy asks the same model the same way
+    if demo.get("real"):
+        names = list(demo["real"])
+        lines += ["## Real recordings", "",
+                  "LibriVox (male reader), CMU cards and ALSA channel names (female voice), annotated as a user's "
+                  "audio would be (ASR transcript, gender from pitch). Accuracy %, 95% interval:", "",
+                  "| task | items | chance | majority | " + " | ".join(names) + " | reference |",
+                  "|---|---|---|---|" + "---|" * (len(names) + 1)]
+        first = demo["real"][names[0]]
+        for task, t in first.items():
+            cells = [demo["real"][n][task] for n in names]
+            lines.append(f"| {task} | {t['items']} | {_pct(t['chance'])} | {_pct(t['majority'])} | "
+                         + " | ".join(f"{_pct(c['accuracy'])} [{_pct(c['ci_low'])}, {_pct(c['ci_high'])}]"
+                                      for c in cells) + f" | {_pct(t['accuracy_ref'])} |")
+    return lines
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f}"
