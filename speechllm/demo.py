@@ -35,7 +35,7 @@ INSTRUCTION_POOL = [
     "Describe the speaker's voice.",
     "Is the speaker male or female?",
     "What is the speaker's gender?",
-    "Is the speaker's voice high or low in pitch?",
+    "Is the speaker's voice low, normal or high in pitch?",
     "How fast is the speaker talking?",
     "Is the recording noisy?",
     "What did the speaker say?",

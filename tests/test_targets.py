@@ -197,3 +197,16 @@ def test_two_processes_shard_and_merge(tmp_path):
     assert [r["id"] for r in two] == [f"clip{i}" for i in range(7)]
     assert [r["target"] for r in one] == [r["target"] for r in two]
     assert not list(tmp_path.glob("two.part*"))
+
+
+def test_a_prompt_past_the_context_is_an_error_record_and_the_run_goes_on(tmp_path, generator):
+    meta = metadata(tmp_path / "m.jsonl", n=3)
+    rows = [json.loads(line) for line in meta.read_text().splitlines()]
+    rows[1]["description"] = "word " * (generator.context_length + 10)
+    meta.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "t.jsonl"
+    summary = run_targets(meta, out, cfg_for("self-output", "train.max_target_tokens=4", "targets.fidelity_probe=0"),
+                          progress=False, generator=generator)
+    assert [r["id"] for r in read(out)] == ["clip0", "clip2"] and summary.dropped >= 1
+    errors = read(tmp_path / "t.errors.jsonl")
+    assert errors[0]["id"] == "clip1" and errors[0]["kind"] == "too_long" and "context" in errors[0]["error"]

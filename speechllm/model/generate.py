@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import Config, GenerationConfig
-from .llm import load_llm
+from .llm import CONTEXT_KEYS, load_llm
 from .prompt import PromptBuilder
 
 
@@ -47,6 +47,16 @@ class TextGenerator:
         llm, tokenizer = load_llm(cfg.model.llm, device)
         prompt = PromptBuilder(tokenizer, cfg.model.prompt, cfg.model.llm.system_prompt)
         return cls(llm, tokenizer, prompt, cfg.model.llm.name)
+
+    @property
+    def context_length(self) -> int | None:
+        """Most positions the LLM takes (prompt and answer together), from its config; None when
+        its config names none."""
+        for key in CONTEXT_KEYS:
+            value = getattr(self.llm.config, key, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
 
     def prompt_ids(self, user_text: str, examples: list[tuple[str, str]] = ()) -> list[int]:
         """The chat prompt for one user turn, after worked-example (user, assistant) turns if any,

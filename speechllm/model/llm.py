@@ -10,6 +10,8 @@ from ..hub import weights
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 """`model.llm.dtype` names -> torch dtypes."""
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length")
+"""Config attributes that give an LLM's context length, by family."""
 
 
 def load_llm(cfg: LLMConfig, device: str | torch.device = "cpu", tokenizer: bool = True):

@@ -22,15 +22,13 @@ from ..config import Config, ConfigError, GenerationConfig, LoRAConfig, ModelCon
 from .adapters import build_adapter
 from ..io.audio import SAMPLE_RATE
 from .encoder import WhisperTappedEncoder, load_whisper_encoder
-from .llm import DTYPES, load_llm
+from .llm import CONTEXT_KEYS, DTYPES, load_llm
 from .prompt import PromptBuilder
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 CHECKPOINT_CONFIG = "config.json"
 CHECKPOINT_FORMAT = "speechllm-adapter/1"
 IGNORE_INDEX = -100
-CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length")
-"""LLM config attributes that name its context length, in the order they are looked for."""
 BASE_PARTS = ("encoder", "llm")
 """The base models a checkpoint names and fingerprints."""
 LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError)

@@ -28,6 +28,7 @@ from ..hub import weights
 from ..io.jsonl import ResumableJsonl, iter_lines, sibling_path, write_json_atomic, write_jsonl_atomic
 from ..io.paths import rebase
 from ..model.generate import Generation, TextGenerator, provenance
+from ..model.prompt import description_prompt
 from ..records import MetadataRecord, RecordError, TargetRecord
 from .checks import degenerate_reason
 from .examples import ExamplePool, read_examples
@@ -139,6 +140,23 @@ def teacher_fidelity(jobs: list[Job], cfg: Config, pool: ExamplePool, maker: "Ta
     return result
 
 
+def fits_context(job: Job, generator: TextGenerator, answer_tokens: int, failed: ResumableJsonl,
+                 summary: TargetsSummary) -> bool:
+    """Whether the job's prompt (worked examples included) leaves `answer_tokens` of room in the
+    LLM's context; if not, an error record (kind `too_long`) and a count, and the run goes on."""
+    limit = generator.context_length
+    if limit is None:
+        return True
+    positions = len(generator.prompt_ids(description_prompt(job.description, job.instruction), list(job.examples)))
+    if positions + answer_tokens <= limit:
+        return True
+    summary.dropped += 1
+    failed.write({"id": job.id, "kind": "too_long", "error": f"the prompt takes {positions} tokens + {answer_tokens} "
+                  f"answer tokens (train.max_target_tokens), more than the LLM's context of {limit}; shorten the "
+                  "description or lower targets.examples"})
+    return False
+
+
 class TargetMaker:
     """Runs a strategy over jobs with degeneracy handling and truncation flags."""
 
@@ -228,6 +246,8 @@ def run_targets(metadata: Path, out: Path, cfg: Config, device: str = "cpu", pro
         maker = TargetMaker(cfg, generator, sampling)
         pool = example_pool(jobs, cfg, seed)
         todo = [with_examples(j, pool) for j in todo]
+        if cfg.targets.strategy != "label":
+            todo = [j for j in todo if fits_context(j, generator, cfg.train.max_target_tokens, failed, summary)]
         if todo and rank == 0 and cfg.targets.strategy != "label":
             summary.fidelity = teacher_fidelity(jobs, cfg, pool, maker, fidelity_path(out))
         chunk = cfg.targets.batch_size * CHUNK_BATCHES
