@@ -22,6 +22,14 @@ def test_quick_demo_writes_the_report_and_a_rerun_reuses_every_stage(tmp_path):
         assert f["items"] > 0 and f["ci_low"] is not None and f["ci_low"] <= f["ci_high"]
         assert c["text_retention"]["kl"] == 0.0  # frozen LLM, no LoRA
         assert c["training"]["steps"] > 0
+    # both halves: the teacher's fidelity to its descriptions, and the adapters on real recordings
+    fidelity = report["demo"]["teacher_fidelity"]["self-output"]
+    assert fidelity["examples"] >= 1 and {"gender", "transcript"} <= set(fidelity["attributes"])
+    real = report["demo"]["real"]
+    assert real is not None and set(real) == {"self-output", "label"}  # make installs the Debian packages
+    assert real["self-output"]["gender"]["items"] == 13 and 0 < real["self-output"]["gender"]["majority"] < 1
+    md = (out / "report.md").read_text()
+    assert "## Teacher fidelity" in md and "## Real recordings" in md and "ref fidelity" in md
     for plot in ("tasks.png", "forgetting.png", "constraints.png", "training.png"):
         assert (out / "plots" / plot).stat().st_size > 0
     # train and test clips share no voice (held-out split)
