@@ -2,7 +2,7 @@
 # Install the Debian packages speechllm needs outside Python (the offline TTS engines of
 # `speechllm synth`, sox, the headless browser + its WebDriver that the end-to-end test of
 # `speechllm serve` drives, and two packages of real recorded speech the demo evaluates on:
-# pocketsphinx-testdata's LibriVox and "cards" clips and alsa-utils' spoken channel names):
+# pocketsphinx-testdata's LibriVox clips and alsa-utils' spoken channel names):
 #   - every package's command already on PATH (or its file in place): nothing to do (re-runs are instant);
 #   - otherwise apt-get update + install of the missing ones, as root or through sudo;
 #   - no apt-get, or neither root nor sudo: a message naming the packages, and exit status 1.

@@ -249,7 +249,7 @@ def demo_lines(demo: dict) -> list[str]:
     if demo.get("real"):
         names = list(demo["real"])
         lines += ["## Real recordings", "",
-                  "LibriVox (male reader), CMU cards and ALSA channel names (female voice), annotated as a user's "
+                  "LibriVox (male reader) and ALSA channel names (female voice), annotated as a user's "
                   "audio would be (ASR transcript, gender from pitch). Accuracy %, 95% interval:", "",
                   "| task | items | chance | majority | " + " | ".join(names) + " | reference |",
                   "|---|---|---|---|" + "---|" * (len(names) + 1)]

@@ -2,12 +2,13 @@
 scripts/install_system_deps.sh), as a manifest the annotate stage reads.
 
 - pocketsphinx-testdata: five LibriVox clips of Jane Austen's *Sense and Sensibility* (public
-  domain) read by one male reader, with CMU Sphinx's transcripts, and five "cards" clips
-  (playing cards called out; transcripts only: the speaker's gender is not documented);
+  domain) read by one male reader, with CMU Sphinx's transcripts (its five "cards" clips are left
+  out: their speaker's gender is not documented, and an unlabelled clip would be scored against
+  the annotators' own guess);
 - alsa-utils: eight clips of a female voice naming loudspeaker channels ("Front Left"), the ALSA
   speaker-test sounds (its "Noise" clip is noise, not speech, and is left out).
 
-Synthetic speech says little about how a speech model hears people; these 18 clips are the real
+Synthetic speech says little about how a speech model hears people; these 13 clips are the real
 recordings that can be had offline here. They are few: read their accuracies with their
 intervals.
 """
@@ -54,14 +55,12 @@ def _sphinx_transcripts(path: Path) -> dict[str, str]:
 def real_clips(pocketsphinx: Path = POCKETSPHINX, alsa: Path = ALSA) -> list[RealClip]:
     """Every labelled real clip whose package is installed (none when neither is)."""
     clips = []
-    for folder, gender in ((pocketsphinx / "librivox", LIBRIVOX_GENDER), (pocketsphinx / "cards", None)):
-        for name in ("transcription", "cards.transcription"):
-            if (folder / name).is_file():
-                for file_id, words in sorted(_sphinx_transcripts(folder / name).items()):
-                    wav = folder / f"{file_id}.wav"
-                    if wav.is_file():
-                        labels = {"transcript": words, **({"gender": gender} if gender else {})}
-                        clips.append(RealClip(f"{folder.name}-{file_id}", wav, labels))
+    folder = pocketsphinx / "librivox"
+    if (folder / "transcription").is_file():
+        for file_id, words in sorted(_sphinx_transcripts(folder / "transcription").items()):
+            wav = folder / f"{file_id}.wav"
+            if wav.is_file():
+                clips.append(RealClip(f"librivox-{file_id}", wav, {"transcript": words, "gender": LIBRIVOX_GENDER}))
     for channel in ALSA_CHANNELS:
         wav = alsa / f"{channel}.wav"
         if wav.is_file():
