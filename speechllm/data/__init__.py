@@ -1,1 +1,2 @@
-"""Data the project makes itself: the labelled synthetic speech corpus (`synth`)."""
+"""Data the project makes or gathers itself: the labelled synthetic speech corpus (`synth`) and
+the labelled real recordings from Debian packages (`real`)."""
