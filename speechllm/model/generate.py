@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import Config, GenerationConfig
-from .llm import CONTEXT_KEYS, load_llm
+from .llm import context_length, load_llm
 from .prompt import PromptBuilder
 
 
@@ -50,13 +50,8 @@ class TextGenerator:
 
     @property
     def context_length(self) -> int | None:
-        """Most positions the LLM takes (prompt and answer together), from its config; None when
-        its config names none."""
-        for key in CONTEXT_KEYS:
-            value = getattr(self.llm.config, key, None)
-            if isinstance(value, int) and value > 0:
-                return value
-        return None
+        """Most positions the LLM takes (prompt and answer together); None when unknown."""
+        return context_length(self.llm)
 
     def prompt_ids(self, user_text: str, examples: list[tuple[str, str]] = ()) -> list[int]:
         """The chat prompt for one user turn, after worked-example (user, assistant) turns if any,

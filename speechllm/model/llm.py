@@ -14,6 +14,16 @@ CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length")
 """Config attributes that give an LLM's context length, by family."""
 
 
+def context_length(llm) -> int | None:
+    """Most positions `llm` takes (prompt and answer together), from its config; None when its
+    config names none."""
+    for key in CONTEXT_KEYS:
+        value = getattr(llm.config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def load_llm(cfg: LLMConfig, device: str | torch.device = "cpu", tokenizer: bool = True):
     """(causal LM in eval mode on `device`, its tokenizer or None) for the LLM `cfg` names (an
     embedded name, a hub id or a local folder), in `cfg.dtype`. Custom modelling code runs only

@@ -22,7 +22,7 @@ from ..config import Config, ConfigError, GenerationConfig, LoRAConfig, ModelCon
 from .adapters import build_adapter
 from ..io.audio import SAMPLE_RATE
 from .encoder import WhisperTappedEncoder, load_whisper_encoder
-from .llm import CONTEXT_KEYS, DTYPES, load_llm
+from .llm import DTYPES, context_length, load_llm
 from .prompt import PromptBuilder
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -171,13 +171,8 @@ class SpeechLLM(nn.Module):
 
     @property
     def context_length(self) -> int | None:
-        """Most positions the LLM takes (prompt and answer together), from its config; None when
-        its config names none."""
-        for key in CONTEXT_KEYS:
-            value = getattr(self.llm.config, key, None)
-            if isinstance(value, int) and value > 0:
-                return value
-        return None
+        """Most positions the LLM takes (prompt and answer together); None when unknown."""
+        return context_length(self.llm)
 
     def audio_positions(self, seconds: float | None = None, frames: int | None = None) -> int:
         """LLM positions the audio embeddings of a clip take: from its encoder `frames`, else its
