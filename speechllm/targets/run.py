@@ -133,7 +133,7 @@ def teacher_fidelity(jobs: list[Job], cfg: Config, pool: ExamplePool, maker: "Ta
         items = probes([(j.id, j.description) for j in jobs], cfg.targets.instruction_pool, cfg.targets.fidelity_probe,
                        cfg.generation.seed)
         greedy = dataclasses.replace(cfg.generation, do_sample=False, max_new_tokens=FIDELITY_TOKENS)
-        ask = maker._generate(greedy)
+        ask = maker.answerer(greedy)
         result = measure(items, lambda prompts: [g.text for g in ask(prompts)], pool)
         write_json_atomic(path, result.to_json())
     print(f"[speechllm] {result.line()} -> {path}", file=sys.stderr)
@@ -165,7 +165,9 @@ class TargetMaker:
         self.strategy = STRATEGIES[cfg.targets.strategy]()
         self.new_tokens = 0
 
-    def _generate(self, sampling: GenerationConfig):
+    def answerer(self, sampling: GenerationConfig):
+        """The base LLM answering prompts with `sampling`, batched, counting the new tokens (the
+        strategies' `Generate`; also the fidelity probe's)."""
         def run(texts: list[Prompt]) -> list[Generation]:
             prompts = [self.gen.prompt_ids(text, list(turns)) for text, turns in texts]
             outs = self.gen.generate(prompts, sampling, self.cfg.targets.batch_size)
@@ -182,7 +184,7 @@ class TargetMaker:
     def make(self, jobs: list[Job], summary: TargetsSummary) -> tuple[list[TargetRecord], list[dict]]:
         """(records, error records) for `jobs`."""
         min_recall = self.cfg.targets.min_transcript_recall
-        drafts = self.strategy.drafts(jobs, self._generate(self.sampling), min_recall)
+        drafts = self.strategy.drafts(jobs, self.answerer(self.sampling), min_recall)
         used = [self.sampling] * len(jobs)
         for attempt in range(1, self.cfg.targets.max_retries + 1):
             bad = [i for i, d in enumerate(drafts) if d.source == "llm" and degenerate_reason(d.text)]
@@ -190,7 +192,7 @@ class TargetMaker:
                 break
             retry = dataclasses.replace(self.sampling, do_sample=True, temperature=max(self.sampling.temperature, 0.7),
                                         seed=self.sampling.seed + 1000 * attempt)
-            again = self.strategy.drafts([jobs[i] for i in bad], self._generate(retry), min_recall)
+            again = self.strategy.drafts([jobs[i] for i in bad], self.answerer(retry), min_recall)
             for i, d in zip(bad, again):
                 drafts[i], used[i] = d, retry
                 summary.regenerated += 1
