@@ -104,9 +104,10 @@ def register_annotator(cls: type[Annotator]) -> type[Annotator]:
     return cls
 
 
-def order_annotators(names: list[str]) -> list[str]:
+def order_annotators(names: list[str], provided: tuple[str, ...] = ()) -> list[str]:
     """`names` ordered so that each annotator runs after those it requires; missing requirements
-    and unknown names are errors."""
+    and unknown names are errors. `provided`: names that run before all of these (classifier
+    annotators), which satisfy a requirement too."""
     unknown = [n for n in names if n not in ANNOTATORS]
     if unknown:
         raise ValueError(f"unknown annotator(s) {', '.join(unknown)}; known: {', '.join(ANNOTATORS)}")
@@ -116,10 +117,10 @@ def order_annotators(names: list[str]) -> list[str]:
         progressed = False
         for n in list(pending):
             req = ANNOTATORS[n].requires
-            missing = [r for r in req if r not in names]
+            missing = [r for r in req if r not in names and r not in provided]
             if missing:
                 raise ValueError(f"annotator '{n}' requires {', '.join(missing)}; add it to --annotators")
-            if all(r in out for r in req):
+            if all(r in out or r in provided for r in req):
                 out.append(n)
                 pending.remove(n)
                 progressed = True

@@ -32,7 +32,17 @@ def _predicted(rec: dict, attr: str) -> str:
         return ABSTAIN
     if ann.get("extra", {}).get("source") == "label":  # --trust-labels: score the annotator's own guess
         return ann["extra"].get("annotator_bin") or ABSTAIN
-    return ann.get("bin") or ABSTAIN
+    return str(ann.get("bin") or ABSTAIN).lower()
+
+
+def classifier_keys(records: list[dict]) -> list[str]:
+    """Annotation keys made by classifier annotators (`--classifier KEY=MODEL`), first seen first."""
+    keys: dict[str, None] = {}
+    for rec in records:
+        for key, ann in rec["annotations"].items():
+            if isinstance(ann, dict) and "/classifier-" in str(ann.get("annotator", "")):
+                keys.setdefault(key)
+    return [k for k in keys if k not in BIN_ATTRIBUTES]
 
 
 def evaluate(records: list[dict]) -> dict:
@@ -52,7 +62,7 @@ def evaluate(records: list[dict]) -> dict:
     if refs:
         report["transcript"] = {"clips": len(refs), "wer": round(jiwer.wer(refs, hyps), 4),
                                 "cer": round(jiwer.cer(refs, hyps), 4)}
-    for attr in BIN_ATTRIBUTES:
+    for attr in (*BIN_ATTRIBUTES, *classifier_keys(records)):
         pairs = [(str(rec["labels"][attr]).lower(), _predicted(rec, attr)) for rec in records
                  if (rec.get("labels") or {}).get(attr) not in (None, "")]
         if not pairs:
@@ -78,13 +88,11 @@ def format_report(report: dict) -> str:
     if "transcript" in report:
         t = report["transcript"]
         lines.append(f"| transcript | {t['clips']} | WER {t['wer']:.1%} (CER {t['cer']:.1%}) | |")
-    for attr in BIN_ATTRIBUTES:
-        if attr in report:
-            r = report[attr]
-            lines.append(f"| {attr} | {r['clips']} | accuracy {r['accuracy']:.1%} | {r['coverage']:.1%} |")
-    for attr in BIN_ATTRIBUTES:
-        if attr not in report:
-            continue
+    attrs = [k for k in report if isinstance(report[k], dict) and "confusion" in report[k]]
+    for attr in attrs:
+        r = report[attr]
+        lines.append(f"| {attr} | {r['clips']} | accuracy {r['accuracy']:.1%} | {r['coverage']:.1%} |")
+    for attr in attrs:
         conf = report[attr]["confusion"]
         preds = sorted({p for row in conf.values() for p in row})
         lines += ["", f"{attr}: rows = label, columns = annotation", "",

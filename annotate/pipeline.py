@@ -27,6 +27,7 @@ from speechllm.io.jsonl import ResumableJsonl, iter_lines, read_jsonl, sibling_p
 
 from . import asr, noise, pitch, rate, signal, vad  # noqa: F401  (register the built-in annotators)
 from .base import ANNOTATORS, Annotation, Clip, ClipError, order_annotators
+from .classifier import Classifier, check_classifier, classifier_options
 from .description import LABEL_ONLY_FIELDS, describe
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
@@ -174,11 +175,15 @@ def hf_items(spec: str, out_dir: Path, audio_dir: Path, audio_column: str = "aud
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(names: list[str], options: dict[str, dict], threads: int) -> None:
+def _init_worker(names: list[str], options: dict[str, dict], threads: int,
+                 classifiers: dict[str, dict] | None = None) -> None:
+    """Build this process's annotators: the `classifiers` (KEY -> `Classifier` arguments) first,
+    then the registered `names` (in dependency order)."""
     import torch
 
     torch.set_num_threads(threads)
-    _WORKER["annotators"] = [ANNOTATORS[n](**options.get(n, {})) for n in names]
+    _WORKER["annotators"] = [*(Classifier(key, **kw) for key, kw in (classifiers or {}).items()),
+                             *(ANNOTATORS[n](**options.get(n, {})) for n in names)]
 
 
 def _override(name: str, ann: Annotation, labels: dict) -> Annotation:
@@ -221,7 +226,8 @@ def annotate_batch(items: list[Item], max_seconds: float, trust_labels: bool) ->
             clips = [c for c, k in zip(clips, keep) if k]
             results = [r for r, k in zip(results, keep) if k]
         for clip, prior, out in zip(clips, results, outs):
-            if trust_labels and ann.name in LABEL_KEYS and clip.labels.get(ann.name) not in (None, ""):
+            trusted = ann.name in LABEL_KEYS or isinstance(ann, Classifier)
+            if trust_labels and trusted and clip.labels.get(ann.name) not in (None, ""):
                 out = _override(ann.name, out, clip.labels)
             prior[ann.name] = out
     records = [clip_record(clip, res, annotators).to_json() for clip, res in zip(clips, results)]
@@ -232,7 +238,7 @@ def clip_record(clip: Clip, res: dict[str, Annotation], annotators) -> MetadataR
     """One metadata.jsonl record from a clip's annotation results (what every stage reads)."""
     fields = [(a.field, res[a.name].bin) for a in annotators if a.field and res[a.name].bin]
     for key, name in LABEL_ONLY_FIELDS.items():
-        if clip.labels.get(key) not in (None, "") and key not in ANNOTATORS:
+        if clip.labels.get(key) not in (None, "") and key not in ANNOTATORS and key not in res:
             fields.append((name, str(clip.labels[key])))
     transcript = res["transcript"].value if "transcript" in res else clip.labels.get("transcript")
     return MetadataRecord(clip.id, clip.audio, round(clip.duration, 3),
@@ -274,7 +280,10 @@ def run(items: Iterator[Item | dict], out: Path, opts: AnnotateConfig, errors_pa
     """Annotate every item not yet in `out` (or in the errors file), appending as they finish."""
     from tqdm import tqdm
 
-    names = order_annotators(opts.annotators)
+    classifiers = classifier_options(opts)
+    for key, kw in classifiers.items():  # a bad model is one clear error here, not one per worker
+        check_classifier(key, kw["model"])
+    names = order_annotators([n for n in opts.annotators if n not in classifiers], provided=tuple(classifiers))
     t0 = time.perf_counter()
     errors_path = errors_path or sibling_path(out, ".errors.jsonl")
     summary = Summary()
@@ -303,12 +312,12 @@ def run(items: Iterator[Item | dict], out: Path, opts: AnnotateConfig, errors_pa
         args = [(b, opts.max_seconds, opts.trust_labels) for b in batches]
         if workers == 1 or not batches:
             if batches:
-                _init_worker(names, options, threads)
+                _init_worker(names, options, threads, classifiers)
             for a in args:
                 consume(_work(a))
         else:
             ctx = mp.get_context("spawn")
-            with ctx.Pool(workers, initializer=_init_worker, initargs=(names, options, threads)) as pool:
+            with ctx.Pool(workers, initializer=_init_worker, initargs=(names, options, threads, classifiers)) as pool:
                 for result in pool.imap_unordered(_work, args):
                     consume(result)
         bar.close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -318,6 +319,8 @@ class TargetsConfig:
     target is used."""
 
 
+CLASSIFIER_KEY = re.compile(r"^[a-z][a-z0-9_]*$")
+"""A classifier annotator's KEY: it names a JSON key and a description field."""
 DEFAULT_ANNOTATORS = ["duration", "vad", "transcript", "pitch", "gender", "volume", "speed", "noise"]
 """The built-in annotators, all of them (dependencies first)."""
 
@@ -342,6 +345,30 @@ class AnnotateConfig:
     guesses for the same attribute."""
     retry_errors: bool = False
     """Retry ids listed in the errors file instead of skipping them."""
+    classifiers: list[str] = field(default_factory=list)
+    """Audio-classification models as annotators, each KEY=MODEL (a transformers hub id or local
+    folder): the model's top label and its probability become annotation KEY and the description
+    field KEY (e.g. emotion=MODEL -> "Emotion: happy"); a KEY naming a built-in annotator
+    replaces it."""
+    device: str = "cpu"
+    """Torch device of the classifier annotators (cpu, cuda, cuda:1, ...)."""
+
+    def __post_init__(self) -> None:
+        self.classifier_specs()
+
+    def classifier_specs(self) -> dict[str, str]:
+        """`classifiers` as KEY -> MODEL; a malformed or repeated entry is a `ConfigError`."""
+        out: dict[str, str] = {}
+        for item in self.classifiers:
+            key, sep, model = str(item).partition("=")
+            key, model = key.strip(), model.strip()
+            if not sep or not model or not CLASSIFIER_KEY.match(key):
+                raise ConfigError(f"annotate.classifiers: '{item}' is not KEY=MODEL with KEY a lower-case name "
+                                  "(letters, digits, _), e.g. emotion=superb/wav2vec2-base-superb-er")
+            if key in out:
+                raise ConfigError(f"annotate.classifiers: KEY '{key}' is given twice")
+            out[key] = model
+        return out
 
 
 @dataclass

@@ -21,7 +21,9 @@ def add_parser(sub) -> None:
         ["speechllm annotate data/synth/train.jsonl --out data/train.metadata.jsonl",
          "speechllm annotate data/synth/test.jsonl --out data/test.metadata.jsonl --eval",
          "speechllm annotate recordings/ --out recordings.metadata.jsonl --workers 4",
-         "speechllm annotate --hf-dataset ./my_saved_dataset --split test --out hf.metadata.jsonl"])
+         "speechllm annotate --hf-dataset ./my_saved_dataset --split test --out hf.metadata.jsonl",
+         "speechllm annotate clips.jsonl --out meta.jsonl --classifier emotion=superb/wav2vec2-base-superb-er "
+         "--device cuda"])
     p.add_argument("input", nargs="?", help="manifest .jsonl ({id, audio, labels?}, paths relative to it) or a "
                                             "folder of wav/flac/ogg/mp3 files")
     p.add_argument("--out", required=True, metavar="FILE", help="metadata .jsonl to write (appended, resumable)")
@@ -31,7 +33,8 @@ def add_parser(sub) -> None:
     p.add_argument("--audio-column", default="audio", help="audio column (--hf-dataset; default: audio)")
     p.add_argument("--id-column", default="id", help="id column (--hf-dataset; default: id, else the row index)")
     p.add_argument("--text-column", default="text", help="reference transcript column (--hf-dataset)")
-    add_section_flags(p, "annotate", metavars={"annotators": "NAME", "asr_model": "NAME"})
+    add_section_flags(p, "annotate", metavars={"annotators": "NAME", "asr_model": "NAME", "classifiers": "KEY=MODEL"},
+                      repeated={"classifiers": "classifier"})
     p.add_argument("--eval", action="store_true",
                    help="score the annotations against the manifest labels (WER, accuracies, confusion tables)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -74,10 +74,12 @@ def _unwrap(tp: Any) -> tuple[Any, bool]:
 
 
 def add_section_flags(p: argparse.ArgumentParser, section: str, choices: dict[str, list[str]] | None = None,
-                      metavars: dict[str, str] | None = None) -> None:
+                      metavars: dict[str, str] | None = None, repeated: dict[str, str] | None = None) -> None:
     """One `--field-name` flag per field of `Config.<section>`, typed from its annotation, its
     help from the field's docstring and default. A flag that is not given leaves the config
-    (defaults, --config, KEY=VALUE) as it is; a given one overrides `section.field`."""
+    (defaults, --config, KEY=VALUE) as it is; a given one overrides `section.field`. `repeated`
+    names list fields given one item per flag instead (field -> flag name, e.g. classifiers ->
+    classifier: `--classifier a=X --classifier b=Y`)."""
     cls = typing.get_type_hints(Config)[section]
     docs, defaults = field_docs(cls), cls()
     for f in dataclasses.fields(cls):
@@ -90,7 +92,10 @@ def add_section_flags(p: argparse.ArgumentParser, section: str, choices: dict[st
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
             origin = typing.get_origin(tp)
-            if origin is list:
+            if origin is list and repeated and f.name in repeated:
+                kwargs["action"] = "append"
+                tp = typing.get_args(tp)[0]
+            elif origin is list:
                 kwargs["nargs"] = "+"
                 tp = typing.get_args(tp)[0]
             if typing.get_origin(tp) is Literal:
@@ -100,7 +105,7 @@ def add_section_flags(p: argparse.ArgumentParser, section: str, choices: dict[st
             else:
                 kwargs["type"] = tp
                 kwargs["metavar"] = (metavars or {}).get(f.name, "N" if tp in (int, float) else f.name.upper())
-        p.add_argument("--" + f.name.replace("_", "-"), **kwargs)
+        p.add_argument("--" + (repeated or {}).get(f.name, f.name).replace("_", "-"), **kwargs)
 
 
 OVERRIDE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)+=")

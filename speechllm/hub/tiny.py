@@ -91,3 +91,38 @@ def build_tiny_whisper(out: Path) -> None:
     torch.manual_seed(SEED)
     WhisperForConditionalGeneration(config).save_pretrained(out)
     WhisperFeatureExtractor(feature_size=n_mels).save_pretrained(out)
+
+
+def build_tiny_audio_classifier(out: Path, labels: list[str], kind: str = "wav2vec2") -> None:
+    """A tiny random-init transformers audio-classification model with its feature extractor,
+    labels in its config's `id2label` (what `speechllm annotate --classifier KEY=FOLDER` loads).
+    `kind`: "wav2vec2" (raw waveform input, attention mask) or "whisper" (log-mel input)."""
+    import torch
+
+    id2label = dict(enumerate(labels))
+    label2id = {v: k for k, v in id2label.items()}
+    torch.manual_seed(SEED)
+    if kind == "wav2vec2":
+        from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2ForSequenceClassification
+
+        config = Wav2Vec2Config(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+            conv_dim=(16, 16, 16), conv_stride=(5, 4, 4), conv_kernel=(10, 4, 4), feat_extract_norm="layer",
+            num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2, classifier_proj_size=16,
+            id2label=id2label, label2id=label2id,
+        )
+        Wav2Vec2ForSequenceClassification(config).save_pretrained(out)
+        Wav2Vec2FeatureExtractor(return_attention_mask=True, do_normalize=True).save_pretrained(out)
+    elif kind == "whisper":
+        from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForAudioClassification
+
+        config = WhisperConfig(
+            vocab_size=128, num_mel_bins=80, d_model=32, encoder_layers=1, encoder_attention_heads=2,
+            decoder_layers=1, decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
+            max_source_positions=1500, classifier_proj_size=16, id2label=id2label, label2id=label2id,
+            pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
+        )
+        WhisperForAudioClassification(config).save_pretrained(out)
+        WhisperFeatureExtractor(feature_size=80).save_pretrained(out)
+    else:
+        raise ValueError(f"unknown tiny classifier kind '{kind}' (wav2vec2 or whisper)")
