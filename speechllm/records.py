@@ -2,7 +2,7 @@
 
     manifest.jsonl   ManifestRecord   {"id", "audio", "labels"?}
     metadata.jsonl   MetadataRecord   {"id", "audio", "duration", "annotations", "description", "labels"?}
-    targets.jsonl    TargetRecord     {"id", "audio", "transcript", "description", "instruction", "target",
+    targets.jsonl    TargetRecord     {"id", "audio", "duration"?, "transcript", "description", "instruction", "target",
                                        "strategy", "generator", "target_tokens", "truncated", "kept"?, "checks"?}
     tasks.jsonl      TaskItem         {"id", "task", "audio", "instruction", "answer_kind", "reference", ...}
 
@@ -183,6 +183,9 @@ class TargetRecord:
     """selective: which of self-output and label was kept."""
     checks: dict | None = None
     """selective: the agreement checks of the self-output."""
+    duration: float | None = None
+    """The clip's length in seconds, from the metadata (training reads it instead of the audio
+    file's header; None in files an older speechllm wrote)."""
 
     REQUIRED = ("id", "audio", "instruction", "target")
 
@@ -190,13 +193,19 @@ class TargetRecord:
     def from_json(cls, obj: Any, where: str) -> "TargetRecord":
         obj = _require(obj, where, {"id": (str, int), "audio": (str,), "instruction": (str,), "target": (str,)},
                        {"transcript": (str,), "description": (str,), "strategy": (str,), "generator": (dict,),
-                        "target_tokens": (int,), "truncated": (bool,), "kept": (str,), "checks": (dict,)})
+                        "target_tokens": (int,), "truncated": (bool,), "kept": (str,), "checks": (dict,),
+                        "duration": (int, float)})
+        duration = obj.get("duration")
+        if duration is not None and duration <= 0:
+            raise RecordError(f"{where}: 'duration' must be a positive number of seconds, got {duration}")
         return cls(_id(obj["id"]), obj["audio"], obj.get("transcript"), obj.get("description") or "",
                    obj["instruction"], obj["target"], obj.get("strategy") or "", obj.get("generator") or {},
-                   obj.get("target_tokens") or 0, bool(obj.get("truncated")), obj.get("kept"), obj.get("checks"))
+                   obj.get("target_tokens") or 0, bool(obj.get("truncated")), obj.get("kept"), obj.get("checks"),
+                   None if duration is None else float(duration))
 
     def to_json(self) -> dict:
-        out = {"id": self.id, "audio": self.audio, "transcript": self.transcript, "description": self.description,
+        out = {"id": self.id, "audio": self.audio, **({"duration": self.duration} if self.duration else {}),
+               "transcript": self.transcript, "description": self.description,
                "instruction": self.instruction, "target": self.target, "strategy": self.strategy,
                "generator": self.generator, "target_tokens": self.target_tokens, "truncated": self.truncated}
         if self.kept:

@@ -70,7 +70,8 @@ def errors_path(out: Path) -> Path:
 
 
 def job_from_record(rec: MetadataRecord, instruction: str) -> Job:
-    return Job(rec.id, rec.audio, rec.description, instruction, rec.attributes(), rec.transcript)
+    return Job(rec.id, rec.audio, rec.description, instruction, rec.attributes(), rec.transcript,
+               duration=rec.duration or None)
 
 
 def choose_instruction(record_id: str, cfg: Config, seed: int) -> str:
@@ -215,7 +216,8 @@ class TargetMaker:
             if draft.source == "llm" and job.example_ids:
                 made_by["examples"] = list(job.example_ids)
             records.append(TargetRecord(job.id, job.audio, job.transcript, job.description, job.instruction, draft.text,
-                                        self.strategy.name, made_by, n_tokens, truncated, kept, draft.extra.get("checks")))
+                                        self.strategy.name, made_by, n_tokens, truncated, kept, draft.extra.get("checks"),
+                                        job.duration))
         return records, errors
 
 

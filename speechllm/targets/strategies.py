@@ -40,6 +40,8 @@ class Job:
     """Worked (user turn, answer) examples shown to the teacher before this record's turn."""
     example_ids: tuple[str, ...] = ()
     """The clips the examples come from (provenance)."""
+    duration: float | None = None
+    """The clip's seconds from the metadata (None when it gives none); carried into the target."""
 
 
 @dataclass

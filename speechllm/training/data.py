@@ -1,19 +1,27 @@
 """Training data: targets.jsonl records, bounded to what the model can take (every length that
 reaches it), a held-out split, and a deterministic length-grouped batch order that a resumed
-run can replay exactly."""
+run can replay exactly.
+
+Files of millions of rows (DeSTA2.5 trains on 5M) open through a row index (`speechllm.io.rows`):
+byte offsets and the few columns batching needs (clip seconds from the records' `duration`,
+an id hash for the held-out split, lengths and flags for the limits) as memory-mapped arrays; a
+record is parsed when its batch is drawn. No audio header is read (the metadata gave each clip's
+duration) and no Python object is kept per row."""
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from ..config import TrainConfig
 from ..io.audio import MIN_SECONDS, AudioError, audio_seconds
-from ..io.jsonl import JsonlError, iter_lines
+from ..io.jsonl import JsonlError
+from ..io.rows import RowIndex
 from ..records import MAX_INSTRUCTION_CHARS, RecordError, TargetRecord
 
 if TYPE_CHECKING:
@@ -21,6 +29,9 @@ if TYPE_CHECKING:
 
 MEGABATCH = 32
 """Batches per length-sorting window: batches hold clips of similar length, order stays random."""
+DATA_ORDER = 2
+"""Version of the batch order (`epoch_batches`); part of a run's settings, so a run is resumed
+only with the order it was trained with (1: Python's random, before row indexes)."""
 
 
 @dataclass
@@ -71,69 +82,214 @@ class DataReport:
         return ", ".join(counts) if counts else "every record within the limits"
 
 
-def load_targets(path: str | Path, skip_truncated: bool = True,
-                 report: DataReport | None = None) -> tuple[list[TrainRecord], DataReport]:
-    """Records of a targets.jsonl; audio paths are resolved against the file's folder. Targets
-    flagged `truncated` are left out (counted) or, with `skip_truncated=False`, kept as cut; empty
-    targets are left out (counted). A malformed line or a missing audio file is an error naming
-    the file and line."""
-    path = Path(path)
-    if path.is_dir():
-        raise JsonlError(f"{path}: is a folder; train.data names a targets .jsonl file")
-    if not path.is_file():
-        raise JsonlError(f"{path}: no such targets file (make one with `speechllm targets`)")
-    root = path.absolute().parent
-    out, report = [], report or DataReport()
-    for line in iter_lines(path, required=TargetRecord.REQUIRED):
-        if line.error:
-            raise JsonlError(line.error)
+TARGETS_INDEX = "targets/1"
+"""Name and version of what the row index of a targets file holds (`targets_columns`)."""
+TARGET_COLUMNS = {"seconds": "float32", "id_hash": "uint32", "instruction_chars": "int32", "flags": "uint8",
+                  "audio": "category"}
+"""Per-row columns of a targets file's index: enough to filter, split and batch without parsing."""
+TRUNCATED, EMPTY_TARGET = 1, 2
+"""Bits of the `flags` column."""
+UPFRONT_ROWS = 50_000
+"""Files with up to this many usable rows are bounded to the model's token limits before step 1
+(exact counts printed at the start, full batches) and their feature cache is filled up front;
+larger ones are bounded as their batches are drawn (a dropped record makes its batch smaller)
+and their features are computed when a batch first needs them, so start-up reads no audio and
+tokenizes nothing."""
+
+
+def id_hash(record_id: str) -> int:
+    """The first 32 bits of the id's sha256 (what `held_out` compares)."""
+    return int(hashlib.sha256(record_id.encode()).hexdigest()[:8], 16)
+
+
+def _target_columns(root: Path, path: Path):
+    """The row extractor of a targets file: its index columns from one record. A record without
+    a `duration` (an older targets file) falls back to its audio file's header, read once per clip."""
+    header_seconds: dict[str, float] = {}
+
+    def extract(obj: dict, where: str) -> dict:
+        missing = [k for k in TargetRecord.REQUIRED if k not in obj]
+        if missing:
+            raise JsonlError(f"{where}: missing field(s) {', '.join(missing)}")
         try:
-            rec = TargetRecord.from_json(line.record, f"{path}:{line.number}")
+            rec = TargetRecord.from_json(obj, where)
         except RecordError as err:
             raise JsonlError(str(err)) from None
-        report.truncated += rec.truncated
-        if skip_truncated and rec.truncated:
-            continue
-        if not rec.target.strip():
-            report.empty_target += 1
-            continue
-        audio = (root / rec.audio).absolute()
+        seconds = rec.duration
+        if seconds is None:
+            if rec.audio not in header_seconds:
+                try:
+                    header_seconds[rec.audio] = audio_seconds((root / rec.audio).absolute())
+                except AudioError as err:
+                    raise JsonlError(f"{where}: audio {rec.audio} cannot be used ({err})") from None
+            seconds = header_seconds[rec.audio]
+        return {"seconds": seconds, "id_hash": id_hash(rec.id), "instruction_chars": len(rec.instruction),
+                "flags": TRUNCATED * rec.truncated + EMPTY_TARGET * (not rec.target.strip()), "audio": rec.audio}
+    return extract
+
+
+class TargetsTable:
+    """A targets.jsonl behind its row index (`speechllm.io.rows`): per-row columns as arrays,
+    records parsed when read. Audio paths are resolved against the file's folder."""
+
+    def __init__(self, path: str | Path, progress: bool = True):
+        path = Path(path)
+        if path.is_dir():
+            raise JsonlError(f"{path}: is a folder; train.data names a targets .jsonl file")
+        if not path.is_file():
+            raise JsonlError(f"{path}: no such targets file (make one with `speechllm targets`)")
+        self.path, self.root = path, path.absolute().parent
+        self.index = RowIndex.open(path, TARGETS_INDEX, _target_columns(self.root, path), TARGET_COLUMNS, progress)
+        self.seconds = self.index.column("seconds")
+        self.flags = self.index.column("flags")
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def record(self, row: int) -> TrainRecord:
+        """Row `row` as a training record (its clip's length from the index)."""
+        number, obj = self.index.read(row)
         try:
-            seconds = audio_seconds(audio)
-        except AudioError as err:
-            raise JsonlError(f"{path}:{line.number}: audio {rec.audio} cannot be used ({err})") from None
-        out.append(TrainRecord(rec.id, audio, seconds, rec.transcript, rec.instruction,
-                               rec.target, rec.description, rec.truncated))
-    report.kept = len(out)
-    return out, report
+            rec = TargetRecord.from_json(obj, f"{self.path}:{number}")
+        except RecordError as err:
+            raise JsonlError(f"{err} (the file changed since it was indexed?)") from None
+        return TrainRecord(rec.id, (self.root / rec.audio).absolute(), float(self.seconds[row]), rec.transcript,
+                           rec.instruction, rec.target, rec.description, rec.truncated)
+
+    def audio_paths(self, rows: np.ndarray) -> list[Path]:
+        """The distinct clips of `rows`, absolute."""
+        return [(self.root / a).absolute() for a in self.index.categories("audio", self.index.column("audio")[rows])]
 
 
-def bound_records(records: list[TrainRecord], model: "SpeechLLM", cfg: TrainConfig,
-                  report: DataReport) -> list[TrainRecord]:
+UNKNOWN, OK, CUT, DROPPED = 0, 1, 2, 3
+"""A row's state under the token limits (`Bounds.status`)."""
+
+
+class Bounds:
+    """The token limits that reach the model (target length, context), applied to one record at
+    a time and remembered per row, so each row is counted in the report once."""
+
+    def __init__(self, table: TargetsTable, model: "SpeechLLM", cfg: TrainConfig, report: DataReport):
+        self.table, self.model, self.cfg, self.report = table, model, cfg, report
+        self.status = np.zeros(len(table), np.uint8)
+
+    def check(self, row: int) -> TrainRecord | None:
+        """The record of `row` within the limits (a long target cut), or None when it is left out."""
+        state = self.status[row]
+        if state == DROPPED:
+            return None
+        rec = self.table.record(row)
+        if state == OK:
+            return rec
+        rec, reason = _bound_target(rec, self.model, self.cfg)
+        if state == CUT:
+            return rec
+        if reason == "cut":
+            self.report.cut += 1
+            self.status[row] = CUT
+            reason = None
+        if reason is None and not _fits_context(rec, self.model, self.cfg):
+            reason = "over_context"
+        if reason is not None:
+            setattr(self.report, reason, getattr(self.report, reason) + 1)
+            self.status[row] = DROPPED
+            return None
+        if self.status[row] == UNKNOWN:
+            self.status[row] = OK
+        return rec
+
+
+class TargetRows:
+    """Some rows of a targets table (a training or held-out set): a sequence of `TrainRecord`s
+    read when asked for. With `bounds`, records over a token limit are left out as they are read."""
+
+    def __init__(self, table: TargetsTable, rows: np.ndarray, bounds: Bounds | None = None):
+        self.table, self.rows, self.bounds = table, np.asarray(rows, np.int64), bounds
+
+    @property
+    def seconds(self) -> np.ndarray:
+        return self.table.seconds[self.rows]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def subset(self, keep: np.ndarray) -> "TargetRows":
+        """The rows where the boolean array `keep` (one per row of this set) is true."""
+        return TargetRows(self.table, self.rows[keep], self.bounds)
+
+    def records(self, positions) -> list[TrainRecord]:
+        """The records at `positions` of this set, those over a token limit left out."""
+        out = []
+        for p in positions:
+            row = int(self.rows[p])
+            rec = self.bounds.check(row) if self.bounds is not None else self.table.record(row)
+            if rec is not None:
+                out.append(rec)
+        return out
+
+    def __getitem__(self, item):
+        if isinstance(item, slice):
+            return self.records(range(*item.indices(len(self))))
+        rec = self.records([item])
+        if not rec:
+            raise IndexError(f"{self.table.path}: row {int(self.rows[item])} is over a token limit")
+        return rec[0]
+
+    def __iter__(self):
+        for start in range(0, len(self), 256):
+            yield from self[start: start + 256]
+
+    def audio_paths(self) -> list[Path]:
+        return self.table.audio_paths(self.rows)
+
+
+def load_targets(path: str | Path, skip_truncated: bool = True, report: DataReport | None = None,
+                 progress: bool = True) -> tuple[TargetRows, DataReport]:
+    """The records of a targets.jsonl (behind its row index), with audio paths resolved against
+    the file's folder and clip lengths from the records' `duration` (the metadata's; an older file
+    without it: the audio header). Targets flagged `truncated` are left out (counted) or, with
+    `skip_truncated=False`, kept as cut; empty targets are left out (counted). A malformed line or
+    a record without a duration whose audio cannot be read is an error naming the file and line."""
+    table = TargetsTable(path, progress)
+    report = report or DataReport()
+    truncated = (table.flags & TRUNCATED) > 0
+    empty = (table.flags & EMPTY_TARGET) > 0
+    report.truncated += int(truncated.sum())
+    keep = ~empty
+    if skip_truncated:
+        keep &= ~truncated
+    report.empty_target += int((empty & ~truncated).sum() if skip_truncated else empty.sum())
+    rows = TargetRows(table, np.flatnonzero(keep))
+    report.kept = len(rows)
+    return rows, report
+
+
+def bound_records(records: TargetRows, model: "SpeechLLM", cfg: TrainConfig, report: DataReport,
+                  upfront: bool | None = None) -> TargetRows:
     """The records within every length limit that reaches the model: the instruction (at most
     `MAX_INSTRUCTION_CHARS`), the clip (what the encoder takes), the target (cut to
     `cfg.max_target_tokens`, or left out with `cfg.skip_truncated`) and the whole sequence (the
-    LLM's context); the transcript is cut by the prompt. Each change is counted in `report`."""
+    LLM's context); the transcript is cut by the prompt. Each change is counted in `report`.
+    Instruction and clip lengths are checked here for every row from the index; the token limits
+    here too when `upfront` (default: up to `UPFRONT_ROWS` rows), else as records are read."""
     max_seconds = min(model.config.encoder.max_seconds, model.encoder.max_seconds)
-    out = []
-    for rec in records:
-        reason = None
-        if len(rec.instruction) > MAX_INSTRUCTION_CHARS:
-            reason = "long_instruction"
-        elif not MIN_SECONDS <= rec.seconds <= max_seconds:
-            reason = "audio_length"
-        else:
-            rec, reason = _bound_target(rec, model, cfg)
-            if reason == "cut":
-                report.cut += 1
-                reason = None
-        if reason is None and not _fits_context(rec, model, cfg):
-            reason = "over_context"
-        if reason is not None:
-            setattr(report, reason, getattr(report, reason) + 1)
-            continue
-        out.append(rec)
-    return out
+    table = records.table
+    chars = table.index.column("instruction_chars")[records.rows]
+    seconds = table.seconds[records.rows]
+    long_instruction = chars > MAX_INSTRUCTION_CHARS
+    bad_audio = ~long_instruction & ~((seconds >= np.float32(MIN_SECONDS)) & (seconds <= max_seconds))
+    report.long_instruction += int(long_instruction.sum())
+    report.audio_length += int(bad_audio.sum())
+    kept = records.subset(~long_instruction & ~bad_audio)
+    bounds = records.bounds or Bounds(table, model, cfg, report)
+    kept.bounds = bounds
+    if upfront is None:
+        upfront = len(kept) <= UPFRONT_ROWS
+    if upfront:
+        for p in range(len(kept)):
+            bounds.check(int(kept.rows[p]))
+        kept = kept.subset(bounds.status[kept.rows] != DROPPED)
+    return kept
 
 
 def _bound_target(rec: TrainRecord, model: "SpeechLLM", cfg: TrainConfig) -> tuple[TrainRecord, str | None]:
@@ -182,20 +338,40 @@ def file_digest(path: str | Path) -> str:
 
 def held_out(record_id: str, fraction: float) -> bool:
     """Deterministic split by id hash (the same id is always on the same side)."""
-    h = int(hashlib.sha256(record_id.encode()).hexdigest()[:8], 16)
-    return h / 0xFFFFFFFF < fraction
+    return id_hash(record_id) / 0xFFFFFFFF < fraction
 
 
-def epoch_batches(records: list[TrainRecord], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """Batches of record indices for one epoch: shuffled (seed, epoch), then sorted by length
-    inside windows of MEGABATCH batches so that a batch pads little, then the batches shuffled."""
-    rng = random.Random(f"{seed}:{epoch}")
-    order = list(range(len(records)))
-    rng.shuffle(order)
+def held_out_rows(records: TargetRows, fraction: float) -> np.ndarray:
+    """`held_out` of every row of `records`, from the index's id hashes (one bool per row)."""
+    return records.table.index.column("id_hash")[records.rows].astype(np.float64) / 0xFFFFFFFF < fraction
+
+
+def batch_count(n: int, batch_size: int) -> int:
+    """Batches per epoch of `epoch_batches` over `n` records."""
     window = batch_size * MEGABATCH
-    batches = []
-    for start in range(0, len(order), window):
-        chunk = sorted(order[start: start + window], key=lambda i: records[i].seconds)
-        batches += [chunk[j: j + batch_size] for j in range(0, len(chunk), batch_size)]
-    rng.shuffle(batches)
-    return batches
+    full, rest = divmod(n, window)
+    return full * MEGABATCH + -(-rest // batch_size)
+
+
+def epoch_batches(seconds: np.ndarray, batch_size: int, seed: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    """Batches of record positions for one epoch, as (order, starts): batch b is
+    `order[starts[b]: starts[b] + batch_size]`, cut at its window's end. Positions are shuffled
+    (seed, epoch), then sorted by clip length inside windows of MEGABATCH batches so that a batch
+    pads little, then the batches are shuffled. numpy throughout: millions of records take a
+    second and no Python object each."""
+    n = len(seconds)
+    rng = np.random.default_rng([seed, epoch, DATA_ORDER])
+    order = rng.permutation(n)
+    window = batch_size * MEGABATCH
+    order = order[np.lexsort((np.asarray(seconds)[order], np.arange(n) // window))]
+    pos = np.arange(0, n, dtype=np.int64)
+    starts = pos[(pos % window) % batch_size == 0]
+    return order, starts[rng.permutation(len(starts))]
+
+
+def batch_at(order: np.ndarray, starts: np.ndarray, b: int, batch_size: int) -> np.ndarray:
+    """The positions of batch `b` of an `epoch_batches` result."""
+    start = int(starts[b])
+    window = batch_size * MEGABATCH
+    end = min(start + batch_size, (start // window + 1) * window, len(order))
+    return order[start:end]

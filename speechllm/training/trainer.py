@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..errors import SpeechLLMError
@@ -32,7 +33,8 @@ from ..io.paths import folder_problem
 from ..model import Example, build_model
 from ..model.speechllm import ADAPTER_WEIGHTS, CHECKPOINT_CONFIG
 from . import checkpoint as ckpt
-from .data import TrainRecord, bound_records, epoch_batches, file_digest, held_out, load_targets
+from .data import (DATA_ORDER, UPFRONT_ROWS, TargetRows, TrainRecord, batch_at, batch_count, bound_records,
+                   epoch_batches, file_digest, held_out_rows, load_targets)
 
 METRICS_FILE = "metrics.jsonl"
 RESOLVED_CONFIG = "resolved_config.json"
@@ -87,11 +89,13 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-def training_settings(cfg: Config) -> dict:
+def training_settings(cfg: Config, data_digest: str | None = None) -> dict:
     """The settings that shape training, flat (`train.lr`, `model.adapter.kind`, ...), with the
-    training data as the sha256 of its file (a changed file is other data under the same name)."""
+    training data as the sha256 of its file (a changed file is other data under the same name;
+    `data_digest` when it is known, e.g. from the file's row index) and the batch order's version."""
     flat = _flatten({"model": to_dict(cfg.model), "train": to_dict(cfg.train)})
-    flat["train.data"] = file_digest(cfg.train.data)
+    flat["train.data"] = data_digest or file_digest(cfg.train.data)
+    flat["train.data_order"] = DATA_ORDER
     return {k: v for k, v in flat.items() if k not in NOT_SHAPING}
 
 
@@ -107,20 +111,31 @@ def differing(saved: dict, now: dict) -> list[str]:
 
 @dataclass
 class Stream:
-    """The global micro-batch stream over epochs."""
-    records: list[TrainRecord]
+    """The global micro-batch stream over epochs. A pure function of (records, batch size, seed,
+    k): a resumed run and every process see the same micro-batch k. A batch whose records are all
+    over a token limit (only possible where limits are applied as batches are drawn) is replaced by
+    the next non-empty one."""
+    records: TargetRows
     batch_size: int
     seed: int
 
     def __post_init__(self):
-        self._epoch, self._batches = -1, []
-        self.per_epoch = len(epoch_batches(self.records, self.batch_size, self.seed, 0))
+        self._epoch, self._batches = -1, None
+        self.per_epoch = batch_count(len(self.records), self.batch_size)
 
-    def __getitem__(self, k: int) -> list[TrainRecord]:
+    def positions(self, k: int) -> np.ndarray:
+        """Positions (in `records`) of micro-batch k before the token limits."""
         epoch, i = divmod(k, self.per_epoch)
         if epoch != self._epoch:
-            self._epoch, self._batches = epoch, epoch_batches(self.records, self.batch_size, self.seed, epoch)
-        return [self.records[j] for j in self._batches[i]]
+            self._epoch, self._batches = epoch, epoch_batches(self.records.seconds, self.batch_size, self.seed, epoch)
+        return batch_at(*self._batches, i, self.batch_size)
+
+    def __getitem__(self, k: int) -> list[TrainRecord]:
+        for j in range(k, k + self.per_epoch):
+            records = self.records.records(self.positions(j))
+            if records:
+                return records
+        raise TrainingError(f"{self.records.table.path}: every record is over a token limit")
 
 
 class Trainer:
@@ -135,10 +150,11 @@ class Trainer:
         problem = folder_problem(self.out)
         if problem:
             raise TrainingError(f"train.out_dir: {problem}")
-        records, self.report = load_targets(t.data, t.skip_truncated)
         self.acc = Accelerator(mixed_precision=t.mixed_precision, log_with="tensorboard",
                                project_dir=str(self.out / "logs"), **accelerate_kwargs())
-        self.settings = training_settings(cfg)
+        with self.acc.main_process_first():  # the main process builds a missing row index, the others read it
+            records, self.report = load_targets(t.data, t.skip_truncated, progress=progress)
+        self.settings = training_settings(cfg, records.table.index.digest)
         self.resumed_changes: list[str] = []
         """Settings that differ from the checkpoint resumed with `train.resume=must`."""
         self.resume_from = self._plan_resume()
@@ -158,10 +174,14 @@ class Trainer:
 
             root = Path(t.cache_dir) if t.cache_dir else weights.home() / "features"
             self.cache = FeatureCache(root, model.encoder, cfg.model.encoder.name)
-            clips = [r.audio for r in self.train_records + self.eval_records]
-            if self.acc.is_main_process:  # fill it once, with a progress bar, before the other processes read
-                self.cache.build(clips, progress=progress)
-            self.acc.wait_for_everyone()
+            if self.upfront:
+                clips = sorted({*self.train_records.audio_paths(), *self.eval_records.audio_paths()})
+                if self.acc.is_main_process:  # fill it once, with a progress bar, before the other processes read
+                    self.cache.build(clips, progress=progress)
+                self.acc.wait_for_everyone()
+            else:
+                self.acc.print(f"[speechllm] feature cache: over {UPFRONT_ROWS} records, each clip's features are "
+                               f"computed when a batch first needs them -> {self.cache.folder}")
         self.masks = self._token_masks() if t.token_masking > 0 else {}
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas))
@@ -172,22 +192,28 @@ class Trainer:
         self.stream = Stream(self.train_records, t.batch_size, t.seed)
         self.step = 0
 
-    def _split(self, records: list[TrainRecord]) -> None:
-        """Bound every record to the model's limits (counted), then split train / held out."""
+    def _split(self, records: TargetRows) -> None:
+        """Bound every record to the model's limits (counted), then split train / held out. Up to
+        `UPFRONT_ROWS` records the token limits are applied here; above, as batches are drawn
+        (counted then, printed at the end)."""
         t = self.cfg.train
-        records = bound_records(records, self.model, t, self.report)
+        self.upfront = len(records) <= UPFRONT_ROWS
+        records = bound_records(records, self.model, t, self.report, self.upfront)
         if t.eval_data:
             self.train_records = records
-            held, _ = load_targets(t.eval_data, t.skip_truncated, self.report)
-            self.eval_records = bound_records(held, self.model, t, self.report)
+            with self.acc.main_process_first():
+                held, _ = load_targets(t.eval_data, t.skip_truncated, self.report, progress=self.progress)
+            self.eval_records = bound_records(held, self.model, t, self.report, self.upfront)
         else:
-            self.train_records = [r for r in records if not held_out(r.id, t.eval_fraction)]
-            self.eval_records = [r for r in records if held_out(r.id, t.eval_fraction)]
+            held = held_out_rows(records, t.eval_fraction)
+            self.train_records, self.eval_records = records.subset(~held), records.subset(held)
         self.report.kept = len(self.train_records) + len(self.eval_records)
-        if not self.train_records:
+        if not len(self.train_records):
             raise TrainingError(f"{t.data}: no training records left ({self.report.line()})")
+        later = "" if self.upfront else (f"; over {UPFRONT_ROWS} records, token limits are applied as batches are "
+                                         "drawn (counted at the end)")
         self.acc.print(f"[speechllm] train {len(self.train_records)} records, held out {len(self.eval_records)}; "
-                       f"{self.report.line()}"
+                       f"{self.report.line()}{later}"
                        + ("" if t.skip_truncated or not self.report.truncated
                           else " (truncated targets are learned without an end-of-turn)"))
 
@@ -389,6 +415,8 @@ class Trainer:
             if self.step % t.save_every == 0 or self.step == t.max_steps:
                 self.save()
         bar.close()
+        if not self.upfront:
+            self.acc.print(f"[speechllm] records met so far: {self.report.line()}")
         if self.acc.is_main_process:
             self.acc.unwrap_model(self.ddp).save_pretrained(self.out, extra={"trained_steps": self.step})
         self.acc.end_training()

@@ -1,0 +1,250 @@
+"""A row index of a large JSONL file: byte offsets and a few per-row columns as numpy arrays,
+saved beside the file and memory-mapped, so that a file of millions of records opens in about a
+second without holding a Python object per record; a record is parsed only when it is read.
+
+    index = RowIndex.open("train.targets.jsonl", "targets/1", extract, {"seconds": "float32"})
+    index.column("seconds")[i], index.read(i)   # (line number, the record as a dict)
+
+`extract(record, where)` turns one parsed record into its column values (it raises
+`JsonlError` naming `where`, "file:line", for a record it cannot use); a column of dtype
+`"category"` holds strings, stored once each (codes per row plus one table of distinct values).
+The index lives in a hidden folder beside the file, `.<name>.rows/`; it is rebuilt when the file's
+size, modification time or first and last bytes change, or when `kind` (the extractor's name and
+version) does. Building it reads the file once, parses every line (malformed lines are errors
+naming the file and line, as `read_jsonl` reports them) and takes the file's sha256 on the way.
+A folder that cannot be written keeps the index in memory only.
+"""
+
+from __future__ import annotations
+
+import array
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .jsonl import JsonlError, _parse
+
+INDEX_VERSION = 1
+"""Bumped when the layout of the index folder changes; older folders are rebuilt."""
+HEADER = "header.json"
+READ_CHUNK = 1 << 24
+"""Bytes read at a time while building."""
+PROBE_BYTES = 1 << 16
+"""The first and last this many bytes of the file are hashed into the freshness check."""
+CATEGORY = "category"
+"""Column dtype of a string column stored as codes into a table of distinct values."""
+TYPECODES = {"float32": "f", "float64": "d", "uint8": "B", "int32": "i", "uint32": "I", "int64": "q"}
+"""numpy dtype -> `array.array` typecode used while building (compact, no object per value)."""
+PROGRESS_BYTES = 256 << 20
+"""Files at least this large show a progress bar while their index is built."""
+
+
+def index_folder(path: Path) -> Path:
+    """Where the index of `path` lives: `.<name>.rows/` beside it."""
+    return path.with_name(f".{path.name}.rows")
+
+
+def _probe(path: Path, size: int) -> str:
+    """sha256 of the file's first and last `PROBE_BYTES` (cheap evidence it is the same file)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        h.update(f.read(PROBE_BYTES))
+        f.seek(max(0, size - PROBE_BYTES))
+        h.update(f.read(PROBE_BYTES))
+    return h.hexdigest()
+
+
+class RowIndex:
+    """The row index of one JSONL file (see the module docstring)."""
+
+    def __init__(self, path: Path, header: dict, arrays: dict[str, np.ndarray], saved: bool):
+        self.path, self.header, self._arrays, self.saved = path, header, arrays, saved
+        self.offsets: np.ndarray = arrays["_offsets"]
+        """Byte offset of each record's line (uint64), file order."""
+        self.lines: np.ndarray = arrays["_lines"]
+        """1-based line number of each record (blank lines are not records)."""
+        self._fd: int | None = None
+
+    # ------------------------------------------------------------------ opening
+
+    @classmethod
+    def open(cls, path: str | Path, kind: str, extract: Callable[[dict, str], dict[str, Any]],
+             columns: dict[str, str], progress: bool = True) -> "RowIndex":
+        """The index of `path` for `kind`: the saved one when it is fresh, else built (and saved
+        when the folder is writable). A path that is no readable file is a `JsonlError`."""
+        path = Path(path)
+        try:
+            st = path.stat()
+        except OSError as err:
+            raise JsonlError(f"{path}: cannot be read ({err.strerror or err})") from None
+        if not path.is_file():
+            raise JsonlError(f"{path}: is a folder, not a JSONL file")
+        stamp = {"index_version": INDEX_VERSION, "kind": kind, "columns": columns, "size": st.st_size,
+                 "mtime_ns": st.st_mtime_ns, "probe": _probe(path, st.st_size)}
+        folder = index_folder(path)
+        loaded = cls._load(path, folder, stamp)
+        if loaded is not None:
+            return loaded
+        header, arrays = _build(path, extract, columns, progress and st.st_size >= PROGRESS_BYTES)
+        header = {**stamp, **header}
+        saved = _save(folder, header, arrays)
+        return cls(path, header, arrays, saved)
+
+    @classmethod
+    def _load(cls, path: Path, folder: Path, stamp: dict) -> "RowIndex | None":
+        try:
+            header = json.loads((folder / HEADER).read_text())
+            if any(header.get(k) != v for k, v in stamp.items()):
+                return None
+            arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r", allow_pickle=False)
+                      for name in header["arrays"]}
+        except (OSError, ValueError, KeyError, TypeError):
+            return None  # missing, stale, torn or foreign: rebuilt
+        if any(len(arrays[name]) != n for name, n in header["arrays"].items()):
+            return None
+        return cls(path, header, arrays, True)
+
+    # ------------------------------------------------------------------ reading
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    @property
+    def digest(self) -> str:
+        """"sha256:<hex>" of the file's bytes when the index was built."""
+        return self.header["digest"]
+
+    def column(self, name: str) -> np.ndarray:
+        """Per-row values of a numeric column (codes for a category column)."""
+        return self._arrays[name]
+
+    def categories(self, name: str, codes: np.ndarray | None = None) -> list[str]:
+        """The distinct values of category column `name` (those of `codes` only, when given),
+        in code order."""
+        blob, ends = self._arrays[f"{name}.blob"], self._arrays[f"{name}.ends"]
+        wanted = range(len(ends)) if codes is None else np.unique(np.asarray(codes))
+        return [bytes(blob[(ends[c - 1] if c else 0): ends[c]]).decode("utf-8") for c in wanted]
+
+    def category(self, name: str, code: int) -> str:
+        blob, ends = self._arrays[f"{name}.blob"], self._arrays[f"{name}.ends"]
+        return bytes(blob[(ends[code - 1] if code else 0): ends[code]]).decode("utf-8")
+
+    def read(self, row: int) -> tuple[int, dict]:
+        """(line number, the parsed record) of row `row`, read from the file at its offset."""
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        start = int(self.offsets[row])
+        end = int(self.offsets[row + 1]) if row + 1 < len(self.offsets) else self.header["size"]
+        number = int(self.lines[row])
+        where = f"{self.path}:{number}"
+        raw = os.pread(self._fd, end - start, start)
+        try:
+            record, error = _parse(raw.decode("utf-8"), where)
+        except UnicodeDecodeError:
+            record, error = None, f"{where}: not UTF-8 text"
+        if error is not None:
+            raise JsonlError(f"{error} (the file changed since it was indexed?)")
+        return number, record
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __del__(self):
+        self.close()
+
+
+def _build(path: Path, extract: Callable[[dict, str], dict[str, Any]], columns: dict[str, str],
+           progress: bool) -> tuple[dict, dict[str, np.ndarray]]:
+    """Read and parse every line of `path` once: (header fields, arrays)."""
+    from tqdm import tqdm
+
+    offsets, lines = array.array("Q"), array.array("Q")
+    values = {name: array.array(TYPECODES.get(dtype, "I")) for name, dtype in columns.items()}
+    tables: dict[str, dict[str, int]] = {name: {} for name, dtype in columns.items() if dtype == CATEGORY}
+    digest = hashlib.sha256()
+    t0 = time.perf_counter()
+    bar = tqdm(total=path.stat().st_size, desc=f"index {path.name}", unit="B", unit_scale=True,
+               disable=not progress, file=sys.stderr)
+    pos, number, tail = 0, 0, b""
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(READ_CHUNK)
+            digest.update(chunk)
+            bar.update(len(chunk))
+            data = tail + chunk
+            if not chunk:
+                if not data:
+                    break
+                parts, tail = [data], b""  # a last line without a newline
+            else:
+                parts = data.split(b"\n")
+                tail = parts.pop()
+            for raw in parts:
+                number += 1
+                start, pos = pos, pos + len(raw) + 1
+                where = f"{path}:{number}"
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise JsonlError(f"{where}: not UTF-8 text (byte {err.start + 1})") from None
+                if not text.strip():
+                    continue
+                record, error = _parse(text, where)
+                if error is not None:
+                    raise JsonlError(error)
+                row = extract(record, where)
+                offsets.append(start)
+                lines.append(number)
+                for name, dtype in columns.items():
+                    if dtype == CATEGORY:
+                        table = tables[name]
+                        values[name].append(table.setdefault(str(row[name]), len(table)))
+                    else:
+                        values[name].append(row[name])
+            if not chunk:
+                break
+    bar.close()
+    arrays: dict[str, np.ndarray] = {"_offsets": np.frombuffer(offsets, np.uint64),
+                                     "_lines": np.frombuffer(lines, np.uint64)}
+    for name, dtype in columns.items():
+        if dtype == CATEGORY:
+            encoded = [s.encode("utf-8") for s in tables[name]]
+            arrays[f"{name}.blob"] = np.frombuffer(b"".join(encoded), np.uint8)
+            arrays[f"{name}.ends"] = np.cumsum([len(e) for e in encoded], dtype=np.uint64)
+            arrays[name] = np.frombuffer(values[name], np.uint32)
+        else:
+            arrays[name] = np.frombuffer(values[name], np.dtype(dtype))
+    header = {"digest": "sha256:" + digest.hexdigest(), "rows": len(offsets),
+              "build_seconds": round(time.perf_counter() - t0, 2)}
+    return header, arrays
+
+
+def _save(folder: Path, header: dict, arrays: dict[str, np.ndarray]) -> bool:
+    """Write the index into `folder` atomically (a temporary folder renamed into place); False
+    when it cannot be written (a read-only folder): it is then used from memory."""
+    tmp = folder.with_name(f"{folder.name}.{os.getpid()}.tmp")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for name, arr in arrays.items():
+            np.save(tmp / f"{name}.npy", np.ascontiguousarray(arr), allow_pickle=False)
+        header = {**header, "arrays": {name: len(arr) for name, arr in arrays.items()}}
+        (tmp / HEADER).write_text(json.dumps(header, indent=2) + "\n")
+        old = folder.with_name(f"{folder.name}.{os.getpid()}.old")
+        if folder.exists():
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+        shutil.rmtree(old, ignore_errors=True)
+        return True
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        return False
