@@ -248,3 +248,108 @@ def _save(folder: Path, header: dict, arrays: dict[str, np.ndarray]) -> bool:
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
         return False
+
+
+# ----------------------------------------------------------------------------- merging shards
+
+def id_hashes(ids) -> np.ndarray:
+    """64-bit hashes (blake2b) of record ids, as uint64: a compact stand-in for a dict of ids."""
+    return np.fromiter((int.from_bytes(hashlib.blake2b(str(i).encode(), digest_size=8).digest(), "little")
+                        for i in ids), np.uint64)
+
+
+class OrderRanks:
+    """The position of each id in an order, looked up by hash (16 bytes per id, not a dict)."""
+
+    def __init__(self, order: list[str]):
+        hashes = id_hashes(order)
+        self._sort = np.argsort(hashes, kind="stable")
+        self._sorted = hashes[self._sort]
+        self.size = len(order)
+
+    def ranks(self, ids: list[str]) -> np.ndarray:
+        """Positions of `ids` in the order; `size` for an id not in it."""
+        if not ids:
+            return np.zeros(0, np.int64)
+        h = id_hashes(ids)
+        idx = np.minimum(np.searchsorted(self._sorted, h), max(self.size - 1, 0))
+        found = (self._sorted[idx] == h) if self.size else np.zeros(len(h), bool)
+        return np.where(found, self._sort[idx] if self.size else 0, self.size).astype(np.int64)
+
+
+def _scan_ids(path: Path) -> tuple[array.array, array.array, list[str]]:
+    """(line offsets, line lengths, ids) of the usable records of a JSONL file (malformed lines and
+    records without an id are skipped, as a torn line is)."""
+    offsets, lengths, ids = array.array("Q"), array.array("Q"), []
+    pos = 0
+    with open(path, "rb") as f:
+        for raw in f:
+            start, pos = pos, pos + len(raw)
+            if not raw.endswith(b"\n"):
+                continue  # a torn last line
+            try:
+                record = json.loads(raw)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and "id" in record:
+                offsets.append(start)
+                lengths.append(len(raw))
+                ids.append(str(record["id"]))
+    return offsets, lengths, ids
+
+
+def merge_in_order(final: Path, sources: list[Path], order: list[str], progress: bool = False) -> int:
+    """Merge `final` (an earlier merge, if it exists) and the shard files `sources` into `final`,
+    records sorted by the position of their id in `order` (ids not in it last, in file order); an
+    id in several files is written once, from the first file that has it (`final` first). Lines
+    are copied byte for byte; memory is a few arrays per record, never the records. The shards
+    are deleted once the merged file is in place. Returns the records written."""
+    from tqdm import tqdm
+
+    files = [p for p in [final, *sources] if p.exists()]
+    ranker = OrderRanks(order)
+    src, offs, lens, ranks, unknown_ids = [], [], [], [], []
+    for k, path in enumerate(tqdm(files, desc=f"merge {final.name}", unit="file", disable=not progress,
+                                  file=sys.stderr)):
+        o, n, ids = _scan_ids(path)
+        r = ranker.ranks(ids)
+        unknown_ids += [ids[i] for i in np.flatnonzero(r == ranker.size)]
+        src.append(np.full(len(ids), k, np.int32))
+        offs.append(np.frombuffer(o, np.uint64) if len(o) else np.zeros(0, np.uint64))
+        lens.append(np.frombuffer(n, np.uint64) if len(n) else np.zeros(0, np.uint64))
+        ranks.append(r)
+        del ids
+    if not files:
+        return 0
+    src_all, off_all, len_all, rank_all = (np.concatenate(x) for x in (src, offs, lens, ranks))
+    seq = np.arange(len(rank_all))
+    pick = np.lexsort((seq, rank_all))  # by rank, ties in file order (final first)
+    rank_sorted = rank_all[pick]
+    first = np.ones(len(pick), bool)
+    first[1:] = rank_sorted[1:] != rank_sorted[:-1]
+    known = rank_sorted < ranker.size
+    keep = pick[(first & known) | ~known]
+    if unknown_ids:  # ids outside `order`: once each, by id
+        seen: set[str] = set()
+        unknown_pos = {int(p): i for i, p in enumerate(np.flatnonzero(rank_all == ranker.size))}
+        drop = []
+        for j, p in enumerate(keep):
+            i = unknown_pos.get(int(p))
+            if i is not None:
+                if unknown_ids[i] in seen:
+                    drop.append(j)
+                seen.add(unknown_ids[i])
+        keep = np.delete(keep, drop)
+    tmp = final.with_name(f".{final.name}.{os.getpid()}.merge.tmp")
+    fds = [os.open(p, os.O_RDONLY) for p in files]
+    try:
+        with open(tmp, "wb", buffering=1 << 20) as out:
+            for p in keep:
+                out.write(os.pread(fds[src_all[p]], int(len_all[p]), int(off_all[p])))
+    finally:
+        for fd in fds:
+            os.close(fd)
+    os.replace(tmp, final)
+    for path in sources:
+        path.unlink(missing_ok=True)
+    return len(keep)

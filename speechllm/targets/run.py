@@ -25,8 +25,9 @@ from .. import __version__
 from ..config import Config, GenerationConfig
 from ..distributed import accelerate_kwargs
 from ..hub import weights
-from ..io.jsonl import ResumableJsonl, iter_lines, sibling_path, write_json_atomic, write_jsonl_atomic
+from ..io.jsonl import ResumableJsonl, iter_lines, sibling_path, write_json_atomic
 from ..io.paths import rebase
+from ..io.rows import merge_in_order
 from ..model.generate import Generation, TextGenerator, provenance
 from ..model.prompt import description_prompt
 from ..records import MetadataRecord, RecordError, TargetRecord
@@ -271,7 +272,7 @@ def run_targets(metadata: Path, out: Path, cfg: Config, device: str = "cpu", pro
     if world > 1:
         state.wait_for_everyone()
         if state.is_main_process:
-            _merge(out, world, [j.id for j in jobs])
+            _merge(out, world, [j.id for j in jobs], progress)
         state.wait_for_everyone()
     summary.seconds = time.perf_counter() - t0
     return summary
@@ -281,17 +282,9 @@ def part_path(out: Path, rank: int, world: int) -> Path:
     return out.with_name(f"{out.stem}.part{rank}-of-{world}.jsonl")
 
 
-def _merge(out: Path, world: int, order: list[str]) -> None:
-    """Parts (and an earlier merged file) -> `out` in input order; likewise the errors."""
-    rank = {rid: i for i, rid in enumerate(order)}
+def _merge(out: Path, world: int, order: list[str], progress: bool = False) -> None:
+    """Parts (and an earlier merged file) -> `out` in input order; likewise the errors. Streams:
+    a merge of millions of records holds arrays of offsets, not the records."""
     parts = [part_path(out, i, world) for i in range(world)]
-    for final, sources in ((out, parts), (errors_path(out), [errors_path(p) for p in parts])):
-        by_id: dict[str, dict] = {}
-        for src in [final, *sources]:
-            if src.exists():
-                for line in iter_lines(src):
-                    if line.record is not None:
-                        by_id.setdefault(str(line.record["id"]), line.record)
-        write_jsonl_atomic(final, sorted(by_id.values(), key=lambda r: rank.get(str(r["id"]), len(rank))))
-        for src in sources:
-            src.unlink(missing_ok=True)
+    merge_in_order(out, parts, order, progress)
+    merge_in_order(errors_path(out), [errors_path(p) for p in parts], order)

@@ -114,7 +114,7 @@ class Stream:
     """The global micro-batch stream over epochs. A pure function of (records, batch size, seed,
     k): a resumed run and every process see the same micro-batch k. A batch whose records are all
     over a token limit (only possible where limits are applied as batches are drawn) is replaced by
-    the next non-empty one."""
+    the next non-empty one of its epoch."""
     records: TargetRows
     batch_size: int
     seed: int
@@ -131,8 +131,9 @@ class Stream:
         return batch_at(*self._batches, i, self.batch_size)
 
     def __getitem__(self, k: int) -> list[TrainRecord]:
-        for j in range(k, k + self.per_epoch):
-            records = self.records.records(self.positions(j))
+        epoch, i = divmod(k, self.per_epoch)
+        for d in range(self.per_epoch):  # the next batch of the same epoch, cyclically
+            records = self.records.records(self.positions(epoch * self.per_epoch + (i + d) % self.per_epoch))
             if records:
                 return records
         raise TrainingError(f"{self.records.table.path}: every record is over a token limit")
