@@ -29,7 +29,7 @@ from speechllm.config import Config, load_config
 from speechllm.model import Batch, Example, SpeechLLM, build_model
 from speechllm.model.speechllm import IGNORE_INDEX
 from speechllm.training.cache import FeatureCache
-from speechllm.training.data import TrainRecord, epoch_batches, load_targets
+from speechllm.training.data import TrainRecord, batch_at, epoch_batches, load_targets
 
 DESTA_SEQ_LEN = 300
 """DeSTA2.5's max_seq_length: every batch is padded (or cut) to it."""
@@ -133,11 +133,12 @@ def run_settings(model: SpeechLLM, opt: torch.optim.Optimizer, cfg: Config, args
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         records, _ = load_targets(make_corpus(tmp, args.n))
-        batches = epoch_batches(records, args.batch_size, seed=0, epoch=0)
-        steps = [[records[i] for i in b] for b in batches[: args.steps]]
+        order, starts = epoch_batches(records.seconds, args.batch_size, seed=0, epoch=0)
+        steps = [records.records(batch_at(order, starts, b, args.batch_size))
+                 for b in range(min(args.steps, len(starts)))]
         cache = FeatureCache(tmp / "cache", model.encoder, cfg.model.encoder.name)
         t0 = time.perf_counter()
-        cache.build([r.audio for r in records], progress=False)
+        cache.build(records.audio_paths(), progress=False)
         t_cache = time.perf_counter() - t0
         results = {}
         for name, step in (("ours", partial(ours_step, model, opt, cache)),

@@ -44,6 +44,8 @@ TYPECODES = {"float32": "f", "float64": "d", "uint8": "B", "int32": "i", "uint32
 """numpy dtype -> `array.array` typecode used while building (compact, no object per value)."""
 PROGRESS_BYTES = 256 << 20
 """Files at least this large show a progress bar while their index is built."""
+PARALLEL_BYTES = 64 << 20
+"""A file gets one index-building process per this many bytes (up to one per CPU)."""
 
 
 def index_folder(path: Path) -> Path:
@@ -162,70 +164,193 @@ class RowIndex:
         self.close()
 
 
-def _build(path: Path, extract: Callable[[dict, str], dict[str, Any]], columns: dict[str, str],
-           progress: bool) -> tuple[dict, dict[str, np.ndarray]]:
-    """Read and parse every line of `path` once: (header fields, arrays)."""
-    from tqdm import tqdm
+def _fast_parse(raw: bytes) -> dict | None:
+    """The JSON object on a line, parsed by orjson (about 3x faster than json); None when orjson
+    refuses the line or it is no object (then `_parse` decides, with the reader's own message).
+    orjson refuses what `_parse` refuses (invalid UTF-8, lone surrogates) and a little more (NaN,
+    integers past 64 bits), never less."""
+    import orjson
 
+    try:
+        record = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+class _RangeError(Exception):
+    """A bad line inside a byte range: its line number counted from the range's start."""
+
+    def __init__(self, line: int, message: str):
+        super().__init__(message)
+        self.line, self.message = line, message
+
+
+_WHERE_MARK = "\x00line\x00"
+"""Stands for the line number in a range worker's messages until the range's first line is known."""
+_JOB: dict[str, Any] = {}
+"""What forked range workers read: the path, extractor and columns (inherited, never pickled)."""
+
+
+def _scan_range(start: int, end: int) -> dict:
+    """Parse the lines in bytes [start, end) of the job's file (a range starts at a line's start):
+    absolute offsets, line numbers relative to the range, column values, category tables, and the
+    range's line count. A bad line is a `_RangeError`."""
+    path, extract, columns = _JOB["path"], _JOB["extract"], _JOB["columns"]
     offsets, lines = array.array("Q"), array.array("Q")
     values = {name: array.array(TYPECODES.get(dtype, "I")) for name, dtype in columns.items()}
     tables: dict[str, dict[str, int]] = {name: {} for name, dtype in columns.items() if dtype == CATEGORY}
-    digest = hashlib.sha256()
-    t0 = time.perf_counter()
-    bar = tqdm(total=path.stat().st_size, desc=f"index {path.name}", unit="B", unit_scale=True,
-               disable=not progress, file=sys.stderr)
-    pos, number, tail = 0, 0, b""
+    numeric = [(name, values[name].append) for name, dtype in columns.items() if dtype != CATEGORY]
+    category = [(name, values[name].append, tables[name]) for name in tables]
+    add_offset, add_line = offsets.append, lines.append
+    prefix = f"{path}:"
+    read, line_pos, number, tail = start, start, 0, b""
     with open(path, "rb") as f:
+        f.seek(start)
         while True:
-            chunk = f.read(READ_CHUNK)
-            digest.update(chunk)
-            bar.update(len(chunk))
+            chunk = f.read(min(READ_CHUNK, end - read)) if read < end else b""
+            read += len(chunk)
             data = tail + chunk
-            if not chunk:
-                if not data:
-                    break
-                parts, tail = [data], b""  # a last line without a newline
-            else:
+            if chunk:
                 parts = data.split(b"\n")
                 tail = parts.pop()
+            elif data:
+                parts, tail = [data], b""  # the file's last line, without a newline
+            else:
+                break
             for raw in parts:
                 number += 1
-                start, pos = pos, pos + len(raw) + 1
-                where = f"{path}:{number}"
-                try:
-                    text = raw.decode("utf-8")
-                except UnicodeDecodeError as err:
-                    raise JsonlError(f"{where}: not UTF-8 text (byte {err.start + 1})") from None
-                if not text.strip():
+                line_start, line_pos = line_pos, line_pos + len(raw) + 1
+                if not raw.strip():
                     continue
-                record, error = _parse(text, where)
-                if error is not None:
-                    raise JsonlError(error)
-                row = extract(record, where)
-                offsets.append(start)
-                lines.append(number)
-                for name, dtype in columns.items():
-                    if dtype == CATEGORY:
-                        table = tables[name]
-                        values[name].append(table.setdefault(str(row[name]), len(table)))
-                    else:
-                        values[name].append(row[name])
+                record = _fast_parse(raw)
+                where = prefix + _WHERE_MARK + str(number)
+                if record is None:  # the reader's own parse: it accepts what orjson does not, or says why not
+                    try:
+                        text = raw.decode("utf-8")
+                    except UnicodeDecodeError as err:
+                        raise _RangeError(number, f"{where}: not UTF-8 text (byte {err.start + 1})") from None
+                    record, error = _parse(text, where)
+                    if error is not None:
+                        raise _RangeError(number, error)
+                try:
+                    row = extract(record, where)
+                except JsonlError as err:
+                    raise _RangeError(number, str(err)) from None
+                add_offset(line_start)
+                add_line(number)
+                for name, add in numeric:
+                    add(row[name])
+                for name, add, table in category:
+                    add(table.setdefault(str(row[name]), len(table)))
             if not chunk:
                 break
-    bar.close()
-    arrays: dict[str, np.ndarray] = {"_offsets": np.frombuffer(offsets, np.uint64),
-                                     "_lines": np.frombuffer(lines, np.uint64)}
-    for name, dtype in columns.items():
-        if dtype == CATEGORY:
-            encoded = [s.encode("utf-8") for s in tables[name]]
-            arrays[f"{name}.blob"] = np.frombuffer(b"".join(encoded), np.uint8)
-            arrays[f"{name}.ends"] = np.cumsum([len(e) for e in encoded], dtype=np.uint64)
-            arrays[name] = np.frombuffer(values[name], np.uint32)
+    return {"offsets": offsets, "lines": lines, "values": values, "tables": {k: list(v) for k, v in tables.items()},
+            "count": number}
+
+
+def _ranges(path: Path, size: int, n: int) -> list[tuple[int, int]]:
+    """`n` byte ranges of the file, each starting at a line's start."""
+    starts = [0]
+    with open(path, "rb") as f:
+        for i in range(1, n):
+            f.seek(max(starts[-1], size * i // n))
+            f.readline()
+            if f.tell() >= size:
+                break
+            if f.tell() > starts[-1]:
+                starts.append(f.tell())
+    return list(zip(starts, starts[1:] + [size]))
+
+
+def _file_digest(path: Path, bar) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(READ_CHUNK), b""):
+            h.update(chunk)
+            bar.update(len(chunk))
+    return "sha256:" + h.hexdigest()
+
+
+def build_workers(size: int) -> int:
+    """Processes that build the index of a file of `size` bytes: one per `PARALLEL_BYTES`, at most
+    one per CPU this process may use."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cpus, size // PARALLEL_BYTES))
+
+
+def _build(path: Path, extract: Callable[[dict, str], dict[str, Any]], columns: dict[str, str],
+           progress: bool) -> tuple[dict, dict[str, np.ndarray]]:
+    """Read and parse every line of `path` once, over byte ranges in parallel (forked workers)
+    while this process takes the file's sha256: (header fields, arrays)."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    size = path.stat().st_size
+    workers = build_workers(size) if "fork" in mp.get_all_start_methods() else 1
+    ranges = _ranges(path, size, workers)
+    _JOB.update(path=path, extract=extract, columns=columns)
+    bar = tqdm(total=size, desc=f"index {path.name}", unit="B", unit_scale=True, disable=not progress,
+               file=sys.stderr)
+    try:
+        if len(ranges) > 1:
+            with ProcessPoolExecutor(len(ranges), mp_context=mp.get_context("fork")) as pool:
+                futures = [pool.submit(_scan_range, a, b) for a, b in ranges]
+                digest = _file_digest(path, bar)
+                parts = []
+                for fut in futures:
+                    try:
+                        parts.append(fut.result())
+                    except _RangeError as err:
+                        parts.append(err)
         else:
-            arrays[name] = np.frombuffer(values[name], np.dtype(dtype))
-    header = {"digest": "sha256:" + digest.hexdigest(), "rows": len(offsets),
+            try:
+                parts = [_scan_range(*ranges[0])] if ranges else []
+            except _RangeError as err:
+                parts = [err]
+            digest = _file_digest(path, bar)
+    finally:
+        _JOB.clear()
+        bar.close()
+    first_line = 0
+    for part in parts:  # the first bad line in file order, with its line number in the file
+        if isinstance(part, _RangeError):
+            raise JsonlError(part.message.replace(_WHERE_MARK + str(part.line), str(first_line + part.line)))
+        first_line += part["count"]
+    arrays: dict[str, np.ndarray] = {}
+    line_base, lines = 0, []
+    for part in parts:
+        lines.append(np.frombuffer(part["lines"], np.uint64) + np.uint64(line_base) if len(part["lines"])
+                     else np.zeros(0, np.uint64))
+        line_base += part["count"]
+    arrays["_lines"] = np.concatenate(lines) if lines else np.zeros(0, np.uint64)
+    arrays["_offsets"] = _concat([p["offsets"] for p in parts], np.uint64)
+    for name, dtype in columns.items():
+        if dtype != CATEGORY:
+            arrays[name] = _concat([p["values"][name] for p in parts], np.dtype(dtype))
+            continue
+        table: dict[str, int] = {}
+        codes = []
+        for part in parts:  # each range numbered its own values: renumber into one table
+            remap = np.array([table.setdefault(v, len(table)) for v in part["tables"][name]], np.uint32)
+            local = np.frombuffer(part["values"][name], np.uint32) if len(part["values"][name]) else \
+                np.zeros(0, np.uint32)
+            codes.append(remap[local] if len(local) else local)
+        encoded = [v.encode("utf-8") for v in table]
+        arrays[f"{name}.blob"] = np.frombuffer(b"".join(encoded), np.uint8).copy()
+        arrays[f"{name}.ends"] = np.cumsum([len(e) for e in encoded], dtype=np.uint64)
+        arrays[name] = np.concatenate(codes) if codes else np.zeros(0, np.uint32)
+    header = {"digest": digest, "rows": len(arrays["_offsets"]), "build_workers": len(ranges),
               "build_seconds": round(time.perf_counter() - t0, 2)}
     return header, arrays
+
+
+def _concat(chunks: list[array.array], dtype: np.dtype) -> np.ndarray:
+    parts = [np.frombuffer(c, dtype) for c in chunks if len(c)]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype)
 
 
 def _save(folder: Path, header: dict, arrays: dict[str, np.ndarray]) -> bool:
@@ -287,10 +412,12 @@ def _scan_ids(path: Path) -> tuple[array.array, array.array, list[str]]:
             start, pos = pos, pos + len(raw)
             if not raw.endswith(b"\n"):
                 continue  # a torn last line
-            try:
-                record = json.loads(raw)
-            except ValueError:
-                continue
+            record = _fast_parse(raw)
+            if record is None:
+                try:
+                    record = json.loads(raw)
+                except (ValueError, RecursionError):
+                    continue
             if isinstance(record, dict) and "id" in record:
                 offsets.append(start)
                 lengths.append(len(raw))

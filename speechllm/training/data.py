@@ -99,32 +99,41 @@ tokenizes nothing."""
 
 def id_hash(record_id: str) -> int:
     """The first 32 bits of the id's sha256 (what `held_out` compares)."""
-    return int(hashlib.sha256(record_id.encode()).hexdigest()[:8], 16)
+    return int.from_bytes(hashlib.sha256(record_id.encode()).digest()[:4], "big")
 
 
 def _target_columns(root: Path, path: Path):
-    """The row extractor of a targets file: its index columns from one record. A record without
-    a `duration` (an older targets file) falls back to its audio file's header, read once per clip."""
+    """The row extractor of a targets file: its index columns from one record, with the fields it
+    reads checked (the others are checked by `TargetRecord.from_json` when the record is read for
+    a batch). A record without a `duration` (an older targets file) falls back to its audio
+    file's header, read once per clip."""
     header_seconds: dict[str, float] = {}
 
     def extract(obj: dict, where: str) -> dict:
-        missing = [k for k in TargetRecord.REQUIRED if k not in obj]
-        if missing:
-            raise JsonlError(f"{where}: missing field(s) {', '.join(missing)}")
         try:
-            rec = TargetRecord.from_json(obj, where)
-        except RecordError as err:
-            raise JsonlError(str(err)) from None
-        seconds = rec.duration
+            rid, audio, instruction, target = obj["id"], obj["audio"], obj["instruction"], obj["target"]
+        except KeyError:
+            missing = [k for k in TargetRecord.REQUIRED if k not in obj]
+            raise JsonlError(f"{where}: missing field(s) {', '.join(missing)}") from None
+        seconds, truncated = obj.get("duration"), obj.get("truncated", False)
+        if not (isinstance(rid, (str, int)) and not isinstance(rid, bool) and isinstance(audio, str)
+                and isinstance(instruction, str) and isinstance(target, str) and isinstance(truncated, bool)
+                and (seconds is None or (isinstance(seconds, (int, float)) and not isinstance(seconds, bool)
+                                         and 0 < seconds < float("inf")))):
+            try:
+                TargetRecord.from_json(obj, where)  # names the field at fault
+            except RecordError as err:
+                raise JsonlError(str(err)) from None
+            raise JsonlError(f"{where}: 'duration' must be a positive number of seconds, got {seconds!r}")
         if seconds is None:
-            if rec.audio not in header_seconds:
+            if audio not in header_seconds:
                 try:
-                    header_seconds[rec.audio] = audio_seconds((root / rec.audio).absolute())
+                    header_seconds[audio] = audio_seconds((root / audio).absolute())
                 except AudioError as err:
-                    raise JsonlError(f"{where}: audio {rec.audio} cannot be used ({err})") from None
-            seconds = header_seconds[rec.audio]
-        return {"seconds": seconds, "id_hash": id_hash(rec.id), "instruction_chars": len(rec.instruction),
-                "flags": TRUNCATED * rec.truncated + EMPTY_TARGET * (not rec.target.strip()), "audio": rec.audio}
+                    raise JsonlError(f"{where}: audio {audio} cannot be used ({err})") from None
+            seconds = header_seconds[audio]
+        return {"seconds": seconds, "id_hash": id_hash(str(rid)), "instruction_chars": len(instruction),
+                "flags": TRUNCATED * truncated + EMPTY_TARGET * (not target.strip()), "audio": audio}
     return extract
 
 
