@@ -192,3 +192,21 @@ def test_targets_carry_the_metadata_duration_into_training(tmp_path):
     assert [json.loads(x)["duration"] for x in out.read_text().splitlines()] == [1.25, 2.25, 3.25]
     rows, _ = load_targets(out)  # the clips were never written: no header is read
     assert [r.seconds for r in rows] == [1.25, 2.25, 3.25]
+
+
+def test_a_large_file_trains_with_limits_and_features_as_batches_need_them(tmp_path, monkeypatch, capsys):
+    from speechllm.training import trainer as tr
+
+    monkeypatch.setattr(tr, "UPFRONT_ROWS", 4)  # this file counts as large
+    recs = [target(i, str(SAMPLE), duration=2.0) for i in range(8)]
+    recs[2]["instruction"] = " ".join(["can"] * 480)  # over the context: left out when drawn
+    path = write(tmp_path / "t.jsonl", recs)
+    cfg = load_config(TINY_CONFIG, [f"train.data={path}", f"train.out_dir={tmp_path / 'run'}", "train.batch_size=4",
+                                    "train.max_steps=3", "train.eval_fraction=0", f"train.cache_dir={tmp_path / 'cache'}"])
+    trainer = tr.Trainer(cfg)
+    assert not trainer.upfront and trainer.report.over_context == 0 and len(trainer.train_records) == 8
+    assert not any((tmp_path / "cache").rglob("*.safetensors"))  # nothing computed before a batch needs it
+    assert (trainer.train() / "adapter.safetensors").is_file()
+    assert trainer.report.over_context == 1 and any((tmp_path / "cache").rglob("*.safetensors"))
+    out = capsys.readouterr().out
+    assert "token limits are applied as batches are drawn" in out and "records met so far: 1 records longer" in out
