@@ -17,13 +17,14 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from speechllm.io.audio import SAMPLE_RATE, AudioError, load_audio, prepare_waveform
 from speechllm.config import AnnotateConfig
 from speechllm.labels import MEASURED, TRANSCRIPT
 from speechllm.records import MetadataRecord
-from speechllm.io.jsonl import ResumableJsonl, iter_lines, read_jsonl, sibling_path, write_jsonl_atomic
+from speechllm.io.jsonl import ResumableJsonl, iter_lines, read_jsonl, shard_path, sibling_path, write_jsonl_atomic
+from speechllm.io.rows import merge_in_order
 
 from . import asr, noise, pitch, rate, signal, vad  # noqa: F401  (register the built-in annotators)
 from .base import ANNOTATORS, Annotation, Clip, ClipError, order_annotators
@@ -135,10 +136,12 @@ def load_hf_dataset(spec: str, split: str | None = None):
 
 
 def hf_items(spec: str, out_dir: Path, audio_dir: Path, audio_column: str = "audio", id_column: str = "id",
-             text_column: str = "text", split: str | None = None) -> Iterator[Item | dict]:
+             text_column: str = "text", split: str | None = None, rank: int = 0,
+             world: int = 1) -> Iterator[Item | dict]:
     """Items of a Hugging Face dataset (a `save_to_disk` folder or a name `datasets` can load).
     Audio bytes are decoded by soundfile (not by `datasets`, whose decoder needs torchcodec) and
-    written once as FLAC under `audio_dir`, so later stages read plain files."""
+    written once as FLAC under `audio_dir`, so later stages read plain files. With `world` > 1,
+    only rows i with i % world == rank are decoded (the others come as bare ids, for the order)."""
     import datasets
     import numpy as np
     import soundfile as sf
@@ -154,6 +157,9 @@ def hf_items(spec: str, out_dir: Path, audio_dir: Path, audio_column: str = "aud
                   and isinstance(v, (str, int, float, bool))}
         if text_column in labels:
             labels["transcript"] = labels.pop(text_column)
+        if i % world != rank:  # another process's row: its id only
+            yield Item(id_, "", "", {})
+            continue
         target = audio_dir / f"{id_.replace('/', '_')}.flac"
         if not target.exists():
             a = row[audio_column] or {}
@@ -276,9 +282,36 @@ def _pending(items: Iterator[Item | dict], done: ResumableJsonl, failed: Resumab
 
 
 def run(items: Iterator[Item | dict], out: Path, opts: AnnotateConfig, errors_path: Path | None = None,
-        progress: bool = True) -> Summary:
-    """Annotate every item not yet in `out` (or in the errors file), appending as they finish."""
+        progress: bool = True, rank: int = 0, world: int = 1, barrier: Callable[[], None] | None = None) -> Summary:
+    """Annotate every item not yet in `out` (or in the errors file), appending as they finish.
+
+    Several processes (`torchrun` / `accelerate launch`, on one node or many): process `rank` of
+    `world` takes items i with i % world == rank and writes `<out>.part<rank>-of-<world>.jsonl`
+    (and its errors); after `barrier` the main process merges the parts into `out` in input
+    order (`speechllm.io.rows.merge_in_order`), and a rerun skips what is merged."""
     from tqdm import tqdm
+
+    if world > 1:
+        final_out, final_errors = out, errors_path or sibling_path(out, ".errors.jsonl")
+        finished = (final_out,) if opts.retry_errors else (final_out, final_errors)
+        merged = {str(line.record["id"]) for path in finished if path.exists()
+                  for line in iter_lines(path) if line.record and "id" in line.record}
+        order: list[str] = []
+        items = _share(items, rank, world, merged, order)
+        out = shard_path(final_out, rank, world)
+        errors_path = sibling_path(out, ".errors.jsonl")
+        summary = run(items, out, opts, errors_path, progress)
+        if barrier is not None:
+            barrier()
+        if rank == 0:
+            parts = [shard_path(final_out, r, world) for r in range(world)]
+            merge_in_order(final_out, parts, order)
+            if opts.retry_errors and final_errors.exists():  # retried: the old error lines go
+                write_jsonl_atomic(final_errors, [])
+            merge_in_order(final_errors, [sibling_path(p, ".errors.jsonl") for p in parts], order)
+        if barrier is not None:
+            barrier()
+        return summary
 
     classifiers = classifier_options(opts)
     for key, kw in classifiers.items():  # a bad model is one clear error here, not one per worker
@@ -323,6 +356,17 @@ def run(items: Iterator[Item | dict], out: Path, opts: AnnotateConfig, errors_pa
         bar.close()
     summary.wall_seconds = time.perf_counter() - t0
     return summary
+
+
+def _share(items: Iterator[Item | dict], rank: int, world: int, merged: set[str],
+           order: list[str]) -> Iterator[Item | dict]:
+    """This process's share of `items` (by position), less ids already merged; every id goes into
+    `order`, the input order the parts are merged in."""
+    for i, it in enumerate(items):
+        id_ = it["id"] if isinstance(it, dict) else it.id
+        order.append(id_)
+        if i % world == rank and id_ not in merged:
+            yield it
 
 
 def load_metadata(path: Path) -> list[dict]:

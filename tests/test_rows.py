@@ -210,3 +210,34 @@ def test_a_large_file_trains_with_limits_and_features_as_batches_need_them(tmp_p
     assert trainer.report.over_context == 1 and any((tmp_path / "cache").rglob("*.safetensors"))
     out = capsys.readouterr().out
     assert "token limits are applied as batches are drawn" in out and "records met so far: 1 records longer" in out
+
+
+def test_annotation_shards_merge_in_input_order(tmp_path):
+    import soundfile as sf
+
+    from annotate.pipeline import manifest_items, run
+    from speechllm.config import AnnotateConfig
+    from speechllm.io.audio import SAMPLE_RATE, load_audio
+
+    wav = load_audio(SAMPLE)
+    lines = []
+    for i in range(7):
+        sf.write(tmp_path / f"c{i}.wav", wav[: int((0.5 + i / 4) * SAMPLE_RATE)], SAMPLE_RATE)
+        lines.append(json.dumps({"id": f"c{i}", "audio": f"c{i}.wav"}))
+    lines.insert(3, json.dumps({"id": "gone", "audio": "gone.wav"}))  # an error record, merged in order too
+    lines.insert(5, "{not json")
+    (tmp_path / "m.jsonl").write_text("\n".join(lines) + "\n")
+    opts = AnnotateConfig(annotators=["duration"], workers=1, batch_size=2)
+    one = tmp_path / "one.jsonl"
+    run(manifest_items(tmp_path / "m.jsonl", tmp_path), one, opts, progress=False)
+    three = tmp_path / "three.jsonl"
+    for rank in (2, 1, 0):  # the main process (0) merges once the others are done
+        summary = run(manifest_items(tmp_path / "m.jsonl", tmp_path), three, opts, progress=False, rank=rank, world=3)
+        assert summary.total == 3  # positions rank, rank + 3, rank + 6 of the 9 lines
+    read = lambda p: [json.loads(x) for x in p.read_text().splitlines()]  # noqa: E731
+    assert [r["id"] for r in read(three)] == [f"c{i}" for i in range(7)]
+    assert sorted(read(three), key=lambda r: r["id"]) == sorted(read(one), key=lambda r: r["id"])
+    assert [e["id"] for e in read(tmp_path / "three.errors.jsonl")] == ["gone", "m.jsonl:line6"]
+    assert not list(tmp_path.glob("three.part*"))
+    again = run(manifest_items(tmp_path / "m.jsonl", tmp_path), three, opts, progress=False, rank=0, world=3)
+    assert again.annotated == 0 and len(read(three)) == 7  # a rerun skips what is merged

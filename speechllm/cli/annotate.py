@@ -16,8 +16,10 @@ def add_parser(sub) -> None:
         "one JSON line per clip with a DeSTA-style description, e.g.\n"
         '  [00:00-00:05] "the transcript" (Gender: Female, Pitch: High, Speaking speed: Fast, ...)\n'
         "Clips that cannot be used go to <out>.errors.jsonl with the reason; the run goes on.\n"
-        "Re-running skips ids already written (resume after a crash or Ctrl-C). Options below\n"
-        "override the config's `annotate:` section.",
+        "Re-running skips ids already written (resume after a crash or Ctrl-C). Several processes\n"
+        "(`torchrun --nproc_per_node N -m speechllm.cli annotate ...`, or accelerate launch over nodes)\n"
+        "each annotate every N-th clip and the main one merges the parts in input order. Options\n"
+        "below override the config's `annotate:` section.",
         ["speechllm annotate data/synth/train.jsonl --out data/train.metadata.jsonl",
          "speechllm annotate data/synth/test.jsonl --out data/test.metadata.jsonl --eval",
          "speechllm annotate recordings/ --out recordings.metadata.jsonl --workers 4",
@@ -46,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
     from annotate import evaluate as ev
     from annotate import pipeline as pl
 
+    from ..distributed import accelerate_kwargs, launched_processes
     from ..io.jsonl import sibling_path
 
     cfg = config_from_args(args).annotate
@@ -57,18 +60,24 @@ def run(args: argparse.Namespace) -> int:
     if problem:
         return fail(problem)
     out.parent.mkdir(parents=True, exist_ok=True)
+    rank, world, barrier = 0, 1, None
+    if launched_processes() > 1:  # torchrun / accelerate launch: each process annotates its share
+        from accelerate import PartialState
+
+        state = PartialState(**accelerate_kwargs())
+        rank, world, barrier = state.process_index, state.num_processes, state.wait_for_everyone
     if args.hf_dataset:
         items = pl.hf_items(args.hf_dataset, out.parent, out.with_name(out.stem + ".audio"), args.audio_column,
-                            args.id_column, args.text_column, args.split)
+                            args.id_column, args.text_column, args.split, rank, world)
     elif src.is_dir():
         items = pl.folder_items(src, out.parent)
     elif src.is_file():
         items = pl.manifest_items(src, out.parent)
     else:
         return fail(f"{src}: no such manifest or folder")
-    summary = pl.run(items, out, cfg, progress=not args.quiet)
-    print(summary.line(out))
-    if args.eval:
+    summary = pl.run(items, out, cfg, progress=not args.quiet, rank=rank, world=world, barrier=barrier)
+    print(summary.line(out) + (f" (process {rank} of {world}; merged in input order)" if world > 1 else ""))
+    if args.eval and rank == 0:
         report = ev.evaluate(pl.load_metadata(out))
         path = sibling_path(out, ".eval.json")
         path.write_text(json.dumps(report, indent=2) + "\n")

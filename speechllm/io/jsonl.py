@@ -103,6 +103,13 @@ def sibling_path(path: str | Path, suffix: str) -> Path:
     return path.with_name(path.name.removesuffix(".jsonl") + suffix)
 
 
+def shard_path(path: str | Path, rank: int, world: int) -> Path:
+    """`data/x.jsonl` -> `data/x.part<rank>-of-<world>.jsonl`: what process `rank` of `world`
+    writes before the main process merges the parts in input order."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.part{rank}-of-{world}.jsonl")
+
+
 def _truncate_torn_tail(path: Path) -> None:
     """Cut a last line that has no newline (a write interrupted mid-record)."""
     with open(path, "rb+") as f:

@@ -25,7 +25,7 @@ from .. import __version__
 from ..config import Config, GenerationConfig
 from ..distributed import accelerate_kwargs
 from ..hub import weights
-from ..io.jsonl import ResumableJsonl, iter_lines, sibling_path, write_json_atomic
+from ..io.jsonl import ResumableJsonl, iter_lines, shard_path, sibling_path, write_json_atomic
 from ..io.paths import rebase
 from ..io.rows import merge_in_order
 from ..model.generate import Generation, TextGenerator, provenance
@@ -279,7 +279,7 @@ def run_targets(metadata: Path, out: Path, cfg: Config, device: str = "cpu", pro
 
 
 def part_path(out: Path, rank: int, world: int) -> Path:
-    return out.with_name(f"{out.stem}.part{rank}-of-{world}.jsonl")
+    return shard_path(out, rank, world)
 
 
 def _merge(out: Path, world: int, order: list[str], progress: bool = False) -> None:
