@@ -241,3 +241,26 @@ def test_annotation_shards_merge_in_input_order(tmp_path):
     assert not list(tmp_path.glob("three.part*"))
     again = run(manifest_items(tmp_path / "m.jsonl", tmp_path), three, opts, progress=False, rank=0, world=3)
     assert again.annotated == 0 and len(read(three)) == 7  # a rerun skips what is merged
+
+
+def test_row_index_built_by_several_processes_equals_one(tmp_path, monkeypatch):
+    from speechllm.io import rows
+
+    recs = [{"n": i, "name": f"clip{i % 7}"} for i in range(3000)]
+    path = write(tmp_path / "many.jsonl", recs[:1500] + ["", "  "] + recs[1500:])
+    one = RowIndex.open(path, "test/1", extract, COLUMNS)
+    assert one.header["build_workers"] == 1
+    monkeypatch.setattr(rows, "PARALLEL_BYTES", 4096)
+    monkeypatch.setattr(rows, "build_workers", lambda size: 4)
+    index_folder(path).joinpath("header.json").unlink()
+    four = RowIndex.open(path, "test/1", extract, COLUMNS)
+    assert four.header["build_workers"] == 4 and four.digest == one.digest
+    for name in ("_offsets", "_lines", "n"):
+        assert (np.asarray(four.column(name)) == np.asarray(one.column(name))).all()
+    assert [four.category("name", c) for c in four.column("name")[:8]] == [f"clip{i % 7}" for i in range(8)]
+    assert four.read(2999) == (3002, {"n": 2999, "name": "clip3"})
+    lines = path.read_text().splitlines()
+    lines[2500] = "{broken"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(JsonlError, match=rf"{path}:2501: not valid JSON"):  # its line in the file, not in a range
+        RowIndex.open(path, "test/1", extract, COLUMNS)

@@ -185,6 +185,9 @@ class _RangeError(Exception):
         super().__init__(message)
         self.line, self.message = line, message
 
+    def __reduce__(self):  # raised in a worker process, re-raised here
+        return _RangeError, (self.line, self.message)
+
 
 _WHERE_MARK = "\x00line\x00"
 """Stands for the line number in a range worker's messages until the range's first line is known."""
