@@ -6,6 +6,7 @@
     speechllm targets    metadata.jsonl --out targets.jsonl
     speechllm train      train.data=targets.jsonl train.out_dir=runs/NAME
     speechllm eval       --checkpoint runs/NAME --data test.metadata.jsonl --out runs/eval
+    speechllm ifeval     --responses responses.jsonl --out runs/ifeval   (IFEval, official checkers)
     speechllm demo       --out runs/demo
     speechllm chat       --checkpoint runs/NAME --audio clip.wav "What can you hear?"
     speechllm serve      --checkpoint runs/NAME
@@ -20,7 +21,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("models", "synth", "annotate", "targets", "train", "eval", "demo", "chat", "serve")
+COMMANDS = ("models", "synth", "annotate", "targets", "train", "eval", "ifeval", "demo", "chat", "serve")
 """Command names, in the order data flows; each is the module `speechllm.cli.<name>`."""
 
 
