@@ -338,9 +338,9 @@ def read_input_data(path: Path) -> list[InputExample]:
         rec = line.record
         ids, kwargs = rec["instruction_id_list"], rec["kwargs"]
         if (not isinstance(rec["prompt"], str) or not isinstance(ids, list) or not isinstance(kwargs, list)
-                or len(ids) != len(kwargs) or not all(isinstance(k, dict) for k in kwargs)):
+                or not ids or len(ids) != len(kwargs) or not all(isinstance(k, dict) for k in kwargs)):
             raise OfficialError(f"{path}:{line.number}: 'prompt' must be a string and 'instruction_id_list' "
-                                "and 'kwargs' lists of equal length (kwargs of objects)")
+                                "and 'kwargs' non-empty lists of equal length (kwargs of objects)")
         out.append(InputExample(rec["key"], rec["prompt"], [str(i) for i in ids], kwargs))
     if not out:
         raise OfficialError(f"{path}: no prompts")
