@@ -49,7 +49,7 @@ from .predictions import PREDICTIONS_FILE, following_score, row, write_predictio
 if TYPE_CHECKING:
     from ..model.speechllm import SpeechLLM
 
-__all__ = ["FILES", "HF_DATASET", "SUBSETS", "SYSTEM_PROMPT", "SpeechIFEvalError", "SpeechIFEvalItem",
+__all__ = ["FILES", "HF_DATASET", "PREDICTIONS_FILE", "RULE_CHANGES", "RULES", "write_predictions", "SUBSETS", "SYSTEM_PROMPT", "SpeechIFEvalError", "SpeechIFEvalItem",
            "fetch_audio", "ifrate", "read_items", "reference_text", "run_speech_ifeval", "score_items",
            "score_response_files"]
 
@@ -284,17 +284,34 @@ def read_response_files(folder: Path, items: list[SpeechIFEvalItem]) -> dict[str
 
 def score_response_files(data: Path, responses: Path, reference: Path | None = None,
                          subsets: tuple[str, ...] = SUBSETS, rules: str = "speech-ifeval") -> dict:
-    """Score released (or any) Speech-IFEval output files: the system's per-subset rates and
-    IFrate, the reference's and delta when ``reference`` is given, and per-item results."""
-    items = read_items(data, subsets)
-    ours = score_items(items, read_response_files(responses, items), rules)
-    report = {"rules": rules, "system": ifrate(items, ours), "followed": ours}
+    """Score Speech-IFEval output files (e.g. its released ``outputs/<model>/``): the system's
+    following rate per subset and IFrate; with ``reference``, the reference's and delta. ``rows``:
+    the `predictions` rows of both (systems named by their folders)."""
+    items = [it for it in read_items(data, subsets) if it.subset != "cot"]
+    report: dict = {"items": len(items), "rules": rules}
+    rows: list[dict] = []
+    for key, folder in (("system", responses), ("reference", reference)):
+        if folder is None:
+            continue
+        answers = read_response_files(folder, items)
+        followed = score_items(items, answers, rules)
+        report[key] = ifrate(items, followed)
+        report[f"{key}_name"] = Path(folder).resolve().name
+        rows += prediction_rows(report[f"{key}_name"], items, answers, followed, rules, reference=key == "reference")
     if reference is not None:
-        theirs = score_items(items, read_response_files(reference, items), rules)
-        report["reference"] = ifrate(items, theirs)
-        report["followed_ref"] = theirs
         report["delta"] = delta(report["system"]["ifrate"], report["reference"]["ifrate"])
+    report["rows"] = rows
     return report
+
+
+def prediction_rows(system: str, items: list[SpeechIFEvalItem], answers: dict[str, str],
+                    followed: dict[str, list[bool]], rules: str, reference: bool) -> list[dict]:
+    """The `predictions` rows of one system (the reference's instruction is what it read)."""
+    return [row("speech-ifeval", system, KEY_PREFIX + it.id, it.subset,
+                reference_text(it) if reference else it.instruction, answers[it.id], it.label,
+                following_score(it.instruction_id_list, followed[it.id],
+                                checkers=checker_names(it.instruction_id_list, rules)))
+            for it in items if it.id in followed]
 
 
 # ----------------------------------------------------------------------------- audio
@@ -341,7 +358,7 @@ def audio_folder(data: Path, audio: str | None, out: Path) -> Path:
 def run_speech_ifeval(checkpoint: Path, data: Path, out: Path, audio: str | None = None,
                       subsets: tuple[str, ...] = SUBSETS, per_subset: int | None = None, seed: int = 0,
                       max_new_tokens: int = 512, batch_size: int = 8, device: str = "cpu",
-                      asr_model: str | None = None, progress: bool = True) -> dict:
+                      asr_model: str | None = None, progress: bool = True, rules: str = "speech-ifeval") -> dict:
     """Speech-IFEval's protocol for one checkpoint against its base LLM reading ``textual_audio``:
     answers (cached in ``out/generations/``, resumable), per-item results
     (``out/predictions.jsonl``), IFrate per subset, delta; ``out/report.json`` and ``report.md``."""
@@ -389,11 +406,11 @@ def run_speech_ifeval(checkpoint: Path, data: Path, out: Path, audio: str | None
     transcripts = json.loads(transcripts_path.read_text()) if transcripts_path.is_file() else {}
     todo = [it for it in items if it.id not in transcripts]
     if todo:
+        from tqdm import tqdm
+
         recognizer = SpeechRecognizer(asr_name)
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start: start + batch_size]
-            for it, text in zip(chunk, recognizer.transcribe([waves[it.id] for it in chunk])):
-                transcripts[it.id] = text
+        for it in tqdm(todo, desc=f"transcripts ({asr_name})", unit="clip", disable=not progress, file=sys.stderr):
+            transcripts[it.id] = recognizer.transcribe([waves[it.id]])[0]  # one clip a time: any ASR model
         write_json_atomic(transcripts_path, transcripts)
 
     ref_identity = {"llm": model.config.llm.name, "fingerprint": weights.fingerprint(model.config.llm.name), **settings}
@@ -413,21 +430,17 @@ def run_speech_ifeval(checkpoint: Path, data: Path, out: Path, audio: str | None
                                                      for k in chunk], gen, len(chunk)),
                 batch_size, "Speech-IFEval (speech model)", progress)
 
-    ours = score_items(items, {it.id: sysgen.answers[KEY_PREFIX + it.id] for it in items})
-    theirs = score_items(items, {it.id: ref.answers[KEY_PREFIX + it.id] for it in items})
+    answers = {it.id: sysgen.answers[KEY_PREFIX + it.id] for it in items}
+    ref_answers = {it.id: ref.answers[KEY_PREFIX + it.id] for it in items}
+    ours, theirs = score_items(items, answers, rules), score_items(items, ref_answers, rules)
     report = {"data": str(data), "audio": str(folder), "items": len(items), "subsets": list(dict.fromkeys(
               it.subset for it in items)), "per_subset": per_subset, "seed": seed, "checkpoint": str(checkpoint),
-              "system": ifrate(items, ours), "reference": ifrate(items, theirs), "reference_name": ref_name,
-              "checkers": f"official ({official.library_version()}), strict", "chain_of_thought": "left out (no judge)"}
+              "system": ifrate(items, ours), "reference": ifrate(items, theirs), "system_name": name, "reference_name": ref_name,
+              "rules": rules, "checkers": f"official ({official.library_version()}), strict, rules {rules}",
+              "chain_of_thought": "left out (no judge)"}
     report["delta"] = delta(report["system"]["ifrate"], report["reference"]["ifrate"])
-    rows = []
-    for system, answers, followed in ((name, sysgen.answers, ours), (ref_name, ref.answers, theirs)):
-        for it in items:
-            k = KEY_PREFIX + it.id
-            rows.append(row("speech-ifeval", system, k, it.subset, it.instruction if system == name else
-                            reference_text(it), answers[k], it.label,
-                            following_score(it.instruction_id_list, followed[it.id],
-                                            checkers=[f"ifeval:{i}" for i in it.instruction_id_list])))
+    rows = (prediction_rows(name, items, answers, ours, rules, reference=False)
+            + prediction_rows(ref_name, items, ref_answers, theirs, rules, reference=True))
     write_predictions(out / PREDICTIONS_FILE, rows)
     write_json_atomic(out / "report.json", report)
     (out / "report.md").write_text(markdown(report))
@@ -455,9 +468,10 @@ def markdown(report: dict) -> str:
              "also averages CoT. Compare the per-subset columns.", "",
              "| system | " + " | ".join(names[s] + " (%)" for s in subsets) + " | IFrate (%) | delta (%) |",
              "|---|" + "---|" * (len(subsets) + 2)]
-    for key, label, d in (("system", "speech model", report.get("delta")), ("reference", "reference (text)", None)):
+    for key, d in (("system", report.get("delta")), ("reference", None)):
         if key in report:
             r = report[key]
+            label = report.get(f"{key}_name") or {"system": "speech model", "reference": "reference (text)"}[key]
             lines.append(f"| {label} | " + " | ".join(_pct(r[s]["rate"]) for s in subsets) +
                          f" | {_pct(r['ifrate'])} | {'–' if d is None else f'{100 * d:+.2f}'} |")
     for name, p in PUBLISHED.items():
