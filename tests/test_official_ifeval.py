@@ -75,6 +75,10 @@ def test_gpt4_responses_agree_with_google_prompt_by_prompt(wheelhouse, capsys):
         assert compared == 540
         assert differ <= RANDOM_PROMPTS  # only the two prompts Google's checker decides at random
         assert all(r["follow_all_instructions"] == all(r["follow_instruction_list"]) for r in rows)
+    preds = [json.loads(line) for line in (out / "predictions.jsonl").open()]
+    assert len(preds) == 541 and {p["benchmark"] for p in preds} == {"ifeval"} and preds[0]["system"] == "gpt4"
+    strict = [json.loads(line) for line in (out / "eval_results_strict.jsonl").open()]
+    assert [p["score"]["follow_instruction_list"] for p in preds] == [r["follow_instruction_list"] for r in strict]
 
 
 def test_seeded_letter_draw_is_fixed_and_leaves_random_alone(home):

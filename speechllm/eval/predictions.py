@@ -1,6 +1,9 @@
 """Per-item predictions and scores of every benchmark the evaluation reads, in one JSONL shape.
 
-One line per (system, item), so a run can be audited and two runs diffed line by line::
+One line per (system, item), so a run can be audited and two runs diffed line by line.
+
+Written by ``speechllm eval``, ``speechllm speech-ifeval`` and ``speechllm ifeval`` (beside
+Google's own ``eval_results_*.jsonl``) as ``predictions.jsonl`` in the output folder::
 
     {"benchmark": "mmau", "system": "self-output", "key": "task:mmau/abc", "task": "mmau/speech",
      "instruction": "...", "prediction": "(B) a man", "target": "a man",
