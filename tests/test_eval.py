@@ -348,6 +348,12 @@ def test_eval_suite_on_mmau_annotates_clips_without_description(tmp_path, tiny_m
     assert len(annotated) == len({it["audio"] for it in items})  # once per clip
     assert set(report["checkpoints"]["ckpt"]["tasks"]) == {it["task"] for it in items}
     assert all(t["answer_kind"] == "label" for t in report["checkpoints"]["ckpt"]["tasks"].values())
+    preds = [json.loads(l) for l in (out / "predictions.jsonl").read_text().splitlines()]
+    mine = [p for p in preds if p["system"] == "ckpt"]
+    assert {p["benchmark"] for p in mine} == {"mmau", "forgetting"}
+    assert all(p["target"] in it["labels"] and "correct" in p["score"] for p, it in
+               zip(sorted((p for p in mine if p["benchmark"] == "mmau"), key=lambda p: p["key"]),
+                   sorted(items, key=lambda it: it["id"])))
 
 
 def test_transcript_span_takes_quotes_then_said_then_the_closest_run():
@@ -391,3 +397,14 @@ def test_report_shows_chance_majority_and_the_reference_fidelity():
     g = scores["gender"]
     assert (g["chance"], g["majority"]) == (0.5, 0.75)
     assert g["accuracy_ref"] == 0.25 and g["fidelity_ref"] == 0.25  # the descriptions say male three times
+
+
+def test_prediction_rows_have_one_shape():
+    from speechllm.eval.predictions import benchmark_of, row, write_predictions
+
+    assert [benchmark_of(s) for s in ("mmau:test-mini.json", "dynamic-superb:DynamicSuperb/X[test]",
+                                      "synth:test", None)] == ["mmau", "dynamic-superb", "tasks", "tasks"]
+    r = row("ifeval", "sys", "text:1", None, "Say hi.", "hi", None, {"follow_all_instructions": True})
+    assert tuple(r) == FIELDS
+    with pytest.raises(ValueError, match="expected"):
+        write_predictions(Path("/nonexistent/never-written.jsonl"), [{"benchmark": "x"}])
