@@ -94,6 +94,36 @@ def test_command_scores_response_folders(tmp_path, capsys):
     assert any(c.startswith("speech-ifeval:") for r in rows for c in r["score"]["checkers"])
 
 
+def test_judge_prompt_and_verdicts_as_released():
+    rows = [json.loads(line) for line in (FIXTURES / "released_cot_verdicts.jsonl").open()]
+    assert {r["correct"] for r in rows} == {True, False}
+    assert all(sif.parse_verdict(r["eval_response"]) is r["correct"] for r in rows)
+    assert not sif.parse_verdict("I think so.") and sif.parse_verdict("Reasoning...\nResult: yes")
+    item = next(it for it in sif.read_items(DATA, ("cot",)))
+    assert sif.judge_text(item, "A.") == f"User input: {item.instruction}\nModel's Response: A."
+    assert sif.COT_JUDGE_SYSTEM.startswith("You will be given a user input and a model response.")
+
+
+def test_chain_of_thought_with_a_judge(tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(["speech-ifeval", "--data", str(DATA), "--out", str(out), "--responses", str(DESTA2),
+                 "--reference-responses", str(LLAMA3), "--judge", "tiny-random-llama", "--judge-max-new-tokens", "6",
+                 "--quiet"]) == 0
+    assert "CoT (%)" in capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    assert report["judge"] == "tiny-random-llama" and report["system"]["cot"]["items"] == 3
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").open()]
+    cot = [r for r in rows if r["task"] == "cot"]
+    assert len(cot) == 6 and all(r["score"]["checkers"] == ["judge:tiny-random-llama"] for r in cot)
+    for r in cot:  # the verdict is what the judge said
+        assert r["score"]["follow_all_instructions"] is sif.parse_verdict(r["score"]["judge_response"])
+    rates = [all(r["score"]["follow_instruction_list"]) for r in cot if r["system"] == DESTA2.name]
+    assert report["system"]["cot"]["rate"] == pytest.approx(sum(rates) / 3)
+    assert main(["speech-ifeval", "--data", str(DATA), "--out", str(out), "--responses", str(DESTA2),
+                 "--subsets", "cot"]) == 2
+    assert "--subsets cot needs --judge" in capsys.readouterr().err
+
+
 def test_bad_data_names_file_and_cause(tmp_path, capsys):
     with pytest.raises(sif.SpeechIFEvalError, match="no Speech-IFEval item files"):
         sif.read_items(tmp_path)
@@ -153,6 +183,14 @@ def test_protocol_on_a_tiny_checkpoint(tmp_path, tiny_model, sample_wav):
     assert again == report
     with pytest.raises(sif.SpeechIFEvalError, match="no usable audio"):
         sif.run_speech_ifeval(ckpt, DATA, tmp_path / "run2", str(tmp_path), per_subset=2, progress=False)
+    # with a judge, chain-of-thought items are answered and judged too
+    cot = sif.sample_items(sif.read_items(DATA, ("closed", "cot")), 1, seed=0)
+    _audio_folder(audio, cot, lambda it: sample_wav[:16000 * 2])
+    judged = sif.run_speech_ifeval(ckpt, DATA, tmp_path / "run3", str(audio), ("closed", "cot"), per_subset=1,
+                                   max_new_tokens=8, progress=False, judge_model="tiny-random-llama",
+                                   judge_max_new_tokens=4)
+    assert set(judged["system"]) == {"closed", "cot", "ifrate"} and judged["judge"] == "tiny-random-llama"
+    assert list((tmp_path / "run3" / "generations").glob("judge-*.jsonl"))
 
 
 def _espeak(text: str) -> np.ndarray:

@@ -19,8 +19,9 @@ def add_parser(sub) -> None:
         "\"Follow the given instructions.\", greedy. Closed-ended and creative-writing items are scored\n"
         "by IFEval's official checkers, strict, with the five rule changes Speech-IFEval's own scorer\n"
         "makes (--rules ifeval: none). IFrate per subset, their mean, delta = (IFrate - IFrate_ref) /\n"
-        "IFrate_ref. Chain-of-thought items need a judge model and are left out. Answers are cached:\n"
-        "re-running resumes. Audio: --audio FOLDER (the unpacked audios.tar) or --audio\n"
+        "IFrate_ref. Chain-of-thought items need a judge model: --judge MODEL (any chat LLM: embedded\n"
+        "name, hub id or folder; the paper used GPT-4o) scores them with Speech-IFEval's judge prompt;\n"
+        "without one they are left out. Answers are cached: re-running resumes. Audio: --audio FOLDER (the unpacked audios.tar) or --audio\n"
         "kehanlu/Speech-IFEval (downloaded from the Hugging Face hub); default <data>/audios.\n"
         "\n"
         "With --responses: score output files in Speech-IFEval's format (its examples' output folders:\n"
@@ -42,8 +43,12 @@ def add_parser(sub) -> None:
                                                                   "predictions.jsonl, generations/)")
     p.add_argument("--audio", metavar="FOLDER|DATASET", help="audio folder or Hugging Face dataset id "
                                                              "(default: <data>/audios)")
-    p.add_argument("--subsets", nargs="+", default=["closed", "creative"], choices=["closed", "creative"],
-                   help="subsets to run (default: closed creative)")
+    p.add_argument("--subsets", nargs="+", choices=["closed", "creative", "cot"],
+                   help="subsets to run (default: closed creative, and cot with --judge)")
+    p.add_argument("--judge", metavar="MODEL", help="chat LLM judging chain-of-thought answers (embedded name, hub id "
+                                                    "or folder)")
+    p.add_argument("--judge-max-new-tokens", type=int, default=256, metavar="N",
+                   help="the judge's answer length (default: 256)")
     p.add_argument("--per-subset", type=int, metavar="N", help="at most N items per subset (a seeded sample)")
     p.add_argument("--seed", type=int, default=0, help="seed of --per-subset's sample (default: 0)")
     p.add_argument("--rules", choices=["speech-ifeval", "ifeval"], default="speech-ifeval",
@@ -69,14 +74,17 @@ def run(args: argparse.Namespace) -> int:
         return fail(f"--out: {problem}")
     if args.per_subset is not None and args.per_subset < 1:
         return fail("--per-subset must be at least 1")
-    subsets = tuple(dict.fromkeys(args.subsets))
+    subsets = tuple(dict.fromkeys(args.subsets or ["closed", "creative"] + (["cot"] if args.judge else [])))
+    if "cot" in subsets and not args.judge:
+        return fail("--subsets cot needs --judge MODEL (chain-of-thought answers are judged by an LLM)")
     if args.responses:
         for flag, folder in (("--responses", args.responses), ("--reference-responses", args.reference_responses)):
             if folder is not None and not Path(folder).is_dir():
                 return fail(f"{flag} {folder}: no such folder")
+        judge = sif.Judge(args.judge, args.device, args.judge_max_new_tokens) if args.judge else None
         report = sif.score_response_files(data, Path(args.responses),
                                           Path(args.reference_responses) if args.reference_responses else None,
-                                          subsets, args.rules)
+                                          subsets, args.rules, judge, out, not args.quiet)
         out.mkdir(parents=True, exist_ok=True)
         sif.write_predictions(out / sif.PREDICTIONS_FILE, report.pop("rows"))
         report = {"data": str(data), "responses": args.responses, "reference_responses": args.reference_responses,
@@ -90,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
             return fail(f"{args.checkpoint}: not a speechllm checkpoint (no config.json)")
         sif.run_speech_ifeval(Path(args.checkpoint), data, out, args.audio, subsets, args.per_subset, args.seed,
                               args.max_new_tokens, args.batch_size, args.device, args.asr_model, not args.quiet,
-                              args.rules)
+                              args.rules, args.judge, args.judge_max_new_tokens)
     print((out / "report.md").read_text())
     print(f"speech-ifeval: report -> {out / 'report.md'}, {out / 'report.json'}")
     return 0

@@ -20,10 +20,13 @@ Protocol, as the repository's ``examples/`` run it:
 * following rate per subset = share of followed items; **IFrate** = the mean of the subsets'
   rates; forgetting **delta** = (IFrate - IFrate_ref) / IFrate_ref.
 
-Chain-of-thought items need a judge model; none is run here, so they are left out and IFrate is the
-mean over closed-ended and creative writing only (the published IFrate averages three subsets:
-compare the per-subset columns, which are the published table's ``Closed-ended`` and ``Creative
-Writing``). :func:`read_items` reads them (``subset`` ``cot``) so a judge can be added.
+Chain-of-thought items need a judge model (GPT-4o in the paper, asked whether the response shows
+reasoning: :data:`COT_JUDGE_SYSTEM`, its prompt verbatim, verdict read from "Result: YES/NO").
+Without a judge they are left out and IFrate is the mean over closed-ended and creative writing
+only (the published IFrate averages three subsets: compare the per-subset columns, which are the
+published table's ``Closed-ended`` and ``Creative Writing``). With a judge (:class:`Judge`: any
+chat LLM this project can load, e.g. a hub id on a GPU) the CoT subset is scored too; a local judge
+is not GPT-4o, so that column is not the paper's. A judge answer without a verdict counts as "no".
 
 Audio: a local folder (the repository's ``audios.tar`` unpacked: ``Automatic_speech_recognition/``,
 ``Gender_recognition/``, ``Speech_emotion_recognition/``, ``MMAU/``), or the Hugging Face dataset
@@ -49,7 +52,7 @@ from .predictions import PREDICTIONS_FILE, following_score, row, write_predictio
 if TYPE_CHECKING:
     from ..model.speechllm import SpeechLLM
 
-__all__ = ["FILES", "HF_DATASET", "PREDICTIONS_FILE", "RULE_CHANGES", "RULES", "write_predictions", "SUBSETS", "SYSTEM_PROMPT", "SpeechIFEvalError", "SpeechIFEvalItem",
+__all__ = ["COT_JUDGE_SYSTEM", "FILES", "HF_DATASET", "Judge", "parse_verdict", "PREDICTIONS_FILE", "RULE_CHANGES", "RULES", "write_predictions", "SUBSETS", "SYSTEM_PROMPT", "SpeechIFEvalError", "SpeechIFEvalItem",
            "fetch_audio", "ifrate", "read_items", "reference_text", "run_speech_ifeval", "score_items",
            "score_response_files"]
 
@@ -75,6 +78,22 @@ PUBLISHED = {
     "Llama3-8B-Instruct": {"closed": 93.35, "creative": 93.75, "cot": 90.50, "ifrate": 92.53},
 }
 """Two rows of the published table (percent), for the report's side-by-side."""
+
+
+COT_JUDGE_SYSTEM = """You will be given a user input and a model response. The model's response is a reply to the \
+user input. Your task is to determine whether the response demonstrates reasoning behavior, such as breaking down \
+the problem, explaining intermediate steps, or providing a analysis.
+
+Please strictly follow the guidelines below:
+- Output "YES" if the response includes any form of behavior beyond a direct answer corresponding to the user input.
+- Output "NO" only if the response is a minimal or purely factual reply.
+- Answer in the format: "Result: <YES or NO>" at the end.
+"""
+"""Speech-IFEval's chain-of-thought judge system prompt (``script/llm_evaluation.py``), verbatim."""
+_VERDICT = re.compile(r"(?i)(?<=result:\s)(yes|no)")
+"""How Speech-IFEval reads the judge's verdict."""
+COT_ID = "cot:reasoning"
+"""The instruction id a chain-of-thought item is scored under (by the judge)."""
 
 
 class SpeechIFEvalError(SpeechLLMError, ValueError):
@@ -239,6 +258,56 @@ def checker_names(instruction_ids: list[str], rules: str) -> list[str]:
             for i in instruction_ids]
 
 
+def judge_text(item: SpeechIFEvalItem, response: str) -> str:
+    """The judge's user turn for one chain-of-thought answer (Speech-IFEval's, verbatim)."""
+    return f"User input: {item.instruction}\nModel's Response: {response}"
+
+
+def parse_verdict(text: str) -> bool:
+    """The judge's verdict: "Result: YES" is followed; "NO", or no verdict at all, is not."""
+    m = _VERDICT.search(text)
+    return bool(m) and m.group(0).lower() == "yes"
+
+
+class Judge:
+    """A chat LLM (embedded name, hub id or local folder) judging chain-of-thought answers with
+    Speech-IFEval's prompt, greedy; its answers are cached per judged system and answers."""
+
+    def __init__(self, name: str, device: str = "cpu", max_new_tokens: int = 256):
+        from ..config import LLMConfig, PromptConfig
+        from ..model.generate import TextGenerator
+        from ..model.llm import load_llm
+        from ..model.prompt import PromptBuilder
+
+        self.name, self.max_new_tokens = name, max_new_tokens
+        llm, tok = load_llm(LLMConfig(name=name), device)
+        self.generator = TextGenerator(llm, tok, PromptBuilder(tok, PromptConfig(), COT_JUDGE_SYSTEM), name)
+
+    def verdicts(self, items: list[SpeechIFEvalItem], answers: dict[str, str], out: Path, system: str,
+                 batch_size: int = 8, progress: bool = True) -> dict[str, tuple[bool, str]]:
+        """Item id -> (followed, the judge's answer) for the chain-of-thought items."""
+        import hashlib
+
+        from ..config import GenerationConfig
+        from .generations import Generations
+
+        cot = [it for it in items if it.subset == "cot"]
+        if not cot:
+            return {}
+        digest = hashlib.sha256(json.dumps([answers[it.id] for it in cot]).encode()).hexdigest()[:16]
+        identity = {"judge": self.name, "system": system, "answers_sha256": digest,
+                    "max_new_tokens": self.max_new_tokens, "greedy": True}
+        gens = Generations(Path(out) / "generations", f"judge-{system.replace('/', '--')}", identity)
+        by_key = {KEY_PREFIX + it.id: it for it in cot}
+        gen = GenerationConfig(max_new_tokens=self.max_new_tokens)
+        gens.fill(list(by_key), lambda k: len(answers[by_key[k].id]),
+                  lambda chunk: [g.text for g in self.generator.generate(
+                      [self.generator.prompt_ids(judge_text(by_key[k], answers[by_key[k].id])) for k in chunk],
+                      gen, len(chunk))], batch_size, f"CoT judge ({system})", progress)
+        return {it.id: (parse_verdict(gens.answers[KEY_PREFIX + it.id]), gens.answers[KEY_PREFIX + it.id])
+                for it in cot}
+
+
 def ifrate(items: list[SpeechIFEvalItem], followed: dict[str, list[bool]]) -> dict:
     """Following rate per subset (share of items whose every instruction is followed) and their
     mean, ``ifrate``; every value a fraction (0..1)."""
@@ -283,21 +352,29 @@ def read_response_files(folder: Path, items: list[SpeechIFEvalItem]) -> dict[str
 
 
 def score_response_files(data: Path, responses: Path, reference: Path | None = None,
-                         subsets: tuple[str, ...] = SUBSETS, rules: str = "speech-ifeval") -> dict:
+                         subsets: tuple[str, ...] = SUBSETS, rules: str = "speech-ifeval",
+                         judge: "Judge | None" = None, out: Path | None = None, progress: bool = False) -> dict:
     """Score Speech-IFEval output files (e.g. its released ``outputs/<model>/``): the system's
     following rate per subset and IFrate; with ``reference``, the reference's and delta. ``rows``:
-    the `predictions` rows of both (systems named by their folders)."""
-    items = [it for it in read_items(data, subsets) if it.subset != "cot"]
-    report: dict = {"items": len(items), "rules": rules}
+    the `predictions` rows of both (systems named by their folders). Chain-of-thought items only
+    with a ``judge`` (its answers cached under ``out``)."""
+    items = read_items(data, subsets)
+    if judge is None:
+        items = [it for it in items if it.subset != "cot"]
+    report: dict = {"items": len(items), "rules": rules, "judge": judge.name if judge else None}
     rows: list[dict] = []
     for key, folder in (("system", responses), ("reference", reference)):
         if folder is None:
             continue
+        name = Path(folder).resolve().name
         answers = read_response_files(folder, items)
         followed = score_items(items, answers, rules)
+        judged = judge.verdicts(items, answers, out or Path(folder), name, progress=progress) if judge else {}
+        followed.update({i: [v] for i, (v, _) in judged.items()})
         report[key] = ifrate(items, followed)
-        report[f"{key}_name"] = Path(folder).resolve().name
-        rows += prediction_rows(report[f"{key}_name"], items, answers, followed, rules, reference=key == "reference")
+        report[f"{key}_name"] = name
+        rows += prediction_rows(name, items, answers, followed, rules, reference=key == "reference", judged=judged,
+                                judge=judge.name if judge else None)
     if reference is not None:
         report["delta"] = delta(report["system"]["ifrate"], report["reference"]["ifrate"])
     report["rows"] = rows
@@ -305,13 +382,23 @@ def score_response_files(data: Path, responses: Path, reference: Path | None = N
 
 
 def prediction_rows(system: str, items: list[SpeechIFEvalItem], answers: dict[str, str],
-                    followed: dict[str, list[bool]], rules: str, reference: bool) -> list[dict]:
-    """The `predictions` rows of one system (the reference's instruction is what it read)."""
-    return [row("speech-ifeval", system, KEY_PREFIX + it.id, it.subset,
-                reference_text(it) if reference else it.instruction, answers[it.id], it.label,
-                following_score(it.instruction_id_list, followed[it.id],
-                                checkers=checker_names(it.instruction_id_list, rules)))
-            for it in items if it.id in followed]
+                    followed: dict[str, list[bool]], rules: str, reference: bool,
+                    judged: dict[str, tuple[bool, str]] | None = None, judge: str | None = None) -> list[dict]:
+    """The `predictions` rows of one system (the reference's instruction is what it read); a
+    chain-of-thought item's score holds the judge's answer."""
+    rows = []
+    for it in items:
+        if it.id not in followed:
+            continue
+        if it.subset == "cot":
+            score = following_score([COT_ID], followed[it.id], checkers=[f"judge:{judge}"])
+            score["judge_response"] = (judged or {}).get(it.id, (None, None))[1]
+        else:
+            score = following_score(it.instruction_id_list, followed[it.id],
+                                    checkers=checker_names(it.instruction_id_list, rules))
+        rows.append(row("speech-ifeval", system, KEY_PREFIX + it.id, it.subset,
+                        reference_text(it) if reference else it.instruction, answers[it.id], it.label, score))
+    return rows
 
 
 # ----------------------------------------------------------------------------- audio
@@ -358,7 +445,8 @@ def audio_folder(data: Path, audio: str | None, out: Path) -> Path:
 def run_speech_ifeval(checkpoint: Path, data: Path, out: Path, audio: str | None = None,
                       subsets: tuple[str, ...] = SUBSETS, per_subset: int | None = None, seed: int = 0,
                       max_new_tokens: int = 512, batch_size: int = 8, device: str = "cpu",
-                      asr_model: str | None = None, progress: bool = True, rules: str = "speech-ifeval") -> dict:
+                      asr_model: str | None = None, progress: bool = True, rules: str = "speech-ifeval",
+                      judge_model: str | None = None, judge_max_new_tokens: int = 256) -> dict:
     """Speech-IFEval's protocol for one checkpoint against its base LLM reading ``textual_audio``:
     answers (cached in ``out/generations/``, resumable), per-item results
     (``out/predictions.jsonl``), IFrate per subset, delta; ``out/report.json`` and ``report.md``."""
@@ -375,9 +463,11 @@ def run_speech_ifeval(checkpoint: Path, data: Path, out: Path, audio: str | None
     from .retention import load_base_llm
 
     items = sample_items(read_items(data, subsets), per_subset, seed)
-    items = [it for it in items if it.subset != "cot"]  # no judge model: left out (module docstring)
+    if judge_model is None:
+        items = [it for it in items if it.subset != "cot"]  # no judge model: left out (module docstring)
     if not items:
-        raise SpeechIFEvalError(f"{data}: no rule-scored items in subsets {', '.join(subsets)}")
+        raise SpeechIFEvalError(f"{data}: no items to score in subsets {', '.join(subsets)} (chain-of-thought "
+                                "items need --judge)")
     out.mkdir(parents=True, exist_ok=True)
     folder = audio_folder(Path(data), audio, out)
     waves, errors = {}, []
@@ -433,20 +523,29 @@ def run_speech_ifeval(checkpoint: Path, data: Path, out: Path, audio: str | None
     answers = {it.id: sysgen.answers[KEY_PREFIX + it.id] for it in items}
     ref_answers = {it.id: ref.answers[KEY_PREFIX + it.id] for it in items}
     ours, theirs = score_items(items, answers, rules), score_items(items, ref_answers, rules)
+    name_of = {id(ours): name, id(theirs): ref_name}
+    del model, llm, reference
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    judged: dict[str, dict] = {name: {}, ref_name: {}}
+    if judge_model is not None and any(it.subset == "cot" for it in items):
+        judge = Judge(judge_model, device, judge_max_new_tokens)
+        judged = {name: judge.verdicts(items, answers, out, name, batch_size, progress),
+                  ref_name: judge.verdicts(items, ref_answers, out, ref_name, batch_size, progress)}
+        del judge
+    for followed in (ours, theirs):
+        followed.update({i: [v] for i, (v, _) in judged[name_of[id(followed)]].items()})
     report = {"data": str(data), "audio": str(folder), "items": len(items), "subsets": list(dict.fromkeys(
               it.subset for it in items)), "per_subset": per_subset, "seed": seed, "checkpoint": str(checkpoint),
-              "system": ifrate(items, ours), "reference": ifrate(items, theirs), "system_name": name, "reference_name": ref_name,
-              "rules": rules, "checkers": f"official ({official.library_version()}), strict, rules {rules}",
-              "chain_of_thought": "left out (no judge)"}
+              "system": ifrate(items, ours), "reference": ifrate(items, theirs), "system_name": name,
+              "reference_name": ref_name, "rules": rules,
+              "checkers": f"official ({official.library_version()}), strict, rules {rules}", "judge": judge_model}
     report["delta"] = delta(report["system"]["ifrate"], report["reference"]["ifrate"])
-    rows = (prediction_rows(name, items, answers, ours, rules, reference=False)
-            + prediction_rows(ref_name, items, ref_answers, theirs, rules, reference=True))
+    rows = (prediction_rows(name, items, answers, ours, rules, False, judged[name], judge_model)
+            + prediction_rows(ref_name, items, ref_answers, theirs, rules, True, judged[ref_name], judge_model))
     write_predictions(out / PREDICTIONS_FILE, rows)
     write_json_atomic(out / "report.json", report)
     (out / "report.md").write_text(markdown(report))
-    del model, llm
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
     print(f"[speechllm] speech-ifeval: {len(items)} items; IFrate {_pct(report['system']['ifrate'])} vs reference "
           f"{_pct(report['reference']['ifrate'])}", file=sys.stderr)
     return report
@@ -458,14 +557,19 @@ def _pct(x: float | None) -> str:
 
 def markdown(report: dict) -> str:
     """The report's table: following rate per subset, IFrate and delta, beside the published rows."""
-    subsets = [s for s in ("closed", "creative") if s in report["system"]]
-    names = {"closed": "Closed-ended", "creative": "Creative Writing"}
+    subsets = [s for s in ("closed", "creative", "cot") if s in report["system"]]
+    names = {"closed": "Closed-ended", "creative": "Creative Writing", "cot": "CoT"}
     counts = ", ".join(f"{names[s]} {report['system'][s]['items']}" for s in subsets)
+    if "cot" in subsets:
+        cot_note = (f"Chain-of-thought items judged by `{report.get('judge')}` with Speech-IFEval's judge prompt "
+                    "(the paper's judge is GPT-4o: that column is not the paper's).")
+    else:
+        cot_note = ("Chain-of-thought items are left out (they need a judge model: --judge), so IFrate here is the "
+                    "mean of the subsets shown; the published IFrate also averages CoT. Compare the per-subset "
+                    "columns.")
     lines = ["# Speech-IFEval", "",
-             f"{report['items']} items ({counts}); "
-             f"scored by IFEval's {report.get('checkers', 'official checkers')}. Chain-of-thought items are left "
-             "out (they need a judge model), so IFrate here is the mean of the subsets shown; the published IFrate "
-             "also averages CoT. Compare the per-subset columns.", "",
+             f"{report['items']} items ({counts}); closed-ended and creative items scored by IFEval's "
+             f"{report.get('checkers', 'official checkers')}. {cot_note}", "",
              "| system | " + " | ".join(names[s] + " (%)" for s in subsets) + " | IFrate (%) | delta (%) |",
              "|---|" + "---|" * (len(subsets) + 2)]
     for key, d in (("system", report.get("delta")), ("reference", None)):
@@ -475,6 +579,7 @@ def markdown(report: dict) -> str:
             lines.append(f"| {label} | " + " | ".join(_pct(r[s]["rate"]) for s in subsets) +
                          f" | {_pct(r['ifrate'])} | {'–' if d is None else f'{100 * d:+.2f}'} |")
     for name, p in PUBLISHED.items():
+        ifr = f"{p['ifrate']:.2f}" + ("" if "cot" in subsets else " (with CoT)")
         lines.append(f"| published: {name} | " + " | ".join(f"{p[s]:.2f}" for s in subsets) +
-                     f" | {p['ifrate']:.2f} (with CoT) | {p.get('delta', '–')} |")
+                     f" | {ifr} | {p.get('delta', '–')} |")
     return "\n".join(lines) + "\n"
