@@ -181,6 +181,8 @@ def test_protocol_on_a_tiny_checkpoint(tmp_path, tiny_model, sample_wav):
     again = sif.run_speech_ifeval(ckpt, DATA, out, str(audio), per_subset=2, max_new_tokens=8, batch_size=2,
                                   progress=False)
     assert again == report
+    with pytest.raises(sif.SpeechIFEvalError, match="exceed the LLM's context.*--max-new-tokens"):
+        sif.run_speech_ifeval(ckpt, DATA, out, str(audio), per_subset=2, max_new_tokens=100_000, progress=False)
     with pytest.raises(sif.SpeechIFEvalError, match="no usable audio"):
         sif.run_speech_ifeval(ckpt, DATA, tmp_path / "run2", str(tmp_path), per_subset=2, progress=False)
     # with a judge, chain-of-thought items are answered and judged too

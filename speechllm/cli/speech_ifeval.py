@@ -21,12 +21,14 @@ def add_parser(sub) -> None:
         "makes (--rules ifeval: none). IFrate per subset, their mean, delta = (IFrate - IFrate_ref) /\n"
         "IFrate_ref. Chain-of-thought items need a judge model: --judge MODEL (any chat LLM: embedded\n"
         "name, hub id or folder; the paper used GPT-4o) scores them with Speech-IFEval's judge prompt;\n"
-        "without one they are left out. Answers are cached: re-running resumes. Audio: --audio FOLDER (the unpacked audios.tar) or --audio\n"
-        "kehanlu/Speech-IFEval (downloaded from the Hugging Face hub); default <data>/audios.\n"
+        "without one they are left out. Answers are cached: re-running resumes. Audio: --audio\n"
+        "FOLDER (the unpacked audios.tar) or --audio kehanlu/Speech-IFEval (downloaded from the\n"
+        "Hugging Face hub); default <data>/audios.\n"
         "\n"
         "With --responses: score output files in Speech-IFEval's format (its examples' output folders:\n"
-        "closed_ended_questions.jsonl, creative_writing.jsonl with a \"response\" per item), e.g. its\n"
-        "released outputs/, and --reference-responses for delta. No model is loaded.",
+        "closed_ended_questions.jsonl, creative_writing.jsonl, with --judge chain-of-thought.jsonl,\n"
+        "a \"response\" added to each item), e.g. its released outputs/, and --reference-responses\n"
+        "for delta. No speech model is loaded.",
         ["speechllm speech-ifeval --data Speech-IFEval/data --checkpoint runs/self-output --out runs/sif \\",
          "    --device cuda --batch-size 16",
          "speechllm speech-ifeval --data Speech-IFEval/data --checkpoint runs/self-output --out runs/sif-quick \\",

@@ -503,6 +503,16 @@ def run_speech_ifeval(checkpoint: Path, data: Path, out: Path, audio: str | None
             transcripts[it.id] = recognizer.transcribe([waves[it.id]])[0]  # one clip a time: any ASR model
         write_json_atomic(transcripts_path, transcripts)
 
+    from ..io.audio import SAMPLE_RATE
+    from ..model.speechllm import LengthError
+
+    for it in items:  # every prompt leaves room for its answer, checked before anything is asked
+        speech = model.prompt_length(it.instruction, transcripts[it.id], True, len(waves[it.id]) / SAMPLE_RATE)
+        try:
+            model.check_length(max(speech, len(reference.prompt_ids(reference_text(it)))), max_new_tokens,
+                               KEY_PREFIX + it.id)
+        except LengthError as err:
+            raise SpeechIFEvalError(f"{err} (--max-new-tokens sets the answer's room)") from None
     ref_identity = {"llm": model.config.llm.name, "fingerprint": weights.fingerprint(model.config.llm.name), **settings}
     ref_name = f"reference-{model.config.llm.name.replace('/', '--')}"
     ref = Generations(out / "generations", ref_name, ref_identity)
