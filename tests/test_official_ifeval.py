@@ -119,7 +119,16 @@ def test_every_constraint_kind_is_scored_and_named():
         if kind == "start_phrase":  # IFEval has no such instruction: ours, named as such
             assert name == "speechllm:start_phrase"
         else:
-            assert name.startswith("ifeval:") and name[len("ifeval:"):] in official.checkers()
+            assert name.startswith("ifeval:") and name.split(" ")[0][len("ifeval:"):] in official.checkers()
+    # a language IFEval's checker does not know (it would fail on it) keeps ours, and says so
+    assert official.checker_name("language") == (
+        "ifeval:language:response_language (speechllm:language for nl, sv, tr, zh)")
+    zh = Constraint("language", {"language": "zh"})
+    assert official.constraint_instruction(zh) == ("speechllm:language", {"language": "zh"})
+    assert official.follows_constraint(zh, "我今天很高兴，因为天气很好，我们去公园散步了。")
+    de = Constraint("language", {"language": "de"})
+    assert official.constraint_instruction(de)[0] == "language:response_language"
+    assert official.follows_constraint(de, "Ich bin heute sehr froh, weil das Wetter schön ist und wir spazieren.")
     # the official checker decides, where it differs from ours
     cat = Constraint("keyword", {"keyword": "cat"})
     assert not cat.check("a catalog") and official.follows_constraint(cat, "a catalog")

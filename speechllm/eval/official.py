@@ -289,25 +289,42 @@ IFEVAL_EQUIVALENT: dict[str, Callable[[dict], tuple[str, dict]]] = {
     "min_words": lambda p: ("length_constraints:number_words", {"num_words": p["n"], "relation": "at least"}),
     "bullet_points": lambda p: ("detectable_format:number_bullet_lists", {"num_bullets": p["n"]}),
     "keyword": lambda p: ("keywords:existence", {"keywords": [p["keyword"]]}),
-    "language": lambda p: ("language:response_language", {"language": p["language"]}),
+    "language": lambda p: (("language:response_language", {"language": p["language"]})
+                           if p["language"] in ifeval_languages() else None),
 }
-"""Our constraint kind -> its IFEval instruction (id, kwargs) from our parameters. A kind not
-listed (``start_phrase``: IFEval has no such instruction) keeps our own checker."""
+"""Our constraint kind -> its IFEval instruction (id, kwargs) from our parameters, or None where
+IFEval cannot score those parameters (a language code IFEval's checker does not know: it fails on
+them). A kind not listed (``start_phrase``: IFEval has no such instruction) keeps our own checker."""
+
+
+def ifeval_languages() -> frozenset[str]:
+    """The language codes IFEval's language checker knows."""
+    checkers()
+    from if_verifiable.ifeval.instructions_util import LANGUAGE_CODES
+
+    return frozenset(LANGUAGE_CODES)
 
 
 def constraint_instruction(c: Constraint) -> tuple[str, dict]:
     """The instruction (id, kwargs) that scores constraint ``c``: IFEval's when it has the kind,
     else ``speechllm:<kind>`` with our parameters."""
     to_ifeval = IFEVAL_EQUIVALENT.get(c.kind)
-    return to_ifeval(c.params) if to_ifeval else (OURS_PREFIX + c.kind, dict(c.params))
+    mapped = to_ifeval(c.params) if to_ifeval else None
+    return mapped or (OURS_PREFIX + c.kind, dict(c.params))
 
 
 def checker_name(kind: str) -> str:
-    """Who scores a constraint kind: ``ifeval:<instruction id>`` or ``speechllm:<kind>``."""
-    if kind in IFEVAL_EQUIVALENT:
-        iid = IFEVAL_EQUIVALENT[kind]({"phrase": "", "n": 1, "keyword": "", "language": ""})[0]
-        return f"ifeval:{iid}"
-    return OURS_PREFIX + kind
+    """Who scores a constraint kind: ``ifeval:<instruction id>`` or ``speechllm:<kind>`` (for
+    ``language``, ours for the codes IFEval's checker does not know, named in the string)."""
+    if kind not in IFEVAL_EQUIVALENT:
+        return OURS_PREFIX + kind
+    if kind == "language":
+        from .constraints import LANGUAGE_NAMES
+
+        ours = sorted(set(LANGUAGE_NAMES) - ifeval_languages())
+        return "ifeval:language:response_language" + (f" ({OURS_PREFIX}language for {', '.join(ours)})"
+                                                      if ours else "")
+    return f"ifeval:{IFEVAL_EQUIVALENT[kind]({'phrase': '', 'n': 1, 'keyword': ''})[0]}"
 
 
 def follows_constraint(c: Constraint, response: str, prompt: str = "", loose: bool = False) -> bool:

@@ -230,7 +230,7 @@ def _checkpoint_generations(model: "SpeechLLM", ckpt: Path, name: str, ref_name:
 def prediction_rows(system: str, es: EvalSet, answers: dict[str, str], scores: CheckpointScores,
                     base: bool) -> list[dict]:
     """The `predictions` rows of one system: its answers and scores (the reference's when `base`)."""
-    from .official import checker_name, constraint_instruction
+    from .official import constraint_instruction
     from .tasks import score_item
 
     out = []
@@ -242,7 +242,7 @@ def prediction_rows(system: str, es: EvalSet, answers: dict[str, str], scores: C
     for f, k, ok in zip(es.fitems, es.if_keys, passes):
         iid = constraint_instruction(f.constraint)[0]
         out.append(row("forgetting", system, k, f.task, f.instruction, answers[k], None,
-                       following_score([iid], [ok], checkers=[checker_name(f.constraint.kind)])))
+                       following_score([iid], [ok], checkers=[iid if iid.startswith("speechllm:") else f"ifeval:{iid}"])))
     if scores.ifeval:
         bench = "ifeval-builtin" if es.text_set.source == "builtin" else "ifeval"
         for r in scores.ifeval["rows_base" if base else "rows"]:
