@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import SAMPLE
 from speechllm.cli import main
 from speechllm.eval import speech_ifeval as sif
 
@@ -33,7 +32,8 @@ def test_reader_reads_the_released_format():
     assert {s: len(v) for s, v in by_subset.items()} == {"closed": 16, "creative": 14, "cot": 3}
     first = by_subset["closed"][0]
     assert first.id == "closed/23" and first.audio == "Automatic_speech_recognition/1188-133604-0006.flac"
-    assert first.textual_audio == "[00:00:00 - 00:00:02] Then he comes to the beak of it.(Gender: Male, Emotion: neutral)"
+    assert first.textual_audio == ("[00:00:00 - 00:00:02] Then he comes to the beak of it.(Gender: Male, "
+                                   "Emotion: neutral)")
     assert first.instruction_id_list == ["change_case:english_capital"] and first.kwargs == [{}]
     assert first.label == "THEN HE COMES TO THE BEAK OF IT" and first.dataset == "Automatic_speech_recognition"
     assert all(it.label is None for it in by_subset["creative"])

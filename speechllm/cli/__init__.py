@@ -22,7 +22,8 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("models", "synth", "annotate", "targets", "train", "eval", "ifeval", "speech-ifeval", "demo", "chat", "serve")
+COMMANDS = ("models", "synth", "annotate", "targets", "train", "eval", "ifeval", "speech-ifeval", "demo", "chat",
+            "serve")
 """Command names, in the order data flows; each is the module `speechllm.cli.<name>` ('-' as '_')."""
 
 

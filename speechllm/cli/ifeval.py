@@ -72,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
                             [f"ifeval:{i}" for i in inp.instruction_id_list]))
         for inp, st, lz in zip(inputs, results["strict"], results["loose"])])
     s, lo = figures["strict"], figures["loose"]
-    print(f"IFEval, official checkers ({official.library_version()}), {s['prompts']} prompts, {s['instructions']} instructions")
+    print(f"IFEval, official checkers ({official.library_version()}), {s['prompts']} prompts, "
+          f"{s['instructions']} instructions")
     print(f"{'':20} {'strict':>8} {'loose':>8}")
     print(f"{'prompt-level':20} {100 * s['prompt_level']:8.2f} {100 * lo['prompt_level']:8.2f}")
     print(f"{'instruction-level':20} {100 * s['instruction_level']:8.2f} {100 * lo['instruction_level']:8.2f}")

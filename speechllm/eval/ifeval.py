@@ -25,7 +25,7 @@ import random
 import shutil
 import tempfile
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
@@ -40,7 +40,6 @@ from speechllm.hub.weights import (
     home,
 )
 
-from ..io.jsonl import iter_lines
 from . import official
 from .constraints import CONSTRAINTS, Constraint, sample_constraint
 

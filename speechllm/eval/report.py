@@ -149,8 +149,8 @@ def markdown(report: dict) -> str:
     names = list(ck)
     lines = (_data_lines(report) + _task_lines(ck, names) + _forgetting_lines(report, ck, names)
              + _retention_lines(ck, names) + _training_lines(ck, names))
-    lines += ["", "Plots: " + ", ".join(f"[{p}](plots/{p})" for p in PLOTS) + ". Every answer: `generations/`; every answer with its score: "
-              "`predictions.jsonl`.", ""]
+    lines += ["", "Plots: " + ", ".join(f"[{p}](plots/{p})" for p in PLOTS) + ". Every answer: `generations/`; "
+              "every answer with its score: `predictions.jsonl`.", ""]
     return "\n".join(lines)
 
 

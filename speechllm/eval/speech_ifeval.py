@@ -42,19 +42,35 @@ import sys
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 from ..errors import SpeechLLMError
 from ..io.jsonl import iter_lines, write_json_atomic
 from . import official
 from .predictions import PREDICTIONS_FILE, following_score, row, write_predictions
 
-if TYPE_CHECKING:
-    from ..model.speechllm import SpeechLLM
-
-__all__ = ["COT_JUDGE_SYSTEM", "FILES", "HF_DATASET", "Judge", "parse_verdict", "PREDICTIONS_FILE", "RULE_CHANGES", "RULES", "write_predictions", "SUBSETS", "SYSTEM_PROMPT", "SpeechIFEvalError", "SpeechIFEvalItem",
-           "fetch_audio", "ifrate", "read_items", "reference_text", "run_speech_ifeval", "score_items",
-           "score_response_files"]
+__all__ = [
+    "COT_JUDGE_SYSTEM",
+    "FILES",
+    "HF_DATASET",
+    "Judge",
+    "PREDICTIONS_FILE",
+    "RULES",
+    "RULE_CHANGES",
+    "SUBSETS",
+    "SYSTEM_PROMPT",
+    "SpeechIFEvalError",
+    "SpeechIFEvalItem",
+    "fetch_audio",
+    "ifrate",
+    "parse_verdict",
+    "read_items",
+    "reference_text",
+    "run_speech_ifeval",
+    "score_items",
+    "score_response_files",
+    "write_predictions",
+]
 
 FILES = {"closed": "closed_ended_questions.jsonl", "creative": "creative_writing.jsonl",
          "cot": "chain-of-thought.jsonl"}
@@ -515,17 +531,21 @@ def run_speech_ifeval(checkpoint: Path, data: Path, out: Path, audio: str | None
             raise SpeechIFEvalError(f"{err} (--max-new-tokens sets the answer's room)") from None
     ref_identity = {"llm": model.config.llm.name, "fingerprint": weights.fingerprint(model.config.llm.name), **settings}
     ref_name = f"reference-{model.config.llm.name.replace('/', '--')}"
+    name = Path(checkpoint).resolve().name
+    if name == ref_name:
+        raise SpeechIFEvalError(f"{checkpoint}: a checkpoint folder may not be called '{ref_name}' "
+                                "(the reference's name)")
     ref = Generations(out / "generations", ref_name, ref_identity)
     ref.fill(keys, lambda k: len(reference_text(by_key[k])),
              lambda chunk: [g.text for g in reference.generate([reference.prompt_ids(reference_text(by_key[k]))
                                                                 for k in chunk], gen, len(chunk))],
              batch_size, "Speech-IFEval (reference)", progress)
-    name = Path(checkpoint).resolve().name
     sys_identity = {"checkpoint": str(Path(checkpoint).resolve()), "asr_model": asr_name,
                     "adapter_sha256": weights.sha256_file(Path(checkpoint) / "adapter.safetensors"), **settings}
     sysgen = Generations(out / "generations", name, sys_identity)
     sysgen.fill(keys, lambda k: len(waves[by_key[k].id]),
-                lambda chunk: speech_answers(model, [Example(instruction=by_key[k].instruction, audio=waves[by_key[k].id],
+                lambda chunk: speech_answers(model, [Example(instruction=by_key[k].instruction,
+                                                             audio=waves[by_key[k].id],
                                                              transcript=transcripts[by_key[k].id], id=k)
                                                      for k in chunk], gen, len(chunk)),
                 batch_size, "Speech-IFEval (speech model)", progress)
@@ -533,8 +553,7 @@ def run_speech_ifeval(checkpoint: Path, data: Path, out: Path, audio: str | None
     answers = {it.id: sysgen.answers[KEY_PREFIX + it.id] for it in items}
     ref_answers = {it.id: ref.answers[KEY_PREFIX + it.id] for it in items}
     ours, theirs = score_items(items, answers, rules), score_items(items, ref_answers, rules)
-    name_of = {id(ours): name, id(theirs): ref_name}
-    del model, llm, reference
+    model = llm = reference = None  # free the speech model before a judge is loaded
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     judged: dict[str, dict] = {name: {}, ref_name: {}}
@@ -543,8 +562,8 @@ def run_speech_ifeval(checkpoint: Path, data: Path, out: Path, audio: str | None
         judged = {name: judge.verdicts(items, answers, out, name, batch_size, progress),
                   ref_name: judge.verdicts(items, ref_answers, out, ref_name, batch_size, progress)}
         del judge
-    for followed in (ours, theirs):
-        followed.update({i: [v] for i, (v, _) in judged[name_of[id(followed)]].items()})
+    for followed, system in ((ours, name), (theirs, ref_name)):
+        followed.update({i: [v] for i, (v, _) in judged[system].items()})
     report = {"data": str(data), "audio": str(folder), "items": len(items), "subsets": list(dict.fromkeys(
               it.subset for it in items)), "per_subset": per_subset, "seed": seed, "checkpoint": str(checkpoint),
               "system": ifrate(items, ours), "reference": ifrate(items, theirs), "system_name": name,

@@ -241,8 +241,9 @@ def prediction_rows(system: str, es: EvalSet, answers: dict[str, str], scores: C
     passes = scores.passes_ref if base else scores.passes
     for f, k, ok in zip(es.fitems, es.if_keys, passes):
         iid = constraint_instruction(f.constraint)[0]
+        checker = iid if iid.startswith("speechllm:") else f"ifeval:{iid}"
         out.append(row("forgetting", system, k, f.task, f.instruction, answers[k], None,
-                       following_score([iid], [ok], checkers=[iid if iid.startswith("speechllm:") else f"ifeval:{iid}"])))
+                       following_score([iid], [ok], checkers=[checker])))
     if scores.ifeval:
         bench = "ifeval-builtin" if es.text_set.source == "builtin" else "ifeval"
         for r in scores.ifeval["rows_base" if base else "rows"]:
