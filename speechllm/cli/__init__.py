@@ -6,6 +6,8 @@
     speechllm targets    metadata.jsonl --out targets.jsonl
     speechllm train      train.data=targets.jsonl train.out_dir=runs/NAME
     speechllm eval       --checkpoint runs/NAME --data test.metadata.jsonl --out runs/eval
+    speechllm ifeval     --responses responses.jsonl --out runs/ifeval   (IFEval, official checkers)
+    speechllm speech-ifeval --data Speech-IFEval/data --checkpoint runs/NAME --out runs/sif
     speechllm demo       --out runs/demo
     speechllm chat       --checkpoint runs/NAME --audio clip.wav "What can you hear?"
     speechllm serve      --checkpoint runs/NAME
@@ -20,8 +22,9 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("models", "synth", "annotate", "targets", "train", "eval", "demo", "chat", "serve")
-"""Command names, in the order data flows; each is the module `speechllm.cli.<name>`."""
+COMMANDS = ("models", "synth", "annotate", "targets", "train", "eval", "ifeval", "speech-ifeval", "demo", "chat",
+            "serve")
+"""Command names, in the order data flows; each is the module `speechllm.cli.<name>` ('-' as '_')."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
-        importlib.import_module(f"{__name__}.{name}").add_parser(sub)
+        importlib.import_module(f"{__name__}.{name.replace('-', '_')}").add_parser(sub)
     return p
 
 

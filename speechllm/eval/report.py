@@ -92,13 +92,15 @@ def _forgetting_lines(report: dict, ck: dict, names: list[str]) -> list[str]:
                          f"{_ci(c['ci_low'], c['ci_high'], pct=False)} |")
     kinds = _constraint_kinds(ck, names)
     if kinds:
-        lines += ["", "Per constraint (IFrate %):", "",
-                  "| constraint | items | " + " | ".join(names) + " | reference |",
-                  "|---|---|" + "---|" * (len(names) + 1)]
+        lines += ["", "Per constraint (IFrate %). `checker`: who scored it: `ifeval:<id>` is IFEval's official "
+                      "checker (strict), `speechllm:<kind>` our own, for a kind IFEval does not have.", "",
+                  "| constraint | checker | items | " + " | ".join(names) + " | reference |",
+                  "|---|---|---|" + "---|" * (len(names) + 1)]
         for k in kinds:
             per = [ck[n]["forgetting"]["per_constraint"].get(k, {}) for n in names]
-            lines.append(f"| {k} | {per[0].get('items', 0)} | " + " | ".join(_pct(p.get("ifrate")) for p in per) +
-                         f" | {_pct(per[0].get('ifrate_ref'))} |")
+            checker = next((p["checker"] for p in per if p.get("checker")), "–")
+            lines.append(f"| {k} | `{checker}` | {per[0].get('items', 0)} | "
+                         + " | ".join(_pct(p.get("ifrate")) for p in per) + f" | {_pct(per[0].get('ifrate_ref'))} |")
     return lines
 
 
@@ -106,16 +108,24 @@ def _retention_lines(ck: dict, names: list[str]) -> list[str]:
     """The text-only retention table: KL to the base LLM and the text IFrate."""
     lines = ["", "## Text-only retention", "",
              "The speech model with no audio against the base LLM: mean KL of next-token distributions over "
-             "fixed chat prompts (0 = identical), and the instruction-following rate on text prompts "
-             "(prompt-level, all constraints followed).", "",
-             "| checkpoint | LoRA | KL (nats) | KL max | text IFrate | base IFrate | identical answers |",
-             "|---|---|---|---|---|---|---|"]
+             "fixed chat prompts (0 = identical), and IFEval accuracy on the text prompts, scored by IFEval's "
+             "official checkers under Google's protocol: prompt-level (all instructions followed) and "
+             "instruction-level, strict and loose; `base` is the base LLM.", "",
+             "| checkpoint | LoRA | KL (nats) | KL max | prompt strict | base | instr. strict | base | prompt loose "
+             "| base | instr. loose | base | identical answers |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for n in names:
         r = ck[n]["text_retention"]
         ife = r.get("ifeval") or {}
+        cells = [_pct(ife.get(f"{level}_accuracy_{mode}{base}")) for mode in ("strict", "loose")
+                 for level in ("prompt", "instruction") for base in ("", "_base")]
         lines.append(f"| {n} | {'yes' if ck[n]['lora'] else 'no'} | {r['kl']:.3g} | {r['kl_max']:.3g} | "
-                     f"{_pct(ife.get('prompt_accuracy'))} | {_pct(ife.get('prompt_accuracy_base'))} | "
-                     f"{ife.get('identical_answers', '–')}/{ife.get('prompts', '–')} |")
+                     + " | ".join(cells) + f" | {ife.get('identical_answers', '–')}/{ife.get('prompts', '–')} |")
+    sources = {(ck[n]["text_retention"].get("ifeval") or {}).get("source") for n in names} - {None}
+    if sources:
+        lines += ["", f"Text prompts: {', '.join(sorted(sources))}" + (
+            " (our own fallback prompts, not IFEval's: not comparable with published IFEval numbers)"
+            if "builtin" in sources else "") + "."]
     return lines
 
 
@@ -139,7 +149,8 @@ def markdown(report: dict) -> str:
     names = list(ck)
     lines = (_data_lines(report) + _task_lines(ck, names) + _forgetting_lines(report, ck, names)
              + _retention_lines(ck, names) + _training_lines(ck, names))
-    lines += ["", "Plots: " + ", ".join(f"[{p}](plots/{p})" for p in PLOTS) + ". Every answer: `generations/`.", ""]
+    lines += ["", "Plots: " + ", ".join(f"[{p}](plots/{p})" for p in PLOTS) + ". Every answer: `generations/`; "
+              "every answer with its score: `predictions.jsonl`.", ""]
     return "\n".join(lines)
 
 

@@ -165,7 +165,8 @@ class CheckpointScores:
     per_item: dict[str, dict]
     """Task item id -> the system's score of that item (`tasks.score_item`)."""
     passes: list[bool]
-    """Per forgetting item (in `EvalSet.fitems` order): the system's answer follows its constraint."""
+    """Per forgetting item (in `EvalSet.fitems` order): the system's answer follows its constraint
+    (IFEval's official checker, strict, where IFEval has the kind; ours otherwise)."""
     passes_ref: list[bool]
     """The same for the reference's answers."""
     forgetting: ForgettingResult | None
@@ -175,20 +176,37 @@ class CheckpointScores:
 
 
 def text_ifeval(es: EvalSet, answers: dict[str, str], ref_answers: dict[str, str]) -> dict | None:
-    """Prompt and instruction accuracy of both systems on the text prompts (None without any)."""
+    """Both systems on the text prompts, by IFEval's official checkers: prompt- and
+    instruction-level accuracy, strict (the headline) and loose; per-prompt rows in ``rows`` /
+    ``rows_base`` (None without text prompts)."""
     if not es.text_by_key:
         return None
-    from .ifeval import score as score_ifeval
+    from .ifeval import score_prompts, summarize
 
     prompts = list(es.text_by_key.values())
-    ours_text = [answers[f"text:{p[0]}"] for p in prompts]
-    ref_text = [ref_answers[f"text:{p[0]}"] for p in prompts]
-    ours, theirs = score_ifeval(ours_text, prompts), score_ifeval(ref_text, prompts)
-    return {"source": es.text_set.source, "prompts": len(prompts),
-            "prompt_accuracy": ours["prompt_accuracy"], "prompt_accuracy_base": theirs["prompt_accuracy"],
-            "instruction_accuracy": ours["instruction_accuracy"],
-            "instruction_accuracy_base": theirs["instruction_accuracy"],
-            "identical_answers": sum(a == b for a, b in zip(ours_text, ref_text))}
+    ours_text = [answers[f"text:{p.key}"] for p in prompts]
+    ref_text = [ref_answers[f"text:{p.key}"] for p in prompts]
+    rows, rows_base = score_prompts(ours_text, prompts), score_prompts(ref_text, prompts)
+    ours, theirs = summarize(rows), summarize(rows_base)
+    out = {"source": es.text_set.source, "prompts": len(prompts), "checkers": f"official ({official_library()})",
+           "identical_answers": sum(a == b for a, b in zip(ours_text, ref_text))}
+    for level in ("prompt", "instruction"):
+        for mode in ("strict", "loose"):
+            out[f"{level}_accuracy_{mode}"] = ours[f"{level}_accuracy_{mode}"]
+            out[f"{level}_accuracy_{mode}_base"] = theirs[f"{level}_accuracy_{mode}"]
+        out[f"{level}_accuracy"], out[f"{level}_accuracy_base"] = (out[f"{level}_accuracy_strict"],
+                                                                    out[f"{level}_accuracy_strict_base"])
+    out["per_instruction"] = {i: {"n": v["n"], "strict": v["strict"],
+                                  "strict_base": theirs["per_instruction"][i]["strict"]}
+                              for i, v in ours["per_instruction"].items()}
+    out["rows"], out["rows_base"] = rows, rows_base
+    return out
+
+
+def official_library() -> str:
+    from .official import library_version
+
+    return library_version()
 
 
 def score_checkpoint(es: EvalSet, answers: dict[str, str], ref_answers: dict[str, str],
@@ -196,8 +214,13 @@ def score_checkpoint(es: EvalSet, answers: dict[str, str], ref_answers: dict[str
     """Score one system's answers against the reference's on the same keys."""
     tasks, per_item = task_scores(es.items, {k: answers[k] for k in es.task_keys},
                                   {k: ref_answers[k] for k in es.task_keys}, cfg.bootstrap, cfg.seed)
-    s_pass = [f.constraint.check(answers[k]) for f, k in zip(es.fitems, es.if_keys)]
-    r_pass = [f.constraint.check(ref_answers[k]) for f, k in zip(es.fitems, es.if_keys)]
+    from .official import checker_name, follows_constraint
+
+    s_pass = [follows_constraint(f.constraint, answers[k], f.instruction) for f, k in zip(es.fitems, es.if_keys)]
+    r_pass = [follows_constraint(f.constraint, ref_answers[k], f.instruction) for f, k in zip(es.fitems, es.if_keys)]
     forgetting = forgetting_rate(s_pass, r_pass, [f.constraint.kind for f in es.fitems], samples=cfg.bootstrap,
                                  seed=cfg.seed) if es.fitems else None
+    if forgetting is not None:
+        for kind, per in forgetting.per_constraint.items():
+            per["checker"] = checker_name(kind)
     return CheckpointScores(tasks, per_item, s_pass, r_pass, forgetting, text_ifeval(es, answers, ref_answers))

@@ -8,6 +8,7 @@ for one or more checkpoints against the text reference, in one resumable run.
       annotations.jsonl         descriptions made for items that came without one
       generations/NAME.jsonl    every answer of every system, keyed "task:ID", "if:ID", "text:KEY"
       generations/NAME.json     what produced them (a different checkpoint or setting starts afresh)
+      predictions.jsonl         every system's answer to every item with its score (`predictions`)
       report.json, report.md, plots/*.png
 
 Every answer is appended as soon as its batch finishes, so an interrupted run resumes where it
@@ -29,9 +30,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..config import EvalConfig, GenerationConfig
-from ..io.jsonl import write_jsonl_atomic
 from .generations import Generations
 from .items import DATA_FORMATS, EvalError, EvalSet, load_eval_set
+from .predictions import PREDICTIONS_FILE, benchmark_of, following_score, row, write_predictions
 from .scoring import CheckpointScores, compare_checkpoints, score_checkpoint, training_summary
 
 if TYPE_CHECKING:
@@ -100,8 +101,10 @@ def run_eval(checkpoints: list[Path], data: Path, out: Path, cfg: EvalConfig, de
                              "left_out": es.left_out, "tasks": es.tasks, "text_prompts": len(es.text_by_key),
                              "text_prompt_source": es.text_set.source if es.text_set else None},
                     "options": asdict(cfg), "references": {}, "checkpoints": {}}
-    passes = {name: evaluate_checkpoint(ckpt, name, es, out, cfg, device, progress, report)
+    rows: dict[str, list[dict]] = {}
+    passes = {name: evaluate_checkpoint(ckpt, name, es, out, cfg, device, progress, report, rows)
               for name, ckpt in zip(names, checkpoints)}
+    write_predictions(out / PREDICTIONS_FILE, [r for system_rows in rows.values() for r in system_rows])
     report["comparisons"] = compare_checkpoints(passes, cfg.bootstrap, cfg.seed)
     report["seconds"] = round(time.perf_counter() - t0, 1)
     write_report(report, out)
@@ -109,9 +112,10 @@ def run_eval(checkpoints: list[Path], data: Path, out: Path, cfg: EvalConfig, de
 
 
 def evaluate_checkpoint(ckpt: Path, name: str, es: EvalSet, out: Path, cfg: EvalConfig, device: str,
-                        progress: bool, report: dict) -> list[bool]:
+                        progress: bool, report: dict, rows: dict[str, list[dict]] | None = None) -> list[bool]:
     """Answer everything with one checkpoint and its reference (each answer cached), score it,
-    add its entries to `report` and write its audit file; returns its pass per forgetting item."""
+    add its entries to `report` and its prediction rows (and its reference's, once) to `rows`;
+    returns its pass per forgetting item."""
     import torch
 
     from ..model.speechllm import SpeechLLM
@@ -131,11 +135,14 @@ def evaluate_checkpoint(ckpt: Path, name: str, es: EvalSet, out: Path, cfg: Eval
         "llm": model.config.llm.name,
         "tasks": {t: {k: v[k] for k in REFERENCE_SCORES if k in v} for t, v in scores.tasks.items()},
         "ifrate": scores.forgetting.ifrate_ref if scores.forgetting else None})
+    ifeval = {k: v for k, v in scores.ifeval.items() if k not in ("rows", "rows_base")} if scores.ifeval else None
     report["checkpoints"][name] = {
         "path": str(ckpt), "reference": ref_name, "lora": meta.get("lora"), "tasks": scores.tasks,
         "forgetting": scores.forgetting.to_dict() if scores.forgetting else None,
-        "text_retention": {**kl, "ifeval": scores.ifeval}, "training": training_summary(ckpt)}
-    _write_audit(out / GENERATIONS_DIR / f"{name}.scored.jsonl", es, sysgen, ref, scores)
+        "text_retention": {**kl, "ifeval": ifeval}, "training": training_summary(ckpt)}
+    if rows is not None:
+        rows[name] = prediction_rows(name, es, sysgen.answers, scores, base=False)
+        rows.setdefault(ref_name, prediction_rows(ref_name, es, ref.answers, scores, base=True))
     del model, reference
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -220,14 +227,28 @@ def _checkpoint_generations(model: "SpeechLLM", ckpt: Path, name: str, ref_name:
     return sysgen
 
 
-def _write_audit(path: Path, es: EvalSet, sysgen: Generations, ref: Generations, scores: CheckpointScores) -> None:
-    """Every answer of the checkpoint next to the reference's, with its score (for reading)."""
-    rows = []
+def prediction_rows(system: str, es: EvalSet, answers: dict[str, str], scores: CheckpointScores,
+                    base: bool) -> list[dict]:
+    """The `predictions` rows of one system: its answers and scores (the reference's when `base`)."""
+    from .official import constraint_instruction
+    from .tasks import score_item
+
+    out = []
     for it in es.items:
         k = f"task:{it.id}"
-        rows.append({"key": k, "task": it.task, "instruction": it.instruction, "reference": it.reference,
-                     "answer": sysgen.answers[k], "answer_ref": ref.answers[k], "score": scores.per_item.get(it.id)})
-    for f, k, sp, rp in zip(es.fitems, es.if_keys, scores.passes, scores.passes_ref):
-        rows.append({"key": k, "instruction": f.instruction, "constraint": f.constraint.to_dict(),
-                     "answer": sysgen.answers[k], "followed": sp, "answer_ref": ref.answers[k], "followed_ref": rp})
-    write_jsonl_atomic(path, rows)
+        score = score_item(it, answers[k]) if it.answer_kind != "free" else None
+        out.append(row(benchmark_of(it.source), system, k, it.task, it.instruction, answers[k], it.reference, score))
+    passes = scores.passes_ref if base else scores.passes
+    for f, k, ok in zip(es.fitems, es.if_keys, passes):
+        iid = constraint_instruction(f.constraint)[0]
+        checker = iid if iid.startswith("speechllm:") else f"ifeval:{iid}"
+        out.append(row("forgetting", system, k, f.task, f.instruction, answers[k], None,
+                       following_score([iid], [ok], checkers=[checker])))
+    if scores.ifeval:
+        bench = "ifeval-builtin" if es.text_set.source == "builtin" else "ifeval"
+        for r in scores.ifeval["rows_base" if base else "rows"]:
+            k = f"text:{r['key']}"
+            checkers = [i if i.startswith("speechllm:") else f"ifeval:{i}" for i in r["instruction_id_list"]]
+            out.append(row(bench, system, k, None, es.instruction(k), answers[k], None,
+                           following_score(r["instruction_id_list"], r["strict"], r["loose"], checkers)))
+    return out
