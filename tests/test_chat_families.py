@@ -2,9 +2,9 @@
 
 Each family's real chat template (tests/fixtures/chat_templates/, with its source) runs on a small
 tokenizer built here with that family's special tokens and kind of pre-tokenization; the slow tier
-repeats every check on the real tokenizers that registry packages ship: SmolLM2's (the embedded
-GGUF) and Mistral's v1 and v3 SentencePiece models (inside mistral-common's wheel, pinned by
-sha256). For every family: the audio slot sits inside the
+repeats every check on the real tokenizers that registry packages ship (pinned by sha256): Llama 3's
+(tiktoken ranks inside llama-models' wheel, for Llama 3 and 3.1), Mistral's v1 and v3 SentencePiece
+models (inside mistral-common's wheel) and SmolLM2's (the embedded GGUF). For every family: the audio slot sits inside the
 user turn, a prompt without audio has exactly the ids of the family's own
 `apply_chat_template(..., tokenize=True)`, the end-of-turn and stop ids are the family's, and
 control strings in transcripts and instructions stay text.
@@ -86,38 +86,65 @@ def build_tokenizer(spec: dict):
     return fast
 
 
-def _mistral_model(member: str, sha256: str, size: int):
+LLAMA3_SPECIALS = (["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+                    "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>", "<|start_header_id|>",
+                    "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>", "<|image|>"]
+                   + [f"<|reserved_special_token_{i}|>" for i in range(2, 246)])
+"""Llama 3's 256 special tokens after its 128000 BPE ranks, in id order (llama_models/llama3/tokenizer.py)."""
+
+
+def _sentencepiece(folder: Path, spec: dict):
+    from transformers import LlamaTokenizer
+
+    return LlamaTokenizer.from_pretrained(folder, legacy=False, add_bos_token=False)
+
+
+def _tiktoken(folder: Path, spec: dict):
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    converted = TikTokenConverter(vocab_file=str(folder / "tokenizer.model"), pattern=SPLIT_PATTERNS["bytelevel-llama3"],
+                                  extra_special_tokens=LLAMA3_SPECIALS).converted()
+    return PreTrainedTokenizerFast(tokenizer_object=converted, bos_token=spec["bos"], eos_token=spec["eos"])
+
+
+def _pinned(requirement: str, member: str, sha256: str, size: int):
     from speechllm.hub.weights import SourceFile
 
-    return SourceFile("mistral-common==1.12.0", f"mistral_common/data/{member}", sha256, size)
+    return SourceFile(requirement, member, sha256, size)
 
 
+LLAMA3_MODEL = ("llama-models==0.3.0", "llama_models/llama3/tokenizer.model",
+                "82e9d31979e92ab929cd544440f129d9ecd797b69e327f80f17e1c50d5551b55", 2183982)
 REAL_TOKENIZERS = {
-    "mistral-v0.1": _mistral_model("tokenizer.model.v1",
-                                   "dadfd56d766715c61d2ef780a525ab43b8e6da4de6865bda3d95fdef5e134055", 493443),
-    "mistral-v0.3": _mistral_model("mistral_instruct_tokenizer_240323.model.v3",
-                                   "9addc8bdce5988448ae81b729336f43a81262160ae8da760674badab9d4c7d33", 587591),
-    "smollm2": None,
+    "llama3": (LLAMA3_MODEL, _tiktoken),
+    "llama3.1": (LLAMA3_MODEL, _tiktoken),
+    "mistral-v0.1": (("mistral-common==1.12.0", "mistral_common/data/tokenizer.model.v1",
+                      "dadfd56d766715c61d2ef780a525ab43b8e6da4de6865bda3d95fdef5e134055", 493443), _sentencepiece),
+    "mistral-v0.3": (("mistral-common==1.12.0", "mistral_common/data/mistral_instruct_tokenizer_240323.model.v3",
+                      "9addc8bdce5988448ae81b729336f43a81262160ae8da760674badab9d4c7d33", 587591), _sentencepiece),
+    "smollm2": (None, None),
 }
-"""Families whose real tokenizer a registry package ships: the pinned SentencePiece model inside
-mistral-common's wheel (Mistral-7B v0.1's; v0.3's, with the control tokens [INST] ...), or the
-embedded model (SmolLM2)."""
+"""Families whose real tokenizer a registry package ships, pinned by sha256: Meta's Llama 3
+tiktoken ranks inside llama-models' wheel (converted with transformers' TikTokenConverter), the
+SentencePiece models of Mistral-7B v0.1 and v0.3 (with the control tokens [INST] ...) inside
+mistral-common's wheel, and the embedded SmolLM2."""
 
 
 def real_tokenizer(name: str, spec: dict):
     """The family's real tokenizer with its chat template from the fixture."""
-    from transformers import AutoTokenizer, LlamaTokenizer
+    from transformers import AutoTokenizer
 
     from speechllm.hub import weights
 
-    source = REAL_TOKENIZERS[name]
+    source, load = REAL_TOKENIZERS[name]
     if source is None:
         tok = AutoTokenizer.from_pretrained(weights.resolve("smollm2-135m-instruct"))
         assert tok.chat_template == spec["chat_template"]
         return tok
-    folder = weights.home() / "test-tokenizers" / name
-    weights.fetch_file(source, folder / "tokenizer.model")
-    tok = LlamaTokenizer.from_pretrained(folder, legacy=False, add_bos_token=False)
+    folder = weights.home() / "test-tokenizers" / source[0].split("==")[0] / Path(source[1]).name
+    weights.fetch_file(_pinned(*source), folder / "tokenizer.model")
+    tok = load(folder, spec)
     tok.chat_template = spec["chat_template"]
     return tok
 
