@@ -1,5 +1,5 @@
-"""`speechllm plan`: counts from meta-device models equal the built models', the DeSTA2 /
-DeSTA2.5 recipes' trainable parameters,
+"""`speechllm plan`: counts from meta-device models equal the built models', the saved
+activations against autograd's saved tensors, the DeSTA2 / DeSTA2.5 recipes' trainable parameters,
 the command on the three shipped configs, and (slow) peak memory against a measured CPU run."""
 
 from __future__ import annotations
@@ -40,6 +40,46 @@ def test_meta_counts_equal_the_built_models(tiny_cfg, tiny_model):
     assert plan.encoder_params == count(tiny_model.encoder)
     assert plan.adapter_params == count(tiny_model.adapter) == plan.trainable_params
     assert plan.llm_params == count(tiny_model.llm)
+
+
+@pytest.mark.parametrize("overrides", [[], ["model.adapter.kind=mlp"]])
+def test_the_saved_activations_are_what_autograd_keeps(overrides, sample_wav):
+    """Bytes of every tensor autograd saves in one training forward of the tiny model (weights
+    aside) against the plan's saved-activation figure for the same batch and lengths."""
+    import torch
+
+    from speechllm.config import load_config
+    from speechllm.model import Example, build_model
+    from speechllm.training.plan import Lengths, make_plan
+
+    cfg = load_config(TINY_CONFIG, overrides)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    batch, instruction, transcript = 4, "What can you hear?", "cold hearted"
+    target = "A man reads a passage in a calm voice. " * 12
+    examples = [Example(instruction, audio=sample_wav, transcript=transcript, target=target)] * batch
+    pieces = model.prompt.pieces(instruction, transcript)
+    frames = int(model.encoder.output_frames(len(sample_wav) * 100 // 16000))
+    n_tr, n_in = len(model.prompt.text(transcript)), len(model.prompt.text(instruction))
+    lengths = Lengths(template=len(pieces.before_audio) + len(pieces.after_audio) - n_tr - n_in, instruction=n_in,
+                      transcript=n_tr, audio=model.audio_positions(frames=frames),
+                      target=len(model.prompt.target(target)), audio_frames=frames)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(examples)
+    plan = make_plan(cfg, batch_size=batch, lengths=lengths)
+    measured = sum(saved.values())
+    print(f"saved activations: plan {plan.saved_activation_bytes:.0f} B, autograd {measured} B")
+    assert abs(plan.saved_activation_bytes - measured) <= PEAK_TOLERANCE * measured, (plan.saved_activation_bytes,
+                                                                                      measured)
 
 
 def test_desta2_trainable_parameters_are_the_recipes():

@@ -33,12 +33,13 @@ MASTER_BYTES = 4
 """Trainable weights, their gradients and AdamW moments are float32 (mixed precision keeps masters)."""
 ADAM_STATES = 2
 """AdamW keeps two moments per trainable parameter."""
-LLM_SAVED_HIDDEN = 6.5
+LLM_SAVED_HIDDEN = 5.0
+LLM_SAVED_KV = 2.0
 LLM_SAVED_INTERMEDIATE = 3.0
 """Activations autograd keeps per token per LLM layer when gradients flow to the LLM's inputs
-(frozen weights): about 6.5 x hidden + 3 x intermediate elements (norm inputs, q / k / v after
-rotary, attention output, MLP gate, up and activation), measured with saved-tensor hooks on
-transformers' Llama."""
+(frozen weights): about 5 x hidden + 2 x key/value width + 3 x intermediate elements (norm
+inputs, queries, keys and values, attention output, MLP gate, up and activation), measured with
+saved-tensor hooks on transformers' Llama (tests/test_plan.py checks it on the tiny model)."""
 LOGIT_COPIES = 3
 """Float32 copies of the target logits alive at the peak: the logits, log-softmax, their gradient."""
 TEMPLATE_TOKENS = 40
@@ -91,7 +92,9 @@ class Plan:
     grads_bytes: float
     optimizer_bytes: float
     activation_bytes: float
-    """One micro-batch of `batch_size` at `lengths`."""
+    """One micro-batch of `batch_size` at `lengths`, at the step's peak."""
+    saved_activation_bytes: float
+    """The part of `activation_bytes` that autograd keeps for backward."""
     tokens_per_step: int
     flops_per_step: float
     tflops: float
@@ -215,32 +218,53 @@ def _llm_dims(llm) -> tuple[int, int, int, int, int]:
     return hidden, inter, c.num_hidden_layers, c.num_attention_heads, c.vocab_size
 
 
+def _kv_width(llm) -> int:
+    c = getattr(llm.config, "text_config", llm.config)
+    heads = c.num_attention_heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+    return (getattr(c, "num_key_value_heads", None) or heads) * head_dim
+
+
+def saved_activation_bytes(cfg: Config, llm, adapter, lengths: Lengths, batch_size: int, act_bytes: int,
+                           num_taps: int) -> float:
+    """What autograd keeps for backward over one micro-batch: per token per frozen LLM layer
+    `LLM_SAVED_HIDDEN` x hidden + `LLM_SAVED_KV` x key/value width + `LLM_SAVED_INTERMEDIATE` x
+    intermediate elements, the float32 target logits once, and the adapter's own."""
+    hidden, inter, layers, _, vocab = _llm_dims(llm)
+    tokens = batch_size * lengths.sequence
+    per_token = LLM_SAVED_HIDDEN * hidden + LLM_SAVED_KV * _kv_width(llm) + LLM_SAVED_INTERMEDIATE * inter
+    logits = batch_size * lengths.target * vocab * MASTER_BYTES
+    return tokens * layers * per_token * act_bytes + logits + _adapter_saved_bytes(cfg, adapter, lengths, batch_size,
+                                                                                 num_taps)
+
+
 def activation_bytes(cfg: Config, llm, adapter, lengths: Lengths, batch_size: int, act_bytes: int,
                      num_taps: int) -> float:
-    """Autograd's saved tensors for one micro-batch plus the float32 target logits."""
-    hidden, inter, layers, heads, vocab = _llm_dims(llm)
+    """Activation memory at the step's peak: the saved activations plus what lives beside them at
+    the loss (`LOGIT_COPIES` - 1 more float32 copies of the target logits), the padded batch's 4-D
+    attention mask, and the input embeddings with their gradient."""
+    hidden, _, _, _, vocab = _llm_dims(llm)
     seq = lengths.sequence
-    tokens = batch_size * seq
-    llm_saved = tokens * layers * (LLM_SAVED_HIDDEN * hidden + LLM_SAVED_INTERMEDIATE * inter) * act_bytes
-    mask = batch_size * seq * seq * act_bytes  # the 4-D additive attention mask of a padded batch
-    logits = batch_size * lengths.target * vocab * MASTER_BYTES * LOGIT_COPIES
-    embeds = 2 * tokens * hidden * act_bytes  # inputs_embeds and its gradient
-    adapter_bytes = _adapter_activation_bytes(cfg, adapter, lengths, batch_size, num_taps)
-    return llm_saved + mask + logits + embeds + adapter_bytes
+    transient = ((LOGIT_COPIES - 1) * batch_size * lengths.target * vocab * MASTER_BYTES
+                 + batch_size * seq * seq * act_bytes + 2 * batch_size * seq * hidden * act_bytes)
+    return saved_activation_bytes(cfg, llm, adapter, lengths, batch_size, act_bytes, num_taps) + transient
 
 
-def _adapter_activation_bytes(cfg: Config, adapter, lengths: Lengths, batch_size: int, num_taps: int) -> float:
-    """The adapter trains in float32: its inputs (the tapped states) and, per block, ~12 saved
-    tensors of the query width over queries and ~4 of the keys / values over frames."""
-    width = getattr(adapter, "proj", None)
-    width = width.in_features if width is not None else adapter.mlp[0].in_features
+def _adapter_saved_bytes(cfg: Config, adapter, lengths: Lengths, batch_size: int, num_taps: int) -> float:
+    """The adapter trains in float32: its input (the tapped states) is kept, and for a Q-Former
+    the projected states, each block's keys and values over the frames and ~12 tensors of the
+    query width over the queries; for the MLP its concatenated frames and hidden layer."""
     frames = lengths.audio_frames
-    states = num_taps * batch_size * frames * width * MASTER_BYTES
     if cfg.model.adapter.kind == "qformer":
-        q_tokens = num_taps * batch_size * adapter.num_queries
-        per_block = (12 * q_tokens + 4 * num_taps * batch_size * frames) * width * MASTER_BYTES
-        return states + len(adapter.blocks) * per_block
-    return states + 3 * batch_size * lengths.audio * width * MASTER_BYTES
+        width = adapter.proj.in_features
+        encoder_width = adapter.in_proj.in_features if hasattr(adapter.in_proj, "in_features") else width
+        audio = num_taps * batch_size * frames
+        queries = num_taps * batch_size * adapter.num_queries
+        projected = audio * width if encoder_width != width else 0
+        per_block = 2 * audio * width + 12 * queries * width
+        return (audio * encoder_width + projected + len(adapter.blocks) * per_block) * MASTER_BYTES
+    first = adapter.mlp[0]
+    return batch_size * lengths.audio * (first.in_features + 2 * first.out_features) * MASTER_BYTES
 
 
 def flops_per_step(cfg: Config, encoder, llm, params: dict[str, int], lengths: Lengths, global_batch: int) -> float:
@@ -280,14 +304,16 @@ def make_plan(cfg: Config, gpus: int = 1, batch_size: int | None = None, tflops:
     weights_b = frozen + trainable * MASTER_BYTES
     sharded = (params["encoder"] * frozen_bytes + params["llm"] * frozen_bytes / gpus
                + (one_layer if gpus > 1 else 0) + trainable * MASTER_BYTES)
-    acts = activation_bytes(cfg, llm, adapter, lengths, batch, act_bytes, len(cfg.model.encoder.layers))
+    taps = len(cfg.model.encoder.layers)
+    acts = activation_bytes(cfg, llm, adapter, lengths, batch, act_bytes, taps)
+    saved = saved_activation_bytes(cfg, llm, adapter, lengths, batch, act_bytes, taps)
     global_batch = batch * gpus * cfg.train.grad_accum
     return Plan(
         encoder_params=params["encoder"], adapter_params=params["adapter"], llm_params=params["llm"],
         lora_params=params["lora"], trainable_params=trainable, total_params=sum(params.values()), gpus=gpus,
         batch_size=batch, grad_accum=cfg.train.grad_accum, lengths=lengths, dtype=dtype, weights_bytes=weights_b,
         weights_sharded_bytes=sharded, grads_bytes=trainable * MASTER_BYTES,
-        optimizer_bytes=trainable * MASTER_BYTES * ADAM_STATES, activation_bytes=acts,
+        optimizer_bytes=trainable * MASTER_BYTES * ADAM_STATES, activation_bytes=acts, saved_activation_bytes=saved,
         tokens_per_step=global_batch * lengths.sequence,
         flops_per_step=flops_per_step(cfg, encoder, llm, params, lengths, global_batch), tflops=tflops,
         feature_cache=cfg.train.feature_cache, sources=sources)
