@@ -121,9 +121,24 @@ def test_an_unreachable_model_config_is_a_clear_error(monkeypatch, capsys):
     from speechllm.cli import main
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert main(["plan", "--config", str(DESTA25)]) == 2
+    assert main(["plan", "--config", str(DESTA25), "model.llm.name=some-lab/unpublished-8b"]) == 2
     err = capsys.readouterr().err
-    assert "model.encoder.name 'openai/whisper-large-v3'" in err and "config.json" in err
+    assert "model.llm.name 'some-lab/unpublished-8b'" in err and "config.json" in err
+
+
+@pytest.mark.parametrize("config", [DESTA2, DESTA25])
+def test_the_shipped_gpu_configs_plan_offline_from_published_configs(config, monkeypatch):
+    """Without the hub, the hub models the shipped configs name are planned from the published
+    config.json speechllm ships, and count as the local folders of the same dimensions do."""
+    from speechllm.config import load_config
+    from speechllm.training.plan import make_plan
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    offline = make_plan(load_config(config))
+    local = make_plan(load_config(config, LOCAL[config]))
+    assert all("published config.json" in src for src in offline.sources.values())
+    assert (offline.encoder_params, offline.llm_params, offline.trainable_params) == (
+        local.encoder_params, local.llm_params, local.trainable_params)
 
 
 @pytest.mark.slow

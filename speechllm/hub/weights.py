@@ -542,6 +542,18 @@ def fingerprint(name_or_path: str) -> str:
     return cache[key]
 
 
+PUBLISHED_CONFIGS = Path(__file__).with_name("published_configs.json")
+"""config.json of the hub models the shipped GPU configs name (their published dimensions)."""
+
+
+def published_config(name: str) -> dict | None:
+    """The published config.json of the hub model `name` when speechllm ships it (for planning
+    without the hub: dimensions only, never weights); None otherwise."""
+    table = json.loads(PUBLISHED_CONFIGS.read_text(encoding="utf-8"))
+    found = table.get(name)
+    return dict(found) if isinstance(found, dict) else None
+
+
 def folder_size(folder: Path) -> int:
     return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
 

@@ -1,7 +1,8 @@
 """`speechllm plan`: what a configured training run costs, before any weights are loaded.
 
 The encoder, the adapter and the LLM are built on the meta device from their config.json alone
-(an embedded model's converted folder, a local folder, or the Hugging Face hub when reachable),
+(an embedded model's converted folder, a local folder, or the Hugging Face hub when reachable; for
+the hub models the shipped configs name, their published config.json when it is not),
 so the parameter counts are the real modules' counts. Memory per GPU and step time are estimates:
 
 - weights: frozen encoder and LLM in `model.llm.dtype`; the adapter (and LoRA) in float32;
@@ -138,6 +139,11 @@ def _model_config(name: str, key: str):
         weights.check_available(name)
         return AutoConfig.from_pretrained(name), f"hub:{name}"
     except (SpeechLLMError, OSError, ValueError) as err:
+        published = weights.published_config(name)
+        if published is not None:
+            model_type = published.pop("model_type")
+            return (AutoConfig.for_model(model_type, **published),
+                    "published config.json shipped with speechllm: the hub was not reachable")
         raise PlanError(f"{key} '{name}': its config cannot be had ({err}); offline, point {key} at a local "
                         "folder holding the model's config.json (no weights needed)") from None
 
