@@ -1,6 +1,8 @@
 """Measure what `speechllm plan` estimates: peak memory (and step time) of real training steps at
 known lengths, beside the plan's figures for exactly those lengths.
 
+The examples carry precomputed tapped states when `train.feature_cache` is on (as training does),
+else audio that the encoder reads inside each step.
 CPU: peak RSS over the steps (the kernel's high-water mark, reset after the model is loaded)
 minus the RSS before the model was built; CUDA: `torch.cuda.max_memory_allocated`. Prints one JSON
 line: measured bytes, the plan's peak bytes, their ratio, the lengths, and the mean step seconds.
@@ -75,7 +77,14 @@ def main() -> None:
     transcript = text_of_tokens(model, cfg.model.prompt.max_transcript_tokens)
     n_eot = len(model.prompt.end_of_turn_ids)
     target = text_of_tokens(model, (args.target_tokens or cfg.train.max_target_tokens) - n_eot)
-    examples = [Example(INSTRUCTION, audio=wav, transcript=transcript, target=target) for _ in range(batch_size)]
+    if cfg.train.feature_cache:  # as training with the feature cache: tapped states computed before the step
+        with torch.no_grad():
+            enc = model.encoder.encode([wav])
+        states = [s[0, : int(enc.lengths[0])].cpu() for s in enc.states]
+        examples = [Example(INSTRUCTION, states=states, transcript=transcript, target=target)
+                    for _ in range(batch_size)]
+    else:  # the encoder runs inside every step
+        examples = [Example(INSTRUCTION, audio=wav, transcript=transcript, target=target) for _ in range(batch_size)]
     pieces = model.prompt.pieces(INSTRUCTION, transcript, has_audio=True)
     n_transcript = min(len(model.prompt.text(transcript.strip())), cfg.model.prompt.max_transcript_tokens)
     n_instruction = len(model.prompt.text(INSTRUCTION))
@@ -101,7 +110,7 @@ def main() -> None:
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     peak = (torch.cuda.max_memory_allocated() if cuda else rss_bytes("VmHWM")) - before
     plan = make_plan(cfg, batch_size=batch_size, lengths=lengths)
     print(json.dumps({

@@ -16,7 +16,8 @@ def add_parser(sub) -> None:
         "and print the parameters (total, trainable), memory per GPU (weights, gradients, AdamW,\n"
         "activations at the batch size and the configured lengths; with and without sharding the frozen\n"
         "LLM), tokens per step and a step time estimated from FLOPs at a stated throughput.\n"
-        "Offline, point model.encoder.name / model.llm.name at folders holding config.json.",
+        "Offline, the hub models of the shipped GPU configs are planned from their published config.json;\n"
+        "point model.encoder.name / model.llm.name at a folder holding config.json for any other model.",
         ["speechllm plan",
          "speechllm plan --config configs/desta25-llama31-8b-whisper-large-v3.yaml --gpus 8 --gpu-memory 80",
          "speechllm plan --config configs/desta2-llama3-8b-whisper-small.yaml model.llm.name=/models/llama3/"])

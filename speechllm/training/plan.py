@@ -245,15 +245,28 @@ def saved_activation_bytes(cfg: Config, llm, adapter, lengths: Lengths, batch_si
 
 
 def activation_bytes(cfg: Config, llm, adapter, lengths: Lengths, batch_size: int, act_bytes: int,
-                     num_taps: int) -> float:
+                     num_taps: int, encoder=None) -> float:
     """Activation memory at the step's peak: the saved activations plus what lives beside them at
     the loss (`LOGIT_COPIES` - 1 more float32 copies of the target logits), the padded batch's 4-D
-    attention mask, and the input embeddings with their gradient."""
+    attention mask and the input embeddings with their gradient; with the feature cache off, the
+    frozen encoder's forward (before anything is saved) when that is larger."""
     hidden, _, _, _, vocab = _llm_dims(llm)
     seq = lengths.sequence
     transient = ((LOGIT_COPIES - 1) * batch_size * lengths.target * vocab * MASTER_BYTES
                  + batch_size * seq * seq * act_bytes + 2 * batch_size * seq * hidden * act_bytes)
-    return saved_activation_bytes(cfg, llm, adapter, lengths, batch_size, act_bytes, num_taps) + transient
+    at_loss = saved_activation_bytes(cfg, llm, adapter, lengths, batch_size, act_bytes, num_taps) + transient
+    if encoder is not None and not cfg.train.feature_cache:  # the encoder runs before anything is saved
+        return max(at_loss, encoder_forward_bytes(encoder, lengths, batch_size, BYTES[cfg.model.llm.dtype]))
+    return at_loss
+
+
+def encoder_forward_bytes(encoder, lengths: Lengths, batch_size: int, dtype_bytes: int) -> float:
+    """Peak of the frozen encoder's forward without gradients: one block's attention scores and
+    probabilities (heads x frames x frames), queries / keys / values / output and FFN hidden, per clip."""
+    c = encoder.config
+    frames = lengths.audio_frames
+    per_clip = (2 * c.encoder_attention_heads * frames * frames + 4 * frames * c.d_model + frames * c.encoder_ffn_dim)
+    return batch_size * per_clip * dtype_bytes
 
 
 def _adapter_saved_bytes(cfg: Config, adapter, lengths: Lengths, batch_size: int, num_taps: int) -> float:
@@ -311,7 +324,7 @@ def make_plan(cfg: Config, gpus: int = 1, batch_size: int | None = None, tflops:
     sharded = (params["encoder"] * frozen_bytes + params["llm"] * frozen_bytes / gpus
                + (one_layer if gpus > 1 else 0) + trainable * MASTER_BYTES)
     taps = len(cfg.model.encoder.layers)
-    acts = activation_bytes(cfg, llm, adapter, lengths, batch, act_bytes, taps)
+    acts = activation_bytes(cfg, llm, adapter, lengths, batch, act_bytes, taps, encoder)
     saved = saved_activation_bytes(cfg, llm, adapter, lengths, batch, act_bytes, taps)
     global_batch = batch * gpus * cfg.train.grad_accum
     return Plan(
