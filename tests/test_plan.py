@@ -42,6 +42,24 @@ def test_meta_counts_equal_the_built_models(tiny_cfg, tiny_model):
     assert plan.llm_params == count(tiny_model.llm)
 
 
+def test_lora_parameters_are_the_ones_peft_adds(tiny_cfg):
+    import torch
+
+    from speechllm.config import load_config
+    from speechllm.model import build_model
+    from speechllm.model.lora import apply_lora
+    from speechllm.training.plan import make_plan
+
+    cfg = load_config(TINY_CONFIG, ["train.lora.enabled=true", "train.lora.r=4",
+                                    "train.lora.target_modules=[q_proj, v_proj, down_proj]"])
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    apply_lora(model, cfg.train.lora)
+    plan = make_plan(cfg)
+    assert plan.trainable_params == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert plan.lora_params > 0
+
+
 @pytest.mark.parametrize("overrides", [[], ["model.adapter.kind=mlp"]])
 def test_the_saved_activations_are_what_autograd_keeps(overrides, sample_wav):
     """Bytes of every tensor autograd saves in one training forward of the tiny model (weights

@@ -51,6 +51,10 @@ INSTRUCTION_TOKENS = 32
 DEFAULT_TFLOPS = 400.0
 """Assumed sustained bf16 throughput per GPU, TFLOP/s (an H100 SXM at ~40% of its 989 dense peak)."""
 GIB = 1024 ** 3
+WHISPER_HOP_LENGTH = 160
+"""Samples between log-mel frames in every Whisper feature extractor (10 ms at 16 kHz)."""
+WHISPER_MEL_FRAMES = 3000
+"""Log-mel frames of Whisper's 30 s window (the encoder's positions cover them after a stride-2 conv)."""
 
 
 class PlanError(SpeechLLMError, ValueError):
@@ -208,12 +212,10 @@ def default_lengths(cfg: Config, encoder, adapter, template_tokens: int = TEMPLA
 
 
 def _frames_per_second(encoder) -> float:
-    """Whisper: 1500 encoder frames in 30 s."""
+    """Encoder frames per second of audio (Whisper: 1500 in 30 s), from its config alone."""
     from ..io.audio import SAMPLE_RATE
 
-    hop = 160  # Whisper's feature extractors all hop 10 ms
-    mel_frames_30s = 3000
-    return SAMPLE_RATE / hop * encoder.config.max_source_positions / mel_frames_30s
+    return SAMPLE_RATE / WHISPER_HOP_LENGTH * encoder.config.max_source_positions / WHISPER_MEL_FRAMES
 
 
 def _llm_dims(llm) -> tuple[int, int, int, int, int]:
