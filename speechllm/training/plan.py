@@ -13,8 +13,9 @@ so the parameter counts are the real modules' counts. Memory per GPU and step ti
 - sharding the frozen LLM over N GPUs (FSDP / ZeRO-3 of frozen weights) keeps 1/N of its weights
   per GPU plus the one layer gathered at a time;
 - FLOPs per step: 2 per parameter per token forward and 2 backward through the frozen LLM (input
-  gradients only), 6 per trainable parameter per token it sees, the attention's quadratic term,
-  and the encoder's forward unless the feature cache serves it; step time = FLOPs / (GPUs x
+  gradients only) plus its attention's quadratic term, 6 per LoRA parameter per token, three
+  times the adapter's own forward (`forward_flops`), and the encoder's forward unless the
+  feature cache serves it; step time = FLOPs / (GPUs x
   the stated throughput).
 """
 
@@ -51,6 +52,8 @@ INSTRUCTION_TOKENS = 32
 DEFAULT_TFLOPS = 400.0
 """Assumed sustained bf16 throughput per GPU, TFLOP/s (an H100 SXM at ~40% of its 989 dense peak)."""
 GIB = 1024 ** 3
+TRAIN_FLOPS_PER_FORWARD = 3
+"""A trained module's forward, input-gradient and weight-gradient passes: 3 forwards' FLOPs."""
 WHISPER_HOP_LENGTH = 160
 """Samples between log-mel frames in every Whisper feature extractor (10 ms at 16 kHz)."""
 WHISPER_MEL_FRAMES = 3000
@@ -233,8 +236,7 @@ def _kv_width(llm) -> int:
     return (getattr(c, "num_key_value_heads", None) or heads) * head_dim
 
 
-def saved_activation_bytes(cfg: Config, llm, adapter, lengths: Lengths, batch_size: int, act_bytes: int,
-                           num_taps: int) -> float:
+def saved_activation_bytes(llm, adapter, lengths: Lengths, batch_size: int, act_bytes: int) -> float:
     """What autograd keeps for backward over one micro-batch: per token per frozen LLM layer
     `LLM_SAVED_HIDDEN` x hidden + `LLM_SAVED_KV` x key/value width + `LLM_SAVED_INTERMEDIATE` x
     intermediate elements, the float32 target logits once, and the adapter's own."""
@@ -242,12 +244,12 @@ def saved_activation_bytes(cfg: Config, llm, adapter, lengths: Lengths, batch_si
     tokens = batch_size * lengths.sequence
     per_token = LLM_SAVED_HIDDEN * hidden + LLM_SAVED_KV * _kv_width(llm) + LLM_SAVED_INTERMEDIATE * inter
     logits = batch_size * lengths.target * vocab * MASTER_BYTES
-    return tokens * layers * per_token * act_bytes + logits + _adapter_saved_bytes(cfg, adapter, lengths, batch_size,
-                                                                                 num_taps)
+    adapter_bytes = adapter.saved_elements(batch_size, lengths.audio_frames) * MASTER_BYTES  # trains in float32
+    return tokens * layers * per_token * act_bytes + logits + adapter_bytes
 
 
 def activation_bytes(cfg: Config, llm, adapter, lengths: Lengths, batch_size: int, act_bytes: int,
-                     num_taps: int, encoder=None) -> float:
+                     encoder=None) -> float:
     """Activation memory at the step's peak: the saved activations plus what lives beside them at
     the loss (`LOGIT_COPIES` - 1 more float32 copies of the target logits), the padded batch's 4-D
     attention mask and the input embeddings with their gradient; with the feature cache off, the
@@ -256,7 +258,7 @@ def activation_bytes(cfg: Config, llm, adapter, lengths: Lengths, batch_size: in
     seq = lengths.sequence
     transient = ((LOGIT_COPIES - 1) * batch_size * lengths.target * vocab * MASTER_BYTES
                  + batch_size * seq * seq * act_bytes + 2 * batch_size * seq * hidden * act_bytes)
-    at_loss = saved_activation_bytes(cfg, llm, adapter, lengths, batch_size, act_bytes, num_taps) + transient
+    at_loss = saved_activation_bytes(llm, adapter, lengths, batch_size, act_bytes) + transient
     if encoder is not None and not cfg.train.feature_cache:  # the encoder runs before anything is saved
         return max(at_loss, encoder_forward_bytes(encoder, lengths, batch_size, BYTES[cfg.model.llm.dtype]))
     return at_loss
@@ -271,34 +273,21 @@ def encoder_forward_bytes(encoder, lengths: Lengths, batch_size: int, dtype_byte
     return batch_size * per_clip * dtype_bytes
 
 
-def _adapter_saved_bytes(cfg: Config, adapter, lengths: Lengths, batch_size: int, num_taps: int) -> float:
-    """The adapter trains in float32: its input (the tapped states) is kept, and for a Q-Former
-    the projected states, each block's keys and values over the frames and ~12 tensors of the
-    query width over the queries; for the MLP its concatenated frames and hidden layer."""
-    frames = lengths.audio_frames
-    if cfg.model.adapter.kind == "qformer":
-        width = adapter.proj.in_features
-        encoder_width = adapter.in_proj.in_features if hasattr(adapter.in_proj, "in_features") else width
-        audio = num_taps * batch_size * frames
-        queries = num_taps * batch_size * adapter.num_queries
-        projected = audio * width if encoder_width != width else 0
-        per_block = 2 * audio * width + 12 * queries * width
-        return (audio * encoder_width + projected + len(adapter.blocks) * per_block) * MASTER_BYTES
-    first = adapter.mlp[0]
-    return batch_size * lengths.audio * (first.in_features + 2 * first.out_features) * MASTER_BYTES
-
-
-def flops_per_step(cfg: Config, encoder, llm, params: dict[str, int], lengths: Lengths, global_batch: int) -> float:
+def flops_per_step(cfg: Config, encoder, llm, adapter, params: dict[str, int], lengths: Lengths,
+                   global_batch: int) -> float:
+    """Forward and backward FLOPs of one optimizer step over `global_batch` examples."""
     hidden, _, layers, _, _ = _llm_dims(llm)
     seq = lengths.sequence
     tokens = global_batch * seq
-    frozen_llm = params["llm"]
-    llm = 4 * frozen_llm * tokens + 4 * layers * seq * seq * hidden * global_batch  # forward + input-gradient backward
-    lora = 6 * params["lora"] * tokens
-    taps = len(cfg.model.encoder.layers)
-    adapter = 6 * params["adapter"] * global_batch * (taps * lengths.audio + lengths.audio_frames * taps) / 2
-    enc = 0 if cfg.train.feature_cache else 2 * params["encoder"] * global_batch * lengths.audio_frames
-    return llm + lora + adapter + enc
+    # the frozen LLM: forward and the input-gradient backward, 2 FLOPs per weight per token each
+    llm_flops = 4 * params["llm"] * tokens + 4 * layers * seq * seq * hidden * global_batch
+    lora_flops = 2 * TRAIN_FLOPS_PER_FORWARD * params["lora"] * tokens
+    adapter_flops = TRAIN_FLOPS_PER_FORWARD * adapter.forward_flops(global_batch, lengths.audio_frames)
+    encoder_flops = 0
+    if not cfg.train.feature_cache:  # the frozen encoder's forward inside the step
+        frames, c = lengths.audio_frames, encoder.config
+        encoder_flops = global_batch * (2 * params["encoder"] * frames + 4 * c.encoder_layers * frames * frames * c.d_model)
+    return llm_flops + lora_flops + adapter_flops + encoder_flops
 
 
 def make_plan(cfg: Config, gpus: int = 1, batch_size: int | None = None, tflops: float = DEFAULT_TFLOPS,
@@ -325,9 +314,8 @@ def make_plan(cfg: Config, gpus: int = 1, batch_size: int | None = None, tflops:
     weights_b = frozen + trainable * MASTER_BYTES
     sharded = (params["encoder"] * frozen_bytes + params["llm"] * frozen_bytes / gpus
                + (one_layer if gpus > 1 else 0) + trainable * MASTER_BYTES)
-    taps = len(cfg.model.encoder.layers)
-    acts = activation_bytes(cfg, llm, adapter, lengths, batch, act_bytes, taps, encoder)
-    saved = saved_activation_bytes(cfg, llm, adapter, lengths, batch, act_bytes, taps)
+    acts = activation_bytes(cfg, llm, adapter, lengths, batch, act_bytes, encoder)
+    saved = saved_activation_bytes(llm, adapter, lengths, batch, act_bytes)
     global_batch = batch * gpus * cfg.train.grad_accum
     return Plan(
         encoder_params=params["encoder"], adapter_params=params["adapter"], llm_params=params["llm"],
@@ -336,7 +324,7 @@ def make_plan(cfg: Config, gpus: int = 1, batch_size: int | None = None, tflops:
         weights_sharded_bytes=sharded, grads_bytes=trainable * MASTER_BYTES,
         optimizer_bytes=trainable * MASTER_BYTES * ADAM_STATES, activation_bytes=acts, saved_activation_bytes=saved,
         tokens_per_step=global_batch * lengths.sequence,
-        flops_per_step=flops_per_step(cfg, encoder, llm, params, lengths, global_batch), tflops=tflops,
+        flops_per_step=flops_per_step(cfg, encoder, llm, adapter, params, lengths, global_batch), tflops=tflops,
         feature_cache=cfg.train.feature_cache, sources=sources)
 
 
