@@ -131,7 +131,7 @@ def test_plan_prints_for_the_shipped_configs(config, capsys):
     assert main(["plan", "--config", str(config), "--gpus", "8", "--gpu-memory", "80", *extra]) == 0
     out = capsys.readouterr().out
     for line in ("parameters", "trainable", "memory/GPU", "without sharding", "with the frozen LLM sharded",
-                 "tokens per step", "TFLOP/s per GPU", "80 GB per GPU"):
+                 "tokens per step", "TFLOP/s per GPU", "80 GiB per GPU"):
         assert line in out
 
 

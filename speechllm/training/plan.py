@@ -369,7 +369,7 @@ def format_plan(plan: Plan, cfg: Config, gpu_memory_gb: float | None = None) -> 
         verdict = "; ".join(f"{what}: {'fits' if need <= budget else 'does NOT fit'}" for what, need in fits)
         per_example = max(1.0, plan.activation_bytes / plan.batch_size)
         room = budget - (plan.peak_sharded_bytes - plan.activation_bytes)
-        lines.append(f"fit         {gpu_memory_gb:g} GB per GPU: {verdict}; at most ~{max(0, int(room // per_example))} "
+        lines.append(f"fit         {gpu_memory_gb:g} GiB per GPU: {verdict}; at most ~{max(0, int(room // per_example))} "
                      "examples per GPU with sharding")
     return "\n".join(lines)
 
