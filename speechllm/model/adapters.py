@@ -4,7 +4,9 @@ Chosen through `ADAPTERS` (a registry, `@register_adapter("name")`); each adapte
 `output_length`, so nothing else hard-codes how many embeddings a clip becomes.
 
 Every adapter is built as `cls(cfg, encoder_width=..., num_taps=..., llm_width=...)` and called as
-`adapter(states, lengths) -> (embeddings (batch, L, llm_width), embedding_lengths (batch,))`.
+`adapter(states, lengths) -> (embeddings (batch, L, llm_width), embedding_lengths (batch,))`; it
+also says what one training forward keeps for backward and costs (`saved_elements(batch, frames)`,
+`forward_flops(batch, frames)`, used by `speechllm plan`).
 """
 
 from __future__ import annotations
@@ -102,6 +104,32 @@ class QFormerAdapter(nn.Module):
         """Embeddings per clip for `frames` encoder frames: always `num_queries`."""
         return torch.full_like(frames, self.num_queries)
 
+    def saved_elements(self, batch: int, frames: int) -> int:
+        """Elements autograd keeps for backward in one training forward of `batch` clips of
+        `frames` encoder frames (for `speechllm plan`): the tapped states, their projection, each
+        block's keys and values over the frames, and per query ~13 tensors of the block's width
+        and 2 of its FFN width (counted with autograd's saved-tensor hooks)."""
+        taps, width = self.queries.shape[0], self.proj.in_features
+        ffn = self.blocks[0].ffn[0].out_features
+        encoder_width = self.in_proj.in_features if isinstance(self.in_proj, nn.Linear) else width
+        audio, queries = taps * batch * frames, taps * batch * self.num_queries
+        projected = audio * width if isinstance(self.in_proj, nn.Linear) else 0
+        per_block = 2 * audio * width + queries * (13 * width + 2 * ffn)
+        return audio * encoder_width + projected + len(self.blocks) * per_block
+
+    def forward_flops(self, batch: int, frames: int) -> int:
+        """FLOPs of one forward over `batch` clips of `frames` encoder frames (for `speechllm
+        plan`): per tap, the input projection over the frames; per block, the queries' self- and
+        cross-attention projections and FFN, the keys / values over the frames and the attention
+        products; then the output projection per clip."""
+        taps, q, width = self.queries.shape[0], self.num_queries, self.proj.in_features
+        ffn = self.blocks[0].ffn[0].out_features
+        per_tap = 2 * frames * self.in_proj.in_features * width if isinstance(self.in_proj, nn.Linear) else 0
+        per_tap += len(self.blocks) * (2 * q * (6 * width * width + 2 * width * ffn)  # q/k/v/o, cross q/o, FFN
+                                       + 2 * frames * 2 * width * width  # cross-attention keys and values
+                                       + 4 * q * (q + frames) * width)  # scores and weighted sums
+        return batch * (taps * per_tap + 2 * q * width * self.proj.out_features)
+
     def forward(self, states: list[torch.Tensor], lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """states: taps x (batch, frames, encoder_width); lengths: (batch,) -> (batch, num_queries, llm_width)."""
         taps, batch = len(states), states[0].shape[0]
@@ -131,6 +159,20 @@ class MLPAdapter(nn.Module):
     def output_length(self, frames: torch.Tensor) -> torch.Tensor:
         """Embeddings per clip for `frames` encoder frames: ceil(frames / stack)."""
         return torch.div(frames + self.stack - 1, self.stack, rounding_mode="floor")
+
+    def saved_elements(self, batch: int, frames: int) -> int:
+        """Elements autograd keeps for backward in one training forward of `batch` clips of
+        `frames` encoder frames (for `speechllm plan`): the stacked input and the hidden layer
+        before and after its activation."""
+        first = self.mlp[0]
+        embeddings = -(-frames // self.stack)
+        return batch * embeddings * (first.in_features + 2 * first.out_features)
+
+    def forward_flops(self, batch: int, frames: int) -> int:
+        """FLOPs of one forward over `batch` clips of `frames` encoder frames: the MLP per embedding."""
+        embeddings = -(-frames // self.stack)
+        weights = sum(m.in_features * m.out_features for m in self.mlp if isinstance(m, nn.Linear))
+        return 2 * batch * embeddings * weights
 
     def forward(self, states: list[torch.Tensor], lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """states: taps x (batch, frames, encoder_width) -> (batch, ceil(frames/stack), llm_width)."""

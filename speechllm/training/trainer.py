@@ -271,7 +271,7 @@ class Trainer:
             for r in self.train_records:
                 pieces = m.prompt.pieces(f"{r.description}\n\n{r.instruction}", None, has_audio=False)
                 prompt = pieces.before_audio + pieces.after_audio
-                target = m.prompt.text(r.target)
+                target = m.prompt.target(r.target, complete=False)  # the answer as trained, without end-of-turn
                 ids = torch.tensor([prompt + target], device=m.device)
                 logp = m.llm(input_ids=ids).logits[0, len(prompt) - 1: -1].float().log_softmax(-1)
                 tok_logp = logp.gather(-1, ids[0, len(prompt):, None])[:, 0]
