@@ -317,6 +317,24 @@ def test_fuzzed_jsonl_files_are_read_line_by_line_or_refused_clearly(tmp_path):
             assert any(line.record == {"id": f"new-{round_}"} for line in iter_lines(path))
 
 
+def test_gzipped_jsonl_reads_like_the_plain_file_and_a_damaged_archive_is_named(tmp_path):
+    import gzip
+
+    from speechllm.io.jsonl import JsonlError, iter_lines
+
+    raw = b'{"prompt": "a", "response": "b"}\n\nnot json\n{"prompt": "c", "response": "d"}\n'
+    plain, packed = tmp_path / "r.jsonl", tmp_path / "r.jsonl.gz"
+    plain.write_bytes(raw)
+    packed.write_bytes(gzip.compress(raw))
+    strip = lambda lines: [(x.number, x.record, x.error and x.error.split(":", 2)[-1]) for x in lines]  # noqa: E731
+    assert strip(iter_lines(packed)) == strip(iter_lines(plain))
+    assert [x.number for x in iter_lines(packed) if x.error] == [3]
+    for damaged in (raw, gzip.compress(raw)[:-12]):  # not gzip at all; cut short
+        packed.write_bytes(damaged)
+        with pytest.raises(JsonlError, match=r"r\.jsonl\.gz: not a readable gzip file"):
+            list(iter_lines(packed))
+
+
 def test_fuzzed_stage_files_end_in_a_clear_error_or_records(tmp_path):
     """The readers of whole stage files (training targets, eval tasks and metadata) over fuzzed files."""
     from speechllm.eval.items import read_metadata, read_task_file

@@ -8,9 +8,11 @@ twice.
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import re
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -42,31 +44,41 @@ def iter_lines(path: str | Path, required: tuple[str, ...] = ()) -> Iterator[Lin
     """Each non-blank line of `path`, parsed; malformed lines (not UTF-8, not JSON, nested past
     the parser's depth, a number too long to convert) come back with `error` set instead of
     stopping the read (the caller decides whether that is fatal). A path that cannot be read is
-    a `JsonlError`."""
+    a `JsonlError`. A name ending in `.gz` is read through gzip (released response files often
+    ship compressed); a damaged archive is a `JsonlError` naming the file."""
     path = Path(path)
     try:
-        f = open(path, "rb")
+        f = gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
     except OSError as err:
         what = "is a folder, not a JSONL file" if path.is_dir() else f"cannot be read ({err.strerror or err})"
         raise JsonlError(f"{path}: {what}") from None
     with f:
-        for number, raw in enumerate(f, start=1):
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                yield Line(number, None, f"{path}:{number}: not UTF-8 text (byte {err.start + 1})")
-                continue
-            if not text.strip():
-                continue
-            record, error = _parse(text, f"{path}:{number}")
-            if error is not None:
-                yield Line(number, None, error)
-                continue
-            missing = [k for k in required if k not in record]
-            if missing:
-                yield Line(number, None, f"{path}:{number}: missing field(s) {', '.join(missing)}")
-                continue
-            yield Line(number, record, None)
+        try:
+            yield from _lines(f, path, required)
+        except (OSError, EOFError, zlib.error) as err:  # gzip.BadGzipFile is an OSError
+            what = "not a readable gzip file" if path.suffix == ".gz" else "read failed"
+            raise JsonlError(f"{path}: {what} ({err})") from None
+
+
+def _lines(f, path: Path, required: tuple[str, ...]) -> Iterator[Line]:
+    """The parsed lines of the open binary file `f` (see `iter_lines`)."""
+    for number, raw in enumerate(f, start=1):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            yield Line(number, None, f"{path}:{number}: not UTF-8 text (byte {err.start + 1})")
+            continue
+        if not text.strip():
+            continue
+        record, error = _parse(text, f"{path}:{number}")
+        if error is not None:
+            yield Line(number, None, error)
+            continue
+        missing = [k for k in required if k not in record]
+        if missing:
+            yield Line(number, None, f"{path}:{number}: missing field(s) {', '.join(missing)}")
+            continue
+        yield Line(number, record, None)
 
 
 def _parse(text: str, where: str) -> tuple[dict | None, str | None]:
