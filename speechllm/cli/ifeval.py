@@ -27,7 +27,8 @@ def add_parser(sub) -> None:
         ["speechllm ifeval --responses input_response_data_gpt4_20231107_145030.jsonl --out runs/ifeval-gpt4",
          "speechllm ifeval --responses my_model.jsonl --input-data my_subset.jsonl --out runs/ifeval-mine"])
     p.add_argument("--responses", required=True, metavar="FILE",
-                   help="JSONL of {\"prompt\", \"response\"} (Google's input_response_data format; .jsonl.gz is read too)")
+                   help="JSONL of {\"prompt\", \"response\"} (Google's input_response_data format; "
+                        ".jsonl.gz is read too)")
     p.add_argument("--input-data", metavar="FILE",
                    help="IFEval input_data.jsonl ({\"key\", \"prompt\", \"instruction_id_list\", \"kwargs\"}); "
                         "default: Google's 541 prompts")
