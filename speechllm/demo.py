@@ -71,7 +71,8 @@ class DemoPlan:
     forgetting_items: int = 66
     """Forgetting items (task question + constraint)."""
     text_prompts: int = 12
-    """Text-only prompts (built-in set) for text retention."""
+    """Text-only prompts for text retention: a seeded sample of Google's IFEval prompts, scored by
+    the official checkers (the built-in set when IFEval cannot be fetched)."""
     task_tokens: int = 48
     """Answer length for audio tasks."""
     if_tokens: int = 128
@@ -153,7 +154,7 @@ def _eval_config(plan: DemoPlan, real: bool = False):
     if real:
         return EvalConfig(tasks=["gender", "transcription"], forgetting_items=0, text_prompts=0, **common)
     return EvalConfig(max_per_task=plan.per_task, forgetting_items=plan.forgetting_items,
-                      constraints=plan.constraints, text_prompts=plan.text_prompts, text_prompt_set="builtin",
+                      constraints=plan.constraints, text_prompts=plan.text_prompts, text_prompt_set="auto",
                       **common)
 
 
