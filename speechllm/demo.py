@@ -22,6 +22,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .errors import SpeechLLMError
+
 STRATEGIES = ("self-output", "label")
 
 SYSTEM_PROMPT = "You are a helpful assistant. Answer briefly."
@@ -158,6 +160,25 @@ def _eval_config(plan: DemoPlan, real: bool = False):
                       **common)
 
 
+class DemoError(SpeechLLMError):
+    """The demo cannot go on with what its output folder holds."""
+
+
+def train_stage(cfg, progress: bool = True) -> Path:
+    """The demo's training stage: train, or finish, the run in `cfg.train.out_dir`. A run there made
+    with other settings (e.g. by an earlier speechllm) is not continued: the demo takes no
+    `train.resume` override, so the error says which folder to delete."""
+    from .training.trainer import SettingsChangedError, train
+
+    try:
+        return train(cfg, progress=progress)
+    except SettingsChangedError as err:
+        folder = cfg.train.out_dir
+        raise DemoError(f"{folder} holds an adapter trained with other settings ({'; '.join(err.changes)}), "
+                        f"e.g. by an earlier speechllm; the demo does not continue it: delete {folder} to train "
+                        "it afresh (the stages before training are kept), or choose another --out") from None
+
+
 def run_demo(out: Path, quick: bool = False, device: str = "cpu", progress: bool = True) -> dict:
     """Run (or finish) the demo in `out`; returns the evaluation report (with the teacher's
     fidelity and the real-recordings results added under `demo`)."""
@@ -165,8 +186,6 @@ def run_demo(out: Path, quick: bool = False, device: str = "cpu", progress: bool
     from .eval.suite import run_eval
     from .hub import weights
     from .targets.run import run_targets
-    from .training.trainer import train
-
     plan = QUICK if quick else FULL
     out, t0 = Path(out), time.perf_counter()
     data = out / "data"
@@ -187,7 +206,7 @@ def run_demo(out: Path, quick: bool = False, device: str = "cpu", progress: bool
     for strategy in STRATEGIES:
         cfg = demo_config(plan, strategy, out)
         stages.run(f"train: {strategy} ({plan.steps} steps x {plan.batch_size})",
-                   lambda: train(cfg, progress=progress))
+                   lambda: train_stage(cfg, progress=progress))
     runs = [out / "runs" / s for s in STRATEGIES]
     report = stages.run("evaluate both adapters against the text reference",
                         lambda: run_eval(runs, data / "test.metadata.jsonl", out, _eval_config(plan), device=device,

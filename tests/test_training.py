@@ -3,6 +3,7 @@ NaN detection, and 2-process equality."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,7 +19,8 @@ from conftest import ROOT, SAMPLE, TINY_CONFIG
 
 from speechllm.io.audio import load_audio
 from speechllm.config import load_config
-from speechllm.training.trainer import Trainer, TrainingError, train
+from speechllm.demo import DemoError, train_stage
+from speechllm.training.trainer import SettingsChangedError, Trainer, TrainingError, train
 
 
 @pytest.fixture(scope="module")
@@ -272,8 +274,14 @@ def test_resume_only_with_the_settings_the_run_was_trained_with(data, tmp_path):
     out = tmp_path / "run"
     train(cfg(data, out, "train.max_steps=2"), progress=False)
     with pytest.raises(TrainingError, match=r"other settings \(train.lr: 0.01 -> 0.02\).*train.resume=must.*"
-                                            r"train.resume=never"):
+                                            r"train.resume=never") as err:
         Trainer(cfg(data, out, "train.max_steps=2", "train.lr=0.02"), progress=False)
+    assert isinstance(err.value, SettingsChangedError) and err.value.changes == ["train.lr: 0.01 -> 0.02"]
+    # the demo takes no train.resume override: it names the folder to delete, and keeps the run
+    with pytest.raises(DemoError, match=rf"{re.escape(str(out))} holds an adapter trained with other settings "
+                                        r"\(train.lr: 0.01 -> 0.02\).*delete"):
+        train_stage(cfg(data, out, "train.max_steps=2", "train.lr=0.02"), progress=False)
+    assert (out / "checkpoints").exists()
     fewer = data / "fewer.targets.jsonl"  # beside the clips it names
     fewer.write_text("".join(line + "\n" for line in (data / "targets.jsonl").read_text().splitlines()[1:]))
     with pytest.raises(TrainingError, match=r"train.data: \"sha256:"):

@@ -52,6 +52,15 @@ class TrainingError(SpeechLLMError, RuntimeError):
     """Training cannot go on (non-finite loss, no data, ...)."""
 
 
+class SettingsChangedError(TrainingError):
+    """`train.out_dir` holds a run made with other settings, and `train.resume=auto` does not mix them."""
+
+    def __init__(self, message: str, changes: list[str]):
+        super().__init__(message)
+        self.changes = changes
+        """The differing settings, "key: saved -> now" each."""
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups: weight decay on the trainable matrices only (Linear weights, learned query
     tables); none on biases, norms, or parameters a module lists in its `no_weight_decay` set
@@ -236,14 +245,15 @@ class Trainer:
         saved = ckpt.read_state(found).get(SETTINGS_KEY) or self._settings_of_older_run()
         if t.resume == "auto":
             if saved is None:
-                raise TrainingError(f"{found}: records no training settings (an older speechllm made it); continue "
-                                    "it with train.resume=must, or start afresh with train.resume=never")
+                raise SettingsChangedError(f"{found}: records no training settings (an older speechllm made it); "
+                                           "continue it with train.resume=must, or start afresh with "
+                                           "train.resume=never", ["(the checkpoint records none)"])
             changed = differing(saved, self.settings)
             if changed:
-                raise TrainingError(
+                raise SettingsChangedError(
                     f"train.out_dir {self.out} holds a run trained with other settings ({'; '.join(changed)}). "
                     "Continue it with these settings: train.resume=must; start afresh there (its checkpoints "
-                    "are deleted): train.resume=never; or choose another train.out_dir")
+                    "are deleted): train.resume=never; or choose another train.out_dir", changed)
         self.resumed_changes = (differing(saved, self.settings) if saved is not None
                                 else ["(the checkpoint records none)"])
         return found
