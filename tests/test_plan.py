@@ -144,6 +144,19 @@ def test_an_unreachable_model_config_is_a_clear_error(monkeypatch, capsys):
     assert "model.llm.name 'some-lab/unpublished-8b'" in err and "config.json" in err
 
 
+@pytest.mark.parametrize("flag, value, message", [
+    ("--gpus", "0", "--gpus must be at least 1, got 0"),
+    ("--batch-size", "0", "--batch-size must be at least 1, got 0"),  # not silently train.batch_size
+    ("--tflops", "0", "--tflops must be positive"),  # not silently the default throughput
+    ("--gpu-memory", "-3", "--gpu-memory must be positive"),
+])
+def test_bad_plan_flags_are_clear_errors(flag, value, message, capsys):
+    from speechllm.cli import main
+
+    assert main(["plan", "--config", str(TINY_CONFIG), flag, value]) == 2
+    assert message in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("config", [DESTA2, DESTA25])
 def test_the_shipped_gpu_configs_plan_offline_from_published_configs(config, monkeypatch):
     """Without the hub, the hub models the shipped configs name are planned from the published

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_config_args, config_from_args, new_parser
+from .common import add_config_args, config_from_args, fail, new_parser
 
 
 def add_parser(sub) -> None:
@@ -36,7 +36,10 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..training.plan import DEFAULT_TFLOPS, format_plan, make_plan, plan_json
 
+    if args.gpu_memory is not None and args.gpu_memory <= 0:
+        return fail(f"--gpu-memory must be positive (GiB per GPU), got {args.gpu_memory:g}")
     cfg = config_from_args(args)
-    plan = make_plan(cfg, gpus=args.gpus, batch_size=args.batch_size, tflops=args.tflops or DEFAULT_TFLOPS)
+    plan = make_plan(cfg, gpus=args.gpus, batch_size=args.batch_size,
+                     tflops=DEFAULT_TFLOPS if args.tflops is None else args.tflops)
     print(plan_json(plan) if args.json else format_plan(plan, cfg, args.gpu_memory))
     return 0

@@ -298,7 +298,7 @@ def make_plan(cfg: Config, gpus: int = 1, batch_size: int | None = None, tflops:
         raise PlanError(f"--gpus must be at least 1, got {gpus}")
     if tflops <= 0:
         raise PlanError(f"--tflops must be positive, got {tflops}")
-    batch = batch_size or cfg.train.batch_size
+    batch = cfg.train.batch_size if batch_size is None else batch_size
     if batch < 1:
         raise PlanError(f"--batch-size must be at least 1, got {batch}")
     encoder, adapter, llm, sources = meta_models(cfg.model)
