@@ -150,6 +150,12 @@ class AdapterConfig:
     """Settings used when kind is `qformer`."""
     mlp: MLPConfig = field(default_factory=MLPConfig)
     """Settings used when kind is `mlp`."""
+    standardize: bool = True
+    """Standardize each tapped layer's states per channel ((x - mean) / std) before the adapter,
+    with the mean and deviation fitted once on training clips when a run starts
+    (`train.standardize_clips`) and saved with the adapter. Whisper's states have a few channels
+    of very large magnitude that hide what differs between clips; without this, the Q-Former on
+    the embedded default learns one constant prefix and never hears gender (README)."""
     match_embedding_norm: bool = False
     """Rescale every audio embedding to the mean norm of the LLM's token embeddings, so audio
     enters the frozen LLM at the scale of text (a fresh adapter's outputs are several times
@@ -268,6 +274,9 @@ class TrainConfig:
     token_masking: float = ranged(PROPER_FRACTION, 0.0)
     """Selective Token Masking: leave this fraction of each target's tokens, those the base LLM
     finds least probable given the text description, out of the loss."""
+    standardize_clips: int = ranged(AT_LEAST_1, 256)
+    """Training clips (a seeded sample) whose tapped states fit the adapter's input
+    standardization (`model.adapter.standardize`) when a run starts."""
     lr: float = ranged(POSITIVE, 1e-4)
     """Peak learning rate of AdamW (DeSTA2: 1e-4)."""
     betas: list[float] = ranged(BETAS, factory=lambda: [0.9, 0.98])

@@ -65,17 +65,51 @@ def test_checkpoint_holds_only_adapter_and_reloads_identically(tiny_model, sampl
     with torch.no_grad():
         for p in tiny_model.adapter.parameters():
             p.add_(0.01 * torch.randn_like(p))  # differ from a fresh init
+        tiny_model.standardizer.mean.add_(torch.randn_like(tiny_model.standardizer.mean))  # as if fitted
+        tiny_model.standardizer.std.mul_(2.0)
     batch_exs = examples(sample_wav)
     ref = tiny_model(tiny_model.build_batch(batch_exs))
     folder = tiny_model.save_pretrained(tmp_path / "ckpt")
     with safe_open(str(folder / ADAPTER_WEIGHTS), framework="pt") as f:
         keys = set(f.keys())
-    assert keys == {n for n, _ in tiny_model.adapter.named_parameters(prefix="adapter")}
+    assert keys == {n for n, _ in tiny_model.adapter.named_parameters(prefix="adapter")} | {
+        "standardizer.mean", "standardizer.std"}
     meta = json.loads((folder / CHECKPOINT_CONFIG).read_text())
     assert meta["base"]["llm"]["name"] == "tiny-random-llama"
     assert meta["base"]["llm"]["fingerprint"].startswith("sha256:")
     reloaded = SpeechLLM.from_pretrained(folder)
     torch.testing.assert_close(reloaded(reloaded.build_batch(batch_exs)), ref, atol=0, rtol=0)
+
+
+def test_input_standardizer_fits_per_tap_and_channel():
+    from speechllm.model.adapters import InputStandardizer
+
+    g = torch.Generator().manual_seed(0)
+    clips = [[torch.randn(n, 6, generator=g) * torch.arange(1, 7) + 100 * t for t in range(2)] for n in (7, 30, 11)]
+    std = InputStandardizer(num_taps=2, width=6)
+    assert std.fit(clips) == 48
+    out = std([torch.cat([c[t] for c in clips])[None] for t in range(2)])  # every frame, one "clip"
+    for x in out:
+        torch.testing.assert_close(x[0].mean(0), torch.zeros(6), atol=1e-5, rtol=0)
+        torch.testing.assert_close(x[0].std(0, unbiased=False), torch.ones(6), atol=1e-5, rtol=0)
+    constant = InputStandardizer(1, 2)
+    constant.fit([[torch.full((5, 2), 3.0)]])
+    assert torch.isfinite(constant([torch.full((1, 5, 2), 3.0)])[0]).all()
+
+
+def test_checkpoint_from_before_standardization_loads_without_it(tiny_model, sample_wav, tmp_path):
+    folder = tiny_model.save_pretrained(tmp_path / "ckpt")
+    meta = json.loads((folder / CHECKPOINT_CONFIG).read_text())
+    del meta["model"]["adapter"]["standardize"]  # as an older speechllm wrote it
+    (folder / CHECKPOINT_CONFIG).write_text(json.dumps(meta))
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(folder / ADAPTER_WEIGHTS))
+    save_file({k: v for k, v in state.items() if not k.startswith("standardizer.")}, str(folder / ADAPTER_WEIGHTS))
+    reloaded = SpeechLLM.from_pretrained(folder)
+    assert reloaded.standardizer is None
+    batch_exs = examples(sample_wav)
+    torch.testing.assert_close(reloaded(reloaded.build_batch(batch_exs)), tiny_model(tiny_model.build_batch(batch_exs)))
 
 
 def test_checkpoint_refuses_other_base_weights(tiny_model, tmp_path):

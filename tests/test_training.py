@@ -65,6 +65,28 @@ def test_loss_falls_on_a_tiny_overfit_set(data, tmp_path):
     assert json.loads((out / "resolved_config.json").read_text())["train"]["max_steps"] == 30
 
 
+def test_a_fresh_run_fits_the_input_standardization_on_training_clips(data, tmp_path):
+    from speechllm.model import build_model
+    from speechllm.model.adapters import InputStandardizer
+
+    config = cfg(data, tmp_path / "run", "train.max_steps=1", "train.feature_cache=false",
+                 "train.standardize_clips=3")
+    out = train(config, progress=False)
+    saved = load_file(str(out / "adapter.safetensors"))
+    model = build_model(config)
+    clips = sorted({data / r["audio"] for r in map(json.loads, (data / "targets.jsonl").read_text().splitlines())})
+    pick = np.random.default_rng(0).choice(len(clips), 3, replace=False)  # the seeded sample of train.seed 0
+    expected = InputStandardizer(len(config.model.encoder.layers), model.encoder.width)
+    states = []
+    for i in sorted(pick):
+        enc = model.encoder.encode([load_audio(clips[i])])
+        states.append([s[0, : int(enc.lengths[0])] for s in enc.states])
+    expected.fit(states)
+    torch.testing.assert_close(saved["standardizer.mean"], expected.mean, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(saved["standardizer.std"], expected.std, atol=1e-5, rtol=1e-5)
+    assert not torch.equal(saved["standardizer.std"], torch.ones_like(expected.std))
+
+
 def run_cli(args, env=None):
     return subprocess.Popen([sys.executable, "-m", "speechllm.cli", "train", "--quiet", "--config", str(TINY_CONFIG),
                              *args], env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},

@@ -11,7 +11,7 @@ also says what one training forward keeps for backward and costs (`saved_element
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,54 @@ def build_adapter(cfg: AdapterConfig, encoder_width: int, num_taps: int, llm_wid
         raise ValueError(f"model.adapter.kind: unknown adapter '{cfg.kind}'; known: {', '.join(ADAPTERS)}")
     cls, field_name = ADAPTERS[cfg.kind]
     return cls(getattr(cfg, field_name), encoder_width=encoder_width, num_taps=num_taps, llm_width=llm_width)
+
+
+class InputStandardizer(nn.Module):
+    """Per tapped layer and channel: (states - mean) / std, with `mean` and `std` (taps, width)
+    fitted once on training clips (`fit`) and saved with the adapter. Unfitted, it is the
+    identity (mean 0, std 1).
+
+    Whisper's hidden states carry a few channels hundreds of times larger than the rest (and a
+    per-layer offset shared by every clip); a fresh adapter sees mostly those, and on the embedded
+    default it learns a prefix that is the same for every clip. Standardized inputs make what
+    differs between clips (the speaker, the words) the bulk of the signal."""
+
+    MIN_STD = 1e-4
+    """Floor on a channel's deviation (a constant channel becomes 0, not inf)."""
+
+    def __init__(self, num_taps: int, width: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(num_taps, width))
+        self.register_buffer("std", torch.ones(num_taps, width))
+
+    @torch.no_grad()
+    def fit(self, clips: Iterable[list[torch.Tensor]]) -> int:
+        """Set mean and std from every frame of `clips` (each: taps x (frames, width)); returns
+        the number of frames. Sums run in float64, so the order of the clips does not matter
+        beyond rounding."""
+        taps, width = self.mean.shape
+        total = torch.zeros(taps, width, dtype=torch.float64)
+        squares = torch.zeros(taps, width, dtype=torch.float64)
+        frames = 0
+        for clip in clips:
+            if len(clip) != taps:
+                raise ValueError(f"a clip has {len(clip)} tapped layers, the standardizer {taps}")
+            x = torch.stack([s.detach().to("cpu", torch.float64) for s in clip])  # (taps, frames, width)
+            total += x.sum(dim=1)
+            squares += (x * x).sum(dim=1)
+            frames += x.shape[1]
+        if frames == 0:
+            raise ValueError("no frames to fit the input standardization on")
+        mean = total / frames
+        std = (squares / frames - mean * mean).clamp_min(0).sqrt().clamp_min(self.MIN_STD)
+        self.mean.copy_(mean.to(self.mean.dtype))
+        self.std.copy_(std.to(self.std.dtype))
+        return frames
+
+    def forward(self, states: list[torch.Tensor]) -> list[torch.Tensor]:
+        """states: taps x (batch, frames, width) -> the same, standardized. Padding frames are
+        changed too; the adapters mask them by length."""
+        return [(s - m.to(s.dtype)) / d.to(s.dtype) for s, m, d in zip(states, self.mean, self.std)]
 
 
 class Attention(nn.Module):

@@ -19,7 +19,7 @@ from torch import nn
 from ..errors import SpeechLLMError
 from ..hub import weights
 from ..config import Config, ConfigError, GenerationConfig, LoRAConfig, ModelConfig, config_from_dict, to_dict
-from .adapters import build_adapter
+from .adapters import InputStandardizer, build_adapter
 from ..io.audio import SAMPLE_RATE
 from .encoder import WhisperTappedEncoder, load_whisper_encoder
 from .llm import DTYPES, context_length, load_llm
@@ -104,6 +104,10 @@ class SpeechLLM(nn.Module):
                 self.embedding_norm = float(llm.get_input_embeddings().weight.float().norm(dim=-1).mean())
         self.lora = None
         """The LoRAConfig applied to the LLM (by `speechllm.model.lora.apply_lora`), if any."""
+        self.standardizer = (InputStandardizer(len(config.encoder.layers), encoder.width)
+                             if config.adapter.standardize else None)
+        """Per-channel standardization of the tapped states before the adapter (fitted by the
+        trainer, saved with the adapter), when `model.adapter.standardize`."""
 
     # ------------------------------------------------------------------ building
 
@@ -139,8 +143,12 @@ class SpeechLLM(nn.Module):
         return self.llm.get_input_embeddings().weight.device
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """Every parameter that requires grad, by qualified name (adapter; LoRA when enabled)."""
-        return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
+        """What a checkpoint saves, by qualified name: every parameter that requires grad (adapter;
+        LoRA when enabled) and the adapter's fitted input statistics (`standardizer.*`)."""
+        state = {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
+        if self.standardizer is not None:
+            state.update({f"standardizer.{n}": b for n, b in self.standardizer.named_buffers()})
+        return state
 
     # ------------------------------------------------------------------ inputs
 
@@ -164,6 +172,8 @@ class SpeechLLM(nn.Module):
 
     def _adapt(self, states: list[torch.Tensor], lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         adapter_dtype = next(self.adapter.parameters()).dtype
+        if self.standardizer is not None:
+            states = self.standardizer([s.float() for s in states])
         embeds, out_lengths = self.adapter([s.to(adapter_dtype) for s in states], lengths)
         if self.embedding_norm is not None:
             embeds = embeds * (self.embedding_norm / embeds.norm(dim=-1, keepdim=True).clamp_min(1e-6))
@@ -314,7 +324,8 @@ class SpeechLLM(nn.Module):
     # ------------------------------------------------------------------ checkpoints
 
     def save_pretrained(self, folder: str | Path, extra: dict | None = None) -> Path:
-        """Write only the trainable weights (adapter.safetensors) and config.json naming the base
+        """Write only the trainable weights and the adapter's input statistics
+        (adapter.safetensors) and config.json naming the base
         models and their fingerprints into `folder` (other files there are left alone). Each file
         is written to a temporary name and renamed, config.json last."""
         from safetensors.torch import save_file
@@ -330,7 +341,7 @@ class SpeechLLM(nn.Module):
                 "encoder": {"name": self.config.encoder.name, "fingerprint": weights.fingerprint(self.config.encoder.name)},
                 "llm": {"name": self.config.llm.name, "fingerprint": weights.fingerprint(self.config.llm.name)},
             },
-            "trainable_parameters": sum(v.numel() for v in state.values()),
+            "trainable_parameters": sum(p.numel() for p in self.parameters() if p.requires_grad),
             **(extra or {}),
         }
         tmp = folder / f".{ADAPTER_WEIGHTS}.{os.getpid()}.tmp"
@@ -407,6 +418,8 @@ def _checkpoint_config(folder: Path, meta: dict, trust_remote_code: bool) -> Mod
     except ConfigError as err:
         raise CheckpointError(f"{folder / CHECKPOINT_CONFIG}: {err}") from None
     config.llm.trust_remote_code = trust_remote_code
+    if "standardize" not in (meta["model"].get("adapter") or {}):
+        config.adapter.standardize = False  # saved before the setting existed: trained without it
     return config
 
 

@@ -271,6 +271,36 @@ class Trainer:
         return [Example(r.instruction, load_audio(r.audio), r.transcript, r.target, id=r.id,
                         target_mask=self.masks.get(r.id), target_complete=not r.truncated) for r in records]
 
+    @torch.no_grad()
+    def _fit_standardizer(self) -> None:
+        """A fresh run fits the adapter's input standardization on a seeded sample of
+        `train.standardize_clips` training clips (the same on every process)."""
+        model = self.acc.unwrap_model(self.ddp)
+        if model.standardizer is None:
+            return
+        t = self.cfg.train
+        clips = sorted(set(self.train_records.audio_paths()))
+        if len(clips) > t.standardize_clips:
+            pick = np.random.default_rng(t.seed).choice(len(clips), t.standardize_clips, replace=False)
+            clips = [clips[i] for i in sorted(pick)]
+        frames = model.standardizer.fit(self._clip_states(clips))
+        self.acc.print(f"[speechllm] adapter input standardization fitted on {len(clips)} training clips "
+                       f"({frames} frames)")
+
+    def _clip_states(self, clips: list[Path], batch: int = 16):
+        """Tapped states of each clip (taps x (frames, width)), from the feature cache when on."""
+        from ..io.audio import load_audio
+
+        model = self.acc.unwrap_model(self.ddp)
+        for i in range(0, len(clips), batch):
+            part = clips[i: i + batch]
+            if self.cache is not None:
+                yield from self.cache.get(part)
+                continue
+            enc = model.encoder.encode([load_audio(c) for c in part])
+            for j, n in enumerate(enc.lengths.tolist()):
+                yield [s[j, :n] for s in enc.states]
+
     def _token_masks(self) -> dict[str, list[bool]]:
         """Selective Token Masking: per record, drop from the loss the `token_masking` fraction of
         target tokens the base LLM finds least probable given the text description."""
@@ -381,7 +411,8 @@ class Trainer:
         from tqdm import tqdm
 
         t = self.cfg.train
-        self.resume()
+        if not self.resume():
+            self._fit_standardizer()
         world, rank = self.acc.num_processes, self.acc.process_index
         if self.acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
