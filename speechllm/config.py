@@ -343,7 +343,7 @@ class ReplayConfig:
     (seed, b), so a rerun writes the same records whatever was done before."""
     temperature: float = ranged(POSITIVE, 1.0)
     """Sampling temperature of the instructions the LLM writes (Magpie: 1.0). Answers decode with
-    `generation.*` (greedy by default)."""
+    `generation.*` (greedy by default), up to `train.max_target_tokens` tokens."""
     top_p: float = ranged(PROBABILITY_MASS, 1.0)
     """Nucleus sampling mass of the instructions (Magpie: 1.0)."""
     max_instruction_tokens: int = ranged(AT_LEAST_1, 64)

@@ -250,25 +250,25 @@ class ReplayMaker:
 class _Output:
     """The output and errors files of a run, what they hold, and the dedup state they imply."""
 
-    def __init__(self, out: Path, maker: ReplayMaker | None, summary: ReplaySummary):
-        self.done = ResumableJsonl(out)
-        self.failed = ResumableJsonl(errors_path(out))
+    def __init__(self, out: Path, maker: ReplayMaker, summary: ReplaySummary):
         self.summary = summary
         self.seen: dict[str, str] = {}
         """Normalized instruction -> the id of the first candidate that passed the instruction rules."""
         self.magpie = 0
-        for line in iter_lines(out):
+        for line in iter_lines(out) if out.exists() else ():
             rec = line.record
             if rec is None or not isinstance(rec.get("instruction"), str):
                 continue
             self.seen.setdefault(normalize(rec["instruction"]), str(rec.get("id")))
             self.magpie += rec.get("source") == MAGPIE
-            if maker is not None and rec.get("source") in (MAGPIE, GIVEN):
+            if rec.get("source") in (MAGPIE, GIVEN):
                 self._check_settings(out, line.number, rec, maker)
-        for line in iter_lines(errors_path(out)):
+        for line in iter_lines(errors_path(out)) if errors_path(out).exists() else ():
             rec = line.record
             if rec is not None and rec.get("kind") == "answer" and isinstance(rec.get("instruction"), str):
                 self.seen.setdefault(normalize(rec["instruction"]), str(rec.get("id")))
+        self.done = ResumableJsonl(out)
+        self.failed = ResumableJsonl(errors_path(out))
 
     @staticmethod
     def _check_settings(out: Path, number: int, rec: dict, maker: ReplayMaker) -> None:
