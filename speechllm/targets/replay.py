@@ -350,16 +350,16 @@ def _magpie(maker: ReplayMaker, n: int, files: _Output, summary: ReplaySummary, 
         if all(files.written(rid) for rid in ids):
             continue
         seed = batch_seed(maker.r.seed, b)
-        written = maker.instructions(seed)
+        drafts = maker.instructions(seed)
         verdicts: list[str | None] = []
-        for rid, g in zip(ids, written):
+        for rid, g in zip(ids, drafts):
             reason = instruction_problem(g.text, g.finished, maker.r.min_words)
             if reason is None and (first := files.duplicate_of(rid, g.text)) is not None:
                 reason = f"duplicate: of {first}"
             verdicts.append(reason)
         asked = [i for i, v in enumerate(verdicts) if v is None]
-        answers = dict(zip(asked, maker.answers([written[i].text for i in asked], batch_seed(maker.answering.seed, b))))
-        for i, (rid, g) in enumerate(zip(ids, written)):
+        answers = dict(zip(asked, maker.answers([drafts[i].text for i in asked], batch_seed(maker.answering.seed, b))))
+        for i, (rid, g) in enumerate(zip(ids, drafts)):
             if files.magpie >= n:
                 return
             if files.written(rid):

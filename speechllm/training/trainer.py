@@ -438,7 +438,7 @@ class Trainer:
         bar = tqdm(total=t.max_steps, initial=self.step, desc="train", unit="step", file=sys.stderr,
                    disable=not (self.progress and self.acc.is_main_process))
         t_last, samples = time.perf_counter(), 0
-        replay = ReplayTally()
+        tally = ReplayTally()
         while self.step < t.max_steps:
             self._train_mode()
             loss_sum = 0.0
@@ -455,7 +455,7 @@ class Trainer:
                         loss = self.ddp(examples)
                     else:
                         loss, sums, counts = self.ddp(examples, per_example=True)
-                        replay.add(sums, counts, n_audio)
+                        tally.add(sums, counts, n_audio)
                 if not torch.isfinite(loss):
                     raise TrainingError(f"step {self.step + 1}: loss is {float(loss.detach())} on the batch with ids "
                                         f"{', '.join(str(e.id) for e in examples)}")
@@ -473,8 +473,8 @@ class Trainer:
                 row = {"step": self.step, "loss": round(loss_sum, 5), "lr": self.scheduler.get_last_lr()[0],
                        "grad_norm": round(float(grad_norm), 5), "samples_per_s": round(samples / (now - t_last), 2)}
                 if self.replay is not None:
-                    row.update(replay.row())
-                    replay = ReplayTally()
+                    row.update(tally.row())
+                    tally = ReplayTally()
                 self._log(row)
                 bar.set_postfix(loss=f"{loss_sum:.3f}", sps=row["samples_per_s"])
                 t_last, samples = now, 0
