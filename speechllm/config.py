@@ -231,6 +231,21 @@ class LoRAConfig:
 
 
 @dataclass
+class ReplayMixConfig:
+    data: str = ""
+    """JSONL of text chat examples mixed into training, one `{"instruction", "answer"}` object a line
+    (other keys allowed: what `speechllm replay` writes is such a file); relative paths are read
+    from the working folder. Used only when `ratio` > 0."""
+    ratio: float = ranged(PROPER_FRACTION, 0.0)
+    """Share of all training examples that are replay examples (LAMOL: ~0.05); 0 turns replay off.
+    Each micro-batch keeps its `train.batch_size` records of `train.data` and adds replay examples:
+    micro-batch k gets floor((k+1)x + u) - floor(kx + u) of them, x = batch_size * ratio /
+    (1 - ratio), u in [0, 1) drawn from `train.seed`, so the count is a function of (seed, k) alone
+    and over K micro-batches replay is ratio of the examples within one example. They go through the
+    text path (no audio): only LoRA (`train.lora.enabled`) can learn from them."""
+
+
+@dataclass
 class TrainConfig:
     data: str = ""
     """targets.jsonl to train on (audio paths relative to that file's folder)."""
@@ -271,6 +286,8 @@ class TrainConfig:
     answers are the ones that get cut), which measurably cost instruction following (README)."""
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     """Optional LoRA on the LLM."""
+    replay: ReplayMixConfig = field(default_factory=ReplayMixConfig)
+    """Text replay: the LLM's text chat examples mixed into the same steps (needs LoRA)."""
     token_masking: float = ranged(PROPER_FRACTION, 0.0)
     """Selective Token Masking: leave this fraction of each target's tokens, those the base LLM
     finds least probable given the text description, out of the loss."""
@@ -326,6 +343,28 @@ class TargetsConfig:
     min_transcript_recall: float = ranged(FRACTION, 0.5)
     """selective: share of the transcript's words the self-output must contain, else the label
     target is used."""
+
+
+@dataclass
+class ReplayConfig:
+    seed: int = ranged(SEED, 0)
+    """Seeds the sampling of instructions: candidate batch b is sampled with a seed drawn from
+    (seed, b), so a rerun writes the same records whatever was done before."""
+    temperature: float = ranged(POSITIVE, 1.0)
+    """Sampling temperature of the instructions the LLM writes (Magpie: 1.0). Answers decode with
+    `generation.*` (greedy by default), up to `train.max_target_tokens` tokens."""
+    top_p: float = ranged(PROBABILITY_MASS, 1.0)
+    """Nucleus sampling mass of the instructions (Magpie: 1.0)."""
+    max_instruction_tokens: int = ranged(AT_LEAST_1, 64)
+    """Longest instruction in tokens; one that has not closed the user turn by then is degenerate."""
+    min_words: int = ranged(AT_LEAST_1, 3)
+    """Fewest words of a written instruction; shorter ones are degenerate ("Hi!")."""
+    batch_size: int = ranged(AT_LEAST_1, 16)
+    """Candidates per generation batch (instructions, then their answers). Part of the seeded
+    candidate stream: a file is continued only with the batch size it was begun with."""
+    max_candidates: int = ranged(AT_LEAST_1, 4)
+    """At most this many candidate instructions are sampled per record asked for (--n); a model
+    that writes mostly degenerate or repeated ones stops there, short of N, and says so."""
 
 
 CLASSIFIER_KEY = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -442,6 +481,8 @@ class Config:
     """How answers are decoded."""
     targets: TargetsConfig = field(default_factory=TargetsConfig)
     """How `speechllm targets` makes training targets."""
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    """How `speechllm replay` has the base LLM write pseudo-replay data (Magpie)."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Optimisation settings for `speechllm train`."""
     annotate: AnnotateConfig = field(default_factory=AnnotateConfig)

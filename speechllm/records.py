@@ -5,6 +5,8 @@
     targets.jsonl    TargetRecord     {"id", "audio", "duration"?, "transcript", "description", "instruction", "target",
                                        "strategy", "generator", "target_tokens", "truncated", "kept"?, "checks"?}
     tasks.jsonl      TaskItem         {"id", "task", "audio", "instruction", "answer_kind", "reference", ...}
+    replay.jsonl     ReplayRecord     {"id"?, "instruction", "answer", "source"?, "truncated"?, "answer_tokens"?,
+                                       "generator"?}
 
 Each has `from_json(obj, where)` (a clear `RecordError` naming `where`, e.g. "file.jsonl:12", for a
 missing field or a value of the wrong type) and `to_json()` (the JSON object, keys in the order
@@ -212,6 +214,51 @@ class TargetRecord:
             out["kept"] = self.kept
         if self.checks:
             out["checks"] = self.checks
+        return out
+
+
+@dataclass
+class ReplayRecord:
+    """One text chat example for replay (`replay.jsonl`: written by `speechllm replay`, or the
+    user's own old-task data; read by training as `train.replay.data`). No audio: it trains the
+    LLM's text path."""
+    instruction: str
+    """The user turn."""
+    answer: str
+    """The assistant turn learned (loss on it only)."""
+    id: str | None = None
+    """Record id (`speechllm replay` writes one per record, which makes its output resumable)."""
+    source: str | None = None
+    """How the instruction came: `magpie` (the LLM wrote it) or `given` (the user's list)."""
+    truncated: bool = False
+    """The answer was cut at the answer length limit: learned without an end-of-turn."""
+    answer_tokens: int = 0
+    """Tokens of the answer as trained on (end-of-turn included)."""
+    generator: dict = field(default_factory=dict)
+    """Provenance: the model, its fingerprint, the system prompt, both decoding settings and seeds."""
+
+    REQUIRED = ("instruction", "answer")
+
+    @classmethod
+    def from_json(cls, obj: Any, where: str) -> "ReplayRecord":
+        obj = _require(obj, where, {"instruction": (str,), "answer": (str,)},
+                       {"id": (str, int), "source": (str,), "truncated": (bool,), "answer_tokens": (int,),
+                        "generator": (dict,)})
+        empty = [k for k in cls.REQUIRED if not obj[k].strip()]
+        if empty:
+            raise RecordError(f"{where}: empty {' and '.join(empty)}")
+        rid = obj.get("id")
+        return cls(obj["instruction"], obj["answer"], None if rid is None else _id(rid), obj.get("source"),
+                   bool(obj.get("truncated")), obj.get("answer_tokens") or 0, obj.get("generator") or {})
+
+    def to_json(self) -> dict:
+        out: dict[str, Any] = {"id": self.id} if self.id is not None else {}
+        out.update(instruction=self.instruction, answer=self.answer)
+        if self.source:
+            out["source"] = self.source
+        out.update(truncated=self.truncated, answer_tokens=self.answer_tokens)
+        if self.generator:
+            out["generator"] = self.generator
         return out
 
 

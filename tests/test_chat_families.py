@@ -277,6 +277,23 @@ def test_worked_example_turns_render_as_the_family_renders_them(fam):
     assert ids == template_ids(tok, b._messages(contents), spec)
 
 
+def test_magpie_opens_the_user_turn_and_stops_where_the_family_closes_it(fam):
+    """Pseudo-replay (Magpie) feeds the template up to the user turn's header and stops the
+    instruction the LLM writes on the token that closes a user turn."""
+    from speechllm.model.prompt import ChatTemplateError
+
+    spec, tok = fam
+    b = builder(tok, SYSTEM)
+    opened = tok.decode(b.user_turn_open_ids)
+    assert SYSTEM in opened and opened.removesuffix(SYSTEM + "\n\n").rstrip().endswith(spec["user_turn_start"].rstrip())
+    closing = spec["user_turn_end"].strip()
+    if closing not in spec["specials"] + spec["added_text"]:  # Mistral v0.1: " [/INST]" is plain text
+        with pytest.raises(ChatTemplateError, match=r"closes a user turn with plain text"):
+            b.user_turn_end_ids
+    else:
+        assert b.user_turn_end_ids == [tok.convert_tokens_to_ids(closing)]
+
+
 @pytest.mark.parametrize("template, why", [
     ("{% for m in messages %}{% if m['content'] is string %}{{ raise_exception('list content only') }}{% endif %}"
      "{% endfor %}", "fails on a user conversation .*list content only"),

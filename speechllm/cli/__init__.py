@@ -4,6 +4,7 @@
     speechllm synth      --out DIR --n N              labelled synthetic corpus (espeak-ng, flite)
     speechllm annotate   manifest.jsonl --out metadata.jsonl
     speechllm targets    metadata.jsonl --out targets.jsonl
+    speechllm replay     --out replay.jsonl --n N [--instructions FILE]   text replay data (Magpie)
     speechllm plan       --config C [--gpus N --gpu-memory GB --batch-size B]
     speechllm train      train.data=targets.jsonl train.out_dir=runs/NAME
     speechllm eval       --checkpoint runs/NAME --data test.metadata.jsonl --out runs/eval
@@ -23,8 +24,8 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("models", "synth", "annotate", "targets", "plan", "train", "eval", "ifeval", "speech-ifeval", "demo",
-            "chat", "serve")
+COMMANDS = ("models", "synth", "annotate", "targets", "replay", "plan", "train", "eval", "ifeval", "speech-ifeval",
+            "demo", "chat", "serve")
 """Command names, in the order data flows; each is the module `speechllm.cli.<name>` ('-' as '_')."""
 
 

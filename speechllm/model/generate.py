@@ -64,12 +64,13 @@ class TextGenerator:
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], sampling: GenerationConfig, batch_size: int,
-                 on_batch=None) -> list[Generation]:
+                 on_batch=None, stop_ids: list[int] | None = None) -> list[Generation]:
         """Answers to token-id prompts, in input order. Batches are formed from prompts of similar
-        length (less padding); with sampling, batch k is seeded with `seed + k`."""
+        length (less padding); with sampling, batch k is seeded with `seed + k`. Generation stops
+        on `stop_ids` (default: the end of the assistant's turn and eos)."""
         device = self.llm.get_input_embeddings().weight.device
         order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
-        stop = set(self.prompt.stop_ids)
+        stop = set(self.prompt.stop_ids if stop_ids is None else stop_ids)
         out: list[Generation | None] = [None] * len(prompts)
         for k, start in enumerate(range(0, len(order), batch_size)):
             idx = order[start: start + batch_size]

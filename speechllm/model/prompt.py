@@ -236,6 +236,26 @@ class PromptBuilder:
         return self.text(self.answer_lead + target) + (self.end_of_turn_ids if complete else [])
 
     @property
+    def user_turn_open_ids(self) -> list[int]:
+        """The chat template up to and including the user turn's header, with the system prompt
+        (native, or folded into the user turn where the template takes none): what Magpie feeds
+        the LLM so that it writes a user's message."""
+        return list(self.prefix_ids)
+
+    @property
+    def user_turn_end_ids(self) -> list[int]:
+        """The token that closes a user turn: the first special token of the template after the
+        user content (`<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`, `[/INST]`, `<|end|>`). A
+        template that closes the user turn with plain text (Mistral v0.1's " [/INST]") is a
+        `ChatTemplateError`: a model never emits that text as one token to stop on."""
+        for token in self.suffix_ids:
+            if token in self.special_ids:
+                return [token]
+        raise ChatTemplateError(f"{self._name(self.tokenizer)}: the chat template closes a user turn with plain text "
+                                f"({self.suffix_text!r}), not a special token, so the end of an instruction the "
+                                "model writes cannot be detected")
+
+    @property
     def stop_ids(self) -> list[int]:
         """Token ids that end generation: the end-of-turn token and the eos token."""
         ids = {self.end_of_turn_ids[-1]}

@@ -282,10 +282,13 @@ class SpeechLLM(nn.Module):
 
     # ------------------------------------------------------------------ forward / generate
 
-    def forward(self, batch: "Batch | list[Example]") -> torch.Tensor:
+    def forward(self, batch: "Batch | list[Example]", per_example: bool = False
+                ) -> "torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]":
         """Mean cross-entropy over target tokens only. The LM head runs only on the positions
         that predict a target token. Takes a built batch or the examples themselves (then the
-        audio path runs inside forward, as distributed wrappers expect)."""
+        audio path runs inside forward, as distributed wrappers expect). `per_example`: also
+        each example's summed token loss and its number of target tokens, both (batch,) and
+        detached (for logging parts of a batch, e.g. its replay examples, apart)."""
         if isinstance(batch, list):
             batch = self.build_batch(batch)
         if batch.labels is None:
@@ -297,7 +300,12 @@ class SpeechLLM(nn.Module):
         if not predict.any():
             raise ValueError("batch has no target tokens")
         logits = self.llm.get_output_embeddings()(hidden[:, :-1][predict]).float()
-        return nn.functional.cross_entropy(logits, shifted[predict])
+        if not per_example:
+            return nn.functional.cross_entropy(logits, shifted[predict])
+        tokens = nn.functional.cross_entropy(logits, shifted[predict], reduction="none")
+        rows = predict.nonzero()[:, 0]
+        sums = torch.zeros(len(predict), device=tokens.device).index_add_(0, rows, tokens.detach())
+        return tokens.mean(), sums, predict.sum(dim=1)
 
     def text_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits of the speech model's text path (no audio): (batch, seq, vocab)."""

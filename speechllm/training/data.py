@@ -311,14 +311,20 @@ def _bound_target(rec: TrainRecord, model: "SpeechLLM", cfg: TrainConfig) -> tup
         return rec, None
     if cfg.skip_truncated:
         return rec, "too_long_target"
+    text = cut_text(ids, limit, model)
+    if not text.strip():
+        return rec, "empty_target"
+    return dataclasses.replace(rec, target=text, truncated=True), "cut"
+
+
+def cut_text(ids: list[int], limit: int, model: "SpeechLLM") -> str:
+    """The text of the first tokens of `ids` (data text) that re-encodes to at most `limit` tokens."""
     n = limit
     text = model.tokenizer.decode(ids[:n])
     while n > 0 and len(model.prompt.text(text)) > limit:  # decoding and re-encoding may merge differently
         n -= 1
         text = model.tokenizer.decode(ids[:n])
-    if not text.strip():
-        return rec, "empty_target"
-    return dataclasses.replace(rec, target=text, truncated=True), "cut"
+    return text
 
 
 def _fits_context(rec: TrainRecord, model: "SpeechLLM", cfg: TrainConfig) -> bool:

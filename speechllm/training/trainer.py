@@ -10,6 +10,8 @@ training; resuming replays the stream from there, so a killed and resumed run en
 of an uninterrupted one. A run resumes only with the settings it was trained with (`train.resume`
 says what to do otherwise), and trains only on records within every length the model takes
 (`data.bound_records`), so neither a changed command line nor a hostile targets file goes unseen.
+With `train.replay`, each micro-batch also carries text-only replay examples, drawn as a pure
+function of (seed, k) too (`replay.ReplayStream`), so resuming replays them exactly as well.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from ..io.paths import folder_problem
 from ..model import Example, build_model
 from ..model.speechllm import ADAPTER_WEIGHTS, CHECKPOINT_CONFIG
 from . import checkpoint as ckpt
+from .replay import REPLAY_KEYS, check_replay, load_replay, replay_settings
 from .data import (DATA_ORDER, UPFRONT_ROWS, TargetRows, TrainRecord, batch_at, batch_count, bound_records,
                    epoch_batches, file_digest, held_out_rows, load_targets)
 
@@ -101,10 +104,13 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 def training_settings(cfg: Config, data_digest: str | None = None) -> dict:
     """The settings that shape training, flat (`train.lr`, `model.adapter.kind`, ...), with the
     training data as the sha256 of its file (a changed file is other data under the same name;
-    `data_digest` when it is known, e.g. from the file's row index) and the batch order's version."""
+    `data_digest` when it is known, e.g. from the file's row index) and the batch order's version;
+    with replay on, the replay file's sha256, its ratio and the replay stream's version."""
     flat = _flatten({"model": to_dict(cfg.model), "train": to_dict(cfg.train)})
     flat["train.data"] = data_digest or file_digest(cfg.train.data)
     flat["train.data_order"] = DATA_ORDER
+    flat = {k: v for k, v in flat.items() if k not in REPLAY_KEYS}
+    flat.update(replay_settings(cfg.train))
     return {k: v for k, v in flat.items() if k not in NOT_SHAPING}
 
 
@@ -148,6 +154,32 @@ class Stream:
         raise TrainingError(f"{self.records.table.path}: every record is over a token limit")
 
 
+@dataclass
+class ReplayTally:
+    """Replay's part of the micro-batches since the last metrics row (this process's)."""
+    examples: int = 0
+    replay: int = 0
+    loss_sum: float = 0.0
+    tokens: int = 0
+
+    def add(self, sums: torch.Tensor, counts: torch.Tensor, n_audio: int) -> None:
+        """One micro-batch: per-example summed token losses and token counts, (batch,) each, the
+        first `n_audio` examples audio records and the rest replay examples."""
+        self.examples += len(counts)
+        self.replay += len(counts) - n_audio
+        self.loss_sum += float(sums[n_audio:].sum())
+        self.tokens += int(counts[n_audio:].sum())
+
+    def row(self) -> dict:
+        """`replay_share` (replay examples / all examples) and, when any replay example was seen,
+        `replay_loss` (their mean token loss) and `replay_examples`."""
+        out = {"replay_share": round(self.replay / self.examples, 5) if self.examples else 0.0,
+               "replay_examples": self.replay}
+        if self.tokens:
+            out["replay_loss"] = round(self.loss_sum / self.tokens, 5)
+        return out
+
+
 class Trainer:
     def __init__(self, cfg: Config, progress: bool = True):
         from accelerate import Accelerator
@@ -155,6 +187,7 @@ class Trainer:
         t = cfg.train
         if not t.data:
             raise TrainingError("train.data: no targets file given (train.data=path/to/targets.jsonl)")
+        check_replay(t)
         self.cfg, self.progress = cfg, progress
         self.out = Path(t.out_dir)
         problem = folder_problem(self.out)
@@ -178,6 +211,7 @@ class Trainer:
                            "risk; run the forgetting checks (`speechllm eval`) on this run")
         self.model = model
         self._split(records)
+        self.replay = self._replay()
         self.cache = None
         if t.feature_cache:
             from .cache import FeatureCache
@@ -226,6 +260,19 @@ class Trainer:
                        f"{self.report.line()}{later}"
                        + ("" if t.skip_truncated or not self.report.truncated
                           else " (truncated targets are learned without an end-of-turn)"))
+
+    def _replay(self):
+        """The replay mix (`train.replay`), bounded to the model's limits, or None when off."""
+        r = self.cfg.train.replay
+        if r.ratio == 0:
+            if r.data:
+                self.acc.print(f"[speechllm] train.replay.data {r.data} is not used: train.replay.ratio is 0")
+            return None
+        mix, report = load_replay(self.model, self.cfg.train)
+        self.acc.print(f"[speechllm] replay: {r.data}: {report.line()}; {r.ratio:g} of the examples, "
+                       f"{mix.stream.per_batch:.3g} per micro-batch of {self.cfg.train.batch_size} records on average "
+                       "(text only, learned by LoRA)")
+        return mix
 
     def _plan_resume(self) -> Path | None:
         """The checkpoint to resume from, as `train.resume` says (see `TrainConfig.resume`); a
@@ -422,21 +469,30 @@ class Trainer:
         bar = tqdm(total=t.max_steps, initial=self.step, desc="train", unit="step", file=sys.stderr,
                    disable=not (self.progress and self.acc.is_main_process))
         t_last, samples = time.perf_counter(), 0
+        tally = ReplayTally()
         while self.step < t.max_steps:
             self._train_mode()
             loss_sum = 0.0
             for a in range(t.grad_accum):
                 k = (self.step * t.grad_accum + a) * world + rank
                 records = self.stream[k]
+                examples = self.examples(records)
+                n_audio = len(examples)
+                if self.replay is not None:
+                    examples += self.replay.examples(k)
                 sync = contextlib.nullcontext() if a == t.grad_accum - 1 else self.acc.no_sync(self.ddp)
                 with sync, self.acc.autocast():
-                    loss = self.ddp(self.examples(records))
+                    if self.replay is None:
+                        loss = self.ddp(examples)
+                    else:
+                        loss, sums, counts = self.ddp(examples, per_example=True)
+                        tally.add(sums, counts, n_audio)
                 if not torch.isfinite(loss):
                     raise TrainingError(f"step {self.step + 1}: loss is {float(loss.detach())} on the batch with ids "
-                                        f"{', '.join(r.id for r in records)}")
+                                        f"{', '.join(str(e.id) for e in examples)}")
                 self.acc.backward(loss / t.grad_accum)
                 loss_sum += float(loss.detach()) / t.grad_accum
-                samples += len(records) * world
+                samples += len(examples) * world
             grad_norm = self.acc.clip_grad_norm_(self.params, t.grad_clip)
             self.optimizer.step()
             self.scheduler.step()
@@ -447,6 +503,9 @@ class Trainer:
             if self.step % t.log_every == 0 or self.step == t.max_steps:
                 row = {"step": self.step, "loss": round(loss_sum, 5), "lr": self.scheduler.get_last_lr()[0],
                        "grad_norm": round(float(grad_norm), 5), "samples_per_s": round(samples / (now - t_last), 2)}
+                if self.replay is not None:
+                    row.update(tally.row())
+                    tally = ReplayTally()
                 self._log(row)
                 bar.set_postfix(loss=f"{loss_sum:.3f}", sps=row["samples_per_s"])
                 t_last, samples = now, 0
