@@ -288,11 +288,11 @@ class TrainConfig:
     """Longest target trained on, in LLM tokens (end-of-turn included). `speechllm targets`
     generates at most this many tokens and flags answers that would be cut."""
 
-
 @dataclass
 class TargetsConfig:
-    strategy: Literal["self-output", "label", "paraphrase", "selective"] = "self-output"
-    """How targets are made: self-output (DeSTA2), label, paraphrase or selective."""
+    strategy: Literal["self-output", "label", "paraphrase", "selective", "minimum-change"] = "self-output"
+    """How targets are made: self-output (DeSTA2), label, paraphrase, selective or minimum-change
+    (the self-output with only the words the labels show wrong changed)."""
     instruction: str = "What can you hear?"
     """The instruction when no pool is given."""
     instruction_pool: list[str] = field(default_factory=list)
@@ -317,7 +317,11 @@ class TargetsConfig:
     min_transcript_recall: float = ranged(FRACTION, 0.5)
     """selective: share of the transcript's words the self-output must contain, else the label
     target is used."""
-
+    transcript_fix: Literal["code", "prompt"] = "code"
+    """minimum-change: how a missed transcript is put into an answer to "what was said": code (the
+    quoted span's words replaced, or `The speaker says: "..."` added) or prompt (the base LLM is
+    asked for a minimal edit, kept only when it holds the transcript and changes no more words
+    than the code would; else the code's edit)."""
 
 CLASSIFIER_KEY = re.compile(r"^[a-z][a-z0-9_]*$")
 """A classifier annotator's KEY: it names a JSON key and a description field."""
