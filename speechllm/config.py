@@ -322,6 +322,10 @@ class TargetsConfig:
     quoted span's words replaced, or `The speaker says: "..."` added) or prompt (the base LLM is
     asked for a minimal edit, kept only when it holds the transcript and changes no more words
     than the code would; else the code's edit)."""
+    target_nll: bool = True
+    """After writing, score the mean per-token NLL of the file's targets under the base LLM reading
+    each description (printed, and kept beside the file as <out>.nll.json); false skips it."""
+
 
 CLASSIFIER_KEY = re.compile(r"^[a-z][a-z0-9_]*$")
 """A classifier annotator's KEY: it names a JSON key and a description field."""
