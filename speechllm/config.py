@@ -287,6 +287,22 @@ class TrainConfig:
     max_target_tokens: int = ranged(AT_LEAST_1, 256)
     """Longest target trained on, in LLM tokens (end-of-turn included). `speechllm targets`
     generates at most this many tokens and flags answers that would be cut."""
+    forgetting_every: int = ranged(NON_NEGATIVE, 0)
+    """Score the forgetting curve every this many optimizer steps and at the last step: IFrate
+    and delta of the speech model on `forgetting_items` held-out items (task question +
+    constraint), logged to metrics.jsonl and TensorBoard. 0 turns it off. Does not change the
+    weights training produces."""
+    forgetting_data: str | None = None
+    """Held-out metadata.jsonl the curve's items are made from (like `speechllm eval --data`);
+    needed when `forgetting_every` > 0. The items are drawn with the eval settings (eval.seed,
+    eval.constraints, eval.vary_phrasing, eval.if_max_new_tokens, eval.batch_size)."""
+    forgetting_items: int = ranged(AT_LEAST_1, 24)
+    """Forgetting items the curve scores each time (a seeded sample, the same at every step)."""
+    keep_best: Literal["last", "forgetting"] = "last"
+    """Which adapter the run folder ends with: `last` (the last step's) or `forgetting` (that of
+    the curve's best-scoring step, highest IFrate and so best delta, kept in <out_dir>/best/; the
+    last step's weights stay in the last checkpoint, which a resume continues from)."""
+
 
 @dataclass
 class TargetsConfig:
