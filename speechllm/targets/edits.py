@@ -66,8 +66,6 @@ HER_OBJECT_NEXT = frozenset({"and", "or", "but", "to", "as", "with", "in", "on",
 """After "her", these words (or the end of the sentence) make it an object: female -> male gives "him"."""
 OPTION_JOINER = "or"
 """A sentence with this word and two values of one attribute lists options (states neither)."""
-
-
 AMBIGUOUS_WORDS = frozenset({"deep", "soft", "softly", "quick", "rapid"})
 """Words edited only in a sentence about their attribute, as those of several attributes are."""
 
@@ -115,12 +113,19 @@ PARADIGMS: tuple[Paradigm, ...] = (
 """Every mapped word, by attribute; a word found in a row is replaced by that row's word for the
 label's value (the first row that has the word, of the attribute its sentence is about)."""
 
-_LOOKUP: dict[str, list[tuple[Paradigm, str]]] = {}
-for _p in PARADIGMS:
-    for _value, _word in _p.words.items():
-        if " " not in _word and all(p is not _p for p, _ in _LOOKUP.get(_word, [])):
-            _LOOKUP.setdefault(_word, []).append((_p, _value))
-"""word -> the rows that have it, with the value it states there (phrases are replacements only)."""
+
+def _index(rows: tuple[Paradigm, ...]) -> dict[str, list[tuple[Paradigm, str]]]:
+    """word -> the rows that have it, in order, with the value it states there (phrases are
+    replacements only, never looked up)."""
+    index: dict[str, list[tuple[Paradigm, str]]] = {}
+    for row in rows:
+        for value, word in row.words.items():
+            if " " not in word and all(other is not row for other, _ in index.get(word, [])):
+                index.setdefault(word, []).append((row, value))
+    return index
+
+
+_LOOKUP = _index(PARADIGMS)
 CONTEXT_WORDS = frozenset({w for w, rows in _LOOKUP.items() if len({p.attribute for p, _ in rows}) > 1}
                           | AMBIGUOUS_WORDS)
 """Words edited only in a sentence about their attribute: low, normal, high (pitch, speed and
