@@ -313,12 +313,28 @@ class TrainConfig:
     max_target_tokens: int = ranged(AT_LEAST_1, 256)
     """Longest target trained on, in LLM tokens (end-of-turn included). `speechllm targets`
     generates at most this many tokens and flags answers that would be cut."""
+    forgetting_every: int = ranged(NON_NEGATIVE, 0)
+    """Score the forgetting curve every this many optimizer steps and at the last step: IFrate
+    and delta of the speech model on `forgetting_items` held-out items (task question +
+    constraint), logged to metrics.jsonl and TensorBoard. 0 turns it off. Does not change the
+    weights training produces."""
+    forgetting_data: str | None = None
+    """Held-out metadata.jsonl the curve's items are made from (like `speechllm eval --data`);
+    needed when `forgetting_every` > 0. The items are drawn with the eval settings (eval.seed,
+    eval.constraints, eval.vary_phrasing, eval.if_max_new_tokens, eval.batch_size)."""
+    forgetting_items: int = ranged(AT_LEAST_1, 24)
+    """Forgetting items the curve scores each time (a seeded sample, the same at every step)."""
+    keep_best: Literal["last", "forgetting"] = "last"
+    """Which adapter the run folder ends with: `last` (the last step's) or `forgetting` (that of
+    the curve's best-scoring step, highest IFrate and so best delta, kept in <out_dir>/best/; the
+    last step's weights stay in the last checkpoint, which a resume continues from)."""
 
 
 @dataclass
 class TargetsConfig:
-    strategy: Literal["self-output", "label", "paraphrase", "selective"] = "self-output"
-    """How targets are made: self-output (DeSTA2), label, paraphrase or selective."""
+    strategy: Literal["self-output", "label", "paraphrase", "selective", "minimum-change"] = "self-output"
+    """How targets are made: self-output (DeSTA2), label, paraphrase, selective or minimum-change
+    (the self-output with only the words the labels show wrong changed)."""
     instruction: str = "What can you hear?"
     """The instruction when no pool is given."""
     instruction_pool: list[str] = field(default_factory=list)
@@ -343,6 +359,14 @@ class TargetsConfig:
     min_transcript_recall: float = ranged(FRACTION, 0.5)
     """selective: share of the transcript's words the self-output must contain, else the label
     target is used."""
+    transcript_fix: Literal["code", "prompt"] = "code"
+    """minimum-change: how a missed transcript is put into an answer to "what was said": code (the
+    quoted span's words replaced, or `The speaker says: "..."` added) or prompt (the base LLM is
+    asked for a minimal edit, kept only when it holds the transcript and changes no more words
+    than the code would; else the code's edit)."""
+    target_nll: bool = True
+    """After writing, score the mean per-token NLL of the file's targets under the base LLM reading
+    each description (printed, and kept beside the file as <out>.nll.json); false skips it."""
 
 
 @dataclass

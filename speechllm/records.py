@@ -3,7 +3,8 @@
     manifest.jsonl   ManifestRecord   {"id", "audio", "labels"?}
     metadata.jsonl   MetadataRecord   {"id", "audio", "duration", "annotations", "description", "labels"?}
     targets.jsonl    TargetRecord     {"id", "audio", "duration"?, "transcript", "description", "instruction", "target",
-                                       "strategy", "generator", "target_tokens", "truncated", "kept"?, "checks"?}
+                                       "strategy", "generator", "target_tokens", "truncated", "kept"?, "checks"?,
+                                       "self_output"?, "edit_distance"?, "fixes"?}
     tasks.jsonl      TaskItem         {"id", "task", "audio", "instruction", "answer_kind", "reference", ...}
     replay.jsonl     ReplayRecord     {"id"?, "instruction", "answer", "source"?, "truncated"?, "answer_tokens"?,
                                        "generator"?}
@@ -182,12 +183,20 @@ class TargetRecord:
     truncated: bool = False
     """The answer was cut at `train.max_target_tokens`."""
     kept: str | None = None
-    """selective: which of self-output and label was kept."""
+    """selective: which of self-output and label was kept; minimum-change: `self-output`
+    (unchanged) or `minimum-change` (edited)."""
     checks: dict | None = None
     """selective: the agreement checks of the self-output."""
     duration: float | None = None
     """The clip's length in seconds, from the metadata (training reads it instead of the audio
     file's header; None in files an older speechllm wrote)."""
+    self_output: str | None = None
+    """minimum-change: the base LLM's own answer before any edit."""
+    edit_distance: int | None = None
+    """minimum-change: word-level Levenshtein distance from `self_output` to `target`."""
+    fixes: list | None = None
+    """minimum-change: the changes made, each {"attribute", "from", "to", "how"} (how: word,
+    negation, code or prompt); empty when the self-output was right."""
 
     REQUIRED = ("id", "audio", "instruction", "target")
 
@@ -196,14 +205,15 @@ class TargetRecord:
         obj = _require(obj, where, {"id": (str, int), "audio": (str,), "instruction": (str,), "target": (str,)},
                        {"transcript": (str,), "description": (str,), "strategy": (str,), "generator": (dict,),
                         "target_tokens": (int,), "truncated": (bool,), "kept": (str,), "checks": (dict,),
-                        "duration": (int, float)})
+                        "duration": (int, float), "self_output": (str,), "edit_distance": (int,), "fixes": (list,)})
         duration = obj.get("duration")
         if duration is not None and duration <= 0:
             raise RecordError(f"{where}: 'duration' must be a positive number of seconds, got {duration}")
         return cls(_id(obj["id"]), obj["audio"], obj.get("transcript"), obj.get("description") or "",
                    obj["instruction"], obj["target"], obj.get("strategy") or "", obj.get("generator") or {},
                    obj.get("target_tokens") or 0, bool(obj.get("truncated")), obj.get("kept"), obj.get("checks"),
-                   None if duration is None else float(duration))
+                   None if duration is None else float(duration), obj.get("self_output"), obj.get("edit_distance"),
+                   obj.get("fixes"))
 
     def to_json(self) -> dict:
         out = {"id": self.id, "audio": self.audio, **({"duration": self.duration} if self.duration else {}),
@@ -214,6 +224,8 @@ class TargetRecord:
             out["kept"] = self.kept
         if self.checks:
             out["checks"] = self.checks
+        if self.self_output is not None:
+            out.update(self_output=self.self_output, edit_distance=self.edit_distance, fixes=self.fixes or [])
         return out
 
 

@@ -213,7 +213,8 @@ def test_compare_checkpoints_is_paired():
 def tiny_eval_setup(tmp_path, tiny_model):
     ckpt = tiny_model.save_pretrained(tmp_path / "self-output")
     (ckpt / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0}\n{"step": 2, "loss": 2.5}\n'
-                                        '{"step": 2, "eval_loss": 2.7}\n')
+                                        '{"step": 2, "eval_loss": 2.7}\n'
+                                        '{"step": 2, "ifrate": 0.25, "ifrate_ref": 0.5, "delta": -0.5}\n')
     for i, wav in enumerate(SAMPLES):
         shutil.copy(wav, tmp_path / f"clip{i}.wav")
     recs = [_meta(f"c{i}", f"clip{i}.wav", g, p, "some words here") for i, (g, p) in
@@ -246,6 +247,7 @@ def test_eval_suite_tiny_end_to_end_and_resume(tmp_path, tiny_eval_setup, monkey
         assert ife["prompts"] == 4 and ife["identical_answers"] == 4
         assert ife["prompt_accuracy"] == ife["prompt_accuracy_base"]
         assert c["training"]["steps"] == 2 and c["training"]["final_eval_loss"] == 2.7
+        assert c["curve"] == [{"step": 2, "ifrate": 0.25, "delta": -0.5}]  # the forgetting curve training logged
     assert report["comparisons"]["self-output vs label"]["ifrate_diff"] == 0.0
     # both checkpoints are the same weights: the same answers
     assert report["checkpoints"]["self-output"]["tasks"] == report["checkpoints"]["label"]["tasks"]
@@ -253,10 +255,11 @@ def test_eval_suite_tiny_end_to_end_and_resume(tmp_path, tiny_eval_setup, monkey
     assert {e["id"] for e in errors} == {"gender/bad", "pitch/bad", "transcription/bad"}
     assert all("missing.wav" in e["error"] for e in errors)
     for f in ("report.json", "report.md", "plots/tasks.png", "plots/forgetting.png", "plots/constraints.png",
-              "plots/training.png", "predictions.jsonl"):
+              "plots/training.png", "plots/curve.png", "predictions.jsonl"):
         assert (out / f).is_file() and (out / f).stat().st_size > 0, f
     md = (out / "report.md").read_text()
     assert "| gender |" in md and "self-output" in md and "delta" in md
+    assert "- self-output: 2: 25.0 (-0.500)" in md  # the forgetting curve's points
     # every constraint kind names who scored it: IFEval's official checker, or ours where IFEval has none
     per = report["checkpoints"]["self-output"]["forgetting"]["per_constraint"]
     assert all(v["checker"] == official.checker_name(k) for k, v in per.items())
@@ -348,6 +351,7 @@ def test_eval_suite_on_mmau_annotates_clips_without_description(tmp_path, tiny_m
     assert len(annotated) == len({it["audio"] for it in items})  # once per clip
     assert set(report["checkpoints"]["ckpt"]["tasks"]) == {it["task"] for it in items}
     assert all(t["answer_kind"] == "label" for t in report["checkpoints"]["ckpt"]["tasks"].values())
+    assert report["checkpoints"]["ckpt"]["curve"] == []  # no metrics.jsonl, no curve
     preds = [json.loads(l) for l in (out / "predictions.jsonl").read_text().splitlines()]
     mine = [p for p in preds if p["system"] == "ckpt"]
     assert {p["benchmark"] for p in mine} == {"mmau", "forgetting"}

@@ -5,6 +5,8 @@ Plots (matplotlib, Agg backend, no display needed):
   forgetting.png   forgetting rate delta per checkpoint with its interval (0 = nothing lost)
   constraints.png  IFrate per constraint kind, per checkpoint and the reference
   training.png     training (and eval) loss curves from each checkpoint's metrics.jsonl
+  curve.png        the forgetting curve: IFrate from audio against training step, per checkpoint
+                   (logged with `train.forgetting_every`)
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import json
 import os
 from pathlib import Path
 
-PLOTS = ("tasks.png", "forgetting.png", "constraints.png", "training.png")
+PLOTS = ("tasks.png", "forgetting.png", "constraints.png", "training.png", "curve.png")
 
 
 def _pct(x: float | None) -> str:
@@ -140,6 +142,13 @@ def _training_lines(ck: dict, names: list[str]) -> list[str]:
         t = ck[n]["training"]
         ev = "–" if t["final_eval_loss"] is None else f"{t['final_eval_loss']:.3f}"
         lines.append(f"| {n} | {t['steps']} | {t['first_loss']:.3f} | {t['final_loss']:.3f} | {ev} |")
+    curves = [n for n in names if ck[n].get("curve")]
+    if curves:
+        lines += ["", "Forgetting curve (IFrate from audio on the held-out items `train.forgetting_data` gave, "
+                  "by training step; delta against the text reference in brackets):", ""]
+        for n in curves:
+            points = ", ".join(f"{p['step']}: {_pct(p['ifrate'])} ({_signed(p['delta'])})" for p in ck[n]["curve"])
+            lines.append(f"- {n}: {points}")
     return lines
 
 
@@ -233,6 +242,22 @@ def _plot_training(ax, ck: dict, names: list[str]) -> None:
         ax.text(0.5, 0.5, "no metrics.jsonl in the checkpoints", ha="center", transform=ax.transAxes)
 
 
+def _plot_curve(ax, ck: dict, names: list[str]) -> None:
+    """IFrate against training step of every checkpoint that logged a forgetting curve."""
+    for n in names:
+        points = ck[n].get("curve") or []
+        if points:
+            ax.plot([p["step"] for p in points], [p["ifrate"] for p in points], "o-", label=n)
+    ax.set_xlabel("step")
+    ax.set_ylabel("IFrate from audio")
+    ax.set_ylim(0, 1.05)
+    ax.set_title("Forgetting curve")
+    if ax.lines:
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no forgetting curve logged (train.forgetting_every)", ha="center", transform=ax.transAxes)
+
+
 def plots(report: dict, folder: Path) -> list[Path]:
     """The PNG plots (`PLOTS`) into `folder`; returns their paths."""
     import matplotlib
@@ -248,7 +273,8 @@ def plots(report: dict, folder: Path) -> list[Path]:
     figures = (("tasks.png", (max(6, 1.3 * n_tasks * (len(names) + 1) / 2), 4), _plot_tasks),
                ("forgetting.png", (max(4, 1.5 * len(names)), 3.5), _plot_forgetting),
                ("constraints.png", (max(6, 0.8 * n_kinds * (len(names) + 1) / 2), 4), _plot_constraints),
-               ("training.png", (6, 3.5), _plot_training))
+               ("training.png", (6, 3.5), _plot_training),
+               ("curve.png", (6, 3.5), _plot_curve))
     made = []
     for name, size, draw in figures:
         fig, ax = plt.subplots(figsize=size)

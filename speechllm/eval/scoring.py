@@ -140,6 +140,20 @@ def training_summary(checkpoint: Path) -> dict | None:
             "eval_curve": [[r["step"], r["eval_loss"]] for r in evals]}
 
 
+CURVE_FIELDS = ("step", "ifrate", "delta")
+"""The fields of a forgetting-curve point in the report (`train.forgetting_every` logs them)."""
+
+
+def forgetting_curve(checkpoint: Path) -> list[dict]:
+    """The forgetting curve the checkpoint's training logged: [{"step", "ifrate", "delta"}] from
+    its metrics.jsonl (the rows with an IFrate), in step order; empty when it has none."""
+    path = checkpoint / METRICS_FILE
+    if not path.exists():
+        return []
+    rows = [line.record for line in iter_lines(path) if line.record is not None and "ifrate" in line.record]
+    return sorted(({k: r.get(k) for k in CURVE_FIELDS} for r in rows), key=lambda r: r["step"])
+
+
 def compare_checkpoints(passes: dict[str, list[bool]], samples: int, seed: int) -> dict:
     """Each pair of checkpoints on the same forgetting items: the IFrate difference (first minus
     second) with a paired bootstrap interval. Pairing removes the items' own difficulty from the

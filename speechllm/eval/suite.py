@@ -33,7 +33,7 @@ from ..config import EvalConfig, GenerationConfig
 from .generations import Generations
 from .items import DATA_FORMATS, EvalError, EvalSet, load_eval_set
 from .predictions import PREDICTIONS_FILE, benchmark_of, following_score, row, write_predictions
-from .scoring import CheckpointScores, compare_checkpoints, score_checkpoint, training_summary
+from .scoring import CheckpointScores, compare_checkpoints, forgetting_curve, score_checkpoint, training_summary
 
 if TYPE_CHECKING:
     from ..model.speechllm import SpeechLLM
@@ -139,7 +139,8 @@ def evaluate_checkpoint(ckpt: Path, name: str, es: EvalSet, out: Path, cfg: Eval
     report["checkpoints"][name] = {
         "path": str(ckpt), "reference": ref_name, "lora": meta.get("lora"), "tasks": scores.tasks,
         "forgetting": scores.forgetting.to_dict() if scores.forgetting else None,
-        "text_retention": {**kl, "ifeval": ifeval}, "training": training_summary(ckpt)}
+        "text_retention": {**kl, "ifeval": ifeval}, "training": training_summary(ckpt),
+        "curve": forgetting_curve(ckpt)}
     if rows is not None:
         rows[name] = prediction_rows(name, es, sysgen.answers, scores, base=False)
         rows.setdefault(ref_name, prediction_rows(ref_name, es, ref.answers, scores, base=True))

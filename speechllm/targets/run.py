@@ -54,12 +54,15 @@ class TargetsSummary:
     new_tokens: int = 0
     seconds: float = 0.0
     kept: dict[str, int] = field(default_factory=dict)
+    edited_words: int = 0
+    """minimum-change: the word edit distances of the records written, summed."""
     fidelity: Fidelity | None = None
     """The teacher's measured fidelity to its descriptions (None: not probed)."""
 
     def line(self, out: Path) -> str:
         rate = self.new_tokens / self.seconds if self.seconds else 0.0
         kept = "".join(f", {k} {v}" for k, v in sorted(self.kept.items()))
+        kept += f" ({self.edited_words} words edited)" if self.edited_words else ""
         return (f"targets: {self.written} written ({self.done_before} done before), {self.regenerated} "
                 f"regenerated, {self.dropped} dropped as degenerate, {self.truncated} flagged too long for "
                 f"training, {self.malformed} malformed input lines{kept}; {self.new_tokens} tokens in "
@@ -164,7 +167,7 @@ class TargetMaker:
 
     def __init__(self, cfg: Config, generator: TextGenerator, sampling: GenerationConfig):
         self.cfg, self.gen, self.sampling = cfg, generator, sampling
-        self.strategy = STRATEGIES[cfg.targets.strategy]()
+        self.strategy = STRATEGIES[cfg.targets.strategy](cfg.targets)
         self.new_tokens = 0
 
     def answerer(self, sampling: GenerationConfig):
@@ -180,8 +183,10 @@ class TargetMaker:
     def provenance(self, draft: Draft, sampling: GenerationConfig) -> dict:
         if draft.source == "template":
             return {"template": draft.extra.get("template", "label-template/1"), "speechllm": __version__}
+        editor = {"editor": draft.extra["editor"]} if "editor" in draft.extra else {}
         return {"model": self.gen.model_name, "fingerprint": weights.fingerprint(self.gen.model_name),
-                "system_prompt": self.cfg.model.llm.system_prompt, **provenance(sampling), "speechllm": __version__}
+                "system_prompt": self.cfg.model.llm.system_prompt, **provenance(sampling), **editor,
+                "speechllm": __version__}
 
     def make(self, jobs: list[Job], summary: TargetsSummary) -> tuple[list[TargetRecord], list[dict]]:
         """(records, error records) for `jobs`."""
@@ -213,12 +218,14 @@ class TargetMaker:
             kept = draft.extra.get("kept")
             if kept:
                 summary.kept[kept] = summary.kept.get(kept, 0) + 1
+            summary.edited_words += draft.extra.get("edit_distance", 0)
             made_by = self.provenance(draft, sampling)
             if draft.source == "llm" and job.example_ids:
                 made_by["examples"] = list(job.example_ids)
             records.append(TargetRecord(job.id, job.audio, job.transcript, job.description, job.instruction, draft.text,
                                         self.strategy.name, made_by, n_tokens, truncated, kept, draft.extra.get("checks"),
-                                        job.duration))
+                                        job.duration, draft.extra.get("self_output"), draft.extra.get("edit_distance"),
+                                        draft.extra.get("fixes")))
         return records, errors
 
 

@@ -5,7 +5,11 @@
   "ground truth" baseline known to cause forgetting;
 - `paraphrase`: the base LLM rewrites the label target in its own words;
 - `selective` (Selective Self-Rehearsal): the self-output where code checks find it agrees with
-  the labels (gender words, attribute words, transcript overlap), else the label target.
+  the labels (gender words, attribute words, transcript overlap), else the label target;
+- `minimum-change`: the self-output with only what the labels show to be wrong changed (a wrong
+  attribute word replaced by code, a missed transcript put in; `speechllm.targets.edits`), so
+  the target stays as close as possible to the model's own words. It sits between `selective`
+  (wrong answers replaced whole) and `self-output` (wrong answers kept).
 
 A strategy turns jobs into drafts; the stage (`speechllm.targets.run`) handles degenerate answers,
 truncation and writing.
@@ -13,17 +17,23 @@ truncation and writing.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable
 
+from ..config import TargetsConfig
 from ..labels import ATTRIBUTES, LABEL_ONLY
 from .checks import agreement
+from .edits import (asks_transcript, better_edit, contains_transcript, fix_attributes, insert_transcript,
+                    minimal_edit_prompt, word_edit_distance)
 from ..model.generate import Generation
 from ..model.prompt import description_prompt
 
 PARAPHRASE_INSTRUCTION = ("Rewrite the following description of an audio recording in your own words, "
                           "as an answer to someone who asked what can be heard. Keep every fact.\n\n")
 LABEL_TEMPLATE_VERSION = "label-template/1"
+MINIMUM_CHANGE_VERSION = "minimum-change/1"
+"""Version of the minimum-change edit rules, recorded in each such target's provenance."""
 
 
 @dataclass
@@ -86,21 +96,68 @@ def label_target(job: Job) -> str:
     return " ".join(p for p in parts if p)
 
 
-class SelfOutput:
+class Strategy:
+    """A way to make targets, built from the run's `targets` settings (`STRATEGIES[name](cfg)`)."""
+    name = ""
+
+    def __init__(self, cfg: TargetsConfig | None = None):
+        self.cfg = cfg if cfg is not None else TargetsConfig()
+
+    def drafts(self, jobs: list[Job], generate: Generate, min_recall: float) -> list[Draft]:
+        """One draft per job, in order."""
+        raise NotImplementedError
+
+
+class SelfOutput(Strategy):
     name = "self-output"
 
     def drafts(self, jobs: list[Job], generate: Generate, min_recall: float) -> list[Draft]:
         return [Draft(g.text, "llm", g) for g in generate([(self_output_prompt(j), j.examples) for j in jobs])]
 
 
-class Label:
+class MinimumChange(Strategy):
+    """The self-output, changed only where the labels show it wrong (`speechllm.targets.edits`).
+
+    `targets.transcript_fix` says how a missed transcript is put in: `code` (the quoted span
+    replaced, or the transcript sentence added) or `prompt` (the base LLM asked for a minimal
+    edit, kept only when it holds the transcript and changes no more words than the code would)."""
+    name = "minimum-change"
+
+    def drafts(self, jobs: list[Job], generate: Generate, min_recall: float) -> list[Draft]:
+        gens = generate([(self_output_prompt(j), j.examples) for j in jobs])
+        texts, fixes = [], []
+        for job, gen in zip(jobs, gens):
+            text, made = fix_attributes(gen.text, job.attrs, job.instruction, job.transcript)
+            texts.append(text)
+            fixes.append([f.to_json() for f in made])
+        missed = [i for i, j in enumerate(jobs) if j.transcript and asks_transcript(j.instruction)
+                  and not contains_transcript(texts[i], j.transcript)]
+        coded = {i: insert_transcript(texts[i], jobs[i].transcript, gens[i].finished) for i in missed}
+        prompted: dict[int, str] = {}
+        if missed and self.cfg.transcript_fix == "prompt":
+            asked = generate([(minimal_edit_prompt(jobs[i].instruction, texts[i], jobs[i].transcript), ())
+                              for i in missed])
+            prompted = {i: g.text for i, g in zip(missed, asked)}
+        for i in missed:
+            text, fix = coded[i]
+            if i in prompted and better_edit(texts[i], prompted[i], text, jobs[i].transcript):
+                text, fix = prompted[i], dataclasses.replace(fix, after=prompted[i], how="prompt")
+            texts[i] = text
+            fixes[i].append(fix.to_json())
+        return [Draft(text, "llm", gen, {"self_output": gen.text, "edit_distance": word_edit_distance(gen.text, text),
+                                         "fixes": made, "kept": "minimum-change" if made else "self-output",
+                                         "editor": MINIMUM_CHANGE_VERSION})
+                for text, gen, made in zip(texts, gens, fixes)]
+
+
+class Label(Strategy):
     name = "label"
 
     def drafts(self, jobs: list[Job], generate: Generate, min_recall: float) -> list[Draft]:
         return [Draft(label_target(j), "template", extra={"template": LABEL_TEMPLATE_VERSION}) for j in jobs]
 
 
-class Paraphrase:
+class Paraphrase(Strategy):
     name = "paraphrase"
 
     def drafts(self, jobs: list[Job], generate: Generate, min_recall: float) -> list[Draft]:
@@ -109,7 +166,7 @@ class Paraphrase:
         return [Draft(g.text, "llm", g, {"label_target": t}) for g, t in zip(gens, labels)]
 
 
-class Selective:
+class Selective(Strategy):
     name = "selective"
 
     def drafts(self, jobs: list[Job], generate: Generate, min_recall: float) -> list[Draft]:
@@ -124,5 +181,5 @@ class Selective:
         return out
 
 
-STRATEGIES = {cls.name: cls for cls in (SelfOutput, Label, Paraphrase, Selective)}
+STRATEGIES = {cls.name: cls for cls in (SelfOutput, Label, Paraphrase, Selective, MinimumChange)}
 """strategy name -> class; every class has `drafts(jobs, generate, min_recall)`."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from ..io.paths import folder_problem
 from ..model import Example, build_model
 from ..model.speechllm import ADAPTER_WEIGHTS, CHECKPOINT_CONFIG
 from . import checkpoint as ckpt
+from .curve import BEST_DIR, ForgettingCurve, best_of, copy_best, promote_best
 from .replay import REPLAY_KEYS, check_replay, load_replay, replay_settings
 from .data import (DATA_ORDER, UPFRONT_ROWS, TargetRows, TrainRecord, batch_at, batch_count, bound_records,
                    epoch_batches, file_digest, held_out_rows, load_targets)
@@ -45,8 +47,11 @@ SETTINGS_KEY = "settings"
 """Key of the trainer state that records the settings a run was trained with (compared on resume)."""
 NOT_SHAPING = ("train.out_dir", "train.resume", "train.eval_data", "train.eval_every", "train.save_every",
                "train.keep_checkpoints", "train.log_every", "train.cache_dir", "train.feature_cache",
+               "train.forgetting_every", "train.forgetting_data", "train.forgetting_items", "train.keep_best",
                "model.llm.trust_remote_code")
-"""Settings that do not change the weights a run ends with: a resume may change them freely."""
+"""Settings that do not change the weights training produces: a resume may change them freely.
+The forgetting curve only reads the model (greedy, in eval mode); `train.keep_best` only chooses
+which of two kept adapters (the last step's, the curve's best) the run folder ends with."""
 SHOWN_CHARS = 40
 """A differing setting's values are shown up to this many characters."""
 
@@ -235,6 +240,36 @@ class Trainer:
         self.params = params
         self.stream = Stream(self.train_records, t.batch_size, t.seed)
         self.step = 0
+        self.curve = self._curve()
+
+    def _curve(self) -> ForgettingCurve | None:
+        """The forgetting curve's items (main process; None when `train.forgetting_every` is 0)."""
+        t = self.cfg.train
+        if t.keep_best == "forgetting" and not t.forgetting_every:
+            raise TrainingError("train.keep_best=forgetting keeps the adapter of the forgetting curve's best step: "
+                                "set train.forgetting_every (and train.forgetting_data)")
+        if not t.forgetting_every:
+            return None
+        if not t.forgetting_data:
+            raise TrainingError("train.forgetting_every needs train.forgetting_data, a held-out metadata.jsonl "
+                                "(e.g. the test clips `speechllm eval --data` reads)")
+        if not self.acc.is_main_process:
+            return None
+        return ForgettingCurve(self.cfg, self.acc.unwrap_model(self.ddp), self.out, self.progress)
+
+    def _score_curve(self) -> None:
+        """Score the forgetting curve at this step (main process), log it, and keep the adapter in
+        `best/` when it is the best so far; the other processes wait."""
+        if self.curve is not None:
+            model = self.acc.unwrap_model(self.ddp)
+            with self.acc.autocast():
+                point = self.curve.score(model, self.step)
+            self._log(point.row())
+            best = best_of(self.out)
+            if best is None or point.ifrate >= best["ifrate"]:
+                model.save_pretrained(self.out / BEST_DIR, extra={"trained_steps": self.step,
+                                                                  "forgetting_curve": point.row()})
+        self.acc.wait_for_everyone()
 
     def _split(self, records: TargetRows) -> None:
         """Bound every record to the model's limits (counted), then split train / held out. Up to
@@ -282,6 +317,7 @@ class Trainer:
         if t.resume == "never":
             if self.acc.is_main_process:
                 ckpt.clear_run(self.out, (METRICS_FILE, ADAPTER_WEIGHTS, CHECKPOINT_CONFIG))
+                shutil.rmtree(self.out / BEST_DIR, ignore_errors=True)
             self.acc.wait_for_everyone()
             return None
         found = ckpt.latest(root)
@@ -380,6 +416,7 @@ class Trainer:
         if self.acc.is_main_process:
             self.acc.unwrap_model(self.ddp).save_pretrained(tmp)
             ckpt.optimizer_to_files(self.optimizer.state_dict(), tmp)
+            copy_best(self.out, tmp)
             ckpt.finish(tmp, final, {"step": self.step, "scheduler": self.scheduler.state_dict(),
                                      "world_size": self.acc.num_processes, SETTINGS_KEY: self.settings})
             ckpt.prune(root, self.cfg.train.keep_checkpoints)
@@ -418,6 +455,8 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         ckpt.rng_from_file(found, self.acc.process_index)
         self.step = state["step"]
+        if self.acc.is_main_process:  # the best adapter as it was at this checkpoint
+            copy_best(found, self.out)
         if self.resumed_changes:
             self._apply_settings()
             self.acc.print(f"[speechllm] resuming with changed settings: {'; '.join(self.resumed_changes)}")
@@ -466,6 +505,8 @@ class Trainer:
             (self.out / RESOLVED_CONFIG).write_text(json.dumps(to_dict(self.cfg), indent=2) + "\n")
             self._trim_metrics()
         self.acc.init_trackers("speechllm")
+        if self.curve is not None:  # answered once per run folder, before the first step
+            self.curve.reference(self.acc.unwrap_model(self.ddp))
         bar = tqdm(total=t.max_steps, initial=self.step, desc="train", unit="step", file=sys.stderr,
                    disable=not (self.progress and self.acc.is_main_process))
         t_last, samples = time.perf_counter(), 0
@@ -513,6 +554,8 @@ class Trainer:
                 ev = self.evaluate()
                 if ev is not None:
                     self._log({"step": self.step, "eval_loss": round(ev, 5)})
+            if t.forgetting_every and (self.step % t.forgetting_every == 0 or self.step == t.max_steps):
+                self._score_curve()
             if self.step % t.save_every == 0 or self.step == t.max_steps:
                 self.save()
         bar.close()
@@ -520,6 +563,11 @@ class Trainer:
             self.acc.print(f"[speechllm] records met so far: {self.report.line()}")
         if self.acc.is_main_process:
             self.acc.unwrap_model(self.ddp).save_pretrained(self.out, extra={"trained_steps": self.step})
+            if t.keep_best == "forgetting":
+                best = promote_best(self.out)
+                self.acc.print(f"[speechllm] keep_best=forgetting: the run's adapter is step {best['step']}'s "
+                               f"(IFrate {best['ifrate']:.3f}, delta {best['delta']}); step {self.step}'s stays in "
+                               f"{self.out / 'checkpoints'}")
         self.acc.end_training()
         return self.out
 
@@ -527,7 +575,7 @@ class Trainer:
         if self.acc.is_main_process:
             with open(self.out / METRICS_FILE, "a") as f:
                 f.write(json.dumps(row) + "\n")
-        self.acc.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+        self.acc.log({k: v for k, v in row.items() if k != "step" and v is not None}, step=row["step"])
 
     def _trim_metrics(self) -> None:
         """After a resume, drop metrics logged past the checkpoint (they are logged again)."""

@@ -1,0 +1,119 @@
+"""Target perplexity on the tiny model: the batched, padded NLL equals a direct per-record
+computation; the sidecar makes a finished file free and a killed run resume; a changed file is
+scored again; the model's own greedy answers are more probable to it than label sentences."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import TINY_CONFIG
+
+from speechllm.config import GenerationConfig, load_config
+from speechllm.model.generate import TextGenerator
+from speechllm.model.prompt import description_prompt
+from speechllm.targets.nll import NLLError, nll_path, target_nll
+
+DESCRIPTIONS = ['[00:00-00:03] "the bus was full" (Gender: Male, Pitch: Low)',
+                '[00:00-00:05] "we walked home in the rain instead" (Gender: Female, Pitch: High)',
+                '[00:00-00:02] "yes" (Gender: Female, Pitch: Normal, Volume: Loud)']
+TARGETS = ["The speaker is male.", "A woman says that they walked home in the rain instead of taking the bus.",
+           "Yes.", "The recording contains a woman speaking with a high-pitched voice.", "It was cut off here and"]
+
+
+def cfg(*more):
+    return load_config(TINY_CONFIG, ["targets.batch_size=2", *more])
+
+
+@pytest.fixture(scope="module")
+def generator():
+    return TextGenerator.from_config(cfg())
+
+
+def write_targets(path, targets=TARGETS):
+    recs = [{"id": f"r{i}", "audio": "a.wav", "description": DESCRIPTIONS[i % 3], "instruction": "What can you hear?",
+             "target": t, "truncated": i == len(targets) - 1} for i, t in enumerate(targets)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return recs
+
+
+def direct(generator, recs):
+    """(summed NLL, tokens) of each record, one record at a time, unpadded."""
+    out = []
+    for r in recs:
+        prompt = generator.prompt_ids(description_prompt(r["description"], r["instruction"]))
+        target = generator.prompt.target(r["target"], complete=not r["truncated"])
+        with torch.no_grad():
+            logits = generator.llm(input_ids=torch.tensor([prompt + target])).logits[0]
+        logp = logits[len(prompt) - 1: -1].float().log_softmax(-1)
+        out.append((-float(logp.gather(-1, torch.tensor(target)[:, None]).sum()), len(target)))
+    return out
+
+
+def test_batched_nll_equals_the_direct_computation(tmp_path, generator):
+    recs = write_targets(tmp_path / "t.jsonl")
+    result = target_nll(tmp_path / "t.jsonl", cfg(), progress=False, generator=generator)
+    per = direct(generator, recs)
+    assert result["records"] == 5 and result["tokens"] == sum(n for _, n in per)
+    assert result["nll"] == pytest.approx(sum(s for s, _ in per) / result["tokens"], rel=1e-4)
+    # the truncated target is scored without its end-of-turn, the others with it
+    assert per[-1][1] == len(generator.prompt.text(TARGETS[-1]))
+    saved = json.loads(nll_path(tmp_path / "t.jsonl").read_text())
+    assert saved["complete"] and saved["nll"] == result["nll"]
+
+
+def test_the_sidecar_resumes_and_a_changed_file_is_scored_again(tmp_path, generator, monkeypatch):
+    recs = write_targets(tmp_path / "t.jsonl")
+    full = target_nll(tmp_path / "t.jsonl", cfg(), progress=False, generator=generator)
+
+    def no_llm(*a, **k):
+        raise AssertionError("a finished file loaded the LLM")
+
+    monkeypatch.setattr(TextGenerator, "from_config", no_llm)
+    assert target_nll(tmp_path / "t.jsonl", cfg(), progress=False) == full
+    # killed after two records: the rest is scored, the first two are not again
+    path = nll_path(tmp_path / "t.jsonl")
+    saved = json.loads(path.read_text())
+    first = direct(generator, recs[:2])
+    saved.update(records_done=2, nll_sum=sum(s for s, _ in first), tokens=sum(n for _, n in first), complete=False)
+    for key in ("nll", "records"):
+        saved.pop(key)
+    path.write_text(json.dumps(saved))
+    resumed = target_nll(tmp_path / "t.jsonl", cfg(), progress=False, generator=generator)
+    assert resumed["tokens"] == full["tokens"] and resumed["nll"] == pytest.approx(full["nll"], rel=1e-5)
+    write_targets(tmp_path / "t.jsonl", TARGETS[:3])  # other content: scored afresh
+    again = target_nll(tmp_path / "t.jsonl", cfg(), progress=False, generator=generator)
+    assert again["records"] == 3
+
+
+def test_a_record_without_description_is_an_error_naming_the_line(tmp_path, generator):
+    write_targets(tmp_path / "t.jsonl")
+    lines = (tmp_path / "t.jsonl").read_text().splitlines()
+    rec = json.loads(lines[1])
+    rec["description"] = ""
+    lines[1] = json.dumps(rec)
+    (tmp_path / "t.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(NLLError, match=r"t\.jsonl:2: no description"):
+        target_nll(tmp_path / "t.jsonl", cfg(), progress=False, generator=generator)
+
+
+def test_own_greedy_answers_are_more_probable_than_label_sentences(tmp_path, generator):
+    """The self-output effect at tiny size: greedy answers take the most probable token at every
+    step, so the model finds them more probable than label sentences of the same token length."""
+    gens = generator.generate([generator.prompt_ids(description_prompt(d, "What can you hear?")) for d in DESCRIPTIONS],
+                              GenerationConfig(max_new_tokens=12), batch_size=3)
+    labels = ["The recording contains a man speaking with a low-pitched voice. The speaker says: \"the bus was full\"",
+              "The recording contains a woman speaking with a high-pitched voice. The speaker says: \"we walked\"",
+              "The recording contains a woman speaking loudly, in a normal-pitched voice. The speaker says: \"yes\""]
+    own = [{"id": f"o{i}", "audio": "a.wav", "description": d, "instruction": "What can you hear?", "target": g.text,
+            "truncated": True} for i, (d, g) in enumerate(zip(DESCRIPTIONS, gens))]
+    lengths = [len(generator.prompt.target(r["target"], complete=False)) for r in own]
+    label_ids = [generator.prompt.text(t)[:n] for t, n in zip(labels, lengths)]
+    assert [len(ids) for ids in label_ids] == lengths  # the same number of tokens scored
+    other = [{**r, "id": f"l{i}", "target": generator.tokenizer.decode(ids)}
+             for i, (r, ids) in enumerate(zip(own, label_ids))]
+    for name, recs in (("own", own), ("label", other)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    ours = target_nll(tmp_path / "own.jsonl", cfg(), progress=False, generator=generator)
+    theirs = target_nll(tmp_path / "label.jsonl", cfg(), progress=False, generator=generator)
+    assert ours["nll"] < theirs["nll"]
