@@ -230,7 +230,8 @@ def test_eval_suite_tiny_end_to_end_and_resume(tmp_path, tiny_eval_setup, monkey
     second = tmp_path / "label"
     shutil.copytree(ckpt, second)
     out = tmp_path / "eval"
-    cfg = EvalConfig(max_new_tokens=6, if_max_new_tokens=8, text_prompts=4, text_prompt_set="builtin", bootstrap=50)
+    cfg = EvalConfig(max_new_tokens=6, if_max_new_tokens=8, text_prompts=4, text_prompt_set="builtin", bootstrap=50,
+                     safety_items=0)
     report = run_eval([ckpt, second], meta, out, cfg, progress=False)
 
     for name in ("self-output", "label"):
@@ -304,7 +305,8 @@ def test_eval_suite_changed_checkpoint_is_answered_afresh(tmp_path, tiny_eval_se
 
     ckpt, meta = tiny_eval_setup
     out = tmp_path / "eval"
-    cfg = EvalConfig(max_new_tokens=4, if_max_new_tokens=4, text_prompts=0, bootstrap=20, tasks=["gender"])
+    cfg = EvalConfig(max_new_tokens=4, if_max_new_tokens=4, text_prompts=0, bootstrap=20, tasks=["gender"],
+                     safety_items=0)
     run_eval([ckpt], meta, out, cfg, progress=False)
     model = SpeechLLM.from_pretrained(ckpt)
     with torch.no_grad():
@@ -342,7 +344,8 @@ def test_eval_suite_on_mmau_annotates_clips_without_description(tmp_path, tiny_m
     data.write_text(json.dumps(entries))
     out = tmp_path / "eval"
     report = run_eval([ckpt], data, out, EvalConfig(max_new_tokens=4, if_max_new_tokens=4, text_prompts=0,
-                                                    bootstrap=20, asr_model="tiny-random-whisper"),
+                                                    bootstrap=20, asr_model="tiny-random-whisper",
+                                                    safety_items=0),
                       progress=False)
     items = [json.loads(l) for l in (out / "tasks.jsonl").read_text().splitlines()]
     assert items and all(it["description"].startswith("[00:00-") for it in items)

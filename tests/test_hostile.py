@@ -163,6 +163,9 @@ CASES = {
                                           f.dir / "ev"], r"a_folder: not a speechllm checkpoint"),
     "eval: --batch-size 0": (lambda f: ["eval", "--checkpoint", f.ckpt, "--data", f.metadata, "--out", f.dir / "ev",
                                         "--batch-size", "0"], r"eval.batch_size: must be at least 1"),
+    "eval: --safety-file is a folder": (lambda f: ["eval", "--checkpoint", f.ckpt, "--data", f.metadata, "--out",
+                                                   f.dir / "ev", "--safety-file", f.folder],
+                                        r"a_folder: cannot read the safety requests"),
     "ifeval: no such responses": (lambda f: ["ifeval", "--responses", f.dir / "nope.jsonl", "--out", f.dir / "if"],
                                   r"--responses .*nope.jsonl: no such file"),
     "ifeval: --out is a file": (lambda f: ["ifeval", "--responses", f.a_file, "--out", f.a_file],
@@ -422,9 +425,9 @@ def task(id_: str, instruction: str) -> dict:
             "transcript": "hi"}
 
 
-EVAL_FLAGS = ["--text-prompts", "0", "--max-new-tokens", "2", "--if-max-new-tokens", "2", "--bootstrap", "10",
-              "--quiet"]
-"""The smallest evaluation: one short answer per item, no text prompts."""
+EVAL_FLAGS = ["--text-prompts", "0", "--safety-items", "0", "--max-new-tokens", "2", "--if-max-new-tokens", "2",
+              "--bootstrap", "10", "--quiet"]
+"""The smallest evaluation: one short answer per item, no text prompts, no safety requests."""
 
 
 def test_eval_leaves_out_overlong_instructions_and_refuses_prompts_past_the_context(f, capsys):

@@ -22,12 +22,18 @@ def add_parser(sub) -> None:
         "  retention     no audio: KL to the base LLM, and IFEval's 541 prompts (--text-prompts N: a\n"
         "                seeded sample) scored by the official checkers, strict and loose (a built-in\n"
         "                set when the prompts cannot be fetched)\n"
+        "  safety        refusal rate to harmful requests (AdvBench, from a pinned wheel; --safety-items N\n"
+        "                of its held-out fifth, 0 skips): spoken by the offline TTS and asked with audio,\n"
+        "                typed with no audio, and asked of the base LLM as text (the reference);\n"
+        "                delta = refusal - refusal_ref with a paired interval; --safety-file FILE: your\n"
+        "                own requests, one per line\n"
         "Every interval is a 95% bootstrap over items. Answers are saved as they come: re-running\n"
         "resumes (and re-scores what was answered); predictions.jsonl holds every answer with its\n"
         "score. --data is a tasks.jsonl, an annotated metadata.jsonl (tasks are made from its\n"
         "labels/annotations), a Dynamic-SUPERB dataset (save_to_disk folder) or MMAU's JSON.\n"
         "Options below override the config's `eval:` section.",
         ["speechllm eval --checkpoint runs/self-output runs/label --data data/test.metadata.jsonl --out runs/eval",
+         "speechllm eval --checkpoint runs/self-output --data test.metadata.jsonl --out runs/eval --safety-items 48",
          "speechllm eval --checkpoint runs/self-output --data mmau-test-mini.json --out runs/mmau --text-prompts 0",
          "speechllm eval --checkpoint runs/desta2 --data ./dynamic_superb_task --data-format dynamic-superb \\",
          "    --out runs/ds --device cuda --batch-size 32"])
@@ -36,7 +42,8 @@ def add_parser(sub) -> None:
                                                                  "MMAU .json")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (report, plots, every answer)")
     add_section_flags(p, "eval", choices={"constraints": sorted(CONSTRAINTS)},
-                      metavars={"tasks": "TASK", "asr_model": "NAME", "split": "SPLIT"})
+                      metavars={"tasks": "TASK", "asr_model": "NAME", "split": "SPLIT", "safety_file": "FILE",
+                                "safety_instruction": "TEXT"})
     add_common(p)
     add_config_args(p)
     p.set_defaults(func=run)

@@ -14,17 +14,21 @@ Fields:
 * ``benchmark``: where the item comes from: ``tasks`` (our tasks.jsonl or metadata-made items),
   ``mmau``, ``dynamic-superb``, ``forgetting`` (a task question + one format constraint),
   ``ifeval`` (Google's prompts, text only), ``ifeval-builtin`` (our fallback prompts),
-  ``speech-ifeval`` (Speech-IFEval's closed-ended and creative-writing items);
+  ``speech-ifeval`` (Speech-IFEval's closed-ended and creative-writing items), ``safety`` (a
+  harmful request, ``task`` ``spoken`` or ``text``; see ``speechllm.eval.safety``);
 * ``system``: a checkpoint's name, or the reference's (``reference-<hash>``: the base LLM reading
   the description);
-* ``key``: the item's key in the answer cache (``task:ID``, ``if:ID``, ``text:KEY``, ``sif:ID``);
+* ``key``: the item's key in the answer cache (``task:ID``, ``if:ID``, ``text:KEY``, ``sif:ID``;
+  safety: ``spoken:<audio file stem>``, ``text:<request id>``);
 * ``task``: the task or subset (``gender``, ``mmau/speech``, ``closed``, ``creative``...) or null;
-* ``instruction``: what was asked; ``prediction``: the system's answer, as generated;
+* ``instruction``: what was asked (safety: the request, also when it was heard); ``prediction``:
+  the system's answer, as generated;
 * ``target``: the gold answer (label, transcript) or null where there is none (instruction
   following);
 * ``score``: how the answer scored:
   label tasks ``{"correct", "correct_strict", "lenient", "strict"}``; transcription
-  ``{"span", "errors", "words", "contains", "answer_errors"}``; instruction following
+  ``{"span", "errors", "words", "contains", "answer_errors"}``; safety ``{"refusal", "pattern"}``
+  (the refusal pattern that matched, null when none did); instruction following
   ``{"instruction_id_list", "follow_instruction_list", "follow_all_instructions"}`` (strict, the
   field's headline mode) plus ``"follow_instruction_list_loose"`` and
   ``"follow_all_instructions_loose"`` for IFEval prompts, and ``"checkers"``: who scored each

@@ -131,6 +131,33 @@ def _retention_lines(ck: dict, names: list[str]) -> list[str]:
     return lines
 
 
+def _safety_lines(report: dict, ck: dict, names: list[str]) -> list[str]:
+    """The safety table: refusal rates to harmful requests, spoken and typed, against the base LLM
+    (nothing when the check was off; its reason when its requests could not be had)."""
+    info = report["data"].get("safety")
+    if not info:
+        return []
+    lines = ["", "## Safety retention", ""]
+    if not info["items"]:
+        return lines + [f"Not measured: {info['note']}."]
+    lines += [f"Refusal rate (%) to {info['items']} harmful requests ({info['source']}; a seeded sample of the "
+              f"{info['pool']} held out of {info['total']}), detected by refusal patterns "
+              "(`speechllm/eval/safety.py`). Spoken: the request spoken by the offline TTS, its words as the "
+              f"transcript, then \"{info['instruction']}\"; typed: the request as text, no audio; reference: the "
+              "base LLM given the request as text. delta = refusal - refusal_ref (negative: refusals lost), "
+              "with a paired bootstrap 95% interval.", "",
+              "| checkpoint | items | spoken | typed | reference | delta spoken [95% CI] | delta typed [95% CI] |",
+              "|---|---|---|---|---|---|---|"]
+    for n in names:
+        sp, tx = ck[n].get("safety"), ck[n].get("safety_text")
+        if not sp or not tx:
+            continue
+        lines.append(f"| {n} | {sp['n']} | {_pct(sp['refusal'])} | {_pct(tx['refusal'])} | {_pct(sp['refusal_ref'])} | "
+                     f"{_signed(sp['delta'])}{_ci(sp['ci_low'], sp['ci_high'], pct=False)} | "
+                     f"{_signed(tx['delta'])}{_ci(tx['ci_low'], tx['ci_high'], pct=False)} |")
+    return lines
+
+
 def _training_lines(ck: dict, names: list[str]) -> list[str]:
     """The training table (checkpoints with a metrics.jsonl only; nothing when none has one)."""
     trained = [n for n in names if ck[n].get("training")]
@@ -157,7 +184,7 @@ def markdown(report: dict) -> str:
     ck = report["checkpoints"]
     names = list(ck)
     lines = (_data_lines(report) + _task_lines(ck, names) + _forgetting_lines(report, ck, names)
-             + _retention_lines(ck, names) + _training_lines(ck, names))
+             + _retention_lines(ck, names) + _safety_lines(report, ck, names) + _training_lines(ck, names))
     lines += ["", "Plots: " + ", ".join(f"[{p}](plots/{p})" for p in PLOTS) + ". Every answer: `generations/`; "
               "every answer with its score: `predictions.jsonl`.", ""]
     return "\n".join(lines)

@@ -8,6 +8,8 @@ for one or more checkpoints against the text reference, in one resumable run.
       annotations.jsonl         descriptions made for items that came without one
       generations/NAME.jsonl    every answer of every system, keyed "task:ID", "if:ID", "text:KEY"
       generations/NAME.json     what produced them (a different checkpoint or setting starts afresh)
+      safety/items.jsonl        the harmful requests asked (`safety`), safety/audio/ their spoken form
+      generations/NAME.safety.jsonl   every answer to them (spoken and typed; the reference's typed)
       predictions.jsonl         every system's answer to every item with its score (`predictions`)
       report.json, report.md, plots/*.png
 
@@ -33,6 +35,7 @@ from ..config import EvalConfig, GenerationConfig
 from .generations import Generations
 from .items import DATA_FORMATS, EvalError, EvalSet, load_eval_set
 from .predictions import PREDICTIONS_FILE, benchmark_of, following_score, row, write_predictions
+from .safety import SafetySet, load_safety_set, read_request_file
 from .scoring import CheckpointScores, compare_checkpoints, forgetting_curve, score_checkpoint, training_summary
 
 if TYPE_CHECKING:
@@ -96,13 +99,17 @@ def run_eval(checkpoints: list[Path], data: Path, out: Path, cfg: EvalConfig, de
     first_cfg = json.loads((checkpoints[0] / "config.json").read_text())
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    if cfg.safety_items and cfg.safety_file is not None:
+        read_request_file(Path(cfg.safety_file))  # a bad --safety-file is reported before any annotation
     es = load_eval_set(data, out, cfg, cfg.asr_model or first_cfg["model"]["encoder"]["name"], progress)
+    sset = load_safety_set(cfg, out, progress)
     report: dict = {"data": {"source": str(data), "task_items": len(es.items), "forgetting_items": len(es.fitems),
                              "left_out": es.left_out, "tasks": es.tasks, "text_prompts": len(es.text_by_key),
-                             "text_prompt_source": es.text_set.source if es.text_set else None},
+                             "text_prompt_source": es.text_set.source if es.text_set else None,
+                             "safety": sset.summary() if sset else None},
                     "options": asdict(cfg), "references": {}, "checkpoints": {}}
     rows: dict[str, list[dict]] = {}
-    passes = {name: evaluate_checkpoint(ckpt, name, es, out, cfg, device, progress, report, rows)
+    passes = {name: evaluate_checkpoint(ckpt, name, es, out, cfg, device, progress, report, rows, sset)
               for name, ckpt in zip(names, checkpoints)}
     write_predictions(out / PREDICTIONS_FILE, [r for system_rows in rows.values() for r in system_rows])
     report["comparisons"] = compare_checkpoints(passes, cfg.bootstrap, cfg.seed)
@@ -112,38 +119,50 @@ def run_eval(checkpoints: list[Path], data: Path, out: Path, cfg: EvalConfig, de
 
 
 def evaluate_checkpoint(ckpt: Path, name: str, es: EvalSet, out: Path, cfg: EvalConfig, device: str,
-                        progress: bool, report: dict, rows: dict[str, list[dict]] | None = None) -> list[bool]:
+                        progress: bool, report: dict, rows: dict[str, list[dict]] | None = None,
+                        sset: SafetySet | None = None) -> list[bool]:
     """Answer everything with one checkpoint and its reference (each answer cached), score it,
     add its entries to `report` and its prediction rows (and its reference's, once) to `rows`;
-    returns its pass per forgetting item."""
+    returns its pass per forgetting item. `sset`: the safety requests (None or empty: no safety
+    check, ``safety`` and ``safety_text`` are null)."""
     import torch
 
     from ..model.speechllm import SpeechLLM
     from .answer import Reference
     from .retention import text_kl
+    from .safety import check_lengths as check_safety_lengths
+    from .safety import evaluate_safety
 
     model = SpeechLLM.from_pretrained(ckpt, device=device).eval()
     # the model's own frozen LLM, or with LoRA a fresh copy of the base: the reference and the KL baseline
     reference = Reference.for_model(model)
     _check_lengths(model, reference, es, cfg)
+    asks_safety = sset is not None and bool(sset.requests)
+    if asks_safety:
+        check_safety_lengths(model, reference, sset, cfg)
     ref_name, ref = _reference_generations(model, reference, es, out, cfg, progress)
     sysgen = _checkpoint_generations(model, ckpt, name, ref_name, es, out, cfg, progress)
+    safety = (evaluate_safety(model, reference, ckpt, name, ref_name, sset, out / GENERATIONS_DIR, cfg, progress)
+              if asks_safety else None)
     kl = text_kl(model, reference.generator.llm)
     scores = score_checkpoint(es, sysgen.answers, ref.answers, cfg)
     meta = json.loads((ckpt / "config.json").read_text())
     report["references"].setdefault(ref_name, {
         "llm": model.config.llm.name,
         "tasks": {t: {k: v[k] for k in REFERENCE_SCORES if k in v} for t, v in scores.tasks.items()},
-        "ifrate": scores.forgetting.ifrate_ref if scores.forgetting else None})
+        "ifrate": scores.forgetting.ifrate_ref if scores.forgetting else None,
+        "refusal": safety.text["refusal_ref"] if safety else None})
     ifeval = {k: v for k, v in scores.ifeval.items() if k not in ("rows", "rows_base")} if scores.ifeval else None
     report["checkpoints"][name] = {
         "path": str(ckpt), "reference": ref_name, "lora": meta.get("lora"), "tasks": scores.tasks,
         "forgetting": scores.forgetting.to_dict() if scores.forgetting else None,
-        "text_retention": {**kl, "ifeval": ifeval}, "training": training_summary(ckpt),
+        "text_retention": {**kl, "ifeval": ifeval}, "safety": safety.spoken if safety else None,
+        "safety_text": safety.text if safety else None, "training": training_summary(ckpt),
         "curve": forgetting_curve(ckpt)}
     if rows is not None:
-        rows[name] = prediction_rows(name, es, sysgen.answers, scores, base=False)
-        rows.setdefault(ref_name, prediction_rows(ref_name, es, ref.answers, scores, base=True))
+        rows[name] = prediction_rows(name, es, sysgen.answers, scores, base=False) + (safety.rows if safety else [])
+        rows.setdefault(ref_name, prediction_rows(ref_name, es, ref.answers, scores, base=True)
+                        + (safety.rows_ref if safety else []))
     del model, reference
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
