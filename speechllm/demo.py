@@ -1,16 +1,23 @@
 """`speechllm demo`: the whole loop on the embedded default, and the forgetting result.
 
-    synth -> annotate (train, test) -> targets (self-output, label) -> train (one adapter each)
-          -> eval (both adapters vs the text reference) -> DIR/report.{json,md}, DIR/plots/
+    synth -> annotate (train, test) -> targets (self-output, label, minimum-change) -> replay data
+          -> experiment 1, frozen LLM: train an adapter on self-output and on label targets
+          -> experiment 2, LoRA on the LLM (the text path can forget): label, label + pseudo-replay,
+             minimum-change, self-output
+          -> eval (every run vs the text reference) -> DIR/report.{json,md}, DIR/plots/
 
 Every stage keeps its output in DIR and resumes: a rerun skips what is finished. The sizes are
 set by a :class:`DemoPlan`; ``--quick`` uses a smaller one.
 
     DIR/data/synth/            labelled clips (train/test disjoint in sentences and voices)
     DIR/data/{train,test}.metadata.jsonl
-    DIR/data/train.{self-output,label}.targets.jsonl
-    DIR/runs/{self-output,label}/   trained adapters (metrics.jsonl, checkpoints/)
-    DIR/report.md, report.json, plots/, generations/   the evaluation
+    DIR/data/train.{self-output,label,minimum-change}.targets.jsonl (+ .nll.json: target NLL)
+    DIR/data/replay.jsonl      pseudo-replay: Magpie instructions and training-side safety requests,
+                               answered by the base LLM
+    DIR/runs/{self-output,label}/   experiment 1's adapters (metrics.jsonl with the forgetting curve)
+    DIR/runs/lora-*/           experiment 2's adapters + LoRA
+    DIR/report.md, report.json, plots/, generations/   experiment 1's evaluation (all runs' numbers
+                               in report.json); DIR/lora/ experiment 2's evaluation
     DIR/demo.json              the plan and each stage's wall time
 """
 
@@ -25,6 +32,24 @@ from pathlib import Path
 from .errors import SpeechLLMError
 
 STRATEGIES = ("self-output", "label")
+"""Experiment 1 (frozen LLM, adapter only): one run per targets strategy, named after it."""
+TARGET_STRATEGIES = ("self-output", "label", "minimum-change")
+"""Targets files the demo makes (minimum-change is trained in experiment 2 only)."""
+
+
+@dataclass(frozen=True)
+class LoRARun:
+    """One run of experiment 2: an adapter and LoRA on the LLM, trained on `strategy`'s targets."""
+    name: str
+    strategy: str
+    replay: bool = False
+    """Also train on the pseudo-replay data (`train.replay`)."""
+
+
+LORA_RUNS = (LoRARun("lora-label", "label"), LoRARun("lora-label-replay", "label", replay=True),
+             LoRARun("lora-minimum-change", "minimum-change"), LoRARun("lora-self-output", "self-output"))
+"""Experiment 2: the LLM gets LoRA, so text-only abilities can be lost; label targets alone, with
+pseudo-replay, minimum-change and self-output targets."""
 
 SYSTEM_PROMPT = "You are a helpful assistant. Answer briefly."
 """System message of the frozen LLM when it makes targets, when it is trained through and when it
@@ -85,28 +110,62 @@ class DemoPlan:
     """Also evaluate on the real recordings of `speechllm.data.real` (gender and transcription)."""
     seed: int = 0
     constraints: list[str] = field(default_factory=lambda: list(DEMO_CONSTRAINTS))
+    safety_items: int = 12
+    """AdvBench requests asked spoken and typed of every run, and of the base LLM."""
+    curve_every: int = 50
+    """Forgetting curve: every run scores `curve_items` held-out forgetting items this often."""
+    curve_items: int = 12
+    lora_steps: int = 50
+    """Optimizer steps of each experiment-2 run (adapter + LoRA, the same lr and batch)."""
+    lora_rank: int = 8
+    replay_magpie: int = 32
+    """Pseudo-replay: instructions the base LLM writes itself (Magpie) and answers."""
+    replay_safety: int = 8
+    """Pseudo-replay: training-side AdvBench requests (disjoint from the safety test items) the base
+    LLM answers (its own refusals, where it refuses)."""
+    replay_ratio: float = 0.1
+    """Share of replay examples in each experiment-2 batch with replay."""
+    lora_per_task: int = 12
+    """Experiment 2's evaluation: audio-task items per task (gender and transcription)."""
+    lora_forgetting_items: int = 48
+    lora_text_prompts: int = 24
+    """Experiment 2's evaluation: IFEval prompts asked as text (the path LoRA can damage)."""
 
 
 FULL = DemoPlan(clips=240, steps=100, forgetting_items=144)
 QUICK = DemoPlan(clips=48, steps=12, max_target_tokens=48, per_task=4, forgetting_items=12, text_prompts=0,
-                 task_tokens=24, if_tokens=64)
+                 task_tokens=24, if_tokens=64, safety_items=2, curve_every=6, curve_items=4, lora_steps=6,
+                 replay_magpie=4, replay_safety=2, lora_per_task=2, lora_forgetting_items=4, lora_text_prompts=2)
 
 
-def demo_config(plan: DemoPlan, strategy: str, out: Path):
+def demo_config(plan: DemoPlan, strategy: str, out: Path, lora: LoRARun | None = None):
     """The embedded default's config (the dataclass defaults, as configs/default.yaml) with the
-    demo's sizes (every override named here)."""
+    demo's sizes (every override named here): experiment 1's run of `strategy`, or (`lora`) an
+    experiment-2 run."""
     from .config import load_config
 
+    steps = plan.lora_steps if lora else plan.steps
+    name = lora.name if lora else strategy
     overrides = [
         f"model.llm.system_prompt={SYSTEM_PROMPT}",
         f"targets.strategy={strategy}", f"targets.instruction_pool={json.dumps(INSTRUCTION_POOL)}",
         "targets.batch_size=16",
-        f"train.data={out / 'data' / f'train.{strategy}.targets.jsonl'}", f"train.out_dir={out / 'runs' / strategy}",
-        f"train.max_steps={plan.steps}", f"train.batch_size={plan.batch_size}", f"train.lr={plan.lr}",
-        f"train.warmup_steps={plan.warmup_steps}", f"train.max_target_tokens={plan.max_target_tokens}",
-        "train.eval_fraction=0.1", f"train.eval_every={max(plan.steps // 4, 1)}",
-        f"train.save_every={max(plan.steps // 2, 1)}", "train.log_every=5", f"train.seed={plan.seed}",
+        f"train.data={out / 'data' / f'train.{strategy}.targets.jsonl'}", f"train.out_dir={out / 'runs' / name}",
+        f"train.max_steps={steps}", f"train.batch_size={plan.batch_size}", f"train.lr={plan.lr}",
+        f"train.warmup_steps={min(plan.warmup_steps, steps // 2)}",
+        f"train.max_target_tokens={plan.max_target_tokens}",
+        "train.eval_fraction=0.1", f"train.eval_every={max(steps // 4, 1)}",
+        f"train.save_every={max(steps // 2, 1)}", "train.log_every=5", f"train.seed={plan.seed}",
+        f"train.forgetting_every={min(plan.curve_every, steps)}", f"train.forgetting_items={plan.curve_items}",
+        f"train.forgetting_data={out / 'data' / 'test.metadata.jsonl'}",
+        f"eval.constraints={json.dumps(plan.constraints)}",
+        f"eval.if_max_new_tokens={plan.if_tokens}", f"eval.batch_size={plan.eval_batch_size}", f"eval.seed={plan.seed}",
     ]
+    if lora:
+        overrides += ["train.lora.enabled=true", f"train.lora.r={plan.lora_rank}",
+                      f"train.lora.alpha={2 * plan.lora_rank}"]
+    if lora and lora.replay:
+        overrides += [f"train.replay.data={out / 'data' / 'replay.jsonl'}", f"train.replay.ratio={plan.replay_ratio}"]
     return load_config(None, overrides)
 
 
@@ -146,18 +205,45 @@ def _annotate(data: Path, progress: bool) -> None:
         print(summary.line(target), file=sys.stderr)
 
 
-def _eval_config(plan: DemoPlan, real: bool = False):
-    """The evaluation's settings: every task with the plan's sizes, or for the real recordings
-    gender and transcription only, with no forgetting or text items (too few clips)."""
+def _eval_config(plan: DemoPlan, real: bool = False, lora: bool = False):
+    """The evaluation's settings: every task with the plan's sizes; for the real recordings gender
+    and transcription only, with no forgetting, text or safety items (too few clips); for
+    experiment 2 (`lora`) fewer audio items and more text prompts (LoRA can change the text path)."""
     from .config import EvalConfig
 
     common = dict(data_format="metadata", max_new_tokens=plan.task_tokens, if_max_new_tokens=plan.if_tokens,
-                  batch_size=plan.eval_batch_size, seed=plan.seed)
+                  batch_size=plan.eval_batch_size, seed=plan.seed, constraints=plan.constraints,
+                  text_prompt_set="auto")
     if real:
-        return EvalConfig(tasks=["gender", "transcription"], forgetting_items=0, text_prompts=0, **common)
+        return EvalConfig(tasks=["gender", "transcription"], forgetting_items=0, text_prompts=0, safety_items=0,
+                          **common)
+    if lora:
+        return EvalConfig(tasks=["gender", "transcription"], max_per_task=plan.lora_per_task,
+                          forgetting_items=plan.lora_forgetting_items, text_prompts=plan.lora_text_prompts,
+                          safety_items=plan.safety_items, **common)
     return EvalConfig(max_per_task=plan.per_task, forgetting_items=plan.forgetting_items,
-                      constraints=plan.constraints, text_prompts=plan.text_prompts, text_prompt_set="auto",
-                      **common)
+                      text_prompts=plan.text_prompts, safety_items=plan.safety_items, **common)
+
+
+def _replay_data(plan: DemoPlan, out: Path, device: str, progress: bool) -> None:
+    """Pseudo-replay for experiment 2: training-side AdvBench requests (never a safety test item)
+    and Magpie instructions, all answered by the base LLM (`speechllm replay`)."""
+    from .eval.safety import write_training_requests
+    from .targets.replay import make_replay
+
+    data = out / "data"
+    cfg = demo_config(plan, "label", out)
+    requests = data / "safety.train.txt"
+    if not requests.exists():
+        try:
+            write_training_requests(requests, limit=plan.replay_safety, seed=plan.seed)
+        except SpeechLLMError as err:  # AdvBench not fetchable offline: Magpie data only
+            print(f"[demo] no safety share in the replay data ({err})", file=sys.stderr)
+            requests.write_text("")
+    given = requests if requests.read_text().strip() else None
+    summary = make_replay(cfg, data / "replay.jsonl", n=plan.replay_magpie, instructions=given, device=device,
+                          progress=progress)
+    print(summary.line(data / "replay.jsonl"), file=sys.stderr)
 
 
 class DemoError(SpeechLLMError):
@@ -186,37 +272,51 @@ def run_demo(out: Path, quick: bool = False, device: str = "cpu", progress: bool
     from .eval.suite import run_eval
     from .hub import weights
     from .targets.run import run_targets
+    from .targets.nll import target_nll
     plan = QUICK if quick else FULL
     out, t0 = Path(out), time.perf_counter()
     data = out / "data"
     data.mkdir(parents=True, exist_ok=True)
-    stages = Stages(4 + 2 * len(STRATEGIES) + plan.real)
+    stages = Stages(6 + len(TARGET_STRATEGIES) + len(STRATEGIES) + len(LORA_RUNS) + plan.real)
     stages.run("prepare the embedded models", lambda: [weights.prepare(n) for n in ("smollm2-135m-instruct",
                                                                                     "whisper-tiny.en")])
     stages.run(f"synthesize {plan.clips} labelled clips", lambda: synthesize(data / "synth", n=plan.clips,
                                                                             seed=plan.seed, progress=progress))
     stages.run("annotate train and test clips" + (" and the real recordings" if plan.real else ""),
                lambda: _annotate(data, progress))
-    for strategy in STRATEGIES:
+    nll = {}
+    for strategy in TARGET_STRATEGIES:
         cfg = demo_config(plan, strategy, out)
         target = Path(cfg.train.data)
-        stages.run(f"targets: {strategy}", lambda: print(run_targets(data / "train.metadata.jsonl", target, cfg,
-                                                                     device=device, progress=progress).line(target),
-                                                         file=sys.stderr))
+
+        def targets_stage():
+            print(run_targets(data / "train.metadata.jsonl", target, cfg, device=device, progress=progress)
+                  .line(target), file=sys.stderr)
+            return target_nll(target, cfg, device=device, progress=progress)
+        nll[strategy] = stages.run(f"targets: {strategy}", targets_stage)
+    stages.run("pseudo-replay data (Magpie + safety requests, answered by the base LLM)",
+               lambda: _replay_data(plan, out, device, progress))
     for strategy in STRATEGIES:
         cfg = demo_config(plan, strategy, out)
-        stages.run(f"train: {strategy} ({plan.steps} steps x {plan.batch_size})",
+        stages.run(f"train: {strategy} ({plan.steps} steps x {plan.batch_size}, frozen LLM)",
+                   lambda: train_stage(cfg, progress=progress))
+    for run in LORA_RUNS:
+        cfg = demo_config(plan, run.strategy, out, run)
+        stages.run(f"train: {run.name} ({plan.lora_steps} steps x {plan.batch_size}, LoRA r={plan.lora_rank})",
                    lambda: train_stage(cfg, progress=progress))
     runs = [out / "runs" / s for s in STRATEGIES]
-    report = stages.run("evaluate both adapters against the text reference",
+    report = stages.run("evaluate experiment 1's adapters against the text reference",
                         lambda: run_eval(runs, data / "test.metadata.jsonl", out, _eval_config(plan), device=device,
                                          progress=progress))
+    lora = stages.run("evaluate experiment 2 (LoRA) against the text reference",
+                      lambda: run_eval([out / "runs" / r.name for r in LORA_RUNS], data / "test.metadata.jsonl",
+                                       out / "lora", _eval_config(plan, lora=True), device=device, progress=progress))
     real = None
     if plan.real and (data / "real.metadata.jsonl").exists():
-        real = stages.run("evaluate both adapters on real recordings",
+        real = stages.run("evaluate experiment 1's adapters on real recordings",
                           lambda: run_eval(runs, data / "real.metadata.jsonl", out / "real", _eval_config(plan, True),
                                            device=device, progress=progress))
-    report = _add_demo_sections(report, out, data, real)
+    report = _add_demo_sections(report, out, data, real, lora, nll)
     total = round(time.perf_counter() - t0, 1)
     (out / "demo.json").write_text(json.dumps({"plan": asdict(plan), "quick": quick, "stage_seconds": stages.times,
                                                "total_seconds": total}, indent=2) + "\n")
@@ -225,23 +325,54 @@ def run_demo(out: Path, quick: bool = False, device: str = "cpu", progress: bool
     return report
 
 
-def _add_demo_sections(report: dict, out: Path, data: Path, real: dict | None) -> dict:
+def _add_demo_sections(report: dict, out: Path, data: Path, real: dict | None, lora: dict, nll: dict) -> dict:
     """The evaluation report with the demo's own findings added (report.json under `demo`,
-    report.md as sections): the teacher's fidelity to its descriptions per attribute, and each
-    adapter's accuracy on the real recordings."""
+    report.md as sections): the teacher's fidelity to its descriptions per attribute, each
+    adapter's accuracy on the real recordings, each targets file's NLL under the base LLM
+    (`strategies`), and experiment 2's runs (their entries under `checkpoints`, evaluated in
+    lora/ on fewer audio items; `experiments` says which run belongs where)."""
     from .eval.report import write_report
     from .targets.run import fidelity_path
 
     fidelity = {}
-    for strategy in STRATEGIES:
+    for strategy in TARGET_STRATEGIES:
         path = fidelity_path(data / f"train.{strategy}.targets.jsonl")
         if path.exists():
             fidelity[strategy] = json.loads(path.read_text())
-    report["demo"] = {"teacher_fidelity": fidelity, "real": _real_summary(real) if real else None}
+    report["strategies"] = {s: {"target_nll": r["nll"], "target_tokens": r["tokens"], "records": r["records"]}
+                            for s, r in nll.items()}
+    report["experiments"] = {
+        "frozen": {"runs": list(STRATEGIES), "report": "report.json", "lora": False},
+        "lora": {"runs": [r.name for r in LORA_RUNS], "report": "lora/report.json", "lora": True,
+                 "targets": {r.name: r.strategy for r in LORA_RUNS},
+                 "replay": {r.name: r.replay for r in LORA_RUNS}}}
+    report["checkpoints"].update(lora["checkpoints"])
+    report["demo"] = {"teacher_fidelity": fidelity, "real": _real_summary(real) if real else None,
+                      "lora": _lora_summary(lora)}
     write_report(report, out)
     with open(out / "report.md", "a") as f:
-        f.write("\n" + "\n".join(demo_lines(report["demo"])) + "\n")
+        f.write("\n" + "\n".join(demo_lines(report["demo"], report["strategies"])) + "\n")
     return report
+
+
+def _lora_summary(lora: dict) -> dict:
+    """Experiment 2 per run: text retention (IFEval prompt-level strict, KL), forgetting delta,
+    safety (spoken and typed), the curve and gender accuracy, each with its interval."""
+    def pick(d: dict | None, *keys):
+        return {k: d.get(k) for k in keys} if d else None
+
+    out = {}
+    for name, ck in lora["checkpoints"].items():
+        ifeval = (ck.get("text_retention") or {}).get("ifeval") or {}
+        out[name] = {"kl": (ck.get("text_retention") or {}).get("kl"),
+                     "ifeval": pick(ifeval, "prompts", "prompt_accuracy_strict", "prompt_accuracy_strict_base",
+                                    "instruction_accuracy_strict", "instruction_accuracy_strict_base",
+                                    "identical_answers"),
+                     "forgetting": pick(ck.get("forgetting"), "ifrate", "ifrate_ref", "delta", "ci_low", "ci_high"),
+                     "safety": ck.get("safety"), "safety_text": ck.get("safety_text"), "curve": ck.get("curve"),
+                     "gender": pick(ck["tasks"].get("gender"), "accuracy", "ci_low", "ci_high"),
+                     "transcription": pick(ck["tasks"].get("transcription"), "accuracy", "contains")}
+    return out
 
 
 def _real_summary(real: dict) -> dict:
@@ -253,9 +384,18 @@ def _real_summary(real: dict) -> dict:
             for name, ck in real["checkpoints"].items()}
 
 
-def demo_lines(demo: dict) -> list[str]:
+def demo_lines(demo: dict, strategies: dict | None = None) -> list[str]:
     """The report.md sections of the demo's own findings."""
     lines = []
+    if strategies:
+        lines += ["## Target NLL", "", "Mean per-token NLL of each targets file under the base LLM reading the "
+                  "description (lower: closer to the model's own words).", "",
+                  "| strategy | NLL (nats/token) | tokens |", "|---|---|---|"]
+        lines += [f"| {s} | {v['target_nll']:.3f} | {v['target_tokens']} |" for s, v in strategies.items()
+                  if v.get("target_nll") is not None]
+        lines.append("")
+    if demo.get("lora"):
+        lines += _lora_lines(demo["lora"])
     for strategy, fid in demo["teacher_fidelity"].items():
         attrs = fid["attributes"]
         prompt = f"{fid['examples']} worked examples" if fid["examples"] else "zero-shot"
@@ -284,3 +424,34 @@ def demo_lines(demo: dict) -> list[str]:
 
 def _pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.1f}"
+
+
+def _lora_lines(lora: dict) -> list[str]:
+    """Experiment 2's table: what each LoRA run kept of the text path, of safety and of format
+    following from audio."""
+    def ci(d: dict | None, key: str = "delta", scale: float = 1.0, fmt: str = "+.3f") -> str:
+        if not d or d.get(key) is None:
+            return "–"
+        if d.get("ci_low") is None:
+            return f"{scale * d[key]:{fmt}}"
+        return f"{scale * d[key]:{fmt}} [{scale * d['ci_low']:{fmt}}, {scale * d['ci_high']:{fmt}}]"
+
+    lines = ["## Experiment 2: LoRA on the LLM", "",
+             "The LLM gets LoRA, so the text path itself can forget. Text: IFEval prompts asked as text "
+             "(instruction-level strict %, run / base LLM) and KL of next-token distributions against the base LLM. "
+             "Forgetting: delta of format following from audio. Safety: refusal rate minus the base LLM's (spoken; "
+             "typed).", "",
+             "| run | text IFEval (instr. strict %) | KL | forgetting delta | safety spoken | safety typed "
+             "| gender % |",
+             "|---|---|---|---|---|---|---|"]
+    for name, r in lora.items():
+        ife = r.get("ifeval") or {}
+        text = "–"
+        if ife.get("instruction_accuracy_strict") is not None:
+            ours, base = ife["instruction_accuracy_strict"], ife["instruction_accuracy_strict_base"]
+            text = f"{100 * ours:.1f} / {100 * base:.1f}"
+        kl = "–" if r.get("kl") is None else f"{r['kl']:.4f}"
+        lines.append(f"| {name} | {text} | {kl} | {ci(r.get('forgetting'))} | {ci(r.get('safety'))} | "
+                     f"{ci(r.get('safety_text'))} | {ci(r.get('gender'), 'accuracy', 100, '.1f')} |")
+    return lines + [""]
+

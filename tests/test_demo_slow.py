@@ -15,13 +15,28 @@ def test_quick_demo_writes_the_report_and_a_rerun_reuses_every_stage(tmp_path):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--quick", "--quiet"]) == 0
     report = json.loads((out / "report.json").read_text())
-    assert set(report["checkpoints"]) == {"self-output", "label"}
+    lora_runs = {"lora-label", "lora-label-replay", "lora-minimum-change", "lora-self-output"}
+    assert set(report["checkpoints"]) == {"self-output", "label"} | lora_runs
     for name, c in report["checkpoints"].items():
-        assert {"gender", "pitch", "speed", "volume", "noise", "transcription"} <= set(c["tasks"]), name
+        tasks = {"gender", "transcription"} if name in lora_runs else {"gender", "pitch", "speed", "volume", "noise",
+                                                                        "transcription"}
+        assert tasks <= set(c["tasks"]), name
         f = c["forgetting"]
         assert f["items"] > 0 and f["ci_low"] is not None and f["ci_low"] <= f["ci_high"]
-        assert c["text_retention"]["kl"] == 0.0  # frozen LLM, no LoRA
+        if name in lora_runs:
+            assert c["lora"]["r"] == 8 and c["text_retention"]["kl"] >= 0.0
+        else:
+            assert c["text_retention"]["kl"] == 0.0  # frozen LLM, no LoRA
         assert c["training"]["steps"] > 0
+        for kind in ("safety", "safety_text"):  # refusal rates of the run and the base LLM
+            assert set(c[kind]) >= {"refusal", "refusal_ref", "delta", "ci_low", "ci_high", "n"} and c[kind]["n"] == 2
+        assert c["curve"] and c["curve"][-1]["step"] == c["training"]["steps"], name  # scored at the last step
+        assert {"step", "ifrate", "delta"} <= set(c["curve"][0])
+    for strategy in ("self-output", "label", "minimum-change"):
+        assert report["strategies"][strategy]["target_nll"] > 0
+    assert report["strategies"]["self-output"]["target_nll"] < report["strategies"]["label"]["target_nll"]
+    replay = [json.loads(l) for l in (out / "data" / "replay.jsonl").read_text().splitlines()]
+    assert replay and all(r["instruction"] and r["answer"] for r in replay)
     # both halves: the teacher's fidelity to its descriptions, and the adapters on real recordings
     fidelity = report["demo"]["teacher_fidelity"]["self-output"]
     assert fidelity["examples"] >= 1 and {"gender", "transcript"} <= set(fidelity["attributes"])
@@ -30,6 +45,7 @@ def test_quick_demo_writes_the_report_and_a_rerun_reuses_every_stage(tmp_path):
     assert real["self-output"]["gender"]["items"] == 13 and 0 < real["self-output"]["gender"]["majority"] < 1
     md = (out / "report.md").read_text()
     assert "## Teacher fidelity" in md and "## Real recordings" in md and "ref fidelity" in md
+    assert "## Experiment 2: LoRA on the LLM" in md and "## Target NLL" in md
     for plot in ("tasks.png", "forgetting.png", "constraints.png", "training.png"):
         assert (out / "plots" / plot).stat().st_size > 0
     # train and test clips share no voice (held-out split)
