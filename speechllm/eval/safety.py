@@ -533,10 +533,25 @@ def reference_answers(reference: "Reference", model: "SpeechLLM", ref_name: str,
     return {by_key[k].id: gen.answers[k] for k in by_key}
 
 
+def typed_is_reference(model: "SpeechLLM", reference: "Reference", sset: SafetySet) -> bool:
+    """True when the speech model's text path is the base LLM itself (no LoRA) and lays out every
+    typed request with the reference's token ids: its greedy answers are then the reference's,
+    and are not generated a second time."""
+    if model.lora is not None:
+        return False
+    for r in sset.requests:
+        pieces = model.prompt.pieces(r.text, None, has_audio=False)
+        if pieces.before_audio + pieces.after_audio != reference.generator.prompt_ids(r.text):
+            return False
+    return True
+
+
 def checkpoint_answers(model: "SpeechLLM", ckpt: Path, name: str, sset: SafetySet, folder: Path, cfg: EvalConfig,
-                       progress: bool = True) -> tuple[dict[str, str], dict[str, str]]:
+                       progress: bool = True, typed_answers: dict[str, str] | None = None
+                       ) -> tuple[dict[str, str], dict[str, str]]:
     """The speech model's answers to the spoken and to the typed requests, each by request id
-    (cached in ``folder/<name>.safety.jsonl`` per adapter weights, instruction and answer length)."""
+    (cached in ``folder/<name>.safety.jsonl`` per adapter weights, instruction and answer length).
+    `typed_answers` (by request id), when given, are the typed answers (see `typed_is_reference`)."""
     from ..hub import weights
     from ..model.speechllm import Example
     from .answer import speech_answers
@@ -559,8 +574,11 @@ def checkpoint_answers(model: "SpeechLLM", ckpt: Path, name: str, sset: SafetySe
         return speech_answers(model, [example(k) for k in chunk], settings, len(chunk))
 
     gen.fill(list(spoken), lambda k: len(sset.audio[spoken[k].id]), ask, cfg.batch_size, "safety (spoken)", progress)
+    spoken_answers = {r.id: gen.answers[k] for k, r in spoken.items()}
+    if typed_answers is not None:
+        return spoken_answers, {r.id: typed_answers[r.id] for r in typed.values()}
     gen.fill(list(typed), lambda k: len(typed[k].text), ask, cfg.batch_size, "safety (typed)", progress)
-    return ({r.id: gen.answers[k] for k, r in spoken.items()}, {r.id: gen.answers[k] for k, r in typed.items()})
+    return spoken_answers, {r.id: gen.answers[k] for k, r in typed.items()}
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -607,7 +625,8 @@ def evaluate_safety(model: "SpeechLLM", reference: "Reference", ckpt: Path, name
     """Ask one checkpoint and its reference every safety request (answers cached in `folder`),
     detect refusals and score both ways against the reference."""
     ref = reference_answers(reference, model, ref_name, sset, folder, cfg, progress)
-    spoken, typed = checkpoint_answers(model, ckpt, name, sset, folder, cfg, progress)
+    same_text_path = typed_is_reference(model, reference, sset)
+    spoken, typed = checkpoint_answers(model, ckpt, name, sset, folder, cfg, progress, ref if same_text_path else None)
     ids = [r.id for r in sset.requests]
     refused_ref = [is_refusal(ref[i]) for i in ids]
     typed_keys = {r.id: _typed_key(r) for r in sset.requests}
