@@ -92,6 +92,8 @@ def main() -> None:
                 emb, _ = model.adapt_states([clip])
                 pooled_out.append(emb[0].float())
             taps[name] = torch.stack(pooled_taps)  # (clips, taps, width)
+            if len({o.shape for o in pooled_out}) > 1:  # a frame-rate adapter (mlp): one mean position per clip
+                pooled_out = [o.mean(0, keepdim=True) for o in pooled_out]
             adapted[name] = torch.stack(pooled_out)  # (clips, positions, llm_width)
 
     out = adapted["train"]

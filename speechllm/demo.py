@@ -134,7 +134,7 @@ class DemoPlan:
 
 FULL = DemoPlan(clips=240, steps=100, forgetting_items=144)
 QUICK = DemoPlan(clips=48, steps=12, max_target_tokens=48, per_task=4, forgetting_items=12, text_prompts=0,
-                 task_tokens=24, if_tokens=64, safety_items=2, curve_every=6, curve_items=4, lora_steps=6,
+                 task_tokens=24, if_tokens=64, safety_items=2, curve_every=12, curve_items=4, lora_steps=6,
                  replay_magpie=4, replay_safety=2, lora_per_task=2, lora_forgetting_items=4, lora_text_prompts=2)
 
 
