@@ -346,10 +346,13 @@ def _add_demo_sections(report: dict, out: Path, data: Path, real: dict | None, l
         "lora": {"runs": [r.name for r in LORA_RUNS], "report": "lora/report.json", "lora": True,
                  "targets": {r.name: r.strategy for r in LORA_RUNS},
                  "replay": {r.name: r.replay for r in LORA_RUNS}}}
-    report["checkpoints"].update(lora["checkpoints"])
     report["demo"] = {"teacher_fidelity": fidelity, "real": _real_summary(real) if real else None,
                       "lora": _lora_summary(lora)}
-    write_report(report, out)
+    write_report(report, out)  # report.md and plots: experiment 1 (its task set); lora/ has experiment 2's
+    report["checkpoints"].update(lora["checkpoints"])
+    tmp = out / ".report.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.replace(out / "report.json")
     with open(out / "report.md", "a") as f:
         f.write("\n" + "\n".join(demo_lines(report["demo"], report["strategies"])) + "\n")
     return report
