@@ -39,7 +39,7 @@ def main() -> None:
     counts = [int(n) for n in args.threads.split(",")]
     cfg = EvalConfig(data_format="metadata", max_per_task=args.per_task, forgetting_items=args.forgetting_items,
                      constraints=list(DEMO_CONSTRAINTS), text_prompts=0, max_new_tokens=48, if_max_new_tokens=128,
-                     batch_size=16)
+                     batch_size=16, safety_items=0)
     reports = {}
     for n in counts:
         torch.set_num_threads(n)
