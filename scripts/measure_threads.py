@@ -16,7 +16,6 @@ checkpoint's forgetting delta, IFrate and audio-task accuracies.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import torch
 from speechllm.config import EvalConfig
 from speechllm.demo import DEMO_CONSTRAINTS
 from speechllm.eval.suite import run_eval
+from speechllm.io.jsonl import read_jsonl
 
 
 def main() -> None:
@@ -70,8 +70,7 @@ def _answers(folder: Path) -> dict[str, dict[str, str]]:
     for path in sorted((folder / "generations").glob("*.jsonl")):
         if "." in path.stem:  # NAME.scored.jsonl: scores, not answers
             continue
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        out[path.stem] = {r["key"]: r["answer"] for r in rows if "key" in r}
+        out[path.stem] = {r["key"]: r["answer"] for r in read_jsonl(path, required=("key", "answer"))}
     return out
 
 

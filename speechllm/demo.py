@@ -332,6 +332,7 @@ def _add_demo_sections(report: dict, out: Path, data: Path, real: dict | None, l
     (`strategies`), and experiment 2's runs (their entries under `checkpoints`, evaluated in
     lora/ on fewer audio items; `experiments` says which run belongs where)."""
     from .eval.report import write_report
+    from .io.jsonl import write_json_atomic
     from .targets.run import fidelity_path
 
     fidelity = {}
@@ -350,9 +351,7 @@ def _add_demo_sections(report: dict, out: Path, data: Path, real: dict | None, l
                       "lora": _lora_summary(lora)}
     write_report(report, out)  # report.md and plots: experiment 1 (its task set); lora/ has experiment 2's
     report["checkpoints"].update(lora["checkpoints"])
-    tmp = out / ".report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(out / "report.json")
+    write_json_atomic(out / "report.json", report)
     with open(out / "report.md", "a") as f:
         f.write("\n" + "\n".join(demo_lines(report["demo"], report["strategies"])) + "\n")
     return report
