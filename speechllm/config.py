@@ -292,8 +292,8 @@ class TrainConfig:
     """Selective Token Masking: leave this fraction of each target's tokens, those the base LLM
     finds least probable given the text description, out of the loss."""
     standardize_clips: int = ranged(AT_LEAST_1, 256)
-    """Training clips (a seeded sample) whose tapped states fit the adapter's input
-    standardization (`model.adapter.standardize`) when a run starts."""
+    """Training records (a seeded sample of rows; each of their clips counted once) whose tapped
+    states fit the adapter's input standardization (`model.adapter.standardize`) when a run starts."""
     lr: float = ranged(POSITIVE, 1e-4)
     """Peak learning rate of AdamW (DeSTA2: 1e-4)."""
     betas: list[float] = ranged(BETAS, factory=lambda: [0.9, 0.98])

@@ -74,12 +74,13 @@ def test_a_fresh_run_fits_the_input_standardization_on_training_clips(data, tmp_
     out = train(config, progress=False)
     saved = load_file(str(out / "adapter.safetensors"))
     model = build_model(config)
-    clips = sorted({data / r["audio"] for r in map(json.loads, (data / "targets.jsonl").read_text().splitlines())})
-    pick = np.random.default_rng(0).choice(len(clips), 3, replace=False)  # the seeded sample of train.seed 0
+    audio = [data / r["audio"] for r in map(json.loads, (data / "targets.jsonl").read_text().splitlines())]
+    rows = np.sort(np.random.default_rng(0).choice(len(audio), 3, replace=False))  # train.seed 0's sample of rows
+    clips = sorted({audio[i] for i in rows})
     expected = InputStandardizer(len(config.model.encoder.layers), model.encoder.width)
     states = []
-    for i in sorted(pick):
-        enc = model.encoder.encode([load_audio(clips[i])])
+    for clip in clips:
+        enc = model.encoder.encode([load_audio(clip)])
         states.append([s[0, : int(enc.lengths[0])] for s in enc.states])
     expected.fit(states)
     torch.testing.assert_close(saved["standardizer.mean"], expected.mean, atol=1e-5, rtol=1e-5)

@@ -356,16 +356,16 @@ class Trainer:
 
     @torch.no_grad()
     def _fit_standardizer(self) -> None:
-        """A fresh run fits the adapter's input standardization on a seeded sample of
-        `train.standardize_clips` training clips (the same on every process)."""
+        """A fresh run fits the adapter's input standardization on the clips of a seeded sample of
+        `train.standardize_clips` training records (each clip once; the same on every process)."""
         model = self.acc.unwrap_model(self.ddp)
         if model.standardizer is None:
             return
         t = self.cfg.train
-        clips = sorted(set(self.train_records.audio_paths()))
-        if len(clips) > t.standardize_clips:
-            pick = np.random.default_rng(t.seed).choice(len(clips), t.standardize_clips, replace=False)
-            clips = [clips[i] for i in sorted(pick)]
+        rows = self.train_records.rows  # sampled as row numbers: millions of records are never listed here
+        if len(rows) > t.standardize_clips:
+            rows = np.sort(np.random.default_rng(t.seed).choice(rows, t.standardize_clips, replace=False))
+        clips = sorted(set(self.train_records.table.audio_paths(rows)))
         frames = model.standardizer.fit(self._clip_states(clips))
         self.acc.print(f"[speechllm] adapter input standardization fitted on {len(clips)} training clips "
                        f"({frames} frames)")
