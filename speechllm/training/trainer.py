@@ -42,7 +42,7 @@ SETTINGS_KEY = "settings"
 """Key of the trainer state that records the settings a run was trained with (compared on resume)."""
 NOT_SHAPING = ("train.out_dir", "train.resume", "train.eval_data", "train.eval_every", "train.save_every",
                "train.keep_checkpoints", "train.log_every", "train.cache_dir", "train.feature_cache",
-               "model.llm.trust_remote_code")
+               "train.reuse_prefix", "model.llm.trust_remote_code")
 """Settings that do not change the weights a run ends with: a resume may change them freely."""
 SHOWN_CHARS = 40
 """A differing setting's values are shown up to this many characters."""
@@ -368,7 +368,8 @@ class Trainer:
         losses = []
         for i in range(0, len(self.eval_records), bs):
             with self.acc.autocast():
-                losses.append(float(model(self.examples(self.eval_records[i: i + bs]))))
+                losses.append(float(model(self.examples(self.eval_records[i: i + bs]),
+                                          reuse_prefix=self.cfg.train.reuse_prefix)))
         return sum(losses) / len(losses)
 
     def _train_mode(self) -> None:
@@ -399,7 +400,7 @@ class Trainer:
                 records = self.stream[k]
                 sync = contextlib.nullcontext() if a == t.grad_accum - 1 else self.acc.no_sync(self.ddp)
                 with sync, self.acc.autocast():
-                    loss = self.ddp(self.examples(records))
+                    loss = self.ddp(self.examples(records), reuse_prefix=t.reuse_prefix)
                 if not torch.isfinite(loss):
                     raise TrainingError(f"step {self.step + 1}: loss is {float(loss.detach())} on the batch with ids "
                                         f"{', '.join(r.id for r in records)}")
