@@ -1,9 +1,11 @@
 """Training throughput: speechllm's defaults vs DeSTA2.5-style settings, side by side in one run
 on the same records, plus the step's achieved FLOP/s against a measured fp32 matmul peak and
-the process's peak RSS.
+the process's peak RSS; the last line is the speedup.
 
 - ours: tapped encoder states from the feature cache (computed once, trimmed to each clip),
-  length-grouped batches padded to their longest sequence, LM head only on target positions;
+  length-grouped batches padded to their longest sequence, the shared prompt prefix (template
+  head, system prompt, `audio_start`) run once per batch (`train.reuse_prefix`), LM head only on
+  target positions; also timed without the prefix reuse;
 - DeSTA2.5-style: the encoder runs every step on input padded to 30 s, no cache, every batch
   padded to 300 tokens.
 
@@ -31,21 +33,15 @@ from speechllm.model.speechllm import IGNORE_INDEX
 from speechllm.training.cache import FeatureCache
 from speechllm.training.data import TrainRecord, batch_at, epoch_batches, load_targets
 
+from bounds import matmul_peak
+
 DESTA_SEQ_LEN = 300
 """DeSTA2.5's max_seq_length: every batch is padded (or cut) to it."""
-MATMUL_N = 1024
-
-
-def matmul_peak(repeats: int = 10) -> float:
-    """fp32 FLOP/s of a large square matmul on this machine (best of `repeats`)."""
-    a, b = torch.randn(MATMUL_N, MATMUL_N), torch.randn(MATMUL_N, MATMUL_N)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * MATMUL_N ** 3 / best
+FORWARD_BACKWARD = 4
+"""FLOPs per LLM weight and trained position: forward (2) + activation gradients (2); the frozen
+LLM's weights get no gradients."""
+FORWARD = 2
+"""FLOPs per LLM weight and position run without gradients (the shared prefix)."""
 
 
 def make_corpus(folder: Path, n: int) -> Path:
@@ -84,24 +80,26 @@ def llm_matmul_params(model: SpeechLLM) -> int:
     return sum(q.numel() for q in model.llm.parameters() if q.data_ptr() != embed.data_ptr())
 
 
-def optimizer_step(model: SpeechLLM, opt: torch.optim.Optimizer, batch: Batch) -> tuple[float, int]:
-    """Forward, backward and one optimizer step on `batch`; returns (loss, attended tokens)."""
+def optimizer_step(model: SpeechLLM, opt: torch.optim.Optimizer, batch: Batch) -> tuple[float, float]:
+    """Forward, backward and one optimizer step on `batch`; returns (loss, LLM FLOPs per weight:
+    the attended positions with gradients, the shared prefix once without)."""
     loss = model(batch)
     loss.backward()
     opt.step()
     opt.zero_grad()
-    return float(loss.detach()), int(batch.attention_mask.sum())
+    return float(loss.detach()), FORWARD_BACKWARD * int(batch.attention_mask.sum()) + FORWARD * len(batch.prefix_ids)
 
 
-def ours_step(model: SpeechLLM, opt: torch.optim.Optimizer, cache: FeatureCache,
-              recs: list[TrainRecord]) -> tuple[float, int]:
-    """speechllm's step: cached encoder states, the batch padded to its longest sequence."""
+def ours_step(model: SpeechLLM, opt: torch.optim.Optimizer, cache: FeatureCache, reuse_prefix: bool,
+              recs: list[TrainRecord]) -> tuple[float, float]:
+    """speechllm's step: cached encoder states, the batch padded to its longest sequence, the
+    shared prefix run once (`reuse_prefix`)."""
     states = cache.get([r.audio for r in recs])
     exs = [Example(r.instruction, None, r.transcript, r.target, states=s) for r, s in zip(recs, states)]
-    return optimizer_step(model, opt, model.build_batch(exs))
+    return optimizer_step(model, opt, model.build_batch(exs, reuse_prefix=reuse_prefix))
 
 
-def desta_step(model: SpeechLLM, opt: torch.optim.Optimizer, recs: list[TrainRecord]) -> tuple[float, int]:
+def desta_step(model: SpeechLLM, opt: torch.optim.Optimizer, recs: list[TrainRecord]) -> tuple[float, float]:
     """DeSTA2.5-style step: the encoder on 30 s of padded input, the batch padded to 300 tokens."""
     wavs = [load_audio(r.audio) for r in recs]
     feats = model.encoder.feature_extractor(wavs, sampling_rate=16000, return_tensors="pt")["input_features"]
@@ -116,14 +114,15 @@ def desta_step(model: SpeechLLM, opt: torch.optim.Optimizer, recs: list[TrainRec
     return optimizer_step(model, opt, batch)
 
 
-def time_steps(step: Callable[[list[TrainRecord]], tuple[float, int]], steps: list[list[TrainRecord]]
+def time_steps(step: Callable[[list[TrainRecord]], tuple[float, float]], steps: list[list[TrainRecord]]
                ) -> tuple[float, float]:
-    """(samples/s, tokens/s) of `step` over the batches `steps`, after one warm-up step."""
+    """(samples/s, LLM FLOPs per weight per second) of `step` over the batches `steps`, after
+    one warm-up step."""
     step(steps[0])  # warm-up
     t0 = time.perf_counter()
-    tokens = sum(step(recs)[1] for recs in steps)
+    work = sum(step(recs)[1] for recs in steps)
     dt = time.perf_counter() - t0
-    return sum(len(s) for s in steps) / dt, tokens / dt
+    return sum(len(s) for s in steps) / dt, work / dt
 
 
 def run_settings(model: SpeechLLM, opt: torch.optim.Optimizer, cfg: Config, args: argparse.Namespace
@@ -141,7 +140,8 @@ def run_settings(model: SpeechLLM, opt: torch.optim.Optimizer, cfg: Config, args
         cache.build(records.audio_paths(), progress=False)
         t_cache = time.perf_counter() - t0
         results = {}
-        for name, step in (("ours", partial(ours_step, model, opt, cache)),
+        for name, step in (("ours", partial(ours_step, model, opt, cache, True)),
+                           ("ours, no prefix reuse", partial(ours_step, model, opt, cache, False)),
                            ("desta2.5-style", partial(desta_step, model, opt))):
             results[name] = time_steps(step, steps)
     return results, t_cache, len(records)
@@ -149,18 +149,20 @@ def run_settings(model: SpeechLLM, opt: torch.optim.Optimizer, cfg: Config, args
 
 def report(cfg: Config, args: argparse.Namespace, results: dict[str, tuple[float, float]], t_cache: float,
            clips: int, llm_params: int, peak: float) -> None:
-    """Print throughput of both settings, the speedup, achieved FLOP/s and peak RSS."""
-    sps_ours, tok_ours = results["ours"]
+    """Print throughput of every setting, achieved FLOP/s, peak RSS and, last, the speedup."""
+    sps_ours, work_ours = results["ours"]
+    sps_whole, _ = results["ours, no prefix reuse"]
     sps_desta, _ = results["desta2.5-style"]
-    llm_flops = 4 * llm_params * tok_ours  # per second: forward (2/param/token) + activation gradients (2)
+    llm_flops = llm_params * work_ours  # per second
     print(f"{cfg.model.llm.name} + {cfg.model.encoder.name}, batch {args.batch_size}, {args.steps} steps each, "
           f"{torch.get_num_threads()} threads; feature cache built once in {t_cache:.1f} s for {clips} clips")
-    print(f"ours: {sps_ours:.2f} samples/s; DeSTA2.5-style (30 s encoder input, no cache, 300-token batches): "
+    print(f"ours: {sps_ours:.2f} samples/s; without prefix reuse {sps_whole:.2f} samples/s (prefix reuse speedup "
+          f"{sps_ours / sps_whole:.2f}); DeSTA2.5-style (30 s encoder input, no cache, 300-token batches): "
           f"{sps_desta:.2f} samples/s")
-    print(f"speedup {sps_ours / sps_desta:.1f}")
     print(f"LLM part: {llm_flops / 1e9:.1f} GFLOP/s achieved vs fp32 matmul peak {peak / 1e9:.1f} GFLOP/s "
           f"= {llm_flops / peak:.0%}")
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GB")
+    print(f"speedup {sps_ours / sps_desta:.1f}")
 
 
 def main() -> None:
