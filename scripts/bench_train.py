@@ -3,7 +3,7 @@ on the same records, plus the step's achieved FLOP/s against a measured fp32 mat
 the process's peak RSS; the last line is the speedup.
 
 - ours: tapped encoder states from the feature cache (computed once, trimmed to each clip),
-  length-grouped batches padded to their longest sequence, the shared prompt prefix (template
+  batches grouped by estimated LLM positions and padded to their longest sequence, the shared prompt prefix (template
   head, system prompt, `audio_start`) run once per batch (`train.reuse_prefix`), LM head only on
   target positions; also timed without the prefix reuse;
 - DeSTA2.5-style: the encoder runs every step on input padded to 30 s, no cache, every batch
@@ -132,7 +132,7 @@ def run_settings(model: SpeechLLM, opt: torch.optim.Optimizer, cfg: Config, args
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         records, _ = load_targets(make_corpus(tmp, args.n))
-        order, starts = epoch_batches(records.seconds, args.batch_size, seed=0, epoch=0)
+        order, starts = epoch_batches(records.positions(model.clip_positions), args.batch_size, seed=0, epoch=0)
         steps = [records.records(batch_at(order, starts, b, args.batch_size))
                  for b in range(min(args.steps, len(starts)))]
         cache = FeatureCache(tmp / "cache", model.encoder, cfg.model.encoder.name)

@@ -165,3 +165,17 @@ def test_with_lora_dropout_training_each_sequence_runs_its_own_prefix(model, sam
     assert model.build_batch(exs, reuse_prefix=True).prefix_ids == []
     model.llm.eval()
     assert model.build_batch(exs, reuse_prefix=True).prefix_ids
+
+
+def test_speech_answers_batch_examples_of_similar_llm_length(model, sample_wav, monkeypatch):
+    from speechllm.eval.answer import speech_answers
+
+    # the Q-Former gives every clip the same audio positions: the text decides the length, not the clip
+    exs = [Example("Hi?", sample_wav), Example(" ".join(["Describe the voice in detail."] * 6), sample_wav[:20000]),
+           Example("Who?", sample_wav[:24000]), Example(" ".join(["Is it loud or quiet?"] * 6), sample_wav)]
+    batches = []
+    real = type(model).generate
+    monkeypatch.setattr(type(model), "generate", lambda self, b, gen=None: batches.append(b) or real(self, b, gen))
+    answers = speech_answers(model, exs, GenerationConfig(max_new_tokens=2), batch_size=2)
+    assert [{ex.instruction for ex in b} for b in batches] == [{"Hi?", "Who?"}, {exs[1].instruction, exs[3].instruction}]
+    assert answers == [model.generate([ex], GenerationConfig(max_new_tokens=2))[0] for ex in exs]

@@ -192,12 +192,28 @@ class SpeechLLM(nn.Module):
             frames = enc.max_frames if seconds is None else math.ceil(seconds * enc.frames_per_second)
         return int(self.adapter.output_length(torch.tensor([min(enc.max_frames, max(1, frames))]))[0])
 
+    def clip_positions(self, seconds: np.ndarray) -> np.ndarray:
+        """LLM positions the audio embeddings of clips `seconds` long take: `audio_positions` for
+        many clips at once, (clips,) -> (clips,)."""
+        enc = self.encoder
+        frames = np.clip(np.ceil(np.asarray(seconds, np.float64) * enc.frames_per_second), 1, enc.max_frames)
+        return self.adapter.output_length(torch.from_numpy(frames.astype(np.int64))).numpy()
+
     def prompt_length(self, instruction: str, transcript: str | None = None, has_audio: bool = True,
                       seconds: float | None = None) -> int:
         """Positions before the answer: the template, transcript, instruction and (`has_audio`) the
         audio embeddings of a `seconds` long clip (None: the longest)."""
         pieces = self.prompt.pieces(instruction, transcript, has_audio=has_audio)
         audio = self.audio_positions(seconds) if has_audio else 0
+        return len(pieces.before_audio) + audio + len(pieces.after_audio)
+
+    def example_positions(self, ex: Example) -> int:
+        """LLM positions of an example's prompt (its audio embeddings included, its target not):
+        the length that batches of similar examples are sorted by (less padding)."""
+        seconds = len(ex.audio) / SAMPLE_RATE if ex.audio is not None else None
+        frames = ex.states[0].shape[0] if ex.states is not None else None
+        pieces = self.prompt.pieces(ex.instruction, ex.transcript, has_audio=ex.has_audio)
+        audio = self.audio_positions(seconds, frames) if ex.has_audio else 0
         return len(pieces.before_audio) + audio + len(pieces.after_audio)
 
     def check_length(self, positions: int, reserve: int = 0, what: str = "the prompt") -> None:

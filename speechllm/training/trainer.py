@@ -30,7 +30,7 @@ from ..hub import weights
 from ..distributed import accelerate_kwargs
 from ..config import Config, to_dict
 from ..io.paths import folder_problem
-from ..model import Example, build_model
+from ..model import Example, SpeechLLM, build_model
 from ..model.speechllm import ADAPTER_WEIGHTS, CHECKPOINT_CONFIG
 from . import checkpoint as ckpt
 from .data import (DATA_ORDER, UPFRONT_ROWS, TargetRows, TrainRecord, batch_at, batch_count, bound_records,
@@ -127,6 +127,13 @@ class Stream:
     records: TargetRows
     batch_size: int
     seed: int
+    lengths: np.ndarray
+    """Estimated LLM positions per record (`TargetRows.positions`): batches hold similar ones."""
+
+    @classmethod
+    def for_model(cls, records: TargetRows, model: SpeechLLM, batch_size: int, seed: int) -> "Stream":
+        """The stream of `records` for `model` (whose adapter decides the audio's positions)."""
+        return cls(records, batch_size, seed, records.positions(model.clip_positions))
 
     def __post_init__(self):
         self._epoch, self._batches = -1, None
@@ -136,7 +143,7 @@ class Stream:
         """Positions (in `records`) of micro-batch k before the token limits."""
         epoch, i = divmod(k, self.per_epoch)
         if epoch != self._epoch:
-            self._epoch, self._batches = epoch, epoch_batches(self.records.seconds, self.batch_size, self.seed, epoch)
+            self._epoch, self._batches = epoch, epoch_batches(self.lengths, self.batch_size, self.seed, epoch)
         return batch_at(*self._batches, i, self.batch_size)
 
     def __getitem__(self, k: int) -> list[TrainRecord]:
@@ -199,7 +206,7 @@ class Trainer:
                                                                                 t.schedule))
         self.ddp, self.optimizer = self.acc.prepare(model, optimizer)
         self.params = params
-        self.stream = Stream(self.train_records, t.batch_size, t.seed)
+        self.stream = Stream.for_model(self.train_records, model, t.batch_size, t.seed)
         self.step = 0
 
     def _split(self, records: TargetRows) -> None:
