@@ -307,7 +307,7 @@ class TargetsConfig:
     instruction_pool: list[str] = field(default_factory=list)
     """If not empty, each record draws its instruction from this pool (seeded; DeSTA2.5 style)."""
     batch_size: int = ranged(AT_LEAST_1, 16)
-    """Prompts per generation batch (sorted by length, left padded, KV cache)."""
+    """Prompts per generation batch (sorted by length, shared prefix run once, KV cache)."""
     max_retries: int = ranged(NON_NEGATIVE, 2)
     """Regenerations (sampling, new seed) of a degenerate answer before it is dropped."""
     examples: int = ranged(NON_NEGATIVE, 2)
