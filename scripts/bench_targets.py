@@ -80,12 +80,14 @@ def main() -> None:
     batch = min(args.batch_size, args.n)
     print(f"model {gen.model_name}, system prompt {args.system_prompt!r}, {args.n} prompts of "
           f"{min(lengths)}-{max(lengths)} tokens ({shared} shared), max {args.max_new_tokens} new tokens, "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} threads", flush=True)
 
     gen.generate(prompts[:2], reuse, batch_size=2)  # warm-up
     t0 = time.perf_counter()
     single = [gen.generate([q], reuse, batch_size=1)[0] for q in prompts]
     t_single = time.perf_counter() - t0
+    tokens = sum(g.tokens for g in single)
+    print(f"per-sample generate: {tokens} tokens in {t_single:.1f} s = {tokens / t_single:.1f} tok/s", flush=True)
     runs: dict[str, list[float]] = {"reuse": [], "whole": []}
     answers = {}
     for _ in range(args.rounds):
@@ -94,9 +96,7 @@ def main() -> None:
             runs[name].append(seconds)
     t_reuse, t_whole = min(runs["reuse"]), min(runs["whole"])
 
-    tokens = sum(g.tokens for g in single)
     batched_tokens = sum(g.tokens for g in answers["reuse"])
-    print(f"per-sample generate: {tokens} tokens in {t_single:.1f} s = {tokens / t_single:.1f} tok/s")
     for name, label, t in (("reuse", "shared prefix computed once, padding after it", t_reuse),
                            ("whole", "no reuse, left-padded", t_whole)):
         n = sum(g.tokens for g in answers[name])
