@@ -179,3 +179,15 @@ def test_speech_answers_batch_examples_of_similar_llm_length(model, sample_wav, 
     answers = speech_answers(model, exs, GenerationConfig(max_new_tokens=2), batch_size=2)
     assert [{ex.instruction for ex in b} for b in batches] == [{"Hi?", "Who?"}, {exs[1].instruction, exs[3].instruction}]
     assert answers == [model.generate([ex], GenerationConfig(max_new_tokens=2))[0] for ex in exs]
+
+
+def test_a_prefix_reaching_into_shared_text_equals_the_whole_path(model):
+    # text-only examples with one transcript: the shared ids run past the template head
+    exs = [Example("What is said?", None, "unless to be rather cold hearted", "Cold."),
+           Example("Repeat it, word for word.", None, "unless to be rather cold hearted", "Unless to be.")]
+    batch = model.build_batch(exs, reuse_prefix=True)
+    assert len(batch.prefix_ids) > len(model.prompt.prefix_ids)
+    with torch.no_grad():
+        torch.testing.assert_close(model(batch), model(model.build_batch(exs)), atol=ATOL, rtol=0)
+    greedy = GenerationConfig(max_new_tokens=6)
+    assert model.generate(exs, greedy) == model.generate(exs, dataclasses.replace(greedy, reuse_prefix=False))

@@ -24,7 +24,7 @@ from ..io.audio import SAMPLE_RATE
 from .encoder import WhisperTappedEncoder, load_whisper_encoder
 from .llm import DTYPES, context_length, load_llm
 from .prefix import expand_cache, prefix_cache, rest_positions, shared_prefix_length, with_prefix_mask
-from .prompt import PromptBuilder
+from .prompt import PromptBuilder, PromptPieces
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 CHECKPOINT_CONFIG = "config.json"
@@ -266,8 +266,9 @@ class SpeechLLM(nn.Module):
             self.check_length(len(pieces.before_audio) + n_audio + len(pieces.after_audio) + len(target), reserve,
                               f"example {ex.id}" if ex.id else "the prompt")
             layouts.append((pieces, target))
-        n_prefix = (self._shared_prefix(examples, [pieces for pieces, _ in layouts])
-                    if reuse_prefix and not self._llm_dropout_active() else 0)
+        prefix = (self._shared_prefix(examples, [pieces for pieces, _ in layouts])
+                  if reuse_prefix and not self._llm_dropout_active() else [])
+        n_prefix = len(prefix)
         embed = self.llm.get_input_embeddings()
         audio_idx, audio_embeds, audio_lengths = self._audio_embeddings(examples)
         device = self.device
@@ -288,7 +289,7 @@ class SpeechLLM(nn.Module):
             seqs.append(torch.cat(parts, dim=0))
             n_prompt = len(pieces.before_audio) + n_audio + len(pieces.after_audio)
             labels.append([IGNORE_INDEX] * (n_prompt - n_prefix) + self._target_labels(ex, target))
-        return self._pad(seqs, labels, for_generation, layouts[0][0].before_audio[:n_prefix])
+        return self._pad(seqs, labels, for_generation, prefix)
 
     def _llm_dropout_active(self) -> bool:
         """True when the LLM drops out (LoRA dropout or attention dropout while training): each
@@ -299,14 +300,14 @@ class SpeechLLM(nn.Module):
                 or getattr(self.llm.config, "attention_dropout", 0.0) > 0)
 
     @staticmethod
-    def _shared_prefix(examples: list[Example], pieces: list) -> int:
+    def _shared_prefix(examples: list[Example], pieces: list[PromptPieces]) -> list[int]:
         """Leading token ids all examples share: up to the audio of an example with audio, up to
         the last prompt token of one without (the position that predicts its first answer token
         stays after the prefix)."""
         leading = [p.before_audio if ex.has_audio else p.before_audio + p.after_audio
                    for ex, p in zip(examples, pieces)]
         limit = min(len(ids) if ex.has_audio else len(ids) - 1 for ex, ids in zip(examples, leading))
-        return shared_prefix_length(leading, limit)
+        return leading[0][: shared_prefix_length(leading, limit)]
 
     def _pad(self, seqs: list[torch.Tensor], labels: list[list[int]], for_generation: bool,
              prefix_ids: list[int]) -> Batch:
