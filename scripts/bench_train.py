@@ -9,6 +9,8 @@ the process's peak RSS; the last line is the speedup.
 - DeSTA2.5-style: the encoder runs every step on input padded to 30 s, no cache, every batch
   padded to 300 tokens.
 
+The settings take turns batch by batch (other work on the machine slows them alike).
+
     python scripts/bench_train.py [--config configs/default.yaml] [--n 32] [--steps 6] [--batch-size 8]
 """
 
@@ -114,15 +116,21 @@ def desta_step(model: SpeechLLM, opt: torch.optim.Optimizer, recs: list[TrainRec
     return optimizer_step(model, opt, batch)
 
 
-def time_steps(step: Callable[[list[TrainRecord]], tuple[float, float]], steps: list[list[TrainRecord]]
-               ) -> tuple[float, float]:
-    """(samples/s, LLM FLOPs per weight per second) of `step` over the batches `steps`, after
-    one warm-up step."""
-    step(steps[0])  # warm-up
-    t0 = time.perf_counter()
-    work = sum(step(recs)[1] for recs in steps)
-    dt = time.perf_counter() - t0
-    return sum(len(s) for s in steps) / dt, work / dt
+def time_steps(settings: dict[str, Callable[[list[TrainRecord]], tuple[float, float]]],
+               steps: list[list[TrainRecord]]) -> dict[str, tuple[float, float]]:
+    """{setting: (samples/s, LLM FLOPs per weight per second)} over the batches `steps`, after one
+    warm-up step each. The settings take turns batch by batch, so that other work on the machine
+    slows them alike."""
+    seconds, work = dict.fromkeys(settings, 0.0), dict.fromkeys(settings, 0.0)
+    for step in settings.values():
+        step(steps[0])  # warm-up
+    for recs in steps:
+        for name, step in settings.items():
+            t0 = time.perf_counter()
+            work[name] += step(recs)[1]
+            seconds[name] += time.perf_counter() - t0
+    samples = sum(len(s) for s in steps)
+    return {name: (samples / seconds[name], work[name] / seconds[name]) for name in settings}
 
 
 def run_settings(model: SpeechLLM, opt: torch.optim.Optimizer, cfg: Config, args: argparse.Namespace
@@ -139,11 +147,9 @@ def run_settings(model: SpeechLLM, opt: torch.optim.Optimizer, cfg: Config, args
         t0 = time.perf_counter()
         cache.build(records.audio_paths(), progress=False)
         t_cache = time.perf_counter() - t0
-        results = {}
-        for name, step in (("ours", partial(ours_step, model, opt, cache, True)),
-                           ("ours, no prefix reuse", partial(ours_step, model, opt, cache, False)),
-                           ("desta2.5-style", partial(desta_step, model, opt))):
-            results[name] = time_steps(step, steps)
+        results = time_steps({"ours": partial(ours_step, model, opt, cache, True),
+                              "ours, no prefix reuse": partial(ours_step, model, opt, cache, False),
+                              "desta2.5-style": partial(desta_step, model, opt)}, steps)
     return results, t_cache, len(records)
 
 
