@@ -9,9 +9,12 @@ machine (scripts/bounds.py):
                     (prefill included: every prompt position, the shared prefix once with reuse)
 
 Padding and sequences that go on after their stop token are work the bound does not count.
-The batched runs alternate (reuse, no reuse) `--rounds` times and keep each one's best time.
+The batched runs alternate (reuse, no reuse) `--rounds` times and keep each one's best time. On a
+machine shared with other work, `--threads 1 --cpu-time` times the process's CPU time instead of
+wall time (the bounds are then those of one thread).
 
     python scripts/bench_targets.py [--n 32] [--batch-size 32] [--max-new-tokens 48] [--rounds 2]
+                                    [--threads N] [--cpu-time]
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import time
 
 import torch
 
-from bounds import LLMFlops, copy_bandwidth, matmul_peak, weight_bytes
+from bounds import LLMFlops, clock, copy_bandwidth, matmul_peak, weight_bytes
 from speechllm.config import GenerationConfig, load_config
 from speechllm.demo import SYSTEM_PROMPT
 from speechllm.model.generate import Generation, TextGenerator
@@ -55,20 +58,25 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--rounds", type=int, default=2, help="alternating timed runs of each batched setting")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    p.add_argument("--cpu-time", action="store_true", help="time the process's CPU time, not wall time")
     return p.parse_args()
 
 
-def timed(gen: TextGenerator, prompts: list[list[int]], sampling: GenerationConfig, batch_size: int
-          ) -> tuple[list[Generation], float]:
-    """(answers, seconds) of one batched run."""
-    t0 = time.perf_counter()
+def timed(gen: TextGenerator, prompts: list[list[int]], sampling: GenerationConfig, batch_size: int,
+          now) -> tuple[list[Generation], float]:
+    """(answers, seconds by the clock `now`) of one batched run."""
+    t0 = now()
     out = gen.generate(prompts, sampling, batch_size=batch_size)
-    return out, time.perf_counter() - t0
+    return out, now() - t0
 
 
 def main() -> None:
     """Time the three ways, compare the answers and print the bounds."""
     args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    now = clock(args.cpu_time)
     cfg = load_config(args.config)
     cfg.model.llm.system_prompt = args.system_prompt
     gen = TextGenerator.from_config(cfg)
@@ -80,19 +88,19 @@ def main() -> None:
     batch = min(args.batch_size, args.n)
     print(f"model {gen.model_name}, system prompt {args.system_prompt!r}, {args.n} prompts of "
           f"{min(lengths)}-{max(lengths)} tokens ({shared} shared), max {args.max_new_tokens} new tokens, "
-          f"{torch.get_num_threads()} threads", flush=True)
+          f"{torch.get_num_threads()} threads, {'CPU' if args.cpu_time else 'wall'} time", flush=True)
 
     gen.generate(prompts[:2], reuse, batch_size=2)  # warm-up
-    t0 = time.perf_counter()
+    t0 = now()
     single = [gen.generate([q], reuse, batch_size=1)[0] for q in prompts]
-    t_single = time.perf_counter() - t0
+    t_single = now() - t0
     tokens = sum(g.tokens for g in single)
     print(f"per-sample generate: {tokens} tokens in {t_single:.1f} s = {tokens / t_single:.1f} tok/s", flush=True)
     runs: dict[str, list[float]] = {"reuse": [], "whole": []}
     answers = {}
     for _ in range(args.rounds):
         for name, sampling in (("reuse", reuse), ("whole", whole)):
-            answers[name], seconds = timed(gen, prompts, sampling, args.batch_size)
+            answers[name], seconds = timed(gen, prompts, sampling, args.batch_size, now)
             runs[name].append(seconds)
     t_reuse, t_whole = min(runs["reuse"]), min(runs["whole"])
 
@@ -106,7 +114,7 @@ def main() -> None:
     same_whole = sum(a.text == b.text for a, b in zip(answers["whole"], answers["reuse"]))
     print(f"identical answers: per-sample vs batched {same}/{args.n}; reuse vs no reuse {same_whole}/{args.n}")
 
-    bw, wbytes, peak = copy_bandwidth(), weight_bytes(gen.llm), matmul_peak()
+    bw, wbytes, peak = copy_bandwidth(now=now), weight_bytes(gen.llm), matmul_peak(now=now)
     one_seq = bw / wbytes
     flops = LLMFlops.of(gen.llm)
     produced = [g.tokens + g.finished for g in answers["reuse"]]

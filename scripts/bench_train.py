@@ -9,9 +9,11 @@ the process's peak RSS; the last line is the speedup.
 - DeSTA2.5-style: the encoder runs every step on input padded to 30 s, no cache, every batch
   padded to 300 tokens.
 
-The settings take turns batch by batch (other work on the machine slows them alike).
+The settings take turns batch by batch (other work on the machine slows them alike); on a machine
+shared with other work, `--threads 1 --cpu-time` times the process's CPU time instead.
 
     python scripts/bench_train.py [--config configs/default.yaml] [--n 32] [--steps 6] [--batch-size 8]
+                                  [--threads N] [--cpu-time]
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from speechllm.model.speechllm import IGNORE_INDEX
 from speechllm.training.cache import FeatureCache
 from speechllm.training.data import TrainRecord, batch_at, epoch_batches, load_targets
 
-from bounds import matmul_peak
+from bounds import clock, matmul_peak
 
 DESTA_SEQ_LEN = 300
 """DeSTA2.5's max_seq_length: every batch is padded (or cut) to it."""
@@ -72,6 +74,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--n", type=int, default=32, help="synthetic clips")
     p.add_argument("--steps", type=int, default=6, help="timed steps per setting")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    p.add_argument("--cpu-time", action="store_true", help="time the process's CPU time, not wall time")
     return p.parse_args()
 
 
@@ -117,18 +121,18 @@ def desta_step(model: SpeechLLM, opt: torch.optim.Optimizer, recs: list[TrainRec
 
 
 def time_steps(settings: dict[str, Callable[[list[TrainRecord]], tuple[float, float]]],
-               steps: list[list[TrainRecord]]) -> dict[str, tuple[float, float]]:
+               steps: list[list[TrainRecord]], now) -> dict[str, tuple[float, float]]:
     """{setting: (samples/s, LLM FLOPs per weight per second)} over the batches `steps`, after one
-    warm-up step each. The settings take turns batch by batch, so that other work on the machine
-    slows them alike."""
+    warm-up step each, timed by the clock `now`. The settings take turns batch by batch, so that
+    other work on the machine slows them alike."""
     seconds, work = dict.fromkeys(settings, 0.0), dict.fromkeys(settings, 0.0)
     for step in settings.values():
         step(steps[0])  # warm-up
     for recs in steps:
         for name, step in settings.items():
-            t0 = time.perf_counter()
+            t0 = now()
             work[name] += step(recs)[1]
-            seconds[name] += time.perf_counter() - t0
+            seconds[name] += now() - t0
     samples = sum(len(s) for s in steps)
     return {name: (samples / seconds[name], work[name] / seconds[name]) for name in settings}
 
@@ -149,7 +153,7 @@ def run_settings(model: SpeechLLM, opt: torch.optim.Optimizer, cfg: Config, args
         t_cache = time.perf_counter() - t0
         results = time_steps({"ours": partial(ours_step, model, opt, cache, True),
                               "ours, no prefix reuse": partial(ours_step, model, opt, cache, False),
-                              "desta2.5-style": partial(desta_step, model, opt)}, steps)
+                              "desta2.5-style": partial(desta_step, model, opt)}, steps, clock(args.cpu_time))
     return results, t_cache, len(records)
 
 
@@ -161,7 +165,7 @@ def report(cfg: Config, args: argparse.Namespace, results: dict[str, tuple[float
     sps_desta, _ = results["desta2.5-style"]
     llm_flops = llm_params * work_ours  # per second
     print(f"{cfg.model.llm.name} + {cfg.model.encoder.name}, batch {args.batch_size}, {args.steps} steps each, "
-          f"{torch.get_num_threads()} threads; feature cache built once in {t_cache:.1f} s for {clips} clips")
+          f"{torch.get_num_threads()} threads, {'CPU' if args.cpu_time else 'wall'} time; feature cache built once in {t_cache:.1f} s for {clips} clips")
     print(f"ours: {sps_ours:.2f} samples/s; without prefix reuse {sps_whole:.2f} samples/s (prefix reuse speedup "
           f"{sps_ours / sps_whole:.2f}); DeSTA2.5-style (30 s encoder input, no cache, 300-token batches): "
           f"{sps_desta:.2f} samples/s")
@@ -174,6 +178,8 @@ def report(cfg: Config, args: argparse.Namespace, results: dict[str, tuple[float
 def main() -> None:
     """Build the model, time both settings and print the comparison."""
     args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cfg = load_config(args.config)
     torch.manual_seed(0)
     model = build_model(cfg)
@@ -181,7 +187,7 @@ def main() -> None:
     opt = torch.optim.AdamW(params, lr=1e-4)
     llm_params = llm_matmul_params(model)
     results, t_cache, clips = run_settings(model, opt, cfg, args)
-    report(cfg, args, results, t_cache, clips, llm_params, matmul_peak())
+    report(cfg, args, results, t_cache, clips, llm_params, matmul_peak(now=clock(args.cpu_time)))
 
 
 if __name__ == "__main__":
