@@ -8,7 +8,7 @@ embedded default: operators by self CPU time, and the named parts of each.
   parts: the shared prefix, prefill (the first forward pass of the batch) and decoding (the rest).
 
     python scripts/profile_speed.py [--stage train|generate|both] [--batch-size 8] [--n 32]
-                                    [--max-new-tokens 16] [--rows 12]
+                                    [--max-new-tokens 16] [--rows 12] [--threads N]
 """
 
 from __future__ import annotations
@@ -121,7 +121,11 @@ def main() -> None:
     p.add_argument("--n", type=int, default=32)
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--rows", type=int, default=12)
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice; 1 on a machine shared with "
+                   "other work, where a thread waiting for a descheduled one inflates every small operator)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.stage in ("train", "both"):
         profile_train(load_config(args.config), args.batch_size, args.rows)
     if args.stage in ("generate", "both"):
