@@ -92,12 +92,13 @@ def test_training_with_and_without_prefix_reuse_agree(data, tmp_path, monkeypatc
 
     prefixes = []
     real = SpeechLLM._prefix_cache
-    monkeypatch.setattr(SpeechLLM, "_prefix_cache", lambda self, batch: prefixes.append(batch.prefix_ids)
-                        or real(self, batch))
+    monkeypatch.setattr(SpeechLLM, "_prefix_cache", lambda self, batch: prefixes.append(
+        (len(batch.inputs_embeds), batch.prefix_ids)) or real(self, batch))
     reused = train(cfg(data, tmp_path / "reused", "train.max_steps=2"), progress=False)
-    assert len(prefixes) == 2 and all(prefixes)  # every step ran its prefix once
+    assert len(prefixes) == 2 and any(n > 1 for n, _ in prefixes)
+    assert all(ids for n, ids in prefixes if n > 1)  # every step of several examples ran its prefix once
     whole = train(cfg(data, tmp_path / "whole", "train.max_steps=2", "train.reuse_prefix=false"), progress=False)
-    assert len(prefixes) == 4 and not any(prefixes[2:])
+    assert len(prefixes) == 4 and not any(ids for _, ids in prefixes[2:])
     losses = [[m["loss"] for m in metrics(out) if "loss" in m] for out in (reused, whole)]
     assert losses[0] == pytest.approx(losses[1], abs=1e-4)
 
