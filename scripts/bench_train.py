@@ -165,7 +165,8 @@ def report(cfg: Config, args: argparse.Namespace, results: dict[str, tuple[float
     sps_desta, _ = results["desta2.5-style"]
     llm_flops = llm_params * work_ours  # per second
     print(f"{cfg.model.llm.name} + {cfg.model.encoder.name}, batch {args.batch_size}, {args.steps} steps each, "
-          f"{torch.get_num_threads()} threads, {'CPU' if args.cpu_time else 'wall'} time; feature cache built once in {t_cache:.1f} s for {clips} clips")
+          f"{torch.get_num_threads()} threads, {'CPU' if args.cpu_time else 'wall'} time; feature cache built once "
+          f"in {t_cache:.1f} s for {clips} clips")
     print(f"ours: {sps_ours:.2f} samples/s; without prefix reuse {sps_whole:.2f} samples/s (prefix reuse speedup "
           f"{sps_ours / sps_whole:.2f}); DeSTA2.5-style (30 s encoder input, no cache, 300-token batches): "
           f"{sps_desta:.2f} samples/s")

@@ -177,7 +177,8 @@ def test_speech_answers_batch_examples_of_similar_llm_length(model, sample_wav, 
     real = type(model).generate
     monkeypatch.setattr(type(model), "generate", lambda self, b, gen=None: batches.append(b) or real(self, b, gen))
     answers = speech_answers(model, exs, GenerationConfig(max_new_tokens=2), batch_size=2)
-    assert [{ex.instruction for ex in b} for b in batches] == [{"Hi?", "Who?"}, {exs[1].instruction, exs[3].instruction}]
+    assert [{ex.instruction for ex in b} for b in batches] == [{"Hi?", "Who?"},
+                                                              {exs[1].instruction, exs[3].instruction}]
     assert answers == [model.generate([ex], GenerationConfig(max_new_tokens=2))[0] for ex in exs]
 
 
