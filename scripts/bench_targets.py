@@ -1,24 +1,35 @@
-"""Throughput of target generation: batched (speechllm's engine) vs per-sample `generate`, side by
-side on the same prompts, and the decoding bound of this machine.
+"""Throughput of target generation, side by side on the same prompts (the demo's system prompt):
+per-sample `generate`, and speechllm's batched engine with and without the shared prompt prefix
+computed once (`generation.reuse_prefix`); the answers compared; and the batch's bound on this
+machine (scripts/bounds.py):
 
-The bound: a decoding step must read every weight once, so one sequence cannot decode faster than
-  memory-copy bandwidth / weight bytes   tokens per second,
-with the bandwidth measured here by copying a large tensor (bytes read + written per second, the
-STREAM "copy" convention). Batching shares each weight read among the batch.
+    bound = min(batch x one-sequence memory bound, compute bound)   generated tokens per second
+    one-sequence memory bound = copy bandwidth / weight bytes   (a decoding step reads every weight)
+    compute bound = matmul peak x generated tokens / FLOPs of the whole job
+                    (prefill included: every prompt position, the shared prefix once with reuse)
 
-    python scripts/bench_targets.py [--n 32] [--batch-size 32] [--max-new-tokens 48]
+Padding and sequences that go on after their stop token are work the bound does not count.
+The batched runs alternate (reuse, no reuse) `--rounds` times and keep each one's best time. On a
+machine shared with other work, `--threads 1 --cpu-time` times the process's CPU time instead of
+wall time (the bounds are then those of one thread).
+
+    python scripts/bench_targets.py [--n 32] [--batch-size 32] [--max-new-tokens 48] [--rounds 2]
+                                    [--threads N] [--cpu-time]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import torch
 
-from speechllm.config import load_config
-from speechllm.config import GenerationConfig
-from speechllm.model.generate import TextGenerator
+from bounds import LLMFlops, clock, copy_bandwidth, matmul_peak, weight_bytes
+from speechllm.config import GenerationConfig, load_config
+from speechllm.demo import SYSTEM_PROMPT
+from speechllm.model.generate import Generation, TextGenerator
+from speechllm.model.prefix import shared_prefix_length
 
 PITCHES, SPEEDS, GENDERS = ("Low", "Normal", "High"), ("Slow", "Normal", "Fast"), ("Male", "Female")
 SENTENCES = [
@@ -27,7 +38,6 @@ SENTENCES = [
     "The farmers market opens early on Saturday morning",
     "He might even have been made amiable himself",
 ]
-COPY_BYTES = 512 * 2 ** 20
 
 
 def descriptions(n: int) -> list[str]:
@@ -39,66 +49,88 @@ def descriptions(n: int) -> list[str]:
     return out
 
 
-def copy_bandwidth(repeats: int = 5) -> float:
-    """Bytes read + written per second by a large tensor copy (best of `repeats`)."""
-    src = torch.ones(COPY_BYTES // 4, dtype=torch.float32)
-    dst = torch.empty_like(src)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * COPY_BYTES / best
-
-
-def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of distinct parameter storage (tied embeddings count once)."""
-    seen, total = set(), 0
-    for p in model.parameters():
-        if p.data_ptr() not in seen:
-            seen.add(p.data_ptr())
-            total += p.numel() * p.element_size()
-    return total
-
-
-def main() -> None:
+def parse_args() -> argparse.Namespace:
+    """The command line: see the module docstring."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="config whose model.llm generates (default: the embedded default)")
+    p.add_argument("--system-prompt", default=SYSTEM_PROMPT, help="the LLM's system prompt (default: the demo's)")
     p.add_argument("--n", type=int, default=32, help="prompts")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-new-tokens", type=int, default=48)
-    args = p.parse_args()
+    p.add_argument("--rounds", type=int, default=2, help="alternating timed runs of each batched setting")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    p.add_argument("--cpu-time", action="store_true", help="time the process's CPU time, not wall time")
+    return p.parse_args()
 
+
+def timed(gen: TextGenerator, prompts: list[list[int]], sampling: GenerationConfig, batch_size: int,
+          now) -> tuple[list[Generation], float]:
+    """(answers, seconds by the clock `now`) of one batched run."""
+    t0 = now()
+    out = gen.generate(prompts, sampling, batch_size=batch_size)
+    return out, now() - t0
+
+
+def main() -> None:
+    """Time the three ways, compare the answers and print the bounds."""
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    now = clock(args.cpu_time)
     cfg = load_config(args.config)
+    cfg.model.llm.system_prompt = args.system_prompt
     gen = TextGenerator.from_config(cfg)
     prompts = [gen.prompt_ids(d) for d in descriptions(args.n)]
-    sampling = GenerationConfig(max_new_tokens=args.max_new_tokens)
-    print(f"model {gen.model_name}, {args.n} prompts, max {args.max_new_tokens} new tokens, "
-          f"{torch.get_num_threads()} threads")
+    lengths = [len(p) for p in prompts]
+    shared = shared_prefix_length(prompts, min(lengths) - 1)
+    reuse = GenerationConfig(max_new_tokens=args.max_new_tokens)
+    whole = dataclasses.replace(reuse, reuse_prefix=False)
+    batch = min(args.batch_size, args.n)
+    print(f"model {gen.model_name}, system prompt {args.system_prompt!r}, {args.n} prompts of "
+          f"{min(lengths)}-{max(lengths)} tokens ({shared} shared), max {args.max_new_tokens} new tokens, "
+          f"{torch.get_num_threads()} threads, {'CPU' if args.cpu_time else 'wall'} time", flush=True)
 
-    gen.generate(prompts[:2], sampling, batch_size=2)  # warm-up
-    t0 = time.perf_counter()
-    single = [gen.generate([q], sampling, batch_size=1)[0] for q in prompts]
-    t_single = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    batched = gen.generate(prompts, sampling, batch_size=args.batch_size)
-    t_batched = time.perf_counter() - t0
+    gen.generate(prompts[:2], reuse, batch_size=2)  # warm-up
+    t0 = now()
+    single = [gen.generate([q], reuse, batch_size=1)[0] for q in prompts]
+    t_single = now() - t0
+    tokens = sum(g.tokens for g in single)
+    print(f"per-sample generate: {tokens} tokens in {t_single:.1f} s = {tokens / t_single:.1f} tok/s", flush=True)
+    runs: dict[str, list[float]] = {"reuse": [], "whole": []}
+    answers = {}
+    for _ in range(args.rounds):
+        for name, sampling in (("reuse", reuse), ("whole", whole)):
+            answers[name], seconds = timed(gen, prompts, sampling, args.batch_size, now)
+            runs[name].append(seconds)
+    t_reuse, t_whole = min(runs["reuse"]), min(runs["whole"])
 
-    tok_single = sum(g.tokens for g in single) / t_single
-    tok_batched = sum(g.tokens for g in batched) / t_batched
-    agree = sum(a.text == b.text for a, b in zip(single, batched))
-    bw = copy_bandwidth()
-    wbytes = weight_bytes(gen.llm)
-    bound = bw / wbytes
-    print(f"per-sample generate: {sum(g.tokens for g in single)} tokens in {t_single:.1f} s = {tok_single:.1f} tok/s")
-    print(f"batched (batch {args.batch_size}, length-sorted, left-padded, KV cache): "
-          f"{sum(g.tokens for g in batched)} tokens in {t_batched:.1f} s = {tok_batched:.1f} tok/s")
-    print(f"identical answers: {agree}/{args.n}")
-    print(f"memory-copy bandwidth {bw / 1e9:.1f} GB/s, weights {wbytes / 1e6:.0f} MB -> decoding bound "
-          f"{bound:.1f} tok/s for one sequence")
-    print(f"per-sample reaches {tok_single / bound:.0%} of the one-sequence bound; "
-          f"batched reaches {tok_batched / bound:.0%} of it")
-    print(f"speedup {tok_batched / tok_single:.1f}")
+    batched_tokens = sum(g.tokens for g in answers["reuse"])
+    for name, label, t in (("reuse", "shared prefix computed once, padding after it", t_reuse),
+                           ("whole", "no reuse, left-padded", t_whole)):
+        n = sum(g.tokens for g in answers[name])
+        print(f"batched (batch {args.batch_size}, length-sorted, {label}, KV cache): {n} tokens in {t:.1f} s "
+              f"= {n / t:.1f} tok/s (runs: {', '.join(f'{s:.1f}' for s in runs[name])} s)")
+    same = sum(a.text == b.text for a, b in zip(single, answers["reuse"]))
+    same_whole = sum(a.text == b.text for a, b in zip(answers["whole"], answers["reuse"]))
+    print(f"identical answers: per-sample vs batched {same}/{args.n}; reuse vs no reuse {same_whole}/{args.n}")
+
+    bw, wbytes, peak = copy_bandwidth(now=now), weight_bytes(gen.llm), matmul_peak(now=now)
+    one_seq = bw / wbytes
+    flops = LLMFlops.of(gen.llm)
+    produced = [g.tokens + g.finished for g in answers["reuse"]]
+    job = {"reuse": flops.generation(lengths, produced, shared), "whole": flops.generation(lengths, produced)}
+    compute = {name: peak * batched_tokens / f for name, f in job.items()}
+    print(f"memory-copy bandwidth {bw / 1e9:.1f} GB/s, weights {wbytes / 1e6:.0f} MB -> one-sequence decoding "
+          f"bound {one_seq:.1f} tok/s, x batch {batch} = {batch * one_seq:.0f} tok/s")
+    print(f"fp32 matmul peak {peak / 1e9:.1f} GFLOP/s; FLOPs per generated token, prefill included: "
+          f"{job['reuse'] / batched_tokens / 1e9:.3f} G with reuse, {job['whole'] / batched_tokens / 1e9:.3f} G "
+          f"without -> compute bound {compute['reuse']:.1f} / {compute['whole']:.1f} tok/s")
+    bound = {name: min(batch * one_seq, c) for name, c in compute.items()}
+    print(f"per-sample reaches {tokens / t_single / one_seq:.0%} of the one-sequence bound")
+    print(f"no reuse: {batched_tokens / t_whole / bound['whole']:.0%} of the batch's compute bound")
+    print(f"batched: {batched_tokens / t_reuse / bound['reuse']:.0%} of the batch's compute bound")
+    print(f"batched speedup over per-sample {t_single / t_reuse * batched_tokens / tokens:.1f}")
+    print(f"prefix reuse speedup {t_whole / t_reuse:.2f}")
 
 
 if __name__ == "__main__":

@@ -1,13 +1,19 @@
 """Training throughput: speechllm's defaults vs DeSTA2.5-style settings, side by side in one run
 on the same records, plus the step's achieved FLOP/s against a measured fp32 matmul peak and
-the process's peak RSS.
+the process's peak RSS; the last line is the speedup.
 
 - ours: tapped encoder states from the feature cache (computed once, trimmed to each clip),
-  length-grouped batches padded to their longest sequence, LM head only on target positions;
+  batches grouped by estimated LLM positions and padded to their longest sequence, the shared prompt prefix (template
+  head, system prompt, `audio_start`) run once per batch (`train.reuse_prefix`), LM head only on
+  target positions; also timed without the prefix reuse;
 - DeSTA2.5-style: the encoder runs every step on input padded to 30 s, no cache, every batch
   padded to 300 tokens.
 
+The settings take turns batch by batch (other work on the machine slows them alike); on a machine
+shared with other work, `--threads 1 --cpu-time` times the process's CPU time instead.
+
     python scripts/bench_train.py [--config configs/default.yaml] [--n 32] [--steps 6] [--batch-size 8]
+                                  [--threads N] [--cpu-time]
 """
 
 from __future__ import annotations
@@ -31,21 +37,15 @@ from speechllm.model.speechllm import IGNORE_INDEX
 from speechllm.training.cache import FeatureCache
 from speechllm.training.data import TrainRecord, batch_at, epoch_batches, load_targets
 
+from bounds import clock, matmul_peak
+
 DESTA_SEQ_LEN = 300
 """DeSTA2.5's max_seq_length: every batch is padded (or cut) to it."""
-MATMUL_N = 1024
-
-
-def matmul_peak(repeats: int = 10) -> float:
-    """fp32 FLOP/s of a large square matmul on this machine (best of `repeats`)."""
-    a, b = torch.randn(MATMUL_N, MATMUL_N), torch.randn(MATMUL_N, MATMUL_N)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * MATMUL_N ** 3 / best
+FORWARD_BACKWARD = 4
+"""FLOPs per LLM weight and trained position: forward (2) + activation gradients (2); the frozen
+LLM's weights get no gradients."""
+FORWARD = 2
+"""FLOPs per LLM weight and position run without gradients (the shared prefix)."""
 
 
 def make_corpus(folder: Path, n: int) -> Path:
@@ -74,6 +74,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--n", type=int, default=32, help="synthetic clips")
     p.add_argument("--steps", type=int, default=6, help="timed steps per setting")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    p.add_argument("--cpu-time", action="store_true", help="time the process's CPU time, not wall time")
     return p.parse_args()
 
 
@@ -84,24 +86,26 @@ def llm_matmul_params(model: SpeechLLM) -> int:
     return sum(q.numel() for q in model.llm.parameters() if q.data_ptr() != embed.data_ptr())
 
 
-def optimizer_step(model: SpeechLLM, opt: torch.optim.Optimizer, batch: Batch) -> tuple[float, int]:
-    """Forward, backward and one optimizer step on `batch`; returns (loss, attended tokens)."""
+def optimizer_step(model: SpeechLLM, opt: torch.optim.Optimizer, batch: Batch) -> tuple[float, float]:
+    """Forward, backward and one optimizer step on `batch`; returns (loss, LLM FLOPs per weight:
+    the attended positions with gradients, the shared prefix once without)."""
     loss = model(batch)
     loss.backward()
     opt.step()
     opt.zero_grad()
-    return float(loss.detach()), int(batch.attention_mask.sum())
+    return float(loss.detach()), FORWARD_BACKWARD * int(batch.attention_mask.sum()) + FORWARD * len(batch.prefix_ids)
 
 
-def ours_step(model: SpeechLLM, opt: torch.optim.Optimizer, cache: FeatureCache,
-              recs: list[TrainRecord]) -> tuple[float, int]:
-    """speechllm's step: cached encoder states, the batch padded to its longest sequence."""
+def ours_step(model: SpeechLLM, opt: torch.optim.Optimizer, cache: FeatureCache, reuse_prefix: bool,
+              recs: list[TrainRecord]) -> tuple[float, float]:
+    """speechllm's step: cached encoder states, the batch padded to its longest sequence, the
+    shared prefix run once (`reuse_prefix`)."""
     states = cache.get([r.audio for r in recs])
     exs = [Example(r.instruction, None, r.transcript, r.target, states=s) for r, s in zip(recs, states)]
-    return optimizer_step(model, opt, model.build_batch(exs))
+    return optimizer_step(model, opt, model.build_batch(exs, reuse_prefix=reuse_prefix))
 
 
-def desta_step(model: SpeechLLM, opt: torch.optim.Optimizer, recs: list[TrainRecord]) -> tuple[float, int]:
+def desta_step(model: SpeechLLM, opt: torch.optim.Optimizer, recs: list[TrainRecord]) -> tuple[float, float]:
     """DeSTA2.5-style step: the encoder on 30 s of padded input, the batch padded to 300 tokens."""
     wavs = [load_audio(r.audio) for r in recs]
     feats = model.encoder.feature_extractor(wavs, sampling_rate=16000, return_tensors="pt")["input_features"]
@@ -116,14 +120,21 @@ def desta_step(model: SpeechLLM, opt: torch.optim.Optimizer, recs: list[TrainRec
     return optimizer_step(model, opt, batch)
 
 
-def time_steps(step: Callable[[list[TrainRecord]], tuple[float, int]], steps: list[list[TrainRecord]]
-               ) -> tuple[float, float]:
-    """(samples/s, tokens/s) of `step` over the batches `steps`, after one warm-up step."""
-    step(steps[0])  # warm-up
-    t0 = time.perf_counter()
-    tokens = sum(step(recs)[1] for recs in steps)
-    dt = time.perf_counter() - t0
-    return sum(len(s) for s in steps) / dt, tokens / dt
+def time_steps(settings: dict[str, Callable[[list[TrainRecord]], tuple[float, float]]],
+               steps: list[list[TrainRecord]], now) -> dict[str, tuple[float, float]]:
+    """{setting: (samples/s, LLM FLOPs per weight per second)} over the batches `steps`, after one
+    warm-up step each, timed by the clock `now`. The settings take turns batch by batch, so that
+    other work on the machine slows them alike."""
+    seconds, work = dict.fromkeys(settings, 0.0), dict.fromkeys(settings, 0.0)
+    for step in settings.values():
+        step(steps[0])  # warm-up
+    for recs in steps:
+        for name, step in settings.items():
+            t0 = now()
+            work[name] += step(recs)[1]
+            seconds[name] += now() - t0
+    samples = sum(len(s) for s in steps)
+    return {name: (samples / seconds[name], work[name] / seconds[name]) for name in settings}
 
 
 def run_settings(model: SpeechLLM, opt: torch.optim.Optimizer, cfg: Config, args: argparse.Namespace
@@ -133,39 +144,43 @@ def run_settings(model: SpeechLLM, opt: torch.optim.Optimizer, cfg: Config, args
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         records, _ = load_targets(make_corpus(tmp, args.n))
-        order, starts = epoch_batches(records.seconds, args.batch_size, seed=0, epoch=0)
+        order, starts = epoch_batches(records.positions(model.clip_positions), args.batch_size, seed=0, epoch=0)
         steps = [records.records(batch_at(order, starts, b, args.batch_size))
                  for b in range(min(args.steps, len(starts)))]
         cache = FeatureCache(tmp / "cache", model.encoder, cfg.model.encoder.name)
         t0 = time.perf_counter()
         cache.build(records.audio_paths(), progress=False)
         t_cache = time.perf_counter() - t0
-        results = {}
-        for name, step in (("ours", partial(ours_step, model, opt, cache)),
-                           ("desta2.5-style", partial(desta_step, model, opt))):
-            results[name] = time_steps(step, steps)
+        results = time_steps({"ours": partial(ours_step, model, opt, cache, True),
+                              "ours, no prefix reuse": partial(ours_step, model, opt, cache, False),
+                              "desta2.5-style": partial(desta_step, model, opt)}, steps, clock(args.cpu_time))
     return results, t_cache, len(records)
 
 
 def report(cfg: Config, args: argparse.Namespace, results: dict[str, tuple[float, float]], t_cache: float,
            clips: int, llm_params: int, peak: float) -> None:
-    """Print throughput of both settings, the speedup, achieved FLOP/s and peak RSS."""
-    sps_ours, tok_ours = results["ours"]
+    """Print throughput of every setting, achieved FLOP/s, peak RSS and, last, the speedup."""
+    sps_ours, work_ours = results["ours"]
+    sps_whole, _ = results["ours, no prefix reuse"]
     sps_desta, _ = results["desta2.5-style"]
-    llm_flops = 4 * llm_params * tok_ours  # per second: forward (2/param/token) + activation gradients (2)
+    llm_flops = llm_params * work_ours  # per second
     print(f"{cfg.model.llm.name} + {cfg.model.encoder.name}, batch {args.batch_size}, {args.steps} steps each, "
-          f"{torch.get_num_threads()} threads; feature cache built once in {t_cache:.1f} s for {clips} clips")
-    print(f"ours: {sps_ours:.2f} samples/s; DeSTA2.5-style (30 s encoder input, no cache, 300-token batches): "
+          f"{torch.get_num_threads()} threads, {'CPU' if args.cpu_time else 'wall'} time; feature cache built once "
+          f"in {t_cache:.1f} s for {clips} clips")
+    print(f"ours: {sps_ours:.2f} samples/s; without prefix reuse {sps_whole:.2f} samples/s (prefix reuse speedup "
+          f"{sps_ours / sps_whole:.2f}); DeSTA2.5-style (30 s encoder input, no cache, 300-token batches): "
           f"{sps_desta:.2f} samples/s")
-    print(f"speedup {sps_ours / sps_desta:.1f}")
     print(f"LLM part: {llm_flops / 1e9:.1f} GFLOP/s achieved vs fp32 matmul peak {peak / 1e9:.1f} GFLOP/s "
           f"= {llm_flops / peak:.0%}")
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GB")
+    print(f"speedup {sps_ours / sps_desta:.1f}")
 
 
 def main() -> None:
     """Build the model, time both settings and print the comparison."""
     args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cfg = load_config(args.config)
     torch.manual_seed(0)
     model = build_model(cfg)
@@ -173,7 +188,7 @@ def main() -> None:
     opt = torch.optim.AdamW(params, lr=1e-4)
     llm_params = llm_matmul_params(model)
     results, t_cache, clips = run_settings(model, opt, cfg, args)
-    report(cfg, args, results, t_cache, clips, llm_params, matmul_peak())
+    report(cfg, args, results, t_cache, clips, llm_params, matmul_peak(now=clock(args.cpu_time)))
 
 
 if __name__ == "__main__":

@@ -213,6 +213,10 @@ class GenerationConfig:
     """>1 discourages repeated tokens; 1 leaves the model's distribution untouched."""
     seed: int = ranged(SEED, 0)
     """Seed for sampling."""
+    reuse_prefix: bool = True
+    """Run the token ids every prompt of a call starts with (chat template head, system prompt,
+    `audio_start`) once and reuse their KV cache for every sequence (answers equal the
+    whole-prompt path within float tolerance); False feeds every prompt whole (for comparisons)."""
 
 
 @dataclass
@@ -277,6 +281,11 @@ class TrainConfig:
     """Seeds adapter init, data order and dropout."""
     feature_cache: bool = True
     """Compute the frozen encoder's tapped states once per clip and reuse them (fp16 on disk)."""
+    reuse_prefix: bool = True
+    """Run the token ids every example of a micro-batch starts with (template head, system prompt,
+    `audio_start`) once per forward pass and reuse their KV for the batch (the loss and gradients
+    equal the whole-sequence path within float tolerance; with LoRA the prefix is recomputed every
+    pass, and not shared while LoRA dropout is active); False runs every sequence whole."""
     cache_dir: str | None = None
     """Feature cache root; None: $SPEECHLLM_HOME/features."""
     skip_truncated: bool = False
@@ -340,7 +349,7 @@ class TargetsConfig:
     instruction_pool: list[str] = field(default_factory=list)
     """If not empty, each record draws its instruction from this pool (seeded; DeSTA2.5 style)."""
     batch_size: int = ranged(AT_LEAST_1, 16)
-    """Prompts per generation batch (sorted by length, left padded, KV cache)."""
+    """Prompts per generation batch (sorted by length, shared prefix run once, KV cache)."""
     max_retries: int = ranged(NON_NEGATIVE, 2)
     """Regenerations (sampling, new seed) of a degenerate answer before it is dropped."""
     examples: int = ranged(NON_NEGATIVE, 2)

@@ -113,13 +113,14 @@ def test_token_limits_applied_as_batches_are_drawn_match_those_applied_up_front(
     for upfront in (True, False):
         rows, report = load_targets(path)
         kept = bound_records(rows, tiny_model, cfg, report, upfront=upfront)
-        stream = Stream(kept, 4, seed=3)
+        stream = Stream.for_model(kept, tiny_model, 4, seed=3)
         drawn = [stream[k] for k in range(stream.per_epoch)]
         assert all(0 < len(b) <= 4 for b in drawn)
         results[upfront] = (sorted(r.id for b in drawn for r in b), report)
         cut = next(r for b in drawn for r in b if r.id == "r5")
         assert cut.truncated and len(tiny_model.prompt.text(cut.target)) <= 12
-        assert [r.id for r in Stream(kept, 4, seed=3)[2]] == [r.id for r in drawn[2]]  # a pure function of k
+        again = Stream.for_model(kept, tiny_model, 4, seed=3)
+        assert [r.id for r in again[2]] == [r.id for r in drawn[2]]  # a pure function of k
     (ids_up, rep_up), (ids_lazy, rep_lazy) = results[True], results[False]
     assert ids_up == ids_lazy == sorted(f"r{i}" for i in range(40) if i not in (9, 11))
     assert (rep_up.cut, rep_up.over_context, rep_up.audio_length) == (1, 1, 1)
@@ -135,13 +136,30 @@ def test_a_batch_left_empty_by_the_limits_is_replaced_by_the_next(tmp_path, tiny
                    instruction=" ".join(["can"] * 480) if i < 4 else "Hi?") for i in range(8)]
     rows, report = load_targets(write(tmp_path / "t.jsonl", recs))
     kept = bound_records(rows, tiny_model, cfg, report, upfront=False)
-    stream = Stream(kept, 4, seed=0)
+    stream = Stream.for_model(kept, tiny_model, 4, seed=0)
     assert sorted(set(stream.positions(0)) | set(stream.positions(1))) == list(range(8))
     empty = next(k for k in range(2) if set(stream.positions(k)) == {0, 1, 2, 3})
     batches = [[r.id for r in stream[k]] for k in range(4)]
     assert all(batches) and set(sum(batches, [])) == {f"r{i}" for i in range(4, 8)}
     assert batches[empty] == batches[1 - empty]  # the epoch's other batch
     assert report.over_context == 4 and (kept.bounds.status[:4] == DROPPED).all()
+
+
+def test_training_batches_group_examples_of_similar_llm_length_not_clip_length(tmp_path, tiny_model):
+    from speechllm.training.trainer import Stream
+
+    # the Q-Former gives every clip the same positions, so the text decides the length: the odd
+    # records' long targets go together whatever their clips' seconds
+    recs = [target(i, str(SAMPLE), duration=1.0 + i / 10, target=" ".join(["word"] * (40 if i % 2 else 2)))
+            for i in range(16)]
+    rows, report = load_targets(write(tmp_path / "t.jsonl", recs))
+    stream = Stream.for_model(bound_records(rows, tiny_model, load_config(TINY_CONFIG).train, report), tiny_model,
+                              4, seed=0)
+    for k in range(stream.per_epoch):
+        assert len({int(r.id[1:]) % 2 for r in stream[k]}) == 1
+    seconds = np.array([0.5, 3.0, 29.0])
+    assert stream.lengths.min() > 0
+    assert tiny_model.clip_positions(seconds).tolist() == [tiny_model.audio_positions(s) for s in seconds]
 
 
 def test_epoch_batches_cover_every_record_once_in_length_sorted_windows():

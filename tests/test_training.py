@@ -110,6 +110,22 @@ def test_cached_and_uncached_training_agree(data, tmp_path):
     assert len(list((data / "cache").rglob("*.safetensors"))) == 8  # one entry per clip, reused by later tests
 
 
+def test_training_with_and_without_prefix_reuse_agree(data, tmp_path, monkeypatch):
+    from speechllm.model import SpeechLLM
+
+    prefixes = []
+    real = SpeechLLM._prefix_cache
+    monkeypatch.setattr(SpeechLLM, "_prefix_cache", lambda self, batch: prefixes.append(
+        (len(batch.inputs_embeds), batch.prefix_ids)) or real(self, batch))
+    reused = train(cfg(data, tmp_path / "reused", "train.max_steps=2"), progress=False)
+    assert len(prefixes) == 2 and any(n > 1 for n, _ in prefixes)
+    assert all(ids for n, ids in prefixes if n > 1)  # every step of several examples ran its prefix once
+    whole = train(cfg(data, tmp_path / "whole", "train.max_steps=2", "train.reuse_prefix=false"), progress=False)
+    assert len(prefixes) == 4 and not any(ids for _, ids in prefixes[2:])
+    losses = [[m["loss"] for m in metrics(out) if "loss" in m] for out in (reused, whole)]
+    assert losses[0] == pytest.approx(losses[1], abs=1e-4)
+
+
 def test_sigkill_then_resume_ends_with_the_same_weights(data, tmp_path):
     full = run_cli(cli_args(data, tmp_path / "full"))
     assert full.wait(timeout=300) == 0, full.stderr.read().decode()[-2000:]

@@ -4,7 +4,8 @@
 * the **reference**: the same base LLM reading the clip's text description and the instruction
   (the user turn the self-output targets were made from: ``description\\n\\ninstruction``).
 
-Both sort their inputs by length so that a batch pads little, and return answers in input order.
+Both sort their inputs by length in LLM positions so that a batch pads little, and return answers in
+input order.
 """
 
 from __future__ import annotations
@@ -30,13 +31,9 @@ def reference_prompt(description: str, instruction: str) -> str:
 @torch.inference_mode()
 def speech_answers(model: SpeechLLM, examples: list[Example], gen: GenerationConfig, batch_size: int,
                    on_batch: OnBatch | None = None) -> list[str]:
-    """The speech model's answers, batched by clip length (longest audio decides the padding)."""
-    def size(i: int) -> tuple:
-        ex = examples[i]
-        frames = len(ex.audio) if ex.audio is not None else (len(ex.states[0]) if ex.states else 0)
-        return frames, len(ex.instruction) + len(ex.transcript or ""), i
-
-    order = sorted(range(len(examples)), key=size)
+    """The speech model's answers, batched by prompt length in LLM positions (audio embeddings,
+    transcript and instruction: the longest decides the padding)."""
+    order = sorted(range(len(examples)), key=lambda i: (model.example_positions(examples[i]), i))
     out: list[str | None] = [None] * len(examples)
     for start in range(0, len(order), batch_size):
         idx = order[start: start + batch_size]

@@ -543,11 +543,13 @@ def run_speech_ifeval(checkpoint: Path, data: Path, out: Path, audio: str | None
     sys_identity = {"checkpoint": str(Path(checkpoint).resolve()), "asr_model": asr_name,
                     "adapter_sha256": weights.sha256_file(Path(checkpoint) / "adapter.safetensors"), **settings}
     sysgen = Generations(out / "generations", name, sys_identity)
-    sysgen.fill(keys, lambda k: len(waves[by_key[k].id]),
-                lambda chunk: speech_answers(model, [Example(instruction=by_key[k].instruction,
-                                                             audio=waves[by_key[k].id],
-                                                             transcript=transcripts[by_key[k].id], id=k)
-                                                     for k in chunk], gen, len(chunk)),
+
+    def example(k: str) -> Example:
+        return Example(instruction=by_key[k].instruction, audio=waves[by_key[k].id],
+                       transcript=transcripts[by_key[k].id], id=k)
+
+    sysgen.fill(keys, lambda k: model.example_positions(example(k)),  # similar LLM lengths pad little
+                lambda chunk: speech_answers(model, [example(k) for k in chunk], gen, len(chunk)),
                 batch_size, "Speech-IFEval (speech model)", progress)
 
     answers = {it.id: sysgen.answers[KEY_PREFIX + it.id] for it in items}

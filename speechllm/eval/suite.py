@@ -236,9 +236,8 @@ def _checkpoint_generations(model: "SpeechLLM", ckpt: Path, name: str, ref_name:
         return Example(instruction=es.instruction(key), audio=es.audio[item.audio] if item else None,
                        transcript=item.transcript if item else None, id=key)
 
-    def length(key: str) -> int:
-        item = es.item(key)
-        return len(es.audio[item.audio]) if item else len(es.instruction(key))
+    def length(key: str) -> int:  # LLM positions: batches of similar prompt lengths pad little
+        return model.example_positions(example(key))
 
     for keys, desc in es.groups:
         sysgen.fill(keys, length, lambda chunk: speech_answers(model, [example(k) for k in chunk],

@@ -1,6 +1,7 @@
 """The one batched text generator of the frozen base LLM (targets, the eval reference, serve):
-prompts sorted by length, left padding, KV cache, greedy or seeded sampling (a
-`GenerationConfig`), and a per-answer record of whether it finished."""
+prompts sorted by length, the prompts' shared first tokens computed once (`prefix.py`) with the
+padding after them, KV cache, greedy or seeded sampling (a `GenerationConfig`), and a per-answer
+record of whether it finished."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 
 from ..config import Config, GenerationConfig
 from .llm import context_length, load_llm
+from .prefix import expand_cache, prefix_cache, shared_prefix_length
 from .prompt import PromptBuilder
 
 
@@ -67,29 +69,38 @@ class TextGenerator:
                  on_batch=None, stop_ids: list[int] | None = None) -> list[Generation]:
         """Answers to token-id prompts, in input order. Batches are formed from prompts of similar
         length (less padding); with sampling, batch k is seeded with `seed + k`. Generation stops
-        on `stop_ids` (default: the end of the assistant's turn and eos)."""
+        on `stop_ids` (default: the end of the assistant's turn and eos). With
+        `sampling.reuse_prefix` the ids every prompt starts with are run once for the whole call
+        and their KV cache expanded over each batch; each batch is then laid out as
+        [shared prefix][padding][rest of the prompt] (batch, prefix + longest rest)."""
         device = self.llm.get_input_embeddings().weight.device
         order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
         stop = set(self.prompt.stop_ids if stop_ids is None else stop_ids)
+        n_prefix = shared_prefix_length(prompts, min(map(len, prompts), default=1) - 1) if sampling.reuse_prefix else 0
+        shared = prefix_cache(self.llm, prompts[0][:n_prefix]) if n_prefix else None
         out: list[Generation | None] = [None] * len(prompts)
         for k, start in enumerate(range(0, len(order), batch_size)):
             idx = order[start: start + batch_size]
-            longest = max(len(prompts[i]) for i in idx)
-            ids = torch.full((len(idx), longest), self.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(idx), longest), dtype=torch.long)
+            width = max(len(prompts[i]) for i in idx)
+            ids = torch.full((len(idx), width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
             for row, i in enumerate(idx):
                 p = prompts[i]
-                ids[row, longest - len(p):] = torch.tensor(p)
-                mask[row, longest - len(p):] = 1
+                ids[row, :n_prefix] = torch.tensor(p[:n_prefix], dtype=torch.long)
+                ids[row, width - len(p) + n_prefix:] = torch.tensor(p[n_prefix:], dtype=torch.long)
+                mask[row, :n_prefix] = 1
+                mask[row, width - len(p) + n_prefix:] = 1
             kwargs = dict(max_new_tokens=sampling.max_new_tokens, do_sample=sampling.do_sample,
                           eos_token_id=sorted(stop), pad_token_id=self.pad_id, use_cache=True,
                           repetition_penalty=sampling.repetition_penalty)
+            if shared is not None:
+                kwargs["cache"] = expand_cache(self.llm, shared, len(idx))
             if sampling.do_sample:
                 torch.manual_seed(sampling.seed + k)
                 kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p)
             else:
                 kwargs.update(temperature=None, top_p=None, top_k=None)
-            new = self.llm.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)[:, longest:]
+            new = self.llm.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)[:, width:]
             for row, i in enumerate(idx):
                 toks = new[row].tolist()
                 end = next((j for j, t in enumerate(toks) if t in stop), None)

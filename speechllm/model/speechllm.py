@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +23,8 @@ from .adapters import InputStandardizer, build_adapter
 from ..io.audio import SAMPLE_RATE
 from .encoder import WhisperTappedEncoder, load_whisper_encoder
 from .llm import DTYPES, context_length, load_llm
-from .prompt import PromptBuilder
+from .prefix import expand_cache, prefix_cache, rest_positions, shared_prefix_length, with_prefix_mask
+from .prompt import PromptBuilder, PromptPieces
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 CHECKPOINT_CONFIG = "config.json"
@@ -71,11 +72,20 @@ class Example:
 @dataclass
 class Batch:
     inputs_embeds: torch.Tensor
-    """(batch, seq, llm_width)."""
+    """(batch, seq, llm_width): the positions after `prefix_ids`."""
     attention_mask: torch.Tensor
-    """(batch, seq), 1 for real positions."""
+    """(batch, seq), 1 for real positions (the prefix's positions are not in it)."""
     labels: torch.Tensor | None
     """(batch, seq), target token ids, IGNORE_INDEX elsewhere; None for generation batches."""
+    prefix_ids: list[int] = field(default_factory=list)
+    """Token ids every sequence starts with, before `inputs_embeds`: their KV cache is computed
+    once for the batch and expanded over it (`prefix.py`). Empty: `inputs_embeds` holds the whole
+    sequences."""
+
+    @property
+    def full_attention_mask(self) -> torch.Tensor:
+        """(batch, prefix + seq): the mask over the prefix and the rest."""
+        return with_prefix_mask(len(self.prefix_ids), self.attention_mask)
 
 
 class SpeechLLM(nn.Module):
@@ -192,12 +202,28 @@ class SpeechLLM(nn.Module):
             frames = enc.max_frames if seconds is None else math.ceil(seconds * enc.frames_per_second)
         return int(self.adapter.output_length(torch.tensor([min(enc.max_frames, max(1, frames))]))[0])
 
+    def clip_positions(self, seconds: np.ndarray) -> np.ndarray:
+        """LLM positions the audio embeddings of clips `seconds` long take: `audio_positions` for
+        many clips at once, (clips,) -> (clips,)."""
+        enc = self.encoder
+        frames = np.clip(np.ceil(np.asarray(seconds, np.float64) * enc.frames_per_second), 1, enc.max_frames)
+        return self.adapter.output_length(torch.from_numpy(frames.astype(np.int64))).numpy()
+
     def prompt_length(self, instruction: str, transcript: str | None = None, has_audio: bool = True,
                       seconds: float | None = None) -> int:
         """Positions before the answer: the template, transcript, instruction and (`has_audio`) the
         audio embeddings of a `seconds` long clip (None: the longest)."""
         pieces = self.prompt.pieces(instruction, transcript, has_audio=has_audio)
         audio = self.audio_positions(seconds) if has_audio else 0
+        return len(pieces.before_audio) + audio + len(pieces.after_audio)
+
+    def example_positions(self, ex: Example) -> int:
+        """LLM positions of an example's prompt (its audio embeddings included, its target not):
+        the length that batches of similar examples are sorted by (less padding)."""
+        seconds = len(ex.audio) / SAMPLE_RATE if ex.audio is not None else None
+        frames = ex.states[0].shape[0] if ex.states is not None else None
+        pieces = self.prompt.pieces(ex.instruction, ex.transcript, has_audio=ex.has_audio)
+        audio = self.audio_positions(seconds, frames) if ex.has_audio else 0
         return len(pieces.before_audio) + audio + len(pieces.after_audio)
 
     def check_length(self, positions: int, reserve: int = 0, what: str = "the prompt") -> None:
@@ -229,10 +255,13 @@ class SpeechLLM(nn.Module):
                     labels[j] = IGNORE_INDEX
         return labels
 
-    def build_batch(self, examples: list[Example], for_generation: bool = False, reserve: int = 0) -> Batch:
+    def build_batch(self, examples: list[Example], for_generation: bool = False, reserve: int = 0,
+                    reuse_prefix: bool = False) -> Batch:
         """Lay out each example's tokens and audio embeddings; right-pad for training, left-pad
-        for generation. An example longer than the LLM's context (with `reserve` positions left
-        for the answer) is a `LengthError` naming it, raised before any audio is encoded."""
+        for generation. With `reuse_prefix` the token ids every example starts with go into
+        `Batch.prefix_ids` (computed once in `forward` / `generate`) and the padding follows them.
+        An example longer than the LLM's context (with `reserve` positions left for the answer)
+        is a `LengthError` naming it, raised before any audio is encoded."""
         if not examples:
             raise ValueError("empty batch")
         layouts = []
@@ -247,25 +276,53 @@ class SpeechLLM(nn.Module):
             self.check_length(len(pieces.before_audio) + n_audio + len(pieces.after_audio) + len(target), reserve,
                               f"example {ex.id}" if ex.id else "the prompt")
             layouts.append((pieces, target))
+        prefix = (self._shared_prefix(examples, [pieces for pieces, _ in layouts])
+                  if reuse_prefix and not self._llm_dropout_active() else [])
+        n_prefix = len(prefix)
         embed = self.llm.get_input_embeddings()
         audio_idx, audio_embeds, audio_lengths = self._audio_embeddings(examples)
         device = self.device
+
+        def tokens(ids: list[int]) -> torch.Tensor:
+            return embed(torch.tensor(ids, device=device, dtype=torch.long))
+
         seqs, labels = [], []
         for i, (ex, (pieces, target)) in enumerate(zip(examples, layouts)):
-            parts = [embed(torch.tensor(pieces.before_audio, device=device, dtype=torch.long))]
             n_audio = 0
             if ex.has_audio:
                 j = audio_idx.index(i)
                 n_audio = int(audio_lengths[j])
-                parts.append(audio_embeds[j, :n_audio])
-            parts.append(embed(torch.tensor(pieces.after_audio + target, device=device, dtype=torch.long)))
+                parts = [tokens(pieces.before_audio[n_prefix:]), audio_embeds[j, :n_audio],
+                         tokens(pieces.after_audio + target)]
+            else:
+                parts = [tokens((pieces.before_audio + pieces.after_audio)[n_prefix:] + target)]
             seqs.append(torch.cat(parts, dim=0))
             n_prompt = len(pieces.before_audio) + n_audio + len(pieces.after_audio)
-            labels.append([IGNORE_INDEX] * n_prompt + self._target_labels(ex, target))
-        return self._pad(seqs, labels, for_generation)
+            labels.append([IGNORE_INDEX] * (n_prompt - n_prefix) + self._target_labels(ex, target))
+        return self._pad(seqs, labels, for_generation, prefix)
 
-    def _pad(self, seqs: list[torch.Tensor], labels: list[list[int]], for_generation: bool) -> Batch:
-        """One batch of the sequences: right-padded for training, left-padded for generation."""
+    def _llm_dropout_active(self) -> bool:
+        """True when the LLM drops out (LoRA dropout or attention dropout while training): each
+        sequence's prefix then gets its own dropout, so it is not computed once for the batch."""
+        if not self.llm.training:
+            return False
+        return (any(isinstance(m, nn.Dropout) and m.p > 0 for m in self.llm.modules())
+                or getattr(self.llm.config, "attention_dropout", 0.0) > 0)
+
+    @staticmethod
+    def _shared_prefix(examples: list[Example], pieces: list[PromptPieces]) -> list[int]:
+        """Leading token ids all examples share: up to the audio of an example with audio, up to
+        the last prompt token of one without (the position that predicts its first answer token
+        stays after the prefix)."""
+        leading = [p.before_audio if ex.has_audio else p.before_audio + p.after_audio
+                   for ex, p in zip(examples, pieces)]
+        limit = min(len(ids) if ex.has_audio else len(ids) - 1 for ex, ids in zip(examples, leading))
+        return leading[0][: shared_prefix_length(leading, limit)]
+
+    def _pad(self, seqs: list[torch.Tensor], labels: list[list[int]], for_generation: bool,
+             prefix_ids: list[int]) -> Batch:
+        """One batch of the sequences (each after `prefix_ids`): right-padded for training,
+        left-padded for generation."""
         device = self.device
         longest = max(s.shape[0] for s in seqs)
         width = seqs[0].shape[1]
@@ -278,23 +335,36 @@ class SpeechLLM(nn.Module):
             inputs[i, sl] = s
             mask[i, sl] = 1
             lab[i, sl] = torch.tensor(labels[i], device=device)
-        return Batch(inputs, mask, None if for_generation else lab)
+        return Batch(inputs, mask, None if for_generation else lab, prefix_ids)
+
+    def _prefix_cache(self, batch: Batch):
+        """The KV cache of `batch.prefix_ids` expanded over the batch (None without a prefix)."""
+        if not batch.prefix_ids:
+            return None
+        return expand_cache(self.llm, prefix_cache(self.llm, batch.prefix_ids), batch.inputs_embeds.shape[0])
 
     # ------------------------------------------------------------------ forward / generate
 
-    def forward(self, batch: "Batch | list[Example]", per_example: bool = False
+    def forward(self, batch: "Batch | list[Example]", per_example: bool = False, reuse_prefix: bool = False
                 ) -> "torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]":
         """Mean cross-entropy over target tokens only. The LM head runs only on the positions
         that predict a target token. Takes a built batch or the examples themselves (then the
-        audio path runs inside forward, as distributed wrappers expect). `per_example`: also
+        audio path runs inside forward, as distributed wrappers expect, and `reuse_prefix` says
+        whether their shared first tokens are run once, see `build_batch`). `per_example`: also
         each example's summed token loss and its number of target tokens, both (batch,) and
         detached (for logging parts of a batch, e.g. its replay examples, apart)."""
         if isinstance(batch, list):
-            batch = self.build_batch(batch)
+            batch = self.build_batch(batch, reuse_prefix=reuse_prefix)
         if batch.labels is None:
             raise ValueError("forward needs a training batch (with labels)")
         backbone = self.llm.get_decoder()
-        hidden = backbone(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask).last_hidden_state
+        cache = self._prefix_cache(batch)
+        if cache is None:
+            hidden = backbone(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask).last_hidden_state
+        else:
+            mask = batch.full_attention_mask
+            hidden = backbone(inputs_embeds=batch.inputs_embeds, attention_mask=mask, cache=cache, use_cache=True,
+                              position_ids=rest_positions(mask, len(batch.prefix_ids))).last_hidden_state
         shifted = batch.labels[:, 1:]
         predict = shifted != IGNORE_INDEX
         if not predict.any():
@@ -314,9 +384,11 @@ class SpeechLLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, examples: list[Example], gen: GenerationConfig | None = None) -> list[str]:
-        """Answers for a batch of examples (clips of different lengths welcome)."""
+        """Answers for a batch of examples (clips of different lengths welcome); with
+        `gen.reuse_prefix` their shared first tokens are run once (see `build_batch`)."""
         gen = gen or GenerationConfig()
-        batch = self.build_batch(examples, for_generation=True, reserve=gen.max_new_tokens)
+        batch = self.build_batch(examples, for_generation=True, reserve=gen.max_new_tokens,
+                                 reuse_prefix=gen.reuse_prefix)
         kwargs = dict(max_new_tokens=gen.max_new_tokens, do_sample=gen.do_sample,
                       repetition_penalty=gen.repetition_penalty, eos_token_id=self.prompt.stop_ids,
                       pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
@@ -326,7 +398,12 @@ class SpeechLLM(nn.Module):
             torch.manual_seed(gen.seed)
         else:
             kwargs.update(temperature=None, top_p=None, top_k=None)
-        out = self.llm.generate(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, **kwargs)
+        inputs = batch.inputs_embeds
+        if batch.prefix_ids:  # generate takes the whole sequence and runs the positions after the cache
+            kwargs["cache"] = self._prefix_cache(batch)
+            head = self.llm.get_input_embeddings()(torch.tensor(batch.prefix_ids, device=self.device))
+            inputs = torch.cat([head.expand(inputs.shape[0], -1, -1), inputs], dim=1)
+        out = self.llm.generate(inputs_embeds=inputs, attention_mask=batch.full_attention_mask, **kwargs)
         return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
 
     # ------------------------------------------------------------------ checkpoints

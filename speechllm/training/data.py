@@ -4,7 +4,7 @@ run can replay exactly.
 
 Files of millions of rows (DeSTA2.5 trains on 5M) open through a row index (`speechllm.io.rows`):
 byte offsets and the few columns batching needs (clip seconds from the records' `duration`,
-an id hash for the held-out split, lengths and flags for the limits) as memory-mapped arrays; a
+text characters, an id hash for the held-out split, lengths and flags for the limits) as memory-mapped arrays; a
 record is parsed when its batch is drawn. No audio header is read (the metadata gave each clip's
 duration) and no Python object is kept per row."""
 
@@ -14,7 +14,7 @@ import dataclasses
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -29,9 +29,13 @@ if TYPE_CHECKING:
 
 MEGABATCH = 32
 """Batches per length-sorting window: batches hold clips of similar length, order stays random."""
-DATA_ORDER = 2
+DATA_ORDER = 3
 """Version of the batch order (`epoch_batches`); part of a run's settings, so a run is resumed
-only with the order it was trained with (1: Python's random, before row indexes)."""
+only with the order it was trained with (1: Python's random, before row indexes; 2: sorted by
+clip seconds; 3: sorted by estimated LLM positions)."""
+CHARS_PER_TOKEN = 4.0
+"""Characters of English text per LLM token, roughly (BPE vocabularies): estimates an example's
+text positions from the index's character count without tokenizing millions of rows."""
 
 
 @dataclass
@@ -82,10 +86,10 @@ class DataReport:
         return ", ".join(counts) if counts else "every record within the limits"
 
 
-TARGETS_INDEX = "targets/1"
+TARGETS_INDEX = "targets/2"
 """Name and version of what the row index of a targets file holds (`targets_columns`)."""
-TARGET_COLUMNS = {"seconds": "float32", "id_hash": "uint32", "instruction_chars": "int32", "flags": "uint8",
-                  "audio": "category"}
+TARGET_COLUMNS = {"seconds": "float32", "id_hash": "uint32", "instruction_chars": "int32", "text_chars": "int32",
+                  "flags": "uint8", "audio": "category"}
 """Per-row columns of a targets file's index: enough to filter, split and batch without parsing."""
 TRUNCATED, EMPTY_TARGET = 1, 2
 """Bits of the `flags` column."""
@@ -132,8 +136,11 @@ def _target_columns(root: Path, path: Path):
                 except AudioError as err:
                     raise JsonlError(f"{where}: audio {audio} cannot be used ({err})") from None
             seconds = header_seconds[audio]
+        transcript = obj.get("transcript")
+        text = len(instruction) + len(target) + (len(transcript) if isinstance(transcript, str) else 0)
         return {"seconds": seconds, "id_hash": id_hash(str(rid)), "instruction_chars": len(instruction),
-                "flags": TRUNCATED * truncated + EMPTY_TARGET * (not target.strip()), "audio": audio}
+                "text_chars": text, "flags": TRUNCATED * truncated + EMPTY_TARGET * (not target.strip()),
+                "audio": audio}
     return extract
 
 
@@ -150,6 +157,7 @@ class TargetsTable:
         self.path, self.root = path, path.absolute().parent
         self.index = RowIndex.open(path, TARGETS_INDEX, _target_columns(self.root, path), TARGET_COLUMNS, progress)
         self.seconds = self.index.column("seconds")
+        self.text_chars = self.index.column("text_chars")
         self.flags = self.index.column("flags")
 
     def __len__(self) -> int:
@@ -218,6 +226,11 @@ class TargetRows:
     @property
     def seconds(self) -> np.ndarray:
         return self.table.seconds[self.rows]
+
+    def positions(self, audio_positions: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+        """Estimated LLM positions of each row: its text (transcript, instruction, target) at
+        `CHARS_PER_TOKEN`, plus `audio_positions(seconds)` of its clip (what batches are sorted by)."""
+        return self.table.text_chars[self.rows] / CHARS_PER_TOKEN + audio_positions(self.seconds)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -368,17 +381,17 @@ def batch_count(n: int, batch_size: int) -> int:
     return full * MEGABATCH + -(-rest // batch_size)
 
 
-def epoch_batches(seconds: np.ndarray, batch_size: int, seed: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+def epoch_batches(lengths: np.ndarray, batch_size: int, seed: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
     """Batches of record positions for one epoch, as (order, starts): batch b is
     `order[starts[b]: starts[b] + batch_size]`, cut at its window's end. Positions are shuffled
-    (seed, epoch), then sorted by clip length inside windows of MEGABATCH batches so that a batch
-    pads little, then the batches are shuffled. numpy throughout: millions of records take a
-    second and no Python object each."""
-    n = len(seconds)
+    (seed, epoch), then sorted by `lengths` (per record, e.g. `TargetRows.positions`) inside
+    windows of MEGABATCH batches so that a batch pads little, then the batches are shuffled. numpy
+    throughout: millions of records take a second and no Python object each."""
+    n = len(lengths)
     rng = np.random.default_rng([seed, epoch, DATA_ORDER])
     order = rng.permutation(n)
     window = batch_size * MEGABATCH
-    order = order[np.lexsort((np.asarray(seconds)[order], np.arange(n) // window))]
+    order = order[np.lexsort((np.asarray(lengths)[order], np.arange(n) // window))]
     pos = np.arange(0, n, dtype=np.int64)
     starts = pos[(pos % window) % batch_size == 0]
     return order, starts[rng.permutation(len(starts))]

@@ -33,7 +33,7 @@ from ..hub import weights
 from ..distributed import accelerate_kwargs
 from ..config import Config, to_dict
 from ..io.paths import folder_problem
-from ..model import Example, build_model
+from ..model import Example, SpeechLLM, build_model
 from ..model.speechllm import ADAPTER_WEIGHTS, CHECKPOINT_CONFIG
 from . import checkpoint as ckpt
 from .curve import BEST_DIR, ForgettingCurve, best_of, copy_best, promote_best
@@ -48,7 +48,7 @@ SETTINGS_KEY = "settings"
 NOT_SHAPING = ("train.out_dir", "train.resume", "train.eval_data", "train.eval_every", "train.save_every",
                "train.keep_checkpoints", "train.log_every", "train.cache_dir", "train.feature_cache",
                "train.forgetting_every", "train.forgetting_data", "train.forgetting_items", "train.keep_best",
-               "model.llm.trust_remote_code")
+               "train.reuse_prefix", "model.llm.trust_remote_code")
 """Settings that do not change the weights training produces: a resume may change them freely.
 The forgetting curve only reads the model (greedy, in eval mode); `train.keep_best` only chooses
 which of two kept adapters (the last step's, the curve's best) the run folder ends with."""
@@ -138,6 +138,13 @@ class Stream:
     records: TargetRows
     batch_size: int
     seed: int
+    lengths: np.ndarray
+    """Estimated LLM positions per record (`TargetRows.positions`): batches hold similar ones."""
+
+    @classmethod
+    def for_model(cls, records: TargetRows, model: SpeechLLM, batch_size: int, seed: int) -> "Stream":
+        """The stream of `records` for `model` (whose adapter decides the audio's positions)."""
+        return cls(records, batch_size, seed, records.positions(model.clip_positions))
 
     def __post_init__(self):
         self._epoch, self._batches = -1, None
@@ -147,7 +154,7 @@ class Stream:
         """Positions (in `records`) of micro-batch k before the token limits."""
         epoch, i = divmod(k, self.per_epoch)
         if epoch != self._epoch:
-            self._epoch, self._batches = epoch, epoch_batches(self.records.seconds, self.batch_size, self.seed, epoch)
+            self._epoch, self._batches = epoch, epoch_batches(self.lengths, self.batch_size, self.seed, epoch)
         return batch_at(*self._batches, i, self.batch_size)
 
     def __getitem__(self, k: int) -> list[TrainRecord]:
@@ -238,7 +245,7 @@ class Trainer:
                                                                                 t.schedule))
         self.ddp, self.optimizer = self.acc.prepare(model, optimizer)
         self.params = params
-        self.stream = Stream(self.train_records, t.batch_size, t.seed)
+        self.stream = Stream.for_model(self.train_records, model, t.batch_size, t.seed)
         self.step = 0
         self.curve = self._curve()
 
@@ -484,7 +491,8 @@ class Trainer:
         losses = []
         for i in range(0, len(self.eval_records), bs):
             with self.acc.autocast():
-                losses.append(float(model(self.examples(self.eval_records[i: i + bs]))))
+                losses.append(float(model(self.examples(self.eval_records[i: i + bs]),
+                                          reuse_prefix=self.cfg.train.reuse_prefix)))
         return sum(losses) / len(losses)
 
     def _train_mode(self) -> None:
@@ -524,9 +532,9 @@ class Trainer:
                 sync = contextlib.nullcontext() if a == t.grad_accum - 1 else self.acc.no_sync(self.ddp)
                 with sync, self.acc.autocast():
                     if self.replay is None:
-                        loss = self.ddp(examples)
+                        loss = self.ddp(examples, reuse_prefix=t.reuse_prefix)
                     else:
-                        loss, sums, counts = self.ddp(examples, per_example=True)
+                        loss, sums, counts = self.ddp(examples, per_example=True, reuse_prefix=t.reuse_prefix)
                         tally.add(sums, counts, n_audio)
                 if not torch.isfinite(loss):
                     raise TrainingError(f"step {self.step + 1}: loss is {float(loss.detach())} on the batch with ids "

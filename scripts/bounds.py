@@ -1,0 +1,104 @@
+"""What this machine and a model allow at best, for the benchmarks (scripts/bench_*.py):
+the fp32 matmul peak, the memory-copy bandwidth, a model's weight bytes, and the FLOPs a causal
+LLM spends per position (linear layers, attention scores over the context, the LM head).
+
+- compute bound: FLOPs of the work / measured matmul peak;
+- memory bound: a forward pass reads every weight once, so one decoding step of a batch cannot be
+  faster than weight bytes / copy bandwidth (bytes read + written per second, STREAM's "copy").
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+MATMUL_N = 1024
+"""Side of the square fp32 matmul whose speed is the peak."""
+COPY_BYTES = 512 * 2 ** 20
+"""Bytes of the tensor copied to measure the bandwidth (far beyond any cache)."""
+ATTENTION_FLOPS_PER_KEY = 4
+"""Per layer, hidden unit and attended position: QK^T and the weighted sum of V, 2 FLOPs each."""
+
+
+def clock(cpu_time: bool):
+    """The timer the benchmarks read: wall time, or (`cpu_time`) this process's CPU time, which
+    other work on a shared machine inflates far less (with one thread, where no thread spins
+    waiting for another)."""
+    return time.process_time if cpu_time else time.perf_counter
+
+
+def matmul_peak(repeats: int = 10, now=time.perf_counter) -> float:
+    """fp32 FLOP/s of a large square matmul on this machine (best of `repeats`, by the clock `now`)."""
+    a, b = torch.randn(MATMUL_N, MATMUL_N), torch.randn(MATMUL_N, MATMUL_N)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = now()
+        a @ b
+        best = min(best, now() - t0)
+    return 2 * MATMUL_N ** 3 / best
+
+
+def copy_bandwidth(repeats: int = 5, now=time.perf_counter) -> float:
+    """Bytes read + written per second by a large tensor copy (best of `repeats`, by the clock
+    `now`)."""
+    src = torch.ones(COPY_BYTES // 4, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = now()
+        dst.copy_(src)
+        best = min(best, now() - t0)
+    return 2 * COPY_BYTES / best
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of distinct parameter storage (tied embeddings count once)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
+    return total
+
+
+@dataclass
+class LLMFlops:
+    """FLOPs of a causal LLM's forward pass, by part."""
+    linear_params: int
+    """Weights of the decoder's linear layers (embedding table and LM head excluded)."""
+    layers: int
+    hidden: int
+    """Attention width (heads x head size)."""
+    head_params: int
+    """Weights of the LM head (vocabulary x width)."""
+
+    @classmethod
+    def of(cls, llm: nn.Module) -> "LLMFlops":
+        decoder = llm.get_decoder()
+        linear = sum(m.weight.numel() for m in decoder.modules() if isinstance(m, nn.Linear))
+        cfg = llm.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        return cls(linear_params=linear, layers=cfg.num_hidden_layers, hidden=cfg.num_attention_heads * head_dim,
+                   head_params=llm.get_output_embeddings().weight.numel())
+
+    def forward(self, positions: int, attended: int, head_positions: int) -> float:
+        """FLOPs of running `positions` positions that attend to `attended` positions in all
+        (summed over them), with the LM head on `head_positions` of them."""
+        return (2 * self.linear_params * positions + ATTENTION_FLOPS_PER_KEY * self.layers * self.hidden * attended
+                + 2 * self.head_params * head_positions)
+
+    def generation(self, prompt_lengths: list[int], new_tokens: list[int], shared: int = 0) -> float:
+        """FLOPs of answering prompts of `prompt_lengths` with `new_tokens` tokens each (the stop
+        token included): the prefill (logits at the last prompt position only, as `generate`
+        computes them; the first `shared` positions run once for all prompts with prefix reuse),
+        then each new token but the last fed back, attending to everything before it."""
+        total = self.forward(shared, shared * (shared + 1) // 2, 0)
+        for p, n in zip(prompt_lengths, new_tokens):
+            total += self.forward(p - shared, (p * (p + 1) - shared * (shared + 1)) // 2, 1)
+            fed = max(n - 1, 0)
+            total += self.forward(fed, fed * p + fed * (fed + 1) // 2, fed)
+        return total

@@ -1,0 +1,76 @@
+"""The shared prompt prefix, computed once: every prompt of a batch starts with the same token ids
+(the chat template's head, the system prompt, `audio_start`), and a causal LLM's keys and values
+at a position depend only on the positions before it, so those ids' KV cache is computed once (a
+batch of 1) and expanded over the batch. The rest of each sequence follows it; in generation the
+rest is left-padded, so the padding sits between the prefix and the rest (middle padding), and
+positions come from the attention mask's cumulative sum (the same positions a left-padded batch
+of the whole prompts gets). Results equal the whole-prompt path within float tolerance (tested).
+
+The prefix's KV depends on the LLM's weights: with a frozen LLM it is a constant; with LoRA it is
+computed with gradients in every forward pass (reuse within a step), and its gradient is the sum
+over the batch, as autograd gives through the expansion.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import DynamicCache
+
+def shared_prefix_length(sequences: list[list[int]], limit: int) -> int:
+    """How many leading ids all `sequences` share, at most `limit` (the caller leaves each sequence
+    a position after the prefix to predict from); 0 for fewer than two sequences (nothing to
+    share)."""
+    if len(sequences) < 2:
+        return 0
+    first = sequences[0]
+    n = 0
+    while n < limit and all(n < len(s) and s[n] == first[n] for s in sequences):
+        n += 1
+    return n
+
+
+def has_trainable_weights(llm: nn.Module) -> bool:
+    """True when some LLM weight gets gradients (LoRA, an unfrozen LLM): the prefix's KV then
+    changes with every optimizer step."""
+    return any(p.requires_grad for p in llm.parameters())
+
+
+def prefix_cache(llm: nn.Module, prefix_ids: list[int]) -> DynamicCache:
+    """The KV cache of `prefix_ids` for one sequence (batch 1), through the LLM's decoder (no LM
+    head). Gradients flow into it when the LLM has trainable weights and grad mode is on."""
+    from transformers import DynamicCache
+
+    device = llm.get_input_embeddings().weight.device
+    ids = torch.tensor([prefix_ids], dtype=torch.long, device=device)
+    with torch.set_grad_enabled(torch.is_grad_enabled() and has_trainable_weights(llm)):
+        out = llm.get_decoder()(input_ids=ids, cache=DynamicCache(config=llm.config), use_cache=True)
+    return out.cache
+
+
+def expand_cache(llm: nn.Module, cache: DynamicCache, batch: int) -> DynamicCache:
+    """A new cache holding `cache`'s (batch 1) keys and values repeated over `batch` sequences;
+    `cache` itself is left unchanged (generation appends to the new one)."""
+    from transformers import DynamicCache
+
+    layers = [(layer.keys.expand(batch, -1, -1, -1), layer.values.expand(batch, -1, -1, -1))
+              for layer in cache.layers]
+    return DynamicCache(ddp_cache_data=layers, config=llm.config)
+
+
+def with_prefix_mask(prefix_length: int, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The attention mask over prefix + rest: ones for the prefix, then `attention_mask`
+    (batch, rest) -> (batch, prefix_length + rest)."""
+    ones = attention_mask.new_ones(attention_mask.shape[0], prefix_length)
+    return torch.cat([ones, attention_mask], dim=1)
+
+
+def rest_positions(full_mask: torch.Tensor, prefix_length: int) -> torch.Tensor:
+    """Position ids of the positions after the prefix, from the full mask's cumulative sum (padding
+    gets 0; it is masked): (batch, prefix + rest) -> (batch, rest)."""
+    positions = full_mask.long().cumsum(-1) - 1
+    return positions.masked_fill(full_mask == 0, 0)[:, prefix_length:]
