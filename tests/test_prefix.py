@@ -192,3 +192,25 @@ def test_a_prefix_reaching_into_shared_text_equals_the_whole_path(model):
         torch.testing.assert_close(model(batch), model(model.build_batch(exs)), atol=ATOL, rtol=0)
     greedy = GenerationConfig(max_new_tokens=6)
     assert model.generate(exs, greedy) == model.generate(exs, dataclasses.replace(greedy, reuse_prefix=False))
+
+
+def test_the_cache_keyword_follows_the_models_forward(generator):
+    """transformers 5.2x takes the KV cache as `cache`, earlier 5.x releases as `past_key_values`
+    (the first GPU run, on 5.17, failed on it): the name comes from the decoder's signature."""
+    from torch import nn
+
+    from speechllm.model.prefix import cache_kwarg
+
+    class OldDecoder(nn.Module):
+        def forward(self, input_ids=None, past_key_values=None, use_cache=None):
+            return input_ids
+
+    class OldLLM(nn.Module):
+        def get_decoder(self):
+            return OldDecoder()
+
+    assert cache_kwarg(OldLLM()) == "past_key_values"
+    import inspect
+
+    name = cache_kwarg(generator.llm)
+    assert name in inspect.signature(type(generator.llm.get_decoder()).forward).parameters

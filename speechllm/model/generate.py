@@ -11,7 +11,7 @@ import torch
 
 from ..config import Config, GenerationConfig
 from .llm import context_length, load_llm
-from .prefix import expand_cache, prefix_cache, shared_prefix_length
+from .prefix import cache_kwarg, expand_cache, prefix_cache, shared_prefix_length
 from .prompt import PromptBuilder
 
 
@@ -94,7 +94,7 @@ class TextGenerator:
                           eos_token_id=sorted(stop), pad_token_id=self.pad_id, use_cache=True,
                           repetition_penalty=sampling.repetition_penalty)
             if shared is not None:
-                kwargs["cache"] = expand_cache(self.llm, shared, len(idx))
+                kwargs[cache_kwarg(self.llm)] = expand_cache(self.llm, shared, len(idx))
             if sampling.do_sample:
                 torch.manual_seed(sampling.seed + k)
                 kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p)

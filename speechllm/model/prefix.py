@@ -13,6 +13,7 @@ over the batch, as autograd gives through the expansion.
 
 from __future__ import annotations
 
+import inspect
 from typing import TYPE_CHECKING
 
 import torch
@@ -40,6 +41,13 @@ def has_trainable_weights(llm: nn.Module) -> bool:
     return any(p.requires_grad for p in llm.parameters())
 
 
+def cache_kwarg(llm: nn.Module) -> str:
+    """The name under which this transformers release passes a KV cache into a model's forward (and
+    `generate`) and returns it from the output: `cache` from 5.2x on, `past_key_values` before."""
+    params = inspect.signature(type(llm.get_decoder()).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
 def prefix_cache(llm: nn.Module, prefix_ids: list[int]) -> DynamicCache:
     """The KV cache of `prefix_ids` for one sequence (batch 1), through the LLM's decoder (no LM
     head). Gradients flow into it when the LLM has trainable weights and grad mode is on."""
@@ -48,8 +56,9 @@ def prefix_cache(llm: nn.Module, prefix_ids: list[int]) -> DynamicCache:
     device = llm.get_input_embeddings().weight.device
     ids = torch.tensor([prefix_ids], dtype=torch.long, device=device)
     with torch.set_grad_enabled(torch.is_grad_enabled() and has_trainable_weights(llm)):
-        out = llm.get_decoder()(input_ids=ids, cache=DynamicCache(config=llm.config), use_cache=True)
-    return out.cache
+        name = cache_kwarg(llm)
+        out = llm.get_decoder()(input_ids=ids, use_cache=True, **{name: DynamicCache(config=llm.config)})
+    return getattr(out, name)
 
 
 def expand_cache(llm: nn.Module, cache: DynamicCache, batch: int) -> DynamicCache:

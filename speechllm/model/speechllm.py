@@ -23,7 +23,7 @@ from .adapters import InputStandardizer, build_adapter
 from ..io.audio import SAMPLE_RATE
 from .encoder import WhisperTappedEncoder, load_whisper_encoder
 from .llm import DTYPES, context_length, load_llm
-from .prefix import expand_cache, prefix_cache, rest_positions, shared_prefix_length, with_prefix_mask
+from .prefix import cache_kwarg, expand_cache, prefix_cache, rest_positions, shared_prefix_length, with_prefix_mask
 from .prompt import PromptBuilder, PromptPieces
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -363,7 +363,8 @@ class SpeechLLM(nn.Module):
             hidden = backbone(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask).last_hidden_state
         else:
             mask = batch.full_attention_mask
-            hidden = backbone(inputs_embeds=batch.inputs_embeds, attention_mask=mask, cache=cache, use_cache=True,
+            hidden = backbone(inputs_embeds=batch.inputs_embeds, attention_mask=mask, use_cache=True,
+                              **{cache_kwarg(self.llm): cache},
                               position_ids=rest_positions(mask, len(batch.prefix_ids))).last_hidden_state
         shifted = batch.labels[:, 1:]
         predict = shifted != IGNORE_INDEX
@@ -400,7 +401,7 @@ class SpeechLLM(nn.Module):
             kwargs.update(temperature=None, top_p=None, top_k=None)
         inputs = batch.inputs_embeds
         if batch.prefix_ids:  # generate takes the whole sequence and runs the positions after the cache
-            kwargs["cache"] = self._prefix_cache(batch)
+            kwargs[cache_kwarg(self.llm)] = self._prefix_cache(batch)
             head = self.llm.get_input_embeddings()(torch.tensor(batch.prefix_ids, device=self.device))
             inputs = torch.cat([head.expand(inputs.shape[0], -1, -1), inputs], dim=1)
         out = self.llm.generate(inputs_embeds=inputs, attention_mask=batch.full_attention_mask, **kwargs)

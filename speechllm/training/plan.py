@@ -5,7 +5,9 @@ The encoder, the adapter and the LLM are built on the meta device from their con
 the hub models the shipped configs name, their published config.json when it is not),
 so the parameter counts are the real modules' counts. Memory per GPU and step time are estimates:
 
-- weights: frozen encoder and LLM in `model.llm.dtype`; the adapter (and LoRA) in float32;
+- weights: frozen encoder and LLM in `model.llm.dtype`; the adapter (and LoRA) in float32; with
+  mixed precision over a float32 LLM, the half-precision copy of each LLM weight that autocast
+  makes and autograd keeps for the backward pass (the LLM's inputs need gradients);
 - gradients and AdamW's two moments: float32, trainable parameters only;
 - activations of one micro-batch at the configured lengths: what autograd keeps through the
   frozen LLM (its inputs need gradients: `LLM_SAVED_PER_TOKEN` per token per layer, measured on
@@ -35,6 +37,8 @@ MASTER_BYTES = 4
 """Trainable weights, their gradients and AdamW moments are float32 (mixed precision keeps masters)."""
 ADAM_STATES = 2
 """AdamW keeps two moments per trainable parameter."""
+HALF_BYTES = 2
+"""Bytes per element of the bf16 / fp16 copies mixed precision computes with."""
 LLM_SAVED_HIDDEN = 5.0
 LLM_SAVED_KV = 2.0
 LLM_SAVED_INTERMEDIATE = 3.0
@@ -97,6 +101,11 @@ class Plan:
     """Per GPU, nothing sharded."""
     weights_sharded_bytes: float
     """Per GPU, the frozen LLM sharded over `gpus`."""
+    cast_bytes: float
+    """Per GPU, nothing sharded: the half-precision copies of a float32 LLM's weights that autocast
+    makes and the backward pass keeps (0 without mixed precision or with a half-precision LLM)."""
+    cast_sharded_bytes: float
+    """Per GPU, the frozen LLM sharded: the copies of its shard plus the one gathered layer."""
     grads_bytes: float
     optimizer_bytes: float
     activation_bytes: float
@@ -112,11 +121,12 @@ class Plan:
 
     @property
     def peak_bytes(self) -> float:
-        return self.weights_bytes + self.grads_bytes + self.optimizer_bytes + self.activation_bytes
+        return self.weights_bytes + self.cast_bytes + self.grads_bytes + self.optimizer_bytes + self.activation_bytes
 
     @property
     def peak_sharded_bytes(self) -> float:
-        return self.weights_sharded_bytes + self.grads_bytes + self.optimizer_bytes + self.activation_bytes
+        return (self.weights_sharded_bytes + self.cast_sharded_bytes + self.grads_bytes + self.optimizer_bytes
+                + self.activation_bytes)
 
     @property
     def step_seconds(self) -> float:
@@ -314,6 +324,9 @@ def make_plan(cfg: Config, gpus: int = 1, batch_size: int | None = None, tflops:
     weights_b = frozen + trainable * MASTER_BYTES
     sharded = (params["encoder"] * frozen_bytes + params["llm"] * frozen_bytes / gpus
                + (one_layer if gpus > 1 else 0) + trainable * MASTER_BYTES)
+    casts = cfg.train.mixed_precision != "no" and frozen_bytes > HALF_BYTES
+    cast_b = params["llm"] * HALF_BYTES if casts else 0
+    cast_sharded = cast_b / gpus + (one_layer / frozen_bytes * HALF_BYTES if casts and gpus > 1 else 0)
     acts = activation_bytes(cfg, llm, adapter, lengths, batch, act_bytes, encoder)
     saved = saved_activation_bytes(llm, adapter, lengths, batch, act_bytes)
     global_batch = batch * gpus * cfg.train.grad_accum
@@ -321,7 +334,8 @@ def make_plan(cfg: Config, gpus: int = 1, batch_size: int | None = None, tflops:
         encoder_params=params["encoder"], adapter_params=params["adapter"], llm_params=params["llm"],
         lora_params=params["lora"], trainable_params=trainable, total_params=sum(params.values()), gpus=gpus,
         batch_size=batch, grad_accum=cfg.train.grad_accum, lengths=lengths, dtype=dtype, weights_bytes=weights_b,
-        weights_sharded_bytes=sharded, grads_bytes=trainable * MASTER_BYTES,
+        weights_sharded_bytes=sharded, cast_bytes=cast_b, cast_sharded_bytes=cast_sharded,
+        grads_bytes=trainable * MASTER_BYTES,
         optimizer_bytes=trainable * MASTER_BYTES * ADAM_STATES, activation_bytes=acts, saved_activation_bytes=saved,
         tokens_per_step=global_batch * lengths.sequence,
         flops_per_step=flops_per_step(cfg, encoder, llm, adapter, params, lengths, global_batch), tflops=tflops,
@@ -355,7 +369,8 @@ def format_plan(plan: Plan, cfg: Config, gpu_memory_gb: float | None = None) -> 
         f"transcript {L.transcript} + audio {L.audio} + target {L.target} (clip {L.audio_frames} encoder frames)",
         f"batch       {plan.batch_size} per GPU x {plan.gpus} GPU(s) x {plan.grad_accum} accumulation = "
         f"{plan.batch_size * plan.gpus * plan.grad_accum} examples, {plan.tokens_per_step:,} tokens per step",
-        f"memory/GPU  weights {_gib(plan.weights_bytes)} ({plan.dtype} frozen, float32 trainable), gradients "
+        f"memory/GPU  weights {_gib(plan.weights_bytes)} ({plan.dtype} frozen, float32 trainable)"
+        + (f" + their {_gib(plan.cast_bytes)} autocast copies" if plan.cast_bytes else "") + ", gradients "
         f"{_gib(plan.grads_bytes)}, AdamW {_gib(plan.optimizer_bytes)}, activations {_gib(plan.activation_bytes)} "
         f"(batch {plan.batch_size})",
         f"            peak {_gib(plan.peak_bytes)} without sharding; {_gib(plan.peak_sharded_bytes)} with the frozen "
