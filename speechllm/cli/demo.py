@@ -11,14 +11,18 @@ from .common import add_common, fail, new_parser
 def add_parser(sub) -> None:
     p = new_parser(
         sub, "demo", "the whole loop on the embedded default, ending in the forgetting report",
-        "Synthesize a labelled corpus, annotate it, make targets two ways (self-output: the frozen\n"
-        "LLM's own answers from the description; label: templated statements of the labels), train\n"
-        "one adapter per strategy, and evaluate both against the text reference: audio-task accuracy\n"
-        "and forgetting rate, with 95% intervals. Offline on a CPU: about 30 min (--quick: about 6).\n"
-        "Every stage resumes: rerunning the same command skips finished work.",
+        "Synthesize a labelled corpus, annotate it, make targets three ways (self-output: the frozen\n"
+        "LLM's own answers from the description; label: templated statements of the labels;\n"
+        "minimum-change: self-output with the words the labels show wrong fixed) and pseudo-replay\n"
+        "data, then two experiments: 1) an adapter per strategy on the frozen LLM (self-output,\n"
+        "label), 2) adapter + LoRA (label, label with replay, minimum-change, self-output). Each is\n"
+        "evaluated against the text reference: audio-task accuracy, forgetting rate (with its curve\n"
+        "over training), text-only retention and safety, with 95% intervals. Offline on a CPU: about\n"
+        "an hour (--quick: about 15 min). Every stage resumes: rerunning the same command skips\n"
+        "finished work.",
         ["speechllm demo --out runs/demo", "speechllm demo --out runs/demo-quick --quick"])
     p.add_argument("--out", default="runs/demo", metavar="DIR", help="output folder (default runs/demo)")
-    p.add_argument("--quick", action="store_true", help="a smaller corpus and fewer steps (a few minutes)")
+    p.add_argument("--quick", action="store_true", help="a smaller corpus and fewer steps (about 15 min)")
     add_common(p)
     p.set_defaults(func=run)
 
