@@ -214,3 +214,27 @@ def test_the_cache_keyword_follows_the_models_forward(generator):
 
     name = cache_kwarg(generator.llm)
     assert name in inspect.signature(type(generator.llm.get_decoder()).forward).parameters
+
+
+def test_merged_lora_answers_as_the_lora_model_and_cannot_be_saved(model, sample_wav, tmp_path):
+    """Evaluation, chat and serve fold LoRA into the LLM (`merge_lora`): the same logits within
+    float tolerance and the same greedy answers, and no checkpoint can be written from it."""
+    apply_lora(model, LoRAConfig(r=4, alpha=8, dropout=0.0))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.llm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)  # B starts at 0 (identity): make LoRA change the answers
+    model.eval()
+    examples = [Example(e.instruction, e.audio, e.transcript) for e in speech_examples(sample_wav)]
+    gen = GenerationConfig(max_new_tokens=6)
+    batch = model.build_batch(examples, for_generation=True)
+    before = model.llm(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask).logits
+    answers = model.generate(examples, gen)
+    assert model.merge_lora() is model and model.lora_merged and model.lora is not None
+    assert not any("lora" in n for n, _ in model.llm.named_parameters())
+    after = model.llm(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask).logits
+    torch.testing.assert_close(after, before, atol=ATOL, rtol=0)
+    assert model.generate(examples, gen) == answers
+    with pytest.raises(ValueError, match="merged"):
+        model.save_pretrained(tmp_path / "ckpt")

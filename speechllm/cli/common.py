@@ -174,7 +174,7 @@ def load_model(args: argparse.Namespace):
         cfg = load_config(None, args.overrides, updates)
         # custom model code only if the user asks here, never because the checkpoint says so
         model = SpeechLLM.from_pretrained(args.checkpoint, device=args.device,
-                                          trust_remote_code=cfg.model.llm.trust_remote_code)
+                                          trust_remote_code=cfg.model.llm.trust_remote_code).merge_lora()
     else:
         cfg = config_from_args(args)
         torch.manual_seed(cfg.generation.seed)  # the untrained adapter is the same on every run

@@ -498,6 +498,7 @@ def run_speech_ifeval(checkpoint: Path, data: Path, out: Path, audio: str | None
     model = SpeechLLM.from_pretrained(checkpoint, device=device).eval()
     model.prompt = PromptBuilder(model.tokenizer, model.config.prompt, SYSTEM_PROMPT)
     llm = model.llm if model.lora is None else load_base_llm(model)
+    model.merge_lora()
     reference = TextGenerator(llm, model.tokenizer, PromptBuilder(model.tokenizer, model.config.prompt, SYSTEM_PROMPT),
                               model.config.llm.name)
     gen = GenerationConfig(max_new_tokens=max_new_tokens)

@@ -136,6 +136,7 @@ def evaluate_checkpoint(ckpt: Path, name: str, es: EvalSet, out: Path, cfg: Eval
     model = SpeechLLM.from_pretrained(ckpt, device=device).eval()
     # the model's own frozen LLM, or with LoRA a fresh copy of the base: the reference and the KL baseline
     reference = Reference.for_model(model)
+    model.merge_lora()  # after the reference took a fresh base copy: generation at the frozen model's speed
     _check_lengths(model, reference, es, cfg)
     asks_safety = sset is not None and bool(sset.requests)
     if asks_safety:

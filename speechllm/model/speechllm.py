@@ -114,6 +114,8 @@ class SpeechLLM(nn.Module):
                 self.embedding_norm = float(llm.get_input_embeddings().weight.float().norm(dim=-1).mean())
         self.lora = None
         """The LoRAConfig applied to the LLM (by `speechllm.model.lora.apply_lora`), if any."""
+        self.lora_merged = False
+        """True once `merge_lora` folded the LoRA weights into the LLM (inference only)."""
         self.standardizer = (InputStandardizer(len(config.encoder.layers), encoder.width)
                              if config.adapter.standardize else None)
         """Per-channel standardization of the tapped states before the adapter (fitted by the
@@ -407,6 +409,17 @@ class SpeechLLM(nn.Module):
         out = self.llm.generate(inputs_embeds=inputs, attention_mask=batch.full_attention_mask, **kwargs)
         return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
 
+    def merge_lora(self) -> "SpeechLLM":
+        """For inference: fold the LoRA weights into the LLM's (W + BA scaled, peft's
+        `merge_and_unload`), so generation runs the plain LLM at the frozen model's speed; the
+        answers are the LoRA model's up to float rounding (tested). `lora` stays set (the LLM is
+        not the base LLM); the model can then no longer be trained or saved. No-op without LoRA."""
+        if self.lora is not None and not self.lora_merged:
+            self.llm = self.llm.merge_and_unload()
+            self.llm.requires_grad_(False)
+            self.lora_merged = True
+        return self
+
     # ------------------------------------------------------------------ checkpoints
 
     def save_pretrained(self, folder: str | Path, extra: dict | None = None) -> Path:
@@ -416,6 +429,9 @@ class SpeechLLM(nn.Module):
         is written to a temporary name and renamed, config.json last."""
         from safetensors.torch import save_file
 
+        if self.lora_merged:
+            raise ValueError("this model's LoRA weights were merged into the LLM for inference (merge_lora): "
+                             "there are no LoRA weights left to save")
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         state = {k: v.contiguous().cpu() for k, v in self.trainable_state_dict().items()}
