@@ -373,6 +373,12 @@ class TargetsConfig:
     quoted span's words replaced, or `The speaker says: "..."` added) or prompt (the base LLM is
     asked for a minimal edit, kept only when it holds the transcript and changes no more words
     than the code would; else the code's edit)."""
+    self_output_file: str | None = None
+    """minimum-change and selective: an earlier `self-output` targets file of the same metadata and
+    teacher. A self-output prompt of this run is answered from it, not generated again, when a
+    record there was made from that prompt (instruction, description, worked examples) by this
+    run's generator (model, fingerprint, system prompt, first-try decoding settings, speechllm
+    version); other prompts are answered as usual."""
     target_nll: bool = True
     """After writing, score the mean per-token NLL of the file's targets under the base LLM reading
     each description (printed, and kept beside the file as <out>.nll.json); false skips it."""

@@ -161,6 +161,8 @@ def demo_config(plan: DemoPlan, strategy: str, out: Path, lora: LoRARun | None =
         f"eval.constraints={json.dumps(plan.constraints)}",
         f"eval.if_max_new_tokens={plan.if_tokens}", f"eval.batch_size={plan.eval_batch_size}", f"eval.seed={plan.seed}",
     ]
+    if strategy == "minimum-change":  # the same teacher, prompts and seeds: its self-outputs are the self-output file's
+        overrides.append(f"targets.self_output_file={out / 'data' / 'train.self-output.targets.jsonl'}")
     if lora:
         overrides += ["train.lora.enabled=true", f"train.lora.r={plan.lora_rank}",
                       f"train.lora.alpha={2 * plan.lora_rank}"]

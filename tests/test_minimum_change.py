@@ -126,3 +126,40 @@ def test_the_strategy_keeps_the_self_output_and_records_the_edits(tmp_path, fix)
             assert target in (f'{so} The speaker says: "{TRANSCRIPT}"', f'The speaker says: "{TRANSCRIPT}" {so}')
     assert summary.kept == {"minimum-change": len(recs)}
     assert summary.edited_words == sum(r["edit_distance"] for r in recs)
+
+
+def test_self_outputs_are_taken_from_an_earlier_self_output_file(tmp_path):
+    """targets.self_output_file: the same records as generating the self-outputs again, without
+    generating them; a record made otherwise (here: another instruction) is generated as usual."""
+    from speechllm.config import ConfigError
+
+    common = ["train.max_target_tokens=10", "targets.batch_size=4", "targets.instruction=What did the speaker say?",
+              "targets.fidelity_probe=0", "targets.target_nll=false"]
+    meta = _metadata(tmp_path / "m.jsonl")
+    so_cfg = load_config(TINY_CONFIG, common)
+    gen = TextGenerator.from_config(so_cfg)
+    so_summary = run_targets(meta, tmp_path / "so.jsonl", so_cfg, progress=False, generator=gen)
+    mc_cfg = load_config(TINY_CONFIG, common + ["targets.strategy=minimum-change"])
+    run_targets(meta, tmp_path / "fresh.jsonl", mc_cfg, progress=False, generator=gen)
+
+    so = [json.loads(line) for line in (tmp_path / "so.jsonl").read_text().splitlines()]
+    # made for another question: not this run's answer (a prompt asked twice is one answer: every record of it)
+    twins = [r for r in so if r["description"] == so[0]["description"]]
+    for r in twins:
+        r["instruction"] = "Describe the audio."
+    (tmp_path / "so.jsonl").write_text("".join(json.dumps(r) + "\n" for r in so))
+    reuse_cfg = load_config(TINY_CONFIG, common + ["targets.strategy=minimum-change",
+                                                   f"targets.self_output_file={tmp_path / 'so.jsonl'}"])
+    summary = run_targets(meta, tmp_path / "reused.jsonl", reuse_cfg, progress=False, generator=gen)
+    assert (tmp_path / "reused.jsonl").read_text() == (tmp_path / "fresh.jsonl").read_text()
+    sampled = sum(r["generator"]["do_sample"] for r in so)  # regenerated answers: other decoding settings
+    assert summary.reused == len(so) - len(twins) - sampled >= 1
+    assert so_summary.written == len(so)
+
+    with pytest.raises(ConfigError, match="not by label"):
+        run_targets(meta, tmp_path / "l.jsonl", load_config(TINY_CONFIG, common + [
+            "targets.strategy=label", f"targets.self_output_file={tmp_path / 'so.jsonl'}"]), progress=False)
+    with pytest.raises(ConfigError, match="no such file"):
+        run_targets(meta, tmp_path / "x.jsonl", load_config(TINY_CONFIG, common + [
+            "targets.strategy=minimum-change", f"targets.self_output_file={tmp_path / 'none.jsonl'}"]),
+            progress=False, generator=gen)

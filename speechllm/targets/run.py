@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import __version__
-from ..config import Config, GenerationConfig
+from ..config import Config, ConfigError, GenerationConfig
 from ..distributed import accelerate_kwargs
 from ..hub import weights
-from ..io.jsonl import ResumableJsonl, iter_lines, shard_path, sibling_path, write_json_atomic
+from ..io.jsonl import ResumableJsonl, iter_lines, read_jsonl, shard_path, sibling_path, write_json_atomic
 from ..io.paths import rebase
 from ..io.rows import merge_in_order
 from ..model.generate import Generation, TextGenerator, provenance
@@ -34,8 +34,10 @@ from ..records import MetadataRecord, RecordError, TargetRecord
 from .checks import degenerate_reason
 from .examples import ExamplePool, read_examples
 from .fidelity import Fidelity, measure, probes
-from .strategies import STRATEGIES, Draft, Job, Prompt
+from .strategies import STRATEGIES, Draft, Job, Prompt, self_output_prompt
 
+REUSING = ("minimum-change", "selective")
+"""Strategies that start from the self-output and can take it from `targets.self_output_file`."""
 FIDELITY_TOKENS = 48
 """Answer length of the fidelity probe (a short answer states the value)."""
 CHUNK_BATCHES = 4
@@ -52,6 +54,8 @@ class TargetsSummary:
     truncated: int = 0
     malformed: int = 0
     new_tokens: int = 0
+    reused: int = 0
+    """Self-output answers taken from `targets.self_output_file` instead of generated."""
     seconds: float = 0.0
     kept: dict[str, int] = field(default_factory=dict)
     edited_words: int = 0
@@ -63,6 +67,7 @@ class TargetsSummary:
         rate = self.new_tokens / self.seconds if self.seconds else 0.0
         kept = "".join(f", {k} {v}" for k, v in sorted(self.kept.items()))
         kept += f" ({self.edited_words} words edited)" if self.edited_words else ""
+        kept += f"; {self.reused} self-outputs reused from targets.self_output_file" if self.reused else ""
         return (f"targets: {self.written} written ({self.done_before} done before), {self.regenerated} "
                 f"regenerated, {self.dropped} dropped as degenerate, {self.truncated} flagged too long for "
                 f"training, {self.malformed} malformed input lines{kept}; {self.new_tokens} tokens in "
@@ -165,10 +170,13 @@ def fits_context(job: Job, generator: TextGenerator, answer_tokens: int, failed:
 class TargetMaker:
     """Runs a strategy over jobs with degeneracy handling and truncation flags."""
 
-    def __init__(self, cfg: Config, generator: TextGenerator, sampling: GenerationConfig):
+    def __init__(self, cfg: Config, generator: TextGenerator, sampling: GenerationConfig,
+                 self_outputs: dict[str, dict] | None = None):
         self.cfg, self.gen, self.sampling = cfg, generator, sampling
         self.strategy = STRATEGIES[cfg.targets.strategy](cfg.targets)
         self.new_tokens = 0
+        self.self_outputs = self_outputs or {}
+        """id -> record of `targets.self_output_file` (empty: every answer is generated)."""
 
     def answerer(self, sampling: GenerationConfig):
         """The base LLM answering prompts with `sampling`, batched, counting the new tokens (the
@@ -188,10 +196,47 @@ class TargetMaker:
                 "system_prompt": self.cfg.model.llm.system_prompt, **provenance(sampling), **editor,
                 "speechllm": __version__}
 
+    def reusing(self, jobs: list[Job], generate, summary: TargetsSummary):
+        """`generate`, except that the self-output prompt of a job whose record in
+        `targets.self_output_file` was made exactly as this run would make it is answered from
+        that record (counted in `summary.reused`)."""
+        known: dict[tuple, Generation] = {}
+        limit = self.cfg.train.max_target_tokens
+        for job in jobs:
+            rec = self.self_outputs.get(job.id)
+            if rec is None or not self._same_answer(job, rec):
+                continue
+            answer = rec["target"]
+            # finished: stopped before the token cap (a record is flagged truncated also when its
+            # end-of-turn tokens take it past the cap)
+            finished = not rec.get("truncated") or (self.gen.target_length(answer)
+                                                    - len(self.gen.prompt.end_of_turn_ids)) < limit
+            known[_prompt_key((self_output_prompt(job), job.examples))] = Generation(answer, 0, finished)
+
+        def run(prompts: list[Prompt]) -> list[Generation]:
+            keys = [_prompt_key(p) for p in prompts]
+            fresh = iter(generate([p for p, k in zip(prompts, keys) if k not in known]) if
+                         any(k not in known for k in keys) else [])
+            summary.reused += sum(k in known for k in keys)
+            return [known[k] if k in known else next(fresh) for k in keys]
+        return run
+
+    def _same_answer(self, job: Job, rec: dict) -> bool:
+        """True when `rec` (a self-output record) answers the prompt `job` gets, made by this run's
+        teacher with this run's first-try decoding settings."""
+        made_by = dict(self.provenance(Draft("", "llm", None), self.sampling))
+        if job.example_ids:
+            made_by["examples"] = list(job.example_ids)
+        return (rec.get("strategy") == "self-output" and rec.get("instruction") == job.instruction
+                and rec.get("description") == job.description and rec.get("generator") == made_by)
+
     def make(self, jobs: list[Job], summary: TargetsSummary) -> tuple[list[TargetRecord], list[dict]]:
         """(records, error records) for `jobs`."""
         min_recall = self.cfg.targets.min_transcript_recall
-        drafts = self.strategy.drafts(jobs, self.answerer(self.sampling), min_recall)
+        generate = self.answerer(self.sampling)
+        if self.self_outputs:
+            generate = self.reusing(jobs, generate, summary)
+        drafts = self.strategy.drafts(jobs, generate, min_recall)
         used = [self.sampling] * len(jobs)
         for attempt in range(1, self.cfg.targets.max_retries + 1):
             bad = [i for i, d in enumerate(drafts) if d.source == "llm" and degenerate_reason(d.text)]
@@ -255,7 +300,7 @@ def run_targets(metadata: Path, out: Path, cfg: Config, device: str = "cpu", pro
         summary.done_before = len(mine) - len(todo)
         if generator is None and todo:  # every strategy needs at least the tokenizer (target lengths)
             generator = TextGenerator.from_config(cfg, device)
-        maker = TargetMaker(cfg, generator, sampling)
+        maker = TargetMaker(cfg, generator, sampling, read_self_outputs(cfg) if todo else None)
         pool = example_pool(jobs, cfg, seed)
         todo = [with_examples(j, pool) for j in todo]
         if cfg.targets.strategy != "label":
@@ -283,6 +328,26 @@ def run_targets(metadata: Path, out: Path, cfg: Config, device: str = "cpu", pro
         state.wait_for_everyone()
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def read_self_outputs(cfg: Config) -> dict[str, dict]:
+    """`targets.self_output_file`'s records by id (empty when unset); a `ConfigError` when it is
+    set for a strategy that does not start from the self-output, or cannot be read."""
+    path = cfg.targets.self_output_file
+    if not path:
+        return {}
+    if cfg.targets.strategy not in REUSING:
+        raise ConfigError(f"targets.self_output_file is used by the strategies {', '.join(REUSING)}, "
+                           f"not by {cfg.targets.strategy}")
+    if not Path(path).is_file():
+        raise ConfigError(f"targets.self_output_file {path}: no such file")
+    return {str(r.get("id")): r for r in read_jsonl(path, required=("id", "target"))}
+
+
+def _prompt_key(prompt: Prompt) -> tuple:
+    """A hashable key of a teacher prompt (the text and its worked-example turns)."""
+    text, turns = prompt
+    return text, tuple(tuple(t) for t in turns)
 
 
 def part_path(out: Path, rank: int, world: int) -> Path:
