@@ -339,6 +339,10 @@ class TrainConfig:
     last step's weights stay in the last checkpoint, which a resume continues from)."""
 
 
+SELF_OUTPUT_STRATEGIES = ("minimum-change", "selective")
+"""Targets strategies that start from the self-output (and can take it from `targets.self_output_file`)."""
+
+
 @dataclass
 class TargetsConfig:
     strategy: Literal["self-output", "label", "paraphrase", "selective", "minimum-change"] = "self-output"
@@ -382,6 +386,12 @@ class TargetsConfig:
     target_nll: bool = True
     """After writing, score the mean per-token NLL of the file's targets under the base LLM reading
     each description (printed, and kept beside the file as <out>.nll.json); false skips it."""
+
+    def check(self) -> None:
+        """Settings that only make sense together (checked once the whole config is built)."""
+        if self.self_output_file and self.strategy not in SELF_OUTPUT_STRATEGIES:
+            raise ConfigError(f"targets.self_output_file is used by the strategies "
+                              f"{', '.join(SELF_OUTPUT_STRATEGIES)}, not by {self.strategy}")
 
 
 @dataclass
@@ -688,6 +698,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                 base = _build(cls, _merge(to_dict(base), tree), "")
             except ConfigError as err:
                 raise ConfigError(f"{what}: {err}") from None
+    if isinstance(base, Config):  # settings that depend on each other, after every source is applied
+        base.targets.check()
     return base
 
 

@@ -132,6 +132,7 @@ def test_self_outputs_are_taken_from_an_earlier_self_output_file(tmp_path):
     """targets.self_output_file: the same records as generating the self-outputs again, without
     generating them; a record made otherwise (here: another instruction) is generated as usual."""
     from speechllm.config import ConfigError
+    from speechllm.io.jsonl import JsonlError
 
     common = ["train.max_target_tokens=10", "targets.batch_size=4", "targets.instruction=What did the speaker say?",
               "targets.fidelity_probe=0", "targets.target_nll=false"]
@@ -156,10 +157,15 @@ def test_self_outputs_are_taken_from_an_earlier_self_output_file(tmp_path):
     assert summary.reused == len(so) - len(twins) - sampled >= 1
     assert so_summary.written == len(so)
 
-    with pytest.raises(ConfigError, match="not by label"):
-        run_targets(meta, tmp_path / "l.jsonl", load_config(TINY_CONFIG, common + [
-            "targets.strategy=label", f"targets.self_output_file={tmp_path / 'so.jsonl'}"]), progress=False)
-    with pytest.raises(ConfigError, match="no such file"):
+    with pytest.raises(ConfigError, match="not by label"):  # refused when the config is loaded
+        load_config(TINY_CONFIG, common + ["targets.strategy=label",
+                                           f"targets.self_output_file={tmp_path / 'so.jsonl'}"])
+    with pytest.raises(JsonlError, match="no such file"):
         run_targets(meta, tmp_path / "x.jsonl", load_config(TINY_CONFIG, common + [
             "targets.strategy=minimum-change", f"targets.self_output_file={tmp_path / 'none.jsonl'}"]),
+            progress=False, generator=gen)
+    (tmp_path / "bad.jsonl").write_text('{"id": "clip0", "audio": "a.wav", "instruction": "x", "target": 3}\n')
+    with pytest.raises(JsonlError, match="bad.jsonl:1"):
+        run_targets(meta, tmp_path / "y.jsonl", load_config(TINY_CONFIG, common + [
+            "targets.strategy=minimum-change", f"targets.self_output_file={tmp_path / 'bad.jsonl'}"]),
             progress=False, generator=gen)

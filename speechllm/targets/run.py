@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import __version__
-from ..config import Config, ConfigError, GenerationConfig
+from ..config import Config, GenerationConfig
 from ..distributed import accelerate_kwargs
 from ..hub import weights
-from ..io.jsonl import ResumableJsonl, iter_lines, read_jsonl, shard_path, sibling_path, write_json_atomic
+from ..io.jsonl import JsonlError, ResumableJsonl, iter_lines, shard_path, sibling_path, write_json_atomic
 from ..io.paths import rebase
 from ..io.rows import merge_in_order
 from ..model.generate import Generation, TextGenerator, provenance
@@ -36,8 +36,6 @@ from .examples import ExamplePool, read_examples
 from .fidelity import Fidelity, measure, probes
 from .strategies import STRATEGIES, Draft, Job, Prompt, self_output_prompt
 
-REUSING = ("minimum-change", "selective")
-"""Strategies that start from the self-output and can take it from `targets.self_output_file`."""
 FIDELITY_TOKENS = 48
 """Answer length of the fidelity probe (a short answer states the value)."""
 CHUNK_BATCHES = 4
@@ -171,7 +169,7 @@ class TargetMaker:
     """Runs a strategy over jobs with degeneracy handling and truncation flags."""
 
     def __init__(self, cfg: Config, generator: TextGenerator, sampling: GenerationConfig,
-                 self_outputs: dict[str, dict] | None = None):
+                 self_outputs: dict[str, TargetRecord] | None = None):
         self.cfg, self.gen, self.sampling = cfg, generator, sampling
         self.strategy = STRATEGIES[cfg.targets.strategy](cfg.targets)
         self.new_tokens = 0
@@ -200,35 +198,28 @@ class TargetMaker:
         """`generate`, except that the self-output prompt of a job whose record in
         `targets.self_output_file` was made exactly as this run would make it is answered from
         that record (counted in `summary.reused`)."""
-        known: dict[tuple, Generation] = {}
+        made_by = self.provenance(Draft("", "llm"), self.sampling)  # this run's first try
+        n_end = len(self.gen.prompt.end_of_turn_ids)
         limit = self.cfg.train.max_target_tokens
+        known: dict[tuple, Generation] = {}
         for job in jobs:
             rec = self.self_outputs.get(job.id)
-            if rec is None or not self._same_answer(job, rec):
+            wanted = {**made_by, "examples": list(job.example_ids)} if job.example_ids else made_by
+            if (rec is None or rec.strategy != "self-output" or rec.instruction != job.instruction
+                    or rec.description != job.description or rec.generator != wanted):
                 continue
-            answer = rec["target"]
-            # finished: stopped before the token cap (a record is flagged truncated also when its
+            # finished: stopped before the token cap (a record is also flagged truncated when its
             # end-of-turn tokens take it past the cap)
-            finished = not rec.get("truncated") or (self.gen.target_length(answer)
-                                                    - len(self.gen.prompt.end_of_turn_ids)) < limit
-            known[_prompt_key((self_output_prompt(job), job.examples))] = Generation(answer, 0, finished)
+            finished = not rec.truncated or self.gen.target_length(rec.target) - n_end < limit
+            known[_prompt_key((self_output_prompt(job), job.examples))] = Generation(rec.target, 0, finished)
 
         def run(prompts: list[Prompt]) -> list[Generation]:
             keys = [_prompt_key(p) for p in prompts]
-            fresh = iter(generate([p for p, k in zip(prompts, keys) if k not in known]) if
-                         any(k not in known for k in keys) else [])
-            summary.reused += sum(k in known for k in keys)
+            missing = [p for p, k in zip(prompts, keys) if k not in known]
+            fresh = iter(generate(missing) if missing else [])
+            summary.reused += len(prompts) - len(missing)
             return [known[k] if k in known else next(fresh) for k in keys]
         return run
-
-    def _same_answer(self, job: Job, rec: dict) -> bool:
-        """True when `rec` (a self-output record) answers the prompt `job` gets, made by this run's
-        teacher with this run's first-try decoding settings."""
-        made_by = dict(self.provenance(Draft("", "llm", None), self.sampling))
-        if job.example_ids:
-            made_by["examples"] = list(job.example_ids)
-        return (rec.get("strategy") == "self-output" and rec.get("instruction") == job.instruction
-                and rec.get("description") == job.description and rec.get("generator") == made_by)
 
     def make(self, jobs: list[Job], summary: TargetsSummary) -> tuple[list[TargetRecord], list[dict]]:
         """(records, error records) for `jobs`."""
@@ -298,9 +289,10 @@ def run_targets(metadata: Path, out: Path, cfg: Config, device: str = "cpu", pro
         mine = jobs[rank::world]
         todo = [j for j in mine if j.id not in done and j.id not in failed and j.id not in merged_before]
         summary.done_before = len(mine) - len(todo)
+        self_outputs = read_self_outputs(cfg) if todo else {}  # a bad file fails before the LLM loads
         if generator is None and todo:  # every strategy needs at least the tokenizer (target lengths)
             generator = TextGenerator.from_config(cfg, device)
-        maker = TargetMaker(cfg, generator, sampling, read_self_outputs(cfg) if todo else None)
+        maker = TargetMaker(cfg, generator, sampling, self_outputs)
         pool = example_pool(jobs, cfg, seed)
         todo = [with_examples(j, pool) for j in todo]
         if cfg.targets.strategy != "label":
@@ -330,18 +322,24 @@ def run_targets(metadata: Path, out: Path, cfg: Config, device: str = "cpu", pro
     return summary
 
 
-def read_self_outputs(cfg: Config) -> dict[str, dict]:
-    """`targets.self_output_file`'s records by id (empty when unset); a `ConfigError` when it is
-    set for a strategy that does not start from the self-output, or cannot be read."""
+def read_self_outputs(cfg: Config) -> dict[str, TargetRecord]:
+    """`targets.self_output_file`'s records by id (empty when unset); a missing file or a malformed
+    record is a `JsonlError` naming the file (and line)."""
     path = cfg.targets.self_output_file
     if not path:
         return {}
-    if cfg.targets.strategy not in REUSING:
-        raise ConfigError(f"targets.self_output_file is used by the strategies {', '.join(REUSING)}, "
-                           f"not by {cfg.targets.strategy}")
     if not Path(path).is_file():
-        raise ConfigError(f"targets.self_output_file {path}: no such file")
-    return {str(r.get("id")): r for r in read_jsonl(path, required=("id", "target"))}
+        raise JsonlError(f"{path}: no such file (targets.self_output_file)")
+    out = {}
+    for line in iter_lines(path, required=TargetRecord.REQUIRED):
+        if line.error:
+            raise JsonlError(line.error)
+        try:
+            rec = TargetRecord.from_json(line.record, f"{path}:{line.number}")
+        except RecordError as err:
+            raise JsonlError(str(err)) from None
+        out[rec.id] = rec
+    return out
 
 
 def _prompt_key(prompt: Prompt) -> tuple:
