@@ -194,7 +194,7 @@ def test_a_prefix_reaching_into_shared_text_equals_the_whole_path(model):
     assert model.generate(exs, greedy) == model.generate(exs, dataclasses.replace(greedy, reuse_prefix=False))
 
 
-def test_the_cache_keyword_follows_the_models_forward(generator):
+def test_the_cache_keyword_follows_the_models_forward():
     """transformers 5.2x takes the KV cache as `cache`, earlier 5.x releases as `past_key_values`
     (the first GPU run, on 5.17, failed on it): the name comes from the decoder's signature."""
     from torch import nn
@@ -210,10 +210,6 @@ def test_the_cache_keyword_follows_the_models_forward(generator):
             return OldDecoder()
 
     assert cache_kwarg(OldLLM()) == "past_key_values"
-    import inspect
-
-    name = cache_kwarg(generator.llm)
-    assert name in inspect.signature(type(generator.llm.get_decoder()).forward).parameters
 
 
 def test_merged_lora_answers_as_the_lora_model_and_cannot_be_saved(model, sample_wav, tmp_path):

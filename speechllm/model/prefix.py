@@ -13,6 +13,7 @@ over the batch, as autograd gives through the expansion.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import TYPE_CHECKING
 
@@ -44,8 +45,13 @@ def has_trainable_weights(llm: nn.Module) -> bool:
 def cache_kwarg(llm: nn.Module) -> str:
     """The name under which this transformers release passes a KV cache into a model's forward (and
     `generate`) and returns it from the output: `cache` from 5.2x on, `past_key_values` before."""
-    params = inspect.signature(type(llm.get_decoder()).forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
+    return _cache_kwarg_of(type(llm.get_decoder()))
+
+
+@functools.cache
+def _cache_kwarg_of(decoder_class: type) -> str:
+    """`cache_kwarg` by decoder class (read once per class: every forward pass asks)."""
+    return "cache" if "cache" in inspect.signature(decoder_class.forward).parameters else "past_key_values"
 
 
 def prefix_cache(llm: nn.Module, prefix_ids: list[int]) -> DynamicCache:

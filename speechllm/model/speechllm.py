@@ -202,14 +202,25 @@ class SpeechLLM(nn.Module):
         enc = self.encoder
         if frames is None:
             frames = enc.max_frames if seconds is None else math.ceil(seconds * enc.frames_per_second)
-        return int(self.adapter.output_length(torch.tensor([min(enc.max_frames, max(1, frames))]))[0])
+        return int(self._frame_positions(np.array([frames]))[0])
 
     def clip_positions(self, seconds: np.ndarray) -> np.ndarray:
-        """LLM positions the audio embeddings of clips `seconds` long take: `audio_positions` for
-        many clips at once, (clips,) -> (clips,)."""
-        enc = self.encoder
-        frames = np.clip(np.ceil(np.asarray(seconds, np.float64) * enc.frames_per_second), 1, enc.max_frames)
-        return self.adapter.output_length(torch.from_numpy(frames.astype(np.int64))).numpy()
+        """`audio_positions` of many clips `seconds` long at once: (clips,) -> (clips,)."""
+        return self._frame_positions(np.ceil(np.asarray(seconds, np.float64) * self.encoder.frames_per_second))
+
+    def _frame_positions(self, frames: np.ndarray) -> np.ndarray:
+        """Adapter output positions of clips of `frames` encoder frames (at least 1, at most the
+        encoder's window): (clips,) -> (clips,)."""
+        frames = np.clip(frames, 1, self.encoder.max_frames).astype(np.int64)
+        return self.adapter.output_length(torch.from_numpy(frames)).numpy()
+
+    def _example_audio_positions(self, ex: Example) -> int:
+        """LLM positions of an example's audio embeddings (0 without audio)."""
+        if not ex.has_audio:
+            return 0
+        if ex.states is not None:
+            return self.audio_positions(frames=ex.states[0].shape[0])
+        return self.audio_positions(seconds=len(ex.audio) / SAMPLE_RATE)
 
     def prompt_length(self, instruction: str, transcript: str | None = None, has_audio: bool = True,
                       seconds: float | None = None) -> int:
@@ -222,11 +233,8 @@ class SpeechLLM(nn.Module):
     def example_positions(self, ex: Example) -> int:
         """LLM positions of an example's prompt (its audio embeddings included, its target not):
         the length that batches of similar examples are sorted by (less padding)."""
-        seconds = len(ex.audio) / SAMPLE_RATE if ex.audio is not None else None
-        frames = ex.states[0].shape[0] if ex.states is not None else None
         pieces = self.prompt.pieces(ex.instruction, ex.transcript, has_audio=ex.has_audio)
-        audio = self.audio_positions(seconds, frames) if ex.has_audio else 0
-        return len(pieces.before_audio) + audio + len(pieces.after_audio)
+        return len(pieces.before_audio) + self._example_audio_positions(ex) + len(pieces.after_audio)
 
     def check_length(self, positions: int, reserve: int = 0, what: str = "the prompt") -> None:
         """`LengthError` when `positions` plus `reserve` answer tokens do not fit the LLM's context."""
@@ -272,9 +280,7 @@ class SpeechLLM(nn.Module):
                 raise ValueError(f"example {ex.id or i} has no target to train on")
             pieces = self.prompt.pieces(ex.instruction, ex.transcript, has_audio=ex.has_audio)
             target = [] if for_generation else self.prompt.target(ex.target, complete=ex.target_complete)
-            seconds = len(ex.audio) / SAMPLE_RATE if ex.audio is not None else None
-            frames = ex.states[0].shape[0] if ex.states is not None else None
-            n_audio = self.audio_positions(seconds, frames) if ex.has_audio else 0
+            n_audio = self._example_audio_positions(ex)
             self.check_length(len(pieces.before_audio) + n_audio + len(pieces.after_audio) + len(target), reserve,
                               f"example {ex.id}" if ex.id else "the prompt")
             layouts.append((pieces, target))
