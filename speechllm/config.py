@@ -297,6 +297,14 @@ class TrainConfig:
     """Optional LoRA on the LLM."""
     replay: ReplayMixConfig = field(default_factory=ReplayMixConfig)
     """Text replay: the LLM's text chat examples mixed into the same steps (needs LoRA)."""
+    loss_weighting: Literal["token", "batch"] = "token"
+    """How a micro-batch's target-token losses make its loss. `token`: their sum divided by the
+    examples in the batch times the mean target tokens of a training example (a seeded sample of
+    `TOKEN_SAMPLE` records, measured when the run starts), so every target token weighs the same
+    whichever batch it falls in. `batch`: their mean, so every batch weighs the same; with batches
+    grouped by length (as the stream groups them) a batch of short answers ("The speaker is male.")
+    then takes a full optimizer step, and each of its tokens weighs several times a long answer's
+    (measured to cost instruction following, README)."""
     token_masking: float = ranged(PROPER_FRACTION, 0.0)
     """Selective Token Masking: leave this fraction of each target's tokens, those the base LLM
     finds least probable given the text description, out of the loss."""

@@ -126,6 +126,41 @@ def test_training_with_and_without_prefix_reuse_agree(data, tmp_path, monkeypatc
     assert losses[0] == pytest.approx(losses[1], abs=1e-4)
 
 
+def test_token_weighting_equals_batch_means_when_every_target_has_the_same_length(data, tmp_path):
+    # every target the same tokens: a batch's summed token loss / (examples x mean tokens) is its
+    # mean token loss, so the two weightings train the same adapter
+    same = write_targets(tmp_path / "same.targets.jsonl", [{**r, "target": "A man reads.", "truncated": False}
+                                                            for r in base_records(data, 8)])
+    runs = [train(load_config(TINY_CONFIG, [f"train.data={same}", *cfg_args(data, tmp_path / w, "train.max_steps=2",
+                                                                          f"train.loss_weighting={w}")]),
+                  progress=False) for w in ("token", "batch")]
+    a, b = (load_file(str(out / "adapter.safetensors")) for out in runs)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+
+
+def test_token_weighting_gives_a_batch_of_short_answers_a_smaller_step(data, tmp_path):
+    # one batch of one-word answers, one of long answers: `batch` gives both batches the same weight,
+    # `token` weighs the short batch by its few tokens; the logged loss is the batch's mean token loss either way
+    recs = base_records(data, 8)
+    for i, r in enumerate(recs):
+        r.update(target="Yes." if i < 4 else "A calm man reads the words aloud slowly and clearly to us. " * 3,
+                 truncated=False)
+    path = write_targets(tmp_path / "mixed.targets.jsonl", recs)
+    runs = {w: train(load_config(TINY_CONFIG, [f"train.data={path}",
+                                               *cfg_args(data, tmp_path / w, "train.max_steps=1", "train.lr=1e-3",
+                                                         "train.warmup_steps=0", "train.schedule=constant",
+                                                         "train.grad_clip=1e9", f"train.loss_weighting={w}")]),
+                     progress=False) for w in ("token", "batch")}
+    logged = {w: [m["loss"] for m in metrics(out) if "loss" in m] for w, out in runs.items()}
+    assert logged["token"] == pytest.approx(logged["batch"], abs=1e-5)  # the same first batch, the same mean
+    grad_norms = {w: [m["grad_norm"] for m in metrics(out) if "grad_norm" in m][0] for w, out in runs.items()}
+    first = Trainer(load_config(TINY_CONFIG, [f"train.data={path}", *cfg_args(data, tmp_path / "peek")]))
+    short_first = all(r.target == "Yes." for r in first.stream[0])
+    # tokens per example ~ (3 + 40) / 2: a short batch's gradient shrinks, a long batch's grows
+    assert (grad_norms["token"] < grad_norms["batch"]) == short_first, (grad_norms, short_first)
+
+
 def test_sigkill_then_resume_ends_with_the_same_weights(data, tmp_path):
     full = run_cli(cli_args(data, tmp_path / "full"))
     assert full.wait(timeout=300) == 0, full.stderr.read().decode()[-2000:]

@@ -11,6 +11,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -353,14 +354,16 @@ class SpeechLLM(nn.Module):
 
     # ------------------------------------------------------------------ forward / generate
 
-    def forward(self, batch: "Batch | list[Example]", per_example: bool = False, reuse_prefix: bool = False
+    def forward(self, batch: "Batch | list[Example]", per_example: bool = False, reuse_prefix: bool = False,
+                reduction: Literal["mean", "sum"] = "mean"
                 ) -> "torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]":
-        """Mean cross-entropy over target tokens only. The LM head runs only on the positions
-        that predict a target token. Takes a built batch or the examples themselves (then the
-        audio path runs inside forward, as distributed wrappers expect, and `reuse_prefix` says
-        whether their shared first tokens are run once, see `build_batch`). `per_example`: also
-        each example's summed token loss and its number of target tokens, both (batch,) and
-        detached (for logging parts of a batch, e.g. its replay examples, apart)."""
+        """Cross-entropy over target tokens only, their mean (or with `reduction="sum"` their
+        sum). The LM head runs only on the positions that predict a target token. Takes a built
+        batch or the examples themselves (then the audio path runs inside forward, as distributed
+        wrappers expect, and `reuse_prefix` says whether their shared first tokens are run once,
+        see `build_batch`). `per_example`: also each example's summed token loss and its number of
+        target tokens, both (batch,) and detached (for logging parts of a batch, e.g. its replay
+        examples, apart)."""
         if isinstance(batch, list):
             batch = self.build_batch(batch, reuse_prefix=reuse_prefix)
         if batch.labels is None:
@@ -380,11 +383,11 @@ class SpeechLLM(nn.Module):
             raise ValueError("batch has no target tokens")
         logits = self.llm.get_output_embeddings()(hidden[:, :-1][predict]).float()
         if not per_example:
-            return nn.functional.cross_entropy(logits, shifted[predict])
+            return nn.functional.cross_entropy(logits, shifted[predict], reduction=reduction)
         tokens = nn.functional.cross_entropy(logits, shifted[predict], reduction="none")
         rows = predict.nonzero()[:, 0]
         sums = torch.zeros(len(predict), device=tokens.device).index_add_(0, rows, tokens.detach())
-        return tokens.mean(), sums, predict.sum(dim=1)
+        return (tokens.sum() if reduction == "sum" else tokens.mean()), sums, predict.sum(dim=1)
 
     def text_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits of the speech model's text path (no audio): (batch, seq, vocab)."""

@@ -54,6 +54,9 @@ The forgetting curve only reads the model (greedy, in eval mode); `train.keep_be
 which of two kept adapters (the last step's, the curve's best) the run folder ends with."""
 SHOWN_CHARS = 40
 """A differing setting's values are shown up to this many characters."""
+TOKEN_SAMPLE = 1024
+"""Training records (a seeded sample) whose target tokens measure the mean target tokens per
+example that `train.loss_weighting=token` divides by."""
 
 
 class TrainingError(SpeechLLMError, RuntimeError):
@@ -246,8 +249,27 @@ class Trainer:
         self.ddp, self.optimizer = self.acc.prepare(model, optimizer)
         self.params = params
         self.stream = Stream.for_model(self.train_records, model, t.batch_size, t.seed)
+        self.tokens_per_example = self._tokens_per_example() if t.loss_weighting == "token" else None
         self.step = 0
         self.curve = self._curve()
+
+    def _tokens_per_example(self) -> float:
+        """Mean target tokens (end-of-turn included) of a seeded sample of `TOKEN_SAMPLE` training
+        records: with `train.loss_weighting=token` a micro-batch's summed token loss is divided by
+        its examples times this, a constant of the run (the same on every process and on resume)."""
+        t = self.cfg.train
+        rows = self.train_records.rows  # sampled as row numbers, read as written (a record over a limit counts cut)
+        if len(rows) > TOKEN_SAMPLE:
+            rows = np.sort(np.random.default_rng(t.seed).choice(rows, TOKEN_SAMPLE, replace=False))
+        prompt, table = self.model.prompt, self.train_records.table
+        counts = []
+        for row in rows:
+            rec = table.record(int(row))
+            counts.append(min(len(prompt.target(rec.target, complete=not rec.truncated)), t.max_target_tokens))
+        mean = float(np.mean(counts))
+        self.acc.print(f"[speechllm] loss weighting: token (a batch's summed token loss / its examples x {mean:.1f}, "
+                       f"the mean target tokens of {len(counts)} training records)")
+        return mean
 
     def _curve(self) -> ForgettingCurve | None:
         """The forgetting curve's items (main process; None when `train.forgetting_every` is 0)."""
@@ -531,16 +553,17 @@ class Trainer:
                     examples += self.replay.examples(k)
                 sync = contextlib.nullcontext() if a == t.grad_accum - 1 else self.acc.no_sync(self.ddp)
                 with sync, self.acc.autocast():
-                    if self.replay is None:
-                        loss = self.ddp(examples, reuse_prefix=t.reuse_prefix)
-                    else:
-                        loss, sums, counts = self.ddp(examples, per_example=True, reuse_prefix=t.reuse_prefix)
-                        tally.add(sums, counts, n_audio)
+                    loss, sums, counts = self.ddp(examples, per_example=True, reuse_prefix=t.reuse_prefix,
+                                                  reduction="mean" if self.tokens_per_example is None else "sum")
+                if self.replay is not None:
+                    tally.add(sums, counts, n_audio)
                 if not torch.isfinite(loss):
                     raise TrainingError(f"step {self.step + 1}: loss is {float(loss.detach())} on the batch with ids "
                                         f"{', '.join(str(e.id) for e in examples)}")
+                if self.tokens_per_example is not None:
+                    loss = loss / (len(examples) * self.tokens_per_example)
                 self.acc.backward(loss / t.grad_accum)
-                loss_sum += float(loss.detach()) / t.grad_accum
+                loss_sum += float(sums.sum() / counts.sum()) / t.grad_accum  # the batch's mean token loss, logged
                 samples += len(examples) * world
             grad_norm = self.acc.clip_grad_norm_(self.params, t.grad_clip)
             self.optimizer.step()
