@@ -138,16 +138,26 @@ QUICK = DemoPlan(clips=48, steps=12, max_target_tokens=48, per_task=4, forgettin
                  replay_magpie=4, replay_safety=2, lora_per_task=2, lora_forgetting_items=4, lora_text_prompts=2)
 
 
-def demo_config(plan: DemoPlan, strategy: str, out: Path, lora: LoRARun | None = None):
+def demo_dtype(dtype: str, device: str) -> str:
+    """`model.llm.dtype` of every stage: `dtype`, or for `auto` bfloat16 where `device` multiplies
+    it in hardware (`native_bf16`) and float32 elsewhere."""
+    from .model.llm import native_bf16
+
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if native_bf16(device) else "float32"
+
+
+def demo_config(plan: DemoPlan, strategy: str, out: Path, lora: LoRARun | None = None, dtype: str = "float32"):
     """The embedded default's config (the dataclass defaults, as configs/default.yaml) with the
-    demo's sizes (every override named here): experiment 1's run of `strategy`, or (`lora`) an
-    experiment-2 run."""
+    demo's sizes (every override named here) and the LLM in `dtype`: experiment 1's run of
+    `strategy`, or (`lora`) an experiment-2 run."""
     from .config import load_config
 
     steps = plan.lora_steps if lora else plan.steps
     name = lora.name if lora else strategy
     overrides = [
-        f"model.llm.system_prompt={SYSTEM_PROMPT}",
+        f"model.llm.system_prompt={SYSTEM_PROMPT}", f"model.llm.dtype={dtype}",
         f"targets.strategy={strategy}", f"targets.instruction_pool={json.dumps(INSTRUCTION_POOL)}",
         "targets.batch_size=16",
         f"train.data={out / 'data' / f'train.{strategy}.targets.jsonl'}", f"train.out_dir={out / 'runs' / name}",
@@ -227,14 +237,14 @@ def _eval_config(plan: DemoPlan, real: bool = False, lora: bool = False):
                       text_prompts=plan.text_prompts, safety_items=plan.safety_items, **common)
 
 
-def _replay_data(plan: DemoPlan, out: Path, device: str, progress: bool) -> None:
+def _replay_data(plan: DemoPlan, out: Path, device: str, progress: bool, dtype: str) -> None:
     """Pseudo-replay for experiment 2: training-side AdvBench requests (never a safety test item)
     and Magpie instructions, all answered by the base LLM (`speechllm replay`)."""
     from .eval.safety import write_training_requests
     from .targets.replay import make_replay
 
     data = out / "data"
-    cfg = demo_config(plan, "label", out)
+    cfg = demo_config(plan, "label", out, dtype=dtype)
     requests = data / "safety.train.txt"
     if not requests.exists():
         try:
@@ -267,15 +277,19 @@ def train_stage(cfg, progress: bool = True) -> Path:
                         "it afresh (the stages before training are kept), or choose another --out") from None
 
 
-def run_demo(out: Path, quick: bool = False, device: str = "cpu", progress: bool = True) -> dict:
-    """Run (or finish) the demo in `out`; returns the evaluation report (with the teacher's
-    fidelity and the real-recordings results added under `demo`)."""
+def run_demo(out: Path, quick: bool = False, device: str = "cpu", progress: bool = True, dtype: str = "auto"
+             ) -> dict:
+    """Run (or finish) the demo in `out` with the LLM in `dtype` (see `demo_dtype`); returns the
+    evaluation report (with the teacher's fidelity and the real-recordings results added under
+    `demo`)."""
     from .data.synth import synthesize
     from .eval.suite import run_eval
     from .hub import weights
     from .targets.run import run_targets
     from .targets.nll import target_nll
     plan = QUICK if quick else FULL
+    dtype = demo_dtype(dtype, device)
+    print(f"[demo] LLM dtype: {dtype}", file=sys.stderr)
     out, t0 = Path(out), time.perf_counter()
     data = out / "data"
     data.mkdir(parents=True, exist_ok=True)
@@ -288,7 +302,7 @@ def run_demo(out: Path, quick: bool = False, device: str = "cpu", progress: bool
                lambda: _annotate(data, progress))
     nll = {}
     for strategy in TARGET_STRATEGIES:
-        cfg = demo_config(plan, strategy, out)
+        cfg = demo_config(plan, strategy, out, dtype=dtype)
         target = Path(cfg.train.data)
 
         def targets_stage():
@@ -297,13 +311,13 @@ def run_demo(out: Path, quick: bool = False, device: str = "cpu", progress: bool
             return target_nll(target, cfg, device=device, progress=progress)
         nll[strategy] = stages.run(f"targets: {strategy}", targets_stage)
     stages.run("pseudo-replay data (Magpie + safety requests, answered by the base LLM)",
-               lambda: _replay_data(plan, out, device, progress))
+               lambda: _replay_data(plan, out, device, progress, dtype))
     for strategy in STRATEGIES:
-        cfg = demo_config(plan, strategy, out)
+        cfg = demo_config(plan, strategy, out, dtype=dtype)
         stages.run(f"train: {strategy} ({plan.steps} steps x {plan.batch_size}, frozen LLM)",
                    lambda: train_stage(cfg, progress=progress))
     for run in LORA_RUNS:
-        cfg = demo_config(plan, run.strategy, out, run)
+        cfg = demo_config(plan, run.strategy, out, run, dtype=dtype)
         stages.run(f"train: {run.name} ({plan.lora_steps} steps x {plan.batch_size}, LoRA r={plan.lora_rank})",
                    lambda: train_stage(cfg, progress=progress))
     runs = [out / "runs" / s for s in STRATEGIES]
@@ -320,7 +334,7 @@ def run_demo(out: Path, quick: bool = False, device: str = "cpu", progress: bool
                                            device=device, progress=progress))
     report = _add_demo_sections(report, out, data, real, lora, nll)
     total = round(time.perf_counter() - t0, 1)
-    (out / "demo.json").write_text(json.dumps({"plan": asdict(plan), "quick": quick, "stage_seconds": stages.times,
+    (out / "demo.json").write_text(json.dumps({"plan": asdict(plan), "quick": quick, "dtype": dtype, "stage_seconds": stages.times,
                                                "total_seconds": total}, indent=2) + "\n")
     print(f"\n[demo] done in {total / 60:.1f} min; stage times: "
           + ", ".join(f"{k} {v:.0f} s" for k, v in stages.times.items()), file=sys.stderr)

@@ -1,5 +1,6 @@
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -60,3 +61,21 @@ def test_annotate_into_another_folder_names_the_same_clips(tmp_path, capsys):
                  "--workers", "1", "--quiet"]) == 0
     (record,) = [json.loads(line) for line in out.read_text().splitlines()]
     assert (out.parent / record["audio"]).resolve() == (source / "clip.wav").resolve()
+
+
+@pytest.mark.parametrize("avx512_bf16, amx, expected", [(True, False, "bfloat16"), (False, True, "bfloat16"),
+                                                        (False, False, "float32"), (None, None, "float32")])
+def test_demo_runs_bf16_only_on_a_cpu_that_multiplies_it_in_hardware(monkeypatch, avx512_bf16, amx, expected):
+    # a CPU without AVX512-BF16 or AMX emulates bf16 (slower than fp32); a torch without the probes: fp32
+    import torch
+
+    from speechllm.demo import FULL, demo_config, demo_dtype
+
+    for name, value in (("_is_avx512_bf16_supported", avx512_bf16), ("_is_amx_tile_supported", amx)):
+        if value is None:
+            monkeypatch.delattr(torch.cpu, name, raising=False)
+        else:
+            monkeypatch.setattr(torch.cpu, name, lambda value=value: value)
+    assert demo_dtype("auto", "cpu") == expected
+    assert demo_dtype("float32", "cpu") == "float32" and demo_dtype("bfloat16", "cpu") == "bfloat16"
+    assert demo_config(FULL, "label", Path("runs/x"), dtype=expected).model.llm.dtype == expected

@@ -99,6 +99,14 @@ def test_the_curve_is_logged_at_every_nth_and_the_last_step_and_the_reference_is
     top = max(r["ifrate"] for r in curve_rows(out))
     assert best["trained_steps"] == max(r["step"] for r in curve_rows(out) if r["ifrate"] == top)
 
+    # a run beside it on the same items and LLM reads the reference from there; another dtype answers anew
+    train(cfg(data, tmp_path / "beside", "train.max_steps=2", "train.forgetting_every=2"), progress=False)
+    assert reference_calls == [4]
+    assert json.loads((tmp_path / "beside" / REFERENCE_FILE).read_text())["passes"] == saved["passes"]
+    train(cfg(data, tmp_path / "bf16", "train.max_steps=2", "train.forgetting_every=2", "model.llm.dtype=bfloat16"),
+          progress=False)
+    assert reference_calls == [4, 4]
+
 
 def test_scoring_changes_no_weights_and_keep_best_ends_with_the_best_step(data, tmp_path):
     plain = train(cfg(data, tmp_path / "plain", "train.max_steps=3"), progress=False)

@@ -196,7 +196,7 @@ def _reference_generations(model: "SpeechLLM", reference: "Reference", es: EvalS
     from ..hub import weights
 
     identity = {"llm": model.config.llm.name, "fingerprint": weights.fingerprint(model.config.llm.name),
-                "system_prompt": model.config.llm.system_prompt, **_settings(cfg)}
+                "system_prompt": model.config.llm.system_prompt, "dtype": model.config.llm.dtype, **_settings(cfg)}
     name = f"{REFERENCE_NAME}-{_digest(identity)}"
     ref = Generations(out / GENERATIONS_DIR, name, identity)
 

@@ -14,6 +14,19 @@ CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length")
 """Config attributes that give an LLM's context length, by family."""
 
 
+def native_bf16(device: str | torch.device = "cpu") -> bool:
+    """Whether `device` multiplies bfloat16 matrices in hardware: a CUDA GPU that supports it, or a
+    CPU with AVX512-BF16 or AMX (there oneDNN's bf16 matmuls run about twice the fp32 rate; a CPU
+    without them emulates bf16, slower than fp32)."""
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if kind != "cpu":
+        return False
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(probe is not None and probe() for probe in probes)  # private probes: absent in an older torch
+
+
 def context_length(llm) -> int | None:
     """Most positions `llm` takes (prompt and answer together), from its config; None when its
     config names none."""

@@ -57,7 +57,7 @@ def _identity(targets: Path, cfg: Config) -> dict:
     name = cfg.model.llm.name
     return {"format": NLL_FORMAT, "targets_sha256": weights.sha256_file(targets), "llm": name,
             "fingerprint": weights.fingerprint(name), "system_prompt": cfg.model.llm.system_prompt,
-            "prompt": "description + instruction, no worked examples"}
+            "dtype": cfg.model.llm.dtype, "prompt": "description + instruction, no worked examples"}
 
 
 def _records(targets: Path) -> list[TargetRecord]:

@@ -197,7 +197,7 @@ class ReplayMaker:
         (set by `check_magpie`)."""
         name = generator.model_name
         self.base = {"model": name, "fingerprint": weights.fingerprint(name),
-                     "system_prompt": cfg.model.llm.system_prompt, "answer": provenance(self.answering)}
+                     "system_prompt": cfg.model.llm.system_prompt, "dtype": cfg.model.llm.dtype, "answer": provenance(self.answering)}
         self.magpie_settings = {**self.base, "instruction": {
             "temperature": self.r.temperature, "top_p": self.r.top_p, "max_new_tokens": self.r.max_instruction_tokens,
             "seed": self.r.seed, "batch_size": self.r.batch_size, "min_words": self.r.min_words, "rules": RULES}}

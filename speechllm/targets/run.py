@@ -191,7 +191,8 @@ class TargetMaker:
             return {"template": draft.extra.get("template", "label-template/1"), "speechllm": __version__}
         editor = {"editor": draft.extra["editor"]} if "editor" in draft.extra else {}
         return {"model": self.gen.model_name, "fingerprint": weights.fingerprint(self.gen.model_name),
-                "system_prompt": self.cfg.model.llm.system_prompt, **provenance(sampling), **editor,
+                "system_prompt": self.cfg.model.llm.system_prompt, "dtype": self.cfg.model.llm.dtype,
+                **provenance(sampling), **editor,
                 "speechllm": __version__}
 
     def reusing(self, jobs: list[Job], generate, summary: TargetsSummary):

@@ -122,7 +122,7 @@ def _identity(model: "SpeechLLM", fitems: list["ForgettingItem"], by_id: dict[st
     asked = [[f.id, f.instruction, by_id[f.base].description] for f in fitems]
     return {"format": REFERENCE_FORMAT, "llm": model.config.llm.name,
             "fingerprint": weights.fingerprint(model.config.llm.name), "system_prompt": model.config.llm.system_prompt,
-            "max_new_tokens": ecfg.if_max_new_tokens,
+            "dtype": model.config.llm.dtype, "max_new_tokens": ecfg.if_max_new_tokens,
             "items": hashlib.sha256(json.dumps(asked).encode()).hexdigest()}
 
 
@@ -143,20 +143,23 @@ class ForgettingCurve:
         return [follows_constraint(f.constraint, a, f.instruction) for f, a in zip(self.fitems, answers)]
 
     def reference(self, model: "SpeechLLM") -> list[bool]:
-        """The reference's passes: read from the run folder when it holds them for these items and
-        this LLM, else answered now (the base LLM reading each description) and written there."""
+        """The reference's passes: read from the run folder, or from a run folder beside it (runs
+        trained side by side, as the demo's, share their items and base LLM), when it holds them for
+        these items and this LLM; else answered now (the base LLM reading each description) and
+        written to the run folder."""
         path = self.out / REFERENCE_FILE
         if self.reference_passes is not None:
             return self.reference_passes
-        saved = None
-        if path.exists():
+        for candidate in [path, *sorted(self.out.parent.glob(f"*/{REFERENCE_FILE}"))]:
             try:
-                saved = json.loads(path.read_text(encoding="utf-8"))
+                saved = json.loads(candidate.read_text(encoding="utf-8"))
             except (OSError, ValueError):
-                saved = None
-        if isinstance(saved, dict) and saved.get("identity") == self.identity:
-            self.reference_passes = [bool(p) for p in saved["passes"]]
-            return self.reference_passes
+                continue
+            if isinstance(saved, dict) and saved.get("identity") == self.identity:
+                self.reference_passes = [bool(p) for p in saved["passes"]]
+                if candidate != path:
+                    write_json_atomic(path, saved)
+                return self.reference_passes
         from ..eval.answer import Reference
 
         reference = Reference.for_model(model)
