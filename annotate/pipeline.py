@@ -192,12 +192,29 @@ def _init_worker(names: list[str], options: dict[str, dict], threads: int,
                              *(ANNOTATORS[n](**options.get(n, {})) for n in names)]
 
 
-def _override(name: str, ann: Annotation, labels: dict) -> Annotation:
+def _override(name: str, ann: Annotation | None, labels: dict) -> Annotation:
+    """The label of `name` in place of `ann` (a transcript whole; a measured attribute keeps the
+    annotator's value and guess beside the label's bin)."""
     value = labels[name]
     if name == "transcript":
         return Annotation(value=str(value), extra={"source": "label"})
     return Annotation(value=ann.value, bin=str(value).lower(), confidence=1.0,
                       extra={**ann.extra, "source": "label", "annotator_bin": ann.bin})
+
+
+def _replaced_whole(ann, clip: Clip, trust_labels: bool) -> bool:
+    """A trusted transcript label replaces the ASR's whole result (its text is not kept, unlike a
+    measured attribute's value), so ASR does not run on that clip."""
+    return trust_labels and ann.name == TRANSCRIPT and clip.labels.get(TRANSCRIPT) not in (None, "")
+
+
+def _run_annotator(ann, clips: list[Clip], prior: list[dict[str, Annotation]], trust_labels: bool
+                   ) -> list[Annotation]:
+    """`ann`'s results for `clips`, run only on those whose result a trusted label does not replace
+    whole (the others get the label's, as `_override` makes it)."""
+    todo = [i for i, clip in enumerate(clips) if not _replaced_whole(ann, clip, trust_labels)]
+    outs = dict(zip(todo, ann.annotate([clips[i] for i in todo], [prior[i] for i in todo]) if todo else []))
+    return [outs[i] if i in outs else _override(ann.name, None, clip.labels) for i, clip in enumerate(clips)]
 
 
 def annotate_batch(items: list[Item], max_seconds: float, trust_labels: bool) -> tuple[list[dict], list[dict]]:
@@ -214,12 +231,12 @@ def annotate_batch(items: list[Item], max_seconds: float, trust_labels: bool) ->
     results: list[dict[str, Annotation]] = [{} for _ in clips]
     for ann in annotators:
         try:
-            outs = ann.annotate(clips, results)
+            outs = _run_annotator(ann, clips, results, trust_labels)
         except Exception:  # isolate the clip(s) at fault
             outs, keep = [], []
             for clip, prior in zip(clips, results):
                 try:
-                    outs.append(ann.annotate([clip], [prior])[0])
+                    outs.append(_run_annotator(ann, [clip], [prior], trust_labels)[0])
                     keep.append(True)
                 except ClipError as err:
                     errors.append(_error(clip.id, clip.audio, f"{clip.audio}: {err}", ann.name))

@@ -290,3 +290,30 @@ def test_dnsmos_background_score_when_asked(clips):
         scores[name] = noise.annotate([Clip(name, "", load_audio(clips[name]))],
                                       [prior])[0].extra["dnsmos_bak"]
     assert scores["noisy"] < scores["male_low"] - 1.0
+
+
+def test_a_trusted_transcript_label_is_used_without_running_asr(clips, monkeypatch):
+    # the label replaces ASR's result whole, so ASR runs only on a clip without a transcript label
+    from annotate.asr import Transcript
+    from annotate.pipeline import Item
+
+    heard = []
+
+    def fake_asr(self, clips_, prior):
+        heard.extend(c.id for c in clips_)
+        return [Annotation(value="words the asr heard") for _ in clips_]
+
+    monkeypatch.setattr(Transcript, "annotate", fake_asr)
+    monkeypatch.setattr(Transcript, "__init__", lambda self, **kw: None)
+    _init_worker(["duration", "transcript", "vad", "speed"], {}, threads=1)
+    items = [Item("said", "a.wav", str(clips["male_low"]), {"transcript": "the true sentence"}),
+             Item("unsaid", "b.wav", str(clips["female_high"]), {})]
+    for trust, expect in ((True, ["unsaid"]), (False, ["said", "unsaid"])):
+        heard.clear()
+        records, errors = annotate_batch(items, max_seconds=30.0, trust_labels=trust)
+        assert not errors and heard == expect
+        by_id = {r["id"]: r for r in records}
+        said = by_id["said"]["annotations"]["transcript"]
+        assert said["value"] == ("the true sentence" if trust else "words the asr heard")
+        assert ("the true sentence" in by_id["said"]["description"]) == trust
+        assert by_id["unsaid"]["annotations"]["transcript"]["value"] == "words the asr heard"
