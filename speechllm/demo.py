@@ -104,8 +104,11 @@ class DemoPlan:
     """Answer length for audio tasks."""
     if_tokens: int = 128
     """Answer length for constrained and text prompts."""
-    eval_batch_size: int = 16
-    """Answers per generation batch in the evaluation."""
+    eval_batch_size: int = 32
+    """Answers per generation batch in the evaluation (and the forgetting curve). 32 answered the
+    label adapter's 64 forgetting items in 34.7 s against 16's 41.8-44.8 on this 2-core CPU (bf16)."""
+    targets_batch_size: int = 32
+    """Prompts per generation batch when making targets and pseudo-replay answers."""
     real: bool = True
     """Also evaluate on the real recordings of `speechllm.data.real` (gender and transcription)."""
     seed: int = 0
@@ -159,7 +162,7 @@ def demo_config(plan: DemoPlan, strategy: str, out: Path, lora: LoRARun | None =
     overrides = [
         f"model.llm.system_prompt={SYSTEM_PROMPT}", f"model.llm.dtype={dtype}",
         f"targets.strategy={strategy}", f"targets.instruction_pool={json.dumps(INSTRUCTION_POOL)}",
-        "targets.batch_size=16",
+        f"targets.batch_size={plan.targets_batch_size}",
         f"train.data={out / 'data' / f'train.{strategy}.targets.jsonl'}", f"train.out_dir={out / 'runs' / name}",
         f"train.max_steps={steps}", f"train.batch_size={plan.batch_size}", f"train.lr={plan.lr}",
         f"train.warmup_steps={min(plan.warmup_steps, steps // 2)}",
