@@ -415,3 +415,29 @@ def test_prediction_rows_have_one_shape():
     assert tuple(r) == FIELDS
     with pytest.raises(ValueError, match="expected"):
         write_predictions(Path("/nonexistent/never-written.jsonl"), [{"benchmark": "x"}])
+
+
+def test_a_saved_answer_is_reused_only_while_its_key_asks_the_same(tmp_path, capsys):
+    # items redrawn under the same key (another constraint or phrasing) must not get the old answer
+    from speechllm.eval.generations import Generations
+
+    questions = {"if:a": "Is it a man? Answer in JSON.", "if:b": "Is it loud? Use no commas."}
+    calls = []
+
+    def answer(chunk):
+        calls.append(list(chunk))
+        return [f"answer to {questions[k]}" for k in chunk]
+
+    def fill():
+        gens = Generations(tmp_path, "run", {"model": "m"})
+        gens.fill(list(questions), len, answer, 8, "items", False, asked=questions.get)
+        return gens
+
+    fill()
+    assert fill().answers["if:a"] == "answer to Is it a man? Answer in JSON." and calls == [["if:a", "if:b"]]
+    questions["if:a"] = "Is it a man? Wrap a title in <<double angular brackets>>."
+    again = fill()
+    assert calls[-1] == ["if:a"] and "1 saved answers were to other questions" in capsys.readouterr().err
+    assert again.answers["if:a"] == "answer to Is it a man? Wrap a title in <<double angular brackets>>."
+    fill()  # the file now holds the new answer: nothing is asked again
+    assert len(calls) == 2

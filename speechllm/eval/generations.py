@@ -4,18 +4,21 @@
     generations/NAME.json    the identity of what produced them (model, fingerprint, settings)
 
 A run whose identity differs from the saved one (another checkpoint, model or setting) moves the
-old answers aside and starts afresh; an interrupted run resumes where it stopped.
+old answers aside and starts afresh; an interrupted run resumes where it stopped. An answer saved
+with a digest of what was asked (`fill(asked=...)`) is kept only while the key still asks that:
+items redrawn under the same key (other constraints, phrasings or seed) are answered anew.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 import time
 from pathlib import Path
 from typing import Callable
 
-from ..io.jsonl import ResumableJsonl, iter_lines
+from ..io.jsonl import ResumableJsonl, iter_lines, write_jsonl_atomic
 
 STALE_SUFFIX = ".stale-%Y%m%d-%H%M%S"
 """Appended (as a `time.strftime` format) to answers moved aside."""
@@ -38,17 +41,31 @@ class Generations:
                   f"({self.path.name}{stale})", file=sys.stderr)
         meta.write_text(json.dumps(identity, indent=2) + "\n")
         self.answers: dict[str, str] = {}
+        self.asked: dict[str, str] = {}
+        """Digest of what each key asked when it was answered (answers saved with one)."""
         if self.path.exists():
             for line in iter_lines(self.path):
                 if line.record is not None:
                     self.answers[line.record["key"]] = line.record["answer"]
+                    if "asked" in line.record:
+                        self.asked[line.record["key"]] = line.record["asked"]
 
     def fill(self, keys: list[str], length: Callable[[str], int], answer: Callable[[list[str]], list[str]],
-             batch_size: int, desc: str, progress: bool) -> None:
+             batch_size: int, desc: str, progress: bool, asked: Callable[[str], str] | None = None) -> None:
         """Answer the keys not answered yet, batch by batch (similar lengths together), saving
-        each batch as it finishes."""
+        each batch as it finishes. `asked(key)`: the text a key asks (prompt pieces joined); a
+        saved answer to other text is dropped from the file and answered anew."""
         from tqdm import tqdm
 
+        digest = {k: hashlib.sha256(asked(k).encode()).hexdigest()[:16] for k in keys} if asked else {}
+        stale = [k for k in keys if k in self.answers and digest and self.asked.get(k) != digest[k]]
+        if stale:
+            for k in stale:
+                del self.answers[k]
+            write_jsonl_atomic(self.path, [{"key": k, "answer": a, **({"asked": self.asked[k]} if k in self.asked
+                                                                       else {})} for k, a in self.answers.items()])
+            print(f"[speechllm] {self.name}: {len(stale)} saved answers were to other questions (the items under "
+                  "their keys changed); answering them anew", file=sys.stderr)
         todo = sorted((k for k in keys if k not in self.answers), key=lambda k: (length(k), k))
         if not todo:
             return
@@ -59,6 +76,8 @@ class Generations:
                 chunk = todo[start: start + batch_size]
                 for k, text in zip(chunk, answer(chunk)):
                     self.answers[k] = text
-                    w.write({"key": k, "answer": text})
+                    if k in digest:
+                        self.asked[k] = digest[k]
+                    w.write({"key": k, "answer": text, **({"asked": digest[k]} if k in digest else {})})
                 bar.update(len(chunk))
         bar.close()

@@ -345,6 +345,15 @@ class EvalSet:
             return self.fitems_by_id[id_].instruction
         return self.text_by_key[id_][1]
 
+    def asked(self, key: str) -> str:
+        """Everything a key puts to a system (instruction, and for an audio item its clip,
+        transcript and description): what the answer caches check a saved answer against."""
+        item = self.item(key)
+        parts = [self.instruction(key)]
+        if item is not None:
+            parts += [item.audio, item.transcript or "", item.description or ""]
+        return "\x1f".join(parts)
+
     def item(self, key: str) -> TaskItem | None:
         """The audio task item a key asks about (None for a text prompt)."""
         kind, _, id_ = key.partition(":")

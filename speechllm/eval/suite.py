@@ -206,7 +206,7 @@ def _reference_generations(model: "SpeechLLM", reference: "Reference", es: EvalS
 
     for keys, desc in es.groups:
         ref.fill(keys, length, lambda chunk: _reference_answers(reference, chunk, es, _generation(cfg, chunk[0])),
-                 cfg.batch_size, desc, progress)
+                 cfg.batch_size, desc, progress, asked=es.asked)
     return name, ref
 
 
@@ -243,7 +243,7 @@ def _checkpoint_generations(model: "SpeechLLM", ckpt: Path, name: str, ref_name:
     for keys, desc in es.groups:
         sysgen.fill(keys, length, lambda chunk: speech_answers(model, [example(k) for k in chunk],
                                                                _generation(cfg, chunk[0]), len(chunk)),
-                    cfg.batch_size, desc, progress)
+                    cfg.batch_size, desc, progress, asked=es.asked)
     return sysgen
 
 
