@@ -19,12 +19,12 @@ def add_parser(sub) -> None:
         "evaluated against the text reference: audio-task accuracy, forgetting rate (with its curve\n"
         "over training), text-only retention and safety, with 95% intervals. Offline on a 2-core CPU:\n"
         "about 35 min where bf16 runs in hardware (AVX512-BF16 or AMX), about an hour in fp32\n"
-        "(--quick: 15 min in fp32). Every stage resumes: rerunning the same command skips finished\n"
+        "(--quick: 7 min in bf16). Every stage resumes: rerunning the same command skips finished\n"
         "work.",
         ["speechllm demo --out runs/demo", "speechllm demo --out runs/demo-quick --quick"])
     p.add_argument("--out", default="runs/demo", metavar="DIR", help="output folder (default runs/demo)")
     p.add_argument("--quick", action="store_true",
-                   help="a smaller corpus and fewer steps (15 min in fp32 on a 2-core CPU)")
+                   help="a smaller corpus and fewer steps (7 min in bf16 on a 2-core CPU)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                    help="the LLM's (and encoder's) dtype in every stage; auto (default): bfloat16 where the device "
                         "multiplies it in hardware (a CPU with AVX512-BF16 or AMX, a GPU with bf16), about twice "
