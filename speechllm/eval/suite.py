@@ -193,10 +193,9 @@ def _check_lengths(model: "SpeechLLM", reference: "Reference", es: EvalSet, cfg:
 def _reference_generations(model: "SpeechLLM", reference: "Reference", es: EvalSet, out: Path, cfg: EvalConfig,
                            progress: bool) -> tuple[str, Generations]:
     """The reference's answers to every key (cached per base LLM and settings), with its name."""
-    from ..hub import weights
+    from ..model.llm import llm_identity
 
-    identity = {"llm": model.config.llm.name, "fingerprint": weights.fingerprint(model.config.llm.name),
-                "system_prompt": model.config.llm.system_prompt, "dtype": model.config.llm.dtype, **_settings(cfg)}
+    identity = {**llm_identity(model.config.llm), **_settings(cfg)}
     name = f"{REFERENCE_NAME}-{_digest(identity)}"
     ref = Generations(out / GENERATIONS_DIR, name, identity)
 

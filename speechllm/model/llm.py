@@ -14,6 +14,14 @@ CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length")
 """Config attributes that give an LLM's context length, by family."""
 
 
+def llm_identity(cfg: LLMConfig) -> dict:
+    """What makes the frozen LLM answer as it does: its name, weights fingerprint, system prompt and
+    dtype (bf16 and fp32 answer differently). Every saved answer or score made by the base LLM
+    (answer caches, targets provenance, the curve's reference, target NLL) records it."""
+    return {"model": cfg.name, "fingerprint": weights.fingerprint(cfg.name), "system_prompt": cfg.system_prompt,
+            "dtype": cfg.dtype}
+
+
 def native_bf16(device: str | torch.device = "cpu") -> bool:
     """Whether `device` multiplies bfloat16 matrices in hardware: a CUDA GPU that supports it, or a
     CPU with AVX512-BF16 or AMX (there oneDNN's bf16 matmuls run about twice the fp32 rate; a CPU

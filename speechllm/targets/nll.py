@@ -33,6 +33,7 @@ from ..errors import SpeechLLMError
 from ..hub import weights
 from ..io.jsonl import iter_lines, sibling_path, write_json_atomic
 from ..model.generate import TextGenerator
+from ..model.llm import llm_identity
 from ..model.prompt import description_prompt
 from ..records import RecordError, TargetRecord
 
@@ -54,10 +55,8 @@ def nll_path(targets: str | Path) -> Path:
 
 
 def _identity(targets: Path, cfg: Config) -> dict:
-    name = cfg.model.llm.name
-    return {"format": NLL_FORMAT, "targets_sha256": weights.sha256_file(targets), "llm": name,
-            "fingerprint": weights.fingerprint(name), "system_prompt": cfg.model.llm.system_prompt,
-            "dtype": cfg.model.llm.dtype, "prompt": "description + instruction, no worked examples"}
+    return {"format": NLL_FORMAT, "targets_sha256": weights.sha256_file(targets), **llm_identity(cfg.model.llm),
+            "prompt": "description + instruction, no worked examples"}
 
 
 def _records(targets: Path) -> list[TargetRecord]:

@@ -46,9 +46,9 @@ import numpy as np
 from .. import __version__
 from ..config import Config, ConfigError, GenerationConfig
 from ..errors import SpeechLLMError
-from ..hub import weights
 from ..io.jsonl import JsonlError, ResumableJsonl, iter_lines, sibling_path
 from ..model.generate import Generation, TextGenerator, provenance
+from ..model.llm import llm_identity
 from ..records import MAX_INSTRUCTION_CHARS, ReplayRecord
 from .checks import degenerate_reason, words
 
@@ -195,9 +195,7 @@ class ReplayMaker:
         self.stop: list[int] = []
         """Token ids that end a written instruction: the token that closes the user turn, and eos
         (set by `check_magpie`)."""
-        name = generator.model_name
-        self.base = {"model": name, "fingerprint": weights.fingerprint(name),
-                     "system_prompt": cfg.model.llm.system_prompt, "dtype": cfg.model.llm.dtype, "answer": provenance(self.answering)}
+        self.base = {**llm_identity(cfg.model.llm), "answer": provenance(self.answering)}
         self.magpie_settings = {**self.base, "instruction": {
             "temperature": self.r.temperature, "top_p": self.r.top_p, "max_new_tokens": self.r.max_instruction_tokens,
             "seed": self.r.seed, "batch_size": self.r.batch_size, "min_words": self.r.min_words, "rules": RULES}}

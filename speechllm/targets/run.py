@@ -24,11 +24,11 @@ from pathlib import Path
 from .. import __version__
 from ..config import Config, GenerationConfig
 from ..distributed import accelerate_kwargs
-from ..hub import weights
 from ..io.jsonl import JsonlError, ResumableJsonl, iter_lines, shard_path, sibling_path, write_json_atomic
 from ..io.paths import rebase
 from ..io.rows import merge_in_order
 from ..model.generate import Generation, TextGenerator, provenance
+from ..model.llm import llm_identity
 from ..model.prompt import description_prompt
 from ..records import MetadataRecord, RecordError, TargetRecord
 from .checks import degenerate_reason
@@ -190,10 +190,7 @@ class TargetMaker:
         if draft.source == "template":
             return {"template": draft.extra.get("template", "label-template/1"), "speechllm": __version__}
         editor = {"editor": draft.extra["editor"]} if "editor" in draft.extra else {}
-        return {"model": self.gen.model_name, "fingerprint": weights.fingerprint(self.gen.model_name),
-                "system_prompt": self.cfg.model.llm.system_prompt, "dtype": self.cfg.model.llm.dtype,
-                **provenance(sampling), **editor,
-                "speechllm": __version__}
+        return {**llm_identity(self.cfg.model.llm), **provenance(sampling), **editor, "speechllm": __version__}
 
     def reusing(self, jobs: list[Job], generate, summary: TargetsSummary):
         """`generate`, except that the self-output prompt of a job whose record in

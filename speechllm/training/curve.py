@@ -117,12 +117,10 @@ def curve_items(data: Path, ecfg: EvalConfig) -> tuple[list["ForgettingItem"], d
 
 def _identity(model: "SpeechLLM", fitems: list["ForgettingItem"], by_id: dict[str, "TaskItem"],
               ecfg: EvalConfig) -> dict:
-    from ..hub import weights
+    from ..model.llm import llm_identity
 
     asked = [[f.id, f.instruction, by_id[f.base].description] for f in fitems]
-    return {"format": REFERENCE_FORMAT, "llm": model.config.llm.name,
-            "fingerprint": weights.fingerprint(model.config.llm.name), "system_prompt": model.config.llm.system_prompt,
-            "dtype": model.config.llm.dtype, "max_new_tokens": ecfg.if_max_new_tokens,
+    return {"format": REFERENCE_FORMAT, **llm_identity(model.config.llm), "max_new_tokens": ecfg.if_max_new_tokens,
             "items": hashlib.sha256(json.dumps(asked).encode()).hexdigest()}
 
 
