@@ -34,6 +34,9 @@ from .description import LABEL_ONLY_FIELDS, describe
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
 LABEL_KEYS = (TRANSCRIPT, *MEASURED)
 """Manifest label keys that name an annotator's output (overridable with --trust-labels)."""
+REPLACED_WHOLE = (TRANSCRIPT,)
+"""Annotators whose result a trusted label replaces whole (nothing of theirs is kept, unlike a
+measured attribute's value and guess), so they do not run on a clip that has that label."""
 
 
 @dataclass
@@ -196,23 +199,24 @@ def _override(name: str, ann: Annotation | None, labels: dict) -> Annotation:
     """The label of `name` in place of `ann` (a transcript whole; a measured attribute keeps the
     annotator's value and guess beside the label's bin)."""
     value = labels[name]
-    if name == "transcript":
+    if name in REPLACED_WHOLE:
         return Annotation(value=str(value), extra={"source": "label"})
     return Annotation(value=ann.value, bin=str(value).lower(), confidence=1.0,
                       extra={**ann.extra, "source": "label", "annotator_bin": ann.bin})
 
 
-def _replaced_whole(ann, clip: Clip, trust_labels: bool) -> bool:
-    """A trusted transcript label replaces the ASR's whole result (its text is not kept, unlike a
-    measured attribute's value), so ASR does not run on that clip."""
-    return trust_labels and ann.name == TRANSCRIPT and clip.labels.get(TRANSCRIPT) not in (None, "")
+def _trusted_label(ann, clip: Clip, trust_labels: bool) -> bool:
+    """Whether `clip`'s manifest label of `ann`'s key replaces `ann`'s guess (`--trust-labels`)."""
+    trusted = ann.name in LABEL_KEYS or isinstance(ann, Classifier)
+    return trust_labels and trusted and clip.labels.get(ann.name) not in (None, "")
 
 
 def _run_annotator(ann, clips: list[Clip], prior: list[dict[str, Annotation]], trust_labels: bool
                    ) -> list[Annotation]:
     """`ann`'s results for `clips`, run only on those whose result a trusted label does not replace
     whole (the others get the label's, as `_override` makes it)."""
-    todo = [i for i, clip in enumerate(clips) if not _replaced_whole(ann, clip, trust_labels)]
+    todo = [i for i, clip in enumerate(clips)
+            if not (ann.name in REPLACED_WHOLE and _trusted_label(ann, clip, trust_labels))]
     outs = dict(zip(todo, ann.annotate([clips[i] for i in todo], [prior[i] for i in todo]) if todo else []))
     return [outs[i] if i in outs else _override(ann.name, None, clip.labels) for i, clip in enumerate(clips)]
 
@@ -249,8 +253,7 @@ def annotate_batch(items: list[Item], max_seconds: float, trust_labels: bool) ->
             clips = [c for c, k in zip(clips, keep) if k]
             results = [r for r, k in zip(results, keep) if k]
         for clip, prior, out in zip(clips, results, outs):
-            trusted = ann.name in LABEL_KEYS or isinstance(ann, Classifier)
-            if trust_labels and trusted and clip.labels.get(ann.name) not in (None, ""):
+            if _trusted_label(ann, clip, trust_labels):
                 out = _override(ann.name, out, clip.labels)
             prior[ann.name] = out
     records = [clip_record(clip, res, annotators).to_json() for clip, res in zip(clips, results)]
