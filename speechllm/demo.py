@@ -337,8 +337,8 @@ def run_demo(out: Path, quick: bool = False, device: str = "cpu", progress: bool
                                            device=device, progress=progress))
     report = _add_demo_sections(report, out, data, real, lora, nll)
     total = round(time.perf_counter() - t0, 1)
-    (out / "demo.json").write_text(json.dumps({"plan": asdict(plan), "quick": quick, "dtype": dtype, "stage_seconds": stages.times,
-                                               "total_seconds": total}, indent=2) + "\n")
+    (out / "demo.json").write_text(json.dumps({"plan": asdict(plan), "quick": quick, "dtype": dtype,
+                                               "stage_seconds": stages.times, "total_seconds": total}, indent=2) + "\n")
     print(f"\n[demo] done in {total / 60:.1f} min; stage times: "
           + ", ".join(f"{k} {v:.0f} s" for k, v in stages.times.items()), file=sys.stderr)
     return report

@@ -157,7 +157,8 @@ def test_token_weighting_gives_a_batch_of_short_answers_a_smaller_step(data, tmp
     grad_norms = {w: [m["grad_norm"] for m in metrics(out) if "grad_norm" in m][0] for w, out in runs.items()}
     first = Trainer(load_config(TINY_CONFIG, [f"train.data={path}", *cfg_args(data, tmp_path / "peek")]))
     short_first = all(r.target == "Yes." for r in first.stream[0])
-    # tokens per example ~ (3 + 40) / 2: a short batch's gradient shrinks, a long batch's grows
+    # tokens per example lie between the short and the long answers': a short batch's gradient
+    # shrinks, a long batch's grows
     assert (grad_norms["token"] < grad_norms["batch"]) == short_first, (grad_norms, short_first)
 
 

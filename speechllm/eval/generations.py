@@ -62,8 +62,7 @@ class Generations:
         if stale:
             for k in stale:
                 del self.answers[k]
-            write_jsonl_atomic(self.path, [{"key": k, "answer": a, **({"asked": self.asked[k]} if k in self.asked
-                                                                       else {})} for k, a in self.answers.items()])
+            write_jsonl_atomic(self.path, [self._line(k) for k in self.answers])
             print(f"[speechllm] {self.name}: {len(stale)} saved answers were to other questions (the items under "
                   "their keys changed); answering them anew", file=sys.stderr)
         todo = sorted((k for k in keys if k not in self.answers), key=lambda k: (length(k), k))
@@ -78,6 +77,10 @@ class Generations:
                     self.answers[k] = text
                     if k in digest:
                         self.asked[k] = digest[k]
-                    w.write({"key": k, "answer": text, **({"asked": digest[k]} if k in digest else {})})
+                    w.write(self._line(k))
                 bar.update(len(chunk))
         bar.close()
+
+    def _line(self, key: str) -> dict:
+        """The saved line of an answer: key, answer, and the digest of what it answered when known."""
+        return {"key": key, "answer": self.answers[key], **({"asked": self.asked[key]} if key in self.asked else {})}

@@ -148,7 +148,8 @@ class ForgettingCurve:
         path = self.out / REFERENCE_FILE
         if self.reference_passes is not None:
             return self.reference_passes
-        for candidate in [path, *sorted(self.out.parent.glob(f"*/{REFERENCE_FILE}"))]:
+        beside = sorted(p for p in self.out.parent.glob(f"*/{REFERENCE_FILE}") if p != path)
+        for candidate in [path, *beside]:
             try:
                 saved = json.loads(candidate.read_text(encoding="utf-8"))
             except (OSError, ValueError):
