@@ -132,6 +132,7 @@ def test_self_outputs_are_taken_from_an_earlier_self_output_file(tmp_path):
     """targets.self_output_file: the same records as generating the self-outputs again, without
     generating them; a record made otherwise (here: another instruction) is generated as usual."""
     from speechllm.config import ConfigError
+    from speechllm.errors import SpeechLLMError
     from speechllm.io.jsonl import JsonlError
 
     common = ["train.max_target_tokens=10", "targets.batch_size=4", "targets.instruction=What did the speaker say?",
@@ -165,7 +166,7 @@ def test_self_outputs_are_taken_from_an_earlier_self_output_file(tmp_path):
             "targets.strategy=minimum-change", f"targets.self_output_file={tmp_path / 'none.jsonl'}"]),
             progress=False, generator=gen)
     (tmp_path / "bad.jsonl").write_text('{"id": "clip0", "audio": "a.wav", "instruction": "x", "target": 3}\n')
-    with pytest.raises(JsonlError, match="bad.jsonl:1"):
+    with pytest.raises(SpeechLLMError, match="bad.jsonl:1"):  # the CLI's exit 2 with this message
         run_targets(meta, tmp_path / "y.jsonl", load_config(TINY_CONFIG, common + [
             "targets.strategy=minimum-change", f"targets.self_output_file={tmp_path / 'bad.jsonl'}"]),
             progress=False, generator=gen)

@@ -15,9 +15,11 @@ import re
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 from ..errors import SpeechLLMError
+
+T = TypeVar("T")
 
 
 class JsonlError(SpeechLLMError, ValueError):
@@ -106,6 +108,18 @@ def read_jsonl(path: str | Path, required: tuple[str, ...] = ()) -> list[dict]:
         if line.error:
             raise JsonlError(line.error)
         out.append(line.record)
+    return out
+
+
+def read_records(path: str | Path, parse: Callable[[dict, str], T], required: tuple[str, ...] = ()) -> list[T]:
+    """All records of `path` as their record type (`parse(obj, "file:line")`, e.g.
+    `TargetRecord.from_json`); the first malformed line is a `JsonlError`, a record `parse`
+    refuses its error (a `SpeechLLMError` naming file:line, e.g. `RecordError`)."""
+    out = []
+    for line in iter_lines(path, required):
+        if line.error:
+            raise JsonlError(line.error)
+        out.append(parse(line.record, f"{path}:{line.number}"))
     return out
 
 

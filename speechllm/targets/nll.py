@@ -31,11 +31,11 @@ import torch
 from ..config import Config
 from ..errors import SpeechLLMError
 from ..hub import weights
-from ..io.jsonl import iter_lines, sibling_path, write_json_atomic
+from ..io.jsonl import read_records, sibling_path, write_json_atomic
 from ..model.generate import TextGenerator
 from ..model.llm import llm_identity
 from ..model.prompt import description_prompt
-from ..records import RecordError, TargetRecord
+from ..records import TargetRecord
 
 NLL_SUFFIX = ".nll.json"
 """The sidecar of `<targets>.jsonl`: `<targets>.nll.json`."""
@@ -60,20 +60,14 @@ def _identity(targets: Path, cfg: Config) -> dict:
 
 
 def _records(targets: Path) -> list[TargetRecord]:
-    out = []
-    for line in iter_lines(targets, required=TargetRecord.REQUIRED):
-        where = f"{targets}:{line.number}"
-        if line.error:
-            raise NLLError(line.error)
-        try:
-            rec = TargetRecord.from_json(line.record, where)
-        except RecordError as err:
-            raise NLLError(str(err)) from None
+    """The file's records, each with a description (a malformed one is an error naming file:line)."""
+    def parse(obj: dict, where: str) -> TargetRecord:
+        rec = TargetRecord.from_json(obj, where)
         if not rec.description.strip():
             raise NLLError(f"{where}: no description; the target's NLL is scored given the description the "
                            "targets stage wrote (rewrite the file with `speechllm targets`)")
-        out.append(rec)
-    return out
+        return rec
+    return read_records(targets, parse, TargetRecord.REQUIRED)
 
 
 @torch.inference_mode()

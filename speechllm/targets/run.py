@@ -24,7 +24,7 @@ from pathlib import Path
 from .. import __version__
 from ..config import Config, GenerationConfig
 from ..distributed import accelerate_kwargs
-from ..io.jsonl import JsonlError, ResumableJsonl, iter_lines, shard_path, sibling_path, write_json_atomic
+from ..io.jsonl import JsonlError, ResumableJsonl, iter_lines, read_records, shard_path, sibling_path, write_json_atomic
 from ..io.paths import rebase
 from ..io.rows import merge_in_order
 from ..model.generate import Generation, TextGenerator, provenance
@@ -328,16 +328,7 @@ def read_self_outputs(cfg: Config) -> dict[str, TargetRecord]:
         return {}
     if not Path(path).is_file():
         raise JsonlError(f"{path}: no such file (targets.self_output_file)")
-    out = {}
-    for line in iter_lines(path, required=TargetRecord.REQUIRED):
-        if line.error:
-            raise JsonlError(line.error)
-        try:
-            rec = TargetRecord.from_json(line.record, f"{path}:{line.number}")
-        except RecordError as err:
-            raise JsonlError(str(err)) from None
-        out[rec.id] = rec
-    return out
+    return {rec.id: rec for rec in read_records(path, TargetRecord.from_json, TargetRecord.REQUIRED)}
 
 
 def _prompt_key(prompt: Prompt) -> tuple:
