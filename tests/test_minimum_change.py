@@ -170,3 +170,38 @@ def test_self_outputs_are_taken_from_an_earlier_self_output_file(tmp_path):
         run_targets(meta, tmp_path / "y.jsonl", load_config(TINY_CONFIG, common + [
             "targets.strategy=minimum-change", f"targets.self_output_file={tmp_path / 'bad.jsonl'}"]),
             progress=False, generator=gen)
+
+
+def test_the_fidelity_probe_is_read_from_the_self_output_run_when_it_asked_the_same(tmp_path):
+    """minimum-change probes the same teacher on the same descriptions as the self-output run
+    beside it: it reads that run's fidelity file (no probe question asked) and writes the same
+    counts; with anything asked differently (here: more probe questions) it asks again."""
+    common = ["train.max_target_tokens=10", "targets.batch_size=4", "targets.target_nll=false",
+              "targets.fidelity_probe=2"]
+    meta = _metadata(tmp_path / "m.jsonl")
+    so_cfg = load_config(TINY_CONFIG, common)
+    gen = TextGenerator.from_config(so_cfg)
+    run_targets(meta, tmp_path / "so.jsonl", so_cfg, progress=False, generator=gen)
+    so_fidelity = json.loads((tmp_path / "so.fidelity.json").read_text())
+    assert so_fidelity["attributes"]["gender"]["asked"] == 2 and len(so_fidelity["asked"]) == 64
+
+    asked = []
+    real_generate = gen.generate
+
+    def counting(prompts, *args, **kwargs):
+        asked.extend(prompts)
+        return real_generate(prompts, *args, **kwargs)
+
+    gen.generate = counting
+    reuse = common + ["targets.strategy=minimum-change", f"targets.self_output_file={tmp_path / 'so.jsonl'}"]
+    summary = run_targets(meta, tmp_path / "mc.jsonl", load_config(TINY_CONFIG, reuse), progress=False, generator=gen)
+    assert json.loads((tmp_path / "mc.fidelity.json").read_text()) == so_fidelity
+    assert summary.fidelity.to_json()["attributes"] == so_fidelity["attributes"]
+    # the records' own self-outputs come from the file too: only regenerated answers would be asked
+    assert len(asked) == sum(json.loads(line)["generator"]["do_sample"]
+                             for line in (tmp_path / "so.jsonl").read_text().splitlines())
+
+    more = reuse[:-2] + ["targets.fidelity_probe=3", reuse[-2], reuse[-1]]
+    asked.clear()
+    summary = run_targets(meta, tmp_path / "mc3.jsonl", load_config(TINY_CONFIG, more), progress=False, generator=gen)
+    assert summary.fidelity.asked["gender"] == 3 and len(asked) >= 3

@@ -101,13 +101,19 @@ def agrees(probe: Probe, answer: str) -> bool:
     return extract_lenient(answer, list(probe.values), probe.instruction) == probe.expected
 
 
+def probe_prompts(items: list[Probe], examples: ExamplePool) -> list[tuple[str, list]]:
+    """(user text, worked-example turns) of every probe: its description and question, with the
+    worked examples the pool draws for it."""
+    from ..model.prompt import description_prompt
+
+    return [(description_prompt(p.description, p.instruction),
+             [e.turn() for e in examples.draw(p.id, p.instruction)]) for p in items]
+
+
 def measure(items: list[Probe], answer, examples: ExamplePool) -> Fidelity:
     """Ask every probe (through `answer`: a list of (user text, worked-example turns) -> answers)
     with the worked examples the pool draws for it, and count agreements."""
-    from ..model.prompt import description_prompt
-
-    prompts = [(description_prompt(p.description, p.instruction),
-                [e.turn() for e in examples.draw(p.id, p.instruction)]) for p in items]
+    prompts = probe_prompts(items, examples)
     result = Fidelity(examples.k)
     for probe, text in zip(items, answer(prompts)):
         result.asked[probe.attribute] = result.asked.get(probe.attribute, 0) + 1
