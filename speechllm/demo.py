@@ -109,12 +109,17 @@ class DemoPlan:
     label adapter's 64 forgetting items in 34.7 s against 16's 41.8-44.8 on this 2-core CPU (bf16)."""
     targets_batch_size: int = 32
     """Prompts per generation batch when making targets and pseudo-replay answers."""
+    fidelity_probe: int = 24
+    """Teacher-fidelity probe questions per attribute (`targets.fidelity_probe`); minimum-change
+    reads self-output's answers to them (the same teacher asked the same)."""
     real: bool = True
     """Also evaluate on the real recordings of `speechllm.data.real` (gender and transcription)."""
     seed: int = 0
     constraints: list[str] = field(default_factory=lambda: list(DEMO_CONSTRAINTS))
     safety_items: int = 12
     """AdvBench requests asked spoken and typed of every run, and of the base LLM."""
+    safety_tokens: int = 64
+    """Answer length for safety requests (a refusal shows in its first sentence)."""
     curve_every: int = 50
     """Forgetting curve: every run scores `curve_items` held-out forgetting items this often."""
     curve_items: int = 12
@@ -137,8 +142,9 @@ class DemoPlan:
 
 FULL = DemoPlan(clips=240, steps=100, forgetting_items=144)
 QUICK = DemoPlan(clips=48, steps=12, max_target_tokens=48, per_task=4, forgetting_items=12, text_prompts=0,
-                 task_tokens=24, if_tokens=64, safety_items=2, curve_every=12, curve_items=4, lora_steps=6,
-                 replay_magpie=4, replay_safety=2, lora_per_task=2, lora_forgetting_items=4, lora_text_prompts=2)
+                 fidelity_probe=8, task_tokens=24, if_tokens=64, safety_items=2, safety_tokens=32, curve_every=12,
+                 curve_items=4, lora_steps=6, replay_magpie=4, replay_safety=2, lora_per_task=2,
+                 lora_forgetting_items=4, lora_text_prompts=2)
 
 
 def demo_dtype(dtype: str, device: str) -> str:
@@ -162,7 +168,7 @@ def demo_config(plan: DemoPlan, strategy: str, out: Path, lora: LoRARun | None =
     overrides = [
         f"model.llm.system_prompt={SYSTEM_PROMPT}", f"model.llm.dtype={dtype}",
         f"targets.strategy={strategy}", f"targets.instruction_pool={json.dumps(INSTRUCTION_POOL)}",
-        f"targets.batch_size={plan.targets_batch_size}",
+        f"targets.batch_size={plan.targets_batch_size}", f"targets.fidelity_probe={plan.fidelity_probe}",
         f"train.data={out / 'data' / f'train.{strategy}.targets.jsonl'}", f"train.out_dir={out / 'runs' / name}",
         f"train.max_steps={steps}", f"train.batch_size={plan.batch_size}", f"train.lr={plan.lr}",
         f"train.warmup_steps={min(plan.warmup_steps, steps // 2)}",
@@ -228,7 +234,7 @@ def _eval_config(plan: DemoPlan, real: bool = False, lora: bool = False):
 
     common = dict(data_format="metadata", max_new_tokens=plan.task_tokens, if_max_new_tokens=plan.if_tokens,
                   batch_size=plan.eval_batch_size, seed=plan.seed, constraints=plan.constraints,
-                  text_prompt_set="auto")
+                  text_prompt_set="auto", safety_max_new_tokens=plan.safety_tokens)
     if real:
         return EvalConfig(tasks=["gender", "transcription"], forgetting_items=0, text_prompts=0, safety_items=0,
                           **common)
@@ -358,7 +364,8 @@ def _add_demo_sections(report: dict, out: Path, data: Path, real: dict | None, l
     for strategy in TARGET_STRATEGIES:
         path = fidelity_path(data / f"train.{strategy}.targets.jsonl")
         if path.exists():
-            fidelity[strategy] = json.loads(path.read_text())
+            saved = json.loads(path.read_text())
+            fidelity[strategy] = {"examples": saved["examples"], "attributes": saved["attributes"]}
     report["strategies"] = {s: {"target_nll": r["nll"], "target_tokens": r["tokens"], "records": r["records"]}
                             for s, r in nll.items()}
     report["experiments"] = {
