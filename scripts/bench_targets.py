@@ -14,18 +14,18 @@ machine shared with other work, `--threads 1 --cpu-time` times the process's CPU
 wall time (the bounds are then those of one thread).
 
     python scripts/bench_targets.py [--n 32] [--batch-size 32] [--max-new-tokens 48] [--rounds 2]
-                                    [--threads N] [--cpu-time]
+                                    [--threads N] [--cpu-time] [--dtype auto|float32|bfloat16]
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import time
 
 import torch
 
-from bounds import LLMFlops, clock, copy_bandwidth, matmul_peak, weight_bytes
+from bounds import (DTYPE_LABEL, LLMFlops, add_dtype_arg, clock, copy_bandwidth, matmul_peak, resolve_dtype,
+                    weight_bytes)
 from speechllm.config import GenerationConfig, load_config
 from speechllm.demo import SYSTEM_PROMPT
 from speechllm.model.generate import Generation, TextGenerator
@@ -60,6 +60,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=2, help="alternating timed runs of each batched setting")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     p.add_argument("--cpu-time", action="store_true", help="time the process's CPU time, not wall time")
+    add_dtype_arg(p)
     return p.parse_args()
 
 
@@ -77,7 +78,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     now = clock(args.cpu_time)
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, [f"model.llm.dtype={resolve_dtype(args.dtype)}"])
     cfg.model.llm.system_prompt = args.system_prompt
     gen = TextGenerator.from_config(cfg)
     prompts = [gen.prompt_ids(d) for d in descriptions(args.n)]
@@ -86,7 +87,7 @@ def main() -> None:
     reuse = GenerationConfig(max_new_tokens=args.max_new_tokens)
     whole = dataclasses.replace(reuse, reuse_prefix=False)
     batch = min(args.batch_size, args.n)
-    print(f"model {gen.model_name}, system prompt {args.system_prompt!r}, {args.n} prompts of "
+    print(f"model {gen.model_name} ({cfg.model.llm.dtype}), system prompt {args.system_prompt!r}, {args.n} prompts of "
           f"{min(lengths)}-{max(lengths)} tokens ({shared} shared), max {args.max_new_tokens} new tokens, "
           f"{torch.get_num_threads()} threads, {'CPU' if args.cpu_time else 'wall'} time", flush=True)
 
@@ -114,7 +115,8 @@ def main() -> None:
     same_whole = sum(a.text == b.text for a, b in zip(answers["whole"], answers["reuse"]))
     print(f"identical answers: per-sample vs batched {same}/{args.n}; reuse vs no reuse {same_whole}/{args.n}")
 
-    bw, wbytes, peak = copy_bandwidth(now=now), weight_bytes(gen.llm), matmul_peak(now=now)
+    dtype = cfg.model.llm.dtype
+    bw, wbytes, peak = copy_bandwidth(now=now), weight_bytes(gen.llm), matmul_peak(now=now, dtype=getattr(torch, dtype))
     one_seq = bw / wbytes
     flops = LLMFlops.of(gen.llm)
     produced = [g.tokens + g.finished for g in answers["reuse"]]
@@ -122,7 +124,7 @@ def main() -> None:
     compute = {name: peak * batched_tokens / f for name, f in job.items()}
     print(f"memory-copy bandwidth {bw / 1e9:.1f} GB/s, weights {wbytes / 1e6:.0f} MB -> one-sequence decoding "
           f"bound {one_seq:.1f} tok/s, x batch {batch} = {batch * one_seq:.0f} tok/s")
-    print(f"fp32 matmul peak {peak / 1e9:.1f} GFLOP/s; FLOPs per generated token, prefill included: "
+    print(f"{DTYPE_LABEL[dtype]} matmul peak {peak / 1e9:.1f} GFLOP/s; FLOPs per generated token, prefill included: "
           f"{job['reuse'] / batched_tokens / 1e9:.3f} G with reuse, {job['whole'] / batched_tokens / 1e9:.3f} G "
           f"without -> compute bound {compute['reuse']:.1f} / {compute['whole']:.1f} tok/s")
     bound = {name: min(batch * one_seq, c) for name, c in compute.items()}

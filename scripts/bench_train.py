@@ -1,5 +1,5 @@
 """Training throughput: speechllm's defaults vs DeSTA2.5-style settings, side by side in one run
-on the same records, plus the step's achieved FLOP/s against a measured fp32 matmul peak and
+on the same records, plus the step's achieved FLOP/s against the measured matmul peak of the LLM's dtype and
 the process's peak RSS; the last line is the speedup.
 
 - ours: tapped encoder states from the feature cache (computed once, trimmed to each clip),
@@ -13,7 +13,7 @@ The settings take turns batch by batch (other work on the machine slows them ali
 shared with other work, `--threads 1 --cpu-time` times the process's CPU time instead.
 
     python scripts/bench_train.py [--config configs/default.yaml] [--n 32] [--steps 6] [--batch-size 8]
-                                  [--threads N] [--cpu-time]
+                                  [--threads N] [--cpu-time] [--dtype auto|float32|bfloat16]
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from speechllm.model.speechllm import IGNORE_INDEX
 from speechllm.training.cache import FeatureCache
 from speechllm.training.data import TrainRecord, batch_at, epoch_batches, load_targets
 
-from bounds import clock, matmul_peak
+from bounds import DTYPE_LABEL, add_dtype_arg, clock, matmul_peak, resolve_dtype
 
 DESTA_SEQ_LEN = 300
 """DeSTA2.5's max_seq_length: every batch is padded (or cut) to it."""
@@ -76,6 +76,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     p.add_argument("--cpu-time", action="store_true", help="time the process's CPU time, not wall time")
+    add_dtype_arg(p)
     return p.parse_args()
 
 
@@ -164,13 +165,15 @@ def report(cfg: Config, args: argparse.Namespace, results: dict[str, tuple[float
     sps_whole, _ = results["ours, no prefix reuse"]
     sps_desta, _ = results["desta2.5-style"]
     llm_flops = llm_params * work_ours  # per second
-    print(f"{cfg.model.llm.name} + {cfg.model.encoder.name}, batch {args.batch_size}, {args.steps} steps each, "
+    print(f"{cfg.model.llm.name} ({cfg.model.llm.dtype}) + {cfg.model.encoder.name}, batch {args.batch_size}, "
+          f"{args.steps} steps each, "
           f"{torch.get_num_threads()} threads, {'CPU' if args.cpu_time else 'wall'} time; feature cache built once "
           f"in {t_cache:.1f} s for {clips} clips")
     print(f"ours: {sps_ours:.2f} samples/s; without prefix reuse {sps_whole:.2f} samples/s (prefix reuse speedup "
           f"{sps_ours / sps_whole:.2f}); DeSTA2.5-style (30 s encoder input, no cache, 300-token batches): "
           f"{sps_desta:.2f} samples/s")
-    print(f"LLM part: {llm_flops / 1e9:.1f} GFLOP/s achieved vs fp32 matmul peak {peak / 1e9:.1f} GFLOP/s "
+    print(f"LLM part: {llm_flops / 1e9:.1f} GFLOP/s achieved vs {DTYPE_LABEL[cfg.model.llm.dtype]} matmul peak "
+          f"{peak / 1e9:.1f} GFLOP/s "
           f"= {llm_flops / peak:.0%}")
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GB")
     print(f"speedup {sps_ours / sps_desta:.1f}")
@@ -181,14 +184,15 @@ def main() -> None:
     args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, [f"model.llm.dtype={resolve_dtype(args.dtype)}"])
     torch.manual_seed(0)
     model = build_model(cfg)
     params = [q for q in model.parameters() if q.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     llm_params = llm_matmul_params(model)
     results, t_cache, clips = run_settings(model, opt, cfg, args)
-    report(cfg, args, results, t_cache, clips, llm_params, matmul_peak(now=clock(args.cpu_time)))
+    peak = matmul_peak(now=clock(args.cpu_time), dtype=getattr(torch, cfg.model.llm.dtype))
+    report(cfg, args, results, t_cache, clips, llm_params, peak)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """What this machine and a model allow at best, for the benchmarks (scripts/bench_*.py):
-the fp32 matmul peak, the memory-copy bandwidth, a model's weight bytes, and the FLOPs a causal
+the matmul peak (in the model's dtype), the memory-copy bandwidth, a model's weight bytes, and the FLOPs a causal
 LLM spends per position (linear layers, attention scores over the context, the LM head).
 
 - compute bound: FLOPs of the work / measured matmul peak;
@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 MATMUL_N = 1024
-"""Side of the square fp32 matmul whose speed is the peak."""
+"""Side of the square matmul whose speed is the peak."""
 COPY_BYTES = 512 * 2 ** 20
 """Bytes of the tensor copied to measure the bandwidth (far beyond any cache)."""
 ATTENTION_FLOPS_PER_KEY = 4
@@ -30,9 +30,10 @@ def clock(cpu_time: bool):
     return time.process_time if cpu_time else time.perf_counter
 
 
-def matmul_peak(repeats: int = 10, now=time.perf_counter) -> float:
-    """fp32 FLOP/s of a large square matmul on this machine (best of `repeats`, by the clock `now`)."""
-    a, b = torch.randn(MATMUL_N, MATMUL_N), torch.randn(MATMUL_N, MATMUL_N)
+def matmul_peak(repeats: int = 10, now=time.perf_counter, dtype: torch.dtype = torch.float32) -> float:
+    """FLOP/s of a large square matmul in `dtype` on this machine (best of `repeats`, by the clock
+    `now`): the peak of the dtype the benchmarked model computes in."""
+    a, b = torch.randn(MATMUL_N, MATMUL_N, dtype=dtype), torch.randn(MATMUL_N, MATMUL_N, dtype=dtype)
     a @ b
     best = float("inf")
     for _ in range(repeats):
@@ -102,3 +103,20 @@ class LLMFlops:
             fed = max(n - 1, 0)
             total += self.forward(fed, fed * p + fed * (fed + 1) // 2, fed)
         return total
+
+
+def add_dtype_arg(parser) -> None:
+    """`--dtype`: the LLM's dtype in the benchmark, `auto` as the demo picks it."""
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                        help="LLM weights dtype; auto: bfloat16 where this CPU multiplies it in hardware "
+                             "(AVX512-BF16/AMX), else float32, as `speechllm demo` picks it (default: auto)")
+
+
+def resolve_dtype(name: str) -> str:
+    """`model.llm.dtype` for `--dtype` (see `speechllm.demo.demo_dtype`)."""
+    from speechllm.demo import demo_dtype
+
+    return demo_dtype(name, "cpu")
+
+
+DTYPE_LABEL = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
