@@ -88,7 +88,7 @@ def main() -> None:
                 enc = model.encoder.encode([load_audio(splits[name].parent / r.audio)])
                 clip = [s[0, : int(enc.lengths[0])] for s in enc.states]
                 states[name][r.id] = clip
-                pooled_taps.append(torch.stack([s.mean(0) for s in clip]))
+                pooled_taps.append(torch.stack([s.float().mean(0) for s in clip]))  # probes fit in fp32
                 emb, _ = model.adapt_states([clip])
                 pooled_out.append(emb[0].float())
             taps[name] = torch.stack(pooled_taps)  # (clips, taps, width)
