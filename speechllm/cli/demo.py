@@ -18,13 +18,13 @@ def add_parser(sub) -> None:
         "label), 2) adapter + LoRA (label, label with replay, minimum-change, self-output). Each is\n"
         "evaluated against the text reference: audio-task accuracy, forgetting rate (with its curve\n"
         "over training), text-only retention and safety, with 95% intervals. Offline on a 2-core CPU:\n"
-        "35 min where bf16 runs in hardware (AVX512-BF16 or AMX; fp32 is slower: targets 1.8x,\n"
-        "training 1.2x) (--quick: 7 min). Every stage resumes: rerunning the same command skips\n"
+        "33 min where bf16 runs in hardware (AVX512-BF16 or AMX; fp32 is slower: targets 1.8x,\n"
+        "training 1.2x) (--quick: 6 min). Every stage resumes: rerunning the same command skips\n"
         "finished work.",
         ["speechllm demo --out runs/demo", "speechllm demo --out runs/demo-quick --quick"])
     p.add_argument("--out", default="runs/demo", metavar="DIR", help="output folder (default runs/demo)")
     p.add_argument("--quick", action="store_true",
-                   help="a smaller corpus and fewer steps (7 min in bf16 on a 2-core CPU)")
+                   help="a smaller corpus and fewer steps (6 min in bf16 on a 2-core CPU)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                    help="the LLM's (and encoder's) dtype in every stage; auto (default): bfloat16 where the device "
                         "multiplies it in hardware (a CPU with AVX512-BF16 or AMX, a GPU with bf16; on a 2-core "
