@@ -15,11 +15,15 @@ CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length")
 
 
 def llm_identity(cfg: LLMConfig) -> dict:
-    """What makes the frozen LLM answer as it does: its name, weights fingerprint, system prompt and
-    dtype (bf16 and fp32 answer differently). Every saved answer or score made by the base LLM
-    (answer caches, targets provenance, the curve's reference, target NLL) records it."""
-    return {"model": cfg.name, "fingerprint": weights.fingerprint(cfg.name), "system_prompt": cfg.system_prompt,
-            "dtype": cfg.dtype}
+    """What makes the frozen LLM answer as it does: its name, weights fingerprint, system prompt,
+    dtype (bf16 and fp32 answer differently) and the attention kernel when one is chosen. Every
+    saved answer or score made by the base LLM (answer caches, targets provenance, the curve's
+    reference, target NLL) records it."""
+    identity = {"model": cfg.name, "fingerprint": weights.fingerprint(cfg.name), "system_prompt": cfg.system_prompt,
+                "dtype": cfg.dtype}
+    if cfg.attn_implementation != "auto":
+        identity["attn_implementation"] = cfg.attn_implementation
+    return identity
 
 
 def native_bf16(device: str | torch.device = "cpu") -> bool:
@@ -53,5 +57,7 @@ def load_llm(cfg: LLMConfig, device: str | torch.device = "cpu", tokenizer: bool
 
     path = weights.resolve(cfg.name)
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code) if tokenizer else None
-    llm = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code)
+    attention = {} if cfg.attn_implementation == "auto" else {"attn_implementation": cfg.attn_implementation}
+    llm = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code,
+                                               **attention)
     return llm.to(device).eval(), tok
