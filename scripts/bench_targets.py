@@ -15,6 +15,7 @@ wall time (the bounds are then those of one thread).
 
     python scripts/bench_targets.py [--n 32] [--batch-size 32] [--max-new-tokens 48] [--rounds 2]
                                     [--threads N] [--cpu-time] [--dtype auto|float32|bfloat16]
+                                    [--attn auto|sdpa|eager]
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ import dataclasses
 
 import torch
 
-from bounds import (DTYPE_LABEL, LLMFlops, add_dtype_arg, clock, copy_bandwidth, matmul_peak, resolve_dtype,
-                    weight_bytes)
+from bounds import (DTYPE_LABEL, LLMFlops, add_attention_arg, add_dtype_arg, clock, copy_bandwidth, matmul_peak,
+                    resolve_dtype, weight_bytes)
 from speechllm.config import GenerationConfig, load_config
 from speechllm.demo import SYSTEM_PROMPT
 from speechllm.model.generate import Generation, TextGenerator
@@ -61,6 +62,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     p.add_argument("--cpu-time", action="store_true", help="time the process's CPU time, not wall time")
     add_dtype_arg(p)
+    add_attention_arg(p)
     return p.parse_args()
 
 
@@ -78,7 +80,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     now = clock(args.cpu_time)
-    cfg = load_config(args.config, [f"model.llm.dtype={resolve_dtype(args.dtype)}"])
+    cfg = load_config(args.config, [f"model.llm.dtype={resolve_dtype(args.dtype)}",
+                                    f"model.llm.attn_implementation={args.attn}"])
     cfg.model.llm.system_prompt = args.system_prompt
     gen = TextGenerator.from_config(cfg)
     prompts = [gen.prompt_ids(d) for d in descriptions(args.n)]
@@ -87,7 +90,8 @@ def main() -> None:
     reuse = GenerationConfig(max_new_tokens=args.max_new_tokens)
     whole = dataclasses.replace(reuse, reuse_prefix=False)
     batch = min(args.batch_size, args.n)
-    print(f"model {gen.model_name} ({cfg.model.llm.dtype}), system prompt {args.system_prompt!r}, {args.n} prompts of "
+    print(f"model {gen.model_name} ({cfg.model.llm.dtype}, attention {cfg.model.llm.attn_implementation}), "
+          f"system prompt {args.system_prompt!r}, {args.n} prompts of "
           f"{min(lengths)}-{max(lengths)} tokens ({shared} shared), max {args.max_new_tokens} new tokens, "
           f"{torch.get_num_threads()} threads, {'CPU' if args.cpu_time else 'wall'} time", flush=True)
 

@@ -14,6 +14,7 @@ shared with other work, `--threads 1 --cpu-time` times the process's CPU time in
 
     python scripts/bench_train.py [--config configs/default.yaml] [--n 32] [--steps 6] [--batch-size 8]
                                   [--threads N] [--cpu-time] [--dtype auto|float32|bfloat16]
+                                  [--attn auto|sdpa|eager]
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from speechllm.model.speechllm import IGNORE_INDEX
 from speechllm.training.cache import FeatureCache
 from speechllm.training.data import TrainRecord, batch_at, epoch_batches, load_targets
 
-from bounds import DTYPE_LABEL, add_dtype_arg, clock, matmul_peak, resolve_dtype
+from bounds import DTYPE_LABEL, add_attention_arg, add_dtype_arg, clock, matmul_peak, resolve_dtype
 
 DESTA_SEQ_LEN = 300
 """DeSTA2.5's max_seq_length: every batch is padded (or cut) to it."""
@@ -77,6 +78,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     p.add_argument("--cpu-time", action="store_true", help="time the process's CPU time, not wall time")
     add_dtype_arg(p)
+    add_attention_arg(p)
     return p.parse_args()
 
 
@@ -165,7 +167,8 @@ def report(cfg: Config, args: argparse.Namespace, results: dict[str, tuple[float
     sps_whole, _ = results["ours, no prefix reuse"]
     sps_desta, _ = results["desta2.5-style"]
     llm_flops = llm_params * work_ours  # per second
-    print(f"{cfg.model.llm.name} ({cfg.model.llm.dtype}) + {cfg.model.encoder.name}, batch {args.batch_size}, "
+    print(f"{cfg.model.llm.name} ({cfg.model.llm.dtype}, attention {cfg.model.llm.attn_implementation}) + "
+          f"{cfg.model.encoder.name}, batch {args.batch_size}, "
           f"{args.steps} steps each, "
           f"{torch.get_num_threads()} threads, {'CPU' if args.cpu_time else 'wall'} time; feature cache built once "
           f"in {t_cache:.1f} s for {clips} clips")
@@ -184,7 +187,8 @@ def main() -> None:
     args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = load_config(args.config, [f"model.llm.dtype={resolve_dtype(args.dtype)}"])
+    cfg = load_config(args.config, [f"model.llm.dtype={resolve_dtype(args.dtype)}",
+                                    f"model.llm.attn_implementation={args.attn}"])
     torch.manual_seed(0)
     model = build_model(cfg)
     params = [q for q in model.parameters() if q.requires_grad]

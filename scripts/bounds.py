@@ -112,6 +112,12 @@ def add_dtype_arg(parser) -> None:
                              "(AVX512-BF16/AMX), else float32, as `speechllm demo` picks it (default: auto)")
 
 
+def add_attention_arg(parser) -> None:
+    """`--attn`: transformers' attention kernel of the LLM (`model.llm.attn_implementation`)."""
+    parser.add_argument("--attn", choices=("auto", "sdpa", "eager"), default="auto",
+                        help="the LLM's attention kernel (default: auto, transformers' choice: SDPA)")
+
+
 def resolve_dtype(name: str) -> str:
     """`model.llm.dtype` for `--dtype` (see `speechllm.demo.demo_dtype`)."""
     from speechllm.demo import demo_dtype
