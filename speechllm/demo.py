@@ -358,14 +358,14 @@ def _add_demo_sections(report: dict, out: Path, data: Path, real: dict | None, l
     lora/ on fewer audio items; `experiments` says which run belongs where)."""
     from .eval.report import write_report
     from .io.jsonl import write_json_atomic
+    from .targets.fidelity import Fidelity
     from .targets.run import fidelity_path
 
     fidelity = {}
     for strategy in TARGET_STRATEGIES:
         path = fidelity_path(data / f"train.{strategy}.targets.jsonl")
         if path.exists():
-            saved = json.loads(path.read_text())
-            fidelity[strategy] = {"examples": saved["examples"], "attributes": saved["attributes"]}
+            fidelity[strategy] = Fidelity.from_json(json.loads(path.read_text())).to_json()
     report["strategies"] = {s: {"target_nll": r["nll"], "target_tokens": r["tokens"], "records": r["records"]}
                             for s, r in nll.items()}
     report["experiments"] = {

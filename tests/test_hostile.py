@@ -457,3 +457,21 @@ def test_serve_refuses_a_request_past_the_context(f):
     with pytest.raises(ServeError) as refused:
         answerer.answer(f.clip.read_bytes(), "clip.wav", " ".join(["can"] * 480))
     assert refused.value.status == HTTPStatus.BAD_REQUEST and "exceed the LLM's context" in refused.value.message
+
+
+def test_a_saved_result_is_reused_only_when_made_the_same_way(tmp_path):
+    """`read_saved_json`: this run's own file first, then the first file beside it with the same
+    identity (copied here); a damaged, foreign or differently made file is no match, and the
+    caller makes the result anew."""
+    from speechllm.io.jsonl import read_saved_json, write_json_atomic
+
+    own, a, b = tmp_path / "own.json", tmp_path / "a.json", tmp_path / "b.json"
+    assert read_saved_json(own, "identity", 1, [a, b]) is None  # nothing saved yet
+    own.write_text("{not json")
+    a.write_text("[1, 2]")  # JSON, but not a saved result
+    write_json_atomic(b, {"identity": 1, "value": "b"})
+    assert read_saved_json(own, "identity", 2, [a, b]) is None  # made otherwise
+    assert read_saved_json(own, "identity", 1, [a, b]) == {"identity": 1, "value": "b"}
+    assert json.loads(own.read_text()) == {"identity": 1, "value": "b"}  # copied: the next read needs no other
+    write_json_atomic(a, {"identity": 1, "value": "a"})
+    assert read_saved_json(own, "identity", 1, [a, b])["value"] == "b"  # its own file comes first

@@ -183,7 +183,7 @@ def test_the_fidelity_probe_is_read_from_the_self_output_run_when_it_asked_the_s
     gen = TextGenerator.from_config(so_cfg)
     run_targets(meta, tmp_path / "so.jsonl", so_cfg, progress=False, generator=gen)
     so_fidelity = json.loads((tmp_path / "so.fidelity.json").read_text())
-    assert so_fidelity["attributes"]["gender"]["asked"] == 2 and len(so_fidelity["asked"]) == 64
+    assert so_fidelity["attributes"]["gender"]["asked"] == 2 and len(so_fidelity["probe_digest"]) == 64
 
     asked = []
     real_generate = gen.generate

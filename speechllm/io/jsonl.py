@@ -9,6 +9,7 @@ twice.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
 import re
@@ -217,6 +218,29 @@ def write_jsonl_atomic(path: str | Path, records: list[dict]) -> None:
         for r in records:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
     os.replace(tmp, path)
+
+
+def json_digest(obj: Any) -> str:
+    """sha256 (hex) of `obj` as JSON with sorted keys: the identity digest of saved results."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def read_saved_json(path: str | Path, identity_key: str, identity: Any, others: list[Path] = ()) -> dict | None:
+    """A result saved as one JSON object whose `identity_key` equals `identity` (made exactly as
+    this run would make it): the one at `path`, else the first of `others` (e.g. the same result
+    of a run beside it), copied to `path`. None when none matches; a missing, unreadable or
+    foreign file counts as no match (the caller makes the result anew)."""
+    path = Path(path)
+    for candidate in [path, *(Path(o) for o in others if Path(o) != path)]:
+        try:
+            saved = json.loads(candidate.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(saved, dict) and saved.get(identity_key) == identity:
+            if candidate != path:
+                write_json_atomic(path, saved)
+            return saved
+    return None
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:

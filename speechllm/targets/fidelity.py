@@ -52,6 +52,13 @@ class Fidelity:
                                                              "fidelity": round(self.rate(a), 4)}
                                                          for a, n in self.asked.items()}}
 
+    @classmethod
+    def from_json(cls, obj: dict) -> "Fidelity":
+        """The counts `to_json` wrote (a fidelity file, or the demo report's section)."""
+        attributes = obj["attributes"]
+        return cls(obj["examples"], {a: v["asked"] for a, v in attributes.items()},
+                   {a: v["agreed"] for a, v in attributes.items()})
+
     def line(self) -> str:
         parts = [f"{a} {self.agreed.get(a, 0)}/{n} ({self.rate(a):.0%})" for a, n in self.asked.items()]
         prompt = f"{self.examples} worked examples" if self.examples else "zero-shot"

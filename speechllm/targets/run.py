@@ -14,8 +14,6 @@ process i takes every N-th record, writes
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import random
 import sys
 import time
@@ -25,7 +23,8 @@ from pathlib import Path
 from .. import __version__
 from ..config import Config, GenerationConfig
 from ..distributed import accelerate_kwargs
-from ..io.jsonl import JsonlError, ResumableJsonl, iter_lines, read_records, shard_path, sibling_path, write_json_atomic
+from ..io.jsonl import (JsonlError, ResumableJsonl, iter_lines, json_digest, read_records, read_saved_json, shard_path,
+                        sibling_path, write_json_atomic)
 from ..io.paths import rebase
 from ..io.rows import merge_in_order
 from ..model.generate import Generation, TextGenerator, provenance
@@ -39,6 +38,8 @@ from .strategies import STRATEGIES, Draft, Job, Prompt, self_output_prompt
 
 FIDELITY_TOKENS = 48
 """Answer length of the fidelity probe (a short answer states the value)."""
+PROBE_DIGEST = "probe_digest"
+"""Key of a fidelity file's digest of what its probe asked."""
 CHUNK_BATCHES = 4
 """Generation batches per written chunk (progress and resume granularity)."""
 
@@ -134,43 +135,25 @@ def with_examples(job: Job, pool: ExamplePool) -> Job:
 def teacher_fidelity(jobs: list[Job], cfg: Config, pool: ExamplePool, maker: "TargetMaker", path: Path) -> Fidelity:
     """The teacher's fidelity to its descriptions with this run's prompt (see `fidelity`),
     measured once and kept beside the output file with a digest of what was asked (the teacher's
-    identity, the greedy settings, the batch size and every probe prompt); printed. A fidelity file with the same
-    digest, this run's own or the one beside `targets.self_output_file` (the same teacher probed
-    on the same descriptions: minimum-change), is read instead of asking again."""
+    identity, the greedy settings, the batch size and every probe prompt); printed. A fidelity
+    file with the same digest, this run's own or the one beside `targets.self_output_file` (the
+    same teacher probed on the same descriptions: minimum-change), is read instead of asking again."""
     items = probes([(j.id, j.description) for j in jobs], cfg.targets.instruction_pool, cfg.targets.fidelity_probe,
                    cfg.generation.seed)
     greedy = dataclasses.replace(cfg.generation, do_sample=False, max_new_tokens=FIDELITY_TOKENS)
-    asked = _digest({"teacher": llm_identity(cfg.model.llm), "decoding": provenance(greedy),
-                     "batch_size": cfg.targets.batch_size, "speechllm": __version__,
-                     "prompts": probe_prompts(items, pool)})
-    candidates = [path] + ([fidelity_path(Path(cfg.targets.self_output_file))] if cfg.targets.self_output_file else [])
-    for candidate in candidates:
-        saved = _read_fidelity(candidate)
-        if saved is not None and saved.get("asked") == asked:
-            result = Fidelity(saved["examples"], {a: v["asked"] for a, v in saved["attributes"].items()},
-                              {a: v["agreed"] for a, v in saved["attributes"].items()})
-            if candidate != path:
-                write_json_atomic(path, saved)
-            break
+    digest = json_digest({"teacher": llm_identity(cfg.model.llm), "decoding": provenance(greedy),
+                          "batch_size": cfg.targets.batch_size, "speechllm": __version__,
+                          "prompts": probe_prompts(items, pool)})
+    others = [fidelity_path(Path(cfg.targets.self_output_file))] if cfg.targets.self_output_file else []
+    saved = read_saved_json(path, PROBE_DIGEST, digest, others)
+    if saved is not None:
+        result = Fidelity.from_json(saved)
     else:
         ask = maker.answerer(greedy)
         result = measure(items, lambda prompts: [g.text for g in ask(prompts)], pool)
-        write_json_atomic(path, {**result.to_json(), "asked": asked})
+        write_json_atomic(path, {**result.to_json(), PROBE_DIGEST: digest})
     print(f"[speechllm] {result.line()} -> {path}", file=sys.stderr)
     return result
-
-
-def _digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
-
-
-def _read_fidelity(path: Path) -> dict | None:
-    """A fidelity file's contents; None when it is missing or unreadable (it is then measured again)."""
-    try:
-        saved = json.loads(path.read_text())
-        return saved if isinstance(saved, dict) and isinstance(saved.get("attributes"), dict) else None
-    except (OSError, ValueError):
-        return None
 
 
 def fits_context(job: Job, generator: TextGenerator, answer_tokens: int, failed: ResumableJsonl,

@@ -32,7 +32,6 @@ what `speechllm eval` and `chat` load); the last step's weights stay in the last
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -43,7 +42,7 @@ from typing import TYPE_CHECKING
 
 from ..config import Config, EvalConfig, GenerationConfig
 from ..errors import SpeechLLMError
-from ..io.jsonl import write_json_atomic
+from ..io.jsonl import json_digest, read_saved_json, write_json_atomic
 
 if TYPE_CHECKING:
     import numpy as np
@@ -121,7 +120,7 @@ def _identity(model: "SpeechLLM", fitems: list["ForgettingItem"], by_id: dict[st
 
     asked = [[f.id, f.instruction, by_id[f.base].description] for f in fitems]
     return {"format": REFERENCE_FORMAT, **llm_identity(model.config.llm), "max_new_tokens": ecfg.if_max_new_tokens,
-            "items": hashlib.sha256(json.dumps(asked).encode()).hexdigest()}
+            "items": json_digest(asked)}
 
 
 class ForgettingCurve:
@@ -148,17 +147,10 @@ class ForgettingCurve:
         path = self.out / REFERENCE_FILE
         if self.reference_passes is not None:
             return self.reference_passes
-        beside = sorted(p for p in self.out.parent.glob(f"*/{REFERENCE_FILE}") if p != path)
-        for candidate in [path, *beside]:
-            try:
-                saved = json.loads(candidate.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                continue
-            if isinstance(saved, dict) and saved.get("identity") == self.identity:
-                self.reference_passes = [bool(p) for p in saved["passes"]]
-                if candidate != path:
-                    write_json_atomic(path, saved)
-                return self.reference_passes
+        saved = read_saved_json(path, "identity", self.identity, sorted(self.out.parent.glob(f"*/{REFERENCE_FILE}")))
+        if saved is not None:
+            self.reference_passes = [bool(p) for p in saved["passes"]]
+            return self.reference_passes
         from ..eval.answer import Reference
 
         reference = Reference.for_model(model)
