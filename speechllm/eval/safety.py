@@ -46,8 +46,6 @@ digest names the voice and settings, so a rerun reuses them and another seed mak
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import random
 import re
 import sys
@@ -59,7 +57,7 @@ import numpy as np
 
 from ..config import EvalConfig, GenerationConfig
 from ..hub.weights import SourceFile, WeightsError, _log, _verified, fetch_file, home
-from ..io.jsonl import write_jsonl_atomic
+from ..io.jsonl import json_digest, write_jsonl_atomic
 from ..labels import NOISE_NAMES
 from ..records import MAX_INSTRUCTION_CHARS
 from .forgetting import bootstrap_interval
@@ -375,7 +373,7 @@ def clip_spec(req: SafetyRequest, voice: "Voice", seed: int) -> "ClipSpec":
                           noise=NOISE_NAMES[1], noise_type=None, snr_db=None, lead_s=synth.SILENCE_S[0],
                           trail_s=synth.SILENCE_S[0])
     settings = {**dataclasses.asdict(spec), "format": SPEECH_FORMAT, "corpus": synth.FORMAT_VERSION}
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:DIGEST_CHARS]
+    digest = json_digest(settings)[:DIGEST_CHARS]
     return dataclasses.replace(spec, id=f"{req.id}-{digest}")
 
 

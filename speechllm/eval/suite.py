@@ -24,7 +24,6 @@ This module runs the parts: `items` (what is asked), `generations` (the answer c
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import asdict
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..config import EvalConfig, GenerationConfig
+from ..io.jsonl import json_digest
 from .generations import Generations
 from .items import DATA_FORMATS, EvalError, EvalSet, load_eval_set
 from .predictions import PREDICTIONS_FILE, benchmark_of, following_score, row, write_predictions
@@ -70,7 +70,7 @@ def checkpoint_names(checkpoints: list[Path]) -> list[str]:
 
 
 def _digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:DIGEST_CHARS]
+    return json_digest(obj)[:DIGEST_CHARS]
 
 
 def _settings(cfg: EvalConfig) -> dict:

@@ -22,7 +22,6 @@ final name; an entry that still fails to read (truncated, foreign, wrong shapes)
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -35,6 +34,7 @@ import torch
 
 from ..hub import weights
 from ..io.audio import load_audio
+from ..io.jsonl import json_digest
 from ..model.encoder import WhisperTappedEncoder
 
 CACHE_FORMAT_VERSION = 1
@@ -107,7 +107,7 @@ class FeatureCache:
             "store_dtype": str(STORE_DTYPE).removeprefix("torch."),
         }
         """What the folder key is made of; written to `cache.json` with the encoder's name."""
-        digest = hashlib.sha256(json.dumps(self.info, sort_keys=True).encode()).hexdigest()
+        digest = json_digest(self.info)
         self._folder = self.root / digest[:KEY_HEX_CHARS]
         self._hashes: dict[tuple[str, int, int], str] = {}
         self.stats = CacheStats()
