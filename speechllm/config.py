@@ -180,9 +180,10 @@ class LLMConfig:
     """Allow custom modelling code from a hub repository. Off unless you trust the source."""
     attn_implementation: Literal["auto", "sdpa", "eager"] = "auto"
     """transformers' attention kernel: auto (transformers' choice: SDPA), sdpa or eager. On a
-    2-core CPU in bf16, eager made the demo's training steps about 13% faster (README, Speed). The
-    two round differently, so greedy answers can differ: the kernel is part of the LLM's identity
-    (answer caches, targets provenance) when it is not auto."""
+    2-core CPU in bf16, eager ran six of the demo's training steps about 13% faster, and the
+    padded DeSTA2.5-style baseline as much (README, Speed). The two round differently, so greedy
+    answers can differ: the kernel is part of the LLM's identity (answer caches, targets
+    provenance) when it is not auto."""
 
 
 @dataclass

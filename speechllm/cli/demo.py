@@ -28,8 +28,8 @@ def add_parser(sub) -> None:
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                    help="the LLM's (and encoder's) dtype in every stage; auto (default): bfloat16 where the device "
                         "multiplies it in hardware (a CPU with AVX512-BF16 or AMX, a GPU with bf16; on a 2-core "
-                        "AVX512-BF16 CPU targets ran 1.8x and training 1.2x faster than fp32), else float32. Answers differ between the two (each is reproducible "
-                        "on one machine)")
+                        "AVX512-BF16 CPU targets ran 1.8x and training 1.2x faster than fp32), else float32. "
+                        "Answers differ between the two (each is reproducible on one machine)")
     add_common(p)
     p.set_defaults(func=run)
 
