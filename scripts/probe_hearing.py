@@ -7,9 +7,10 @@ attribute (gender, pitch, speed, volume, noise), side by side:
 2. adapter: the same probe on the trained adapter's output (the embeddings the LLM reads), and how
    alike those outputs are across clips (mean cosine of pooled outputs; the across-clip spread
    relative to their mean): does the adapter pass the fact on, or emit one constant prefix?
-3. model: the checkpoint's accuracy by likelihood: for each clip, the attribute's question with
-   each value's short answer ("The speaker is male.") as the target; the value whose answer has the
-   lowest loss wins. No decoding, so the phrasing of a generated answer cannot hide what it knows.
+3. model: the checkpoint's accuracy by likelihood (`speechllm.eval.likelihood`): for each clip, the
+   attribute's question with each value's short answer ("The speaker is male.") as the target; the
+   value whose answer has the lowest loss wins. No decoding, so the phrasing of a generated answer
+   cannot hide what it knows.
 
     python scripts/probe_hearing.py --checkpoint runs/demo/runs/self-output \\
         --train runs/demo/data/train.metadata.jsonl --test runs/demo/data/test.metadata.jsonl \\
@@ -29,9 +30,9 @@ import torch
 import torch.nn.functional as F
 
 from speechllm.eval.items import read_metadata
-from speechllm.io.audio import load_audio
+from speechllm.eval.likelihood import accuracy_by_likelihood, clip_states
 from speechllm.labels import ATTRIBUTES
-from speechllm.model.speechllm import Example, SpeechLLM
+from speechllm.model.speechllm import SpeechLLM
 
 PROBE_STEPS = 200
 """L-BFGS iterations of the linear probe."""
@@ -71,11 +72,12 @@ def main() -> None:
     p.add_argument("--attributes", default="gender,pitch,speed,volume,noise", help="comma-separated attributes")
     p.add_argument("--max-clips", type=int, default=96, help="clips per split at most (default 96)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--device", default="cpu", help="where the model runs: cpu (default), cuda, cuda:1, ...")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    model = SpeechLLM.from_pretrained(args.checkpoint).eval()
+    model = SpeechLLM.from_pretrained(args.checkpoint, device=args.device).eval()
     splits = {"train": args.train, "test": args.test, **({"real": args.real} if args.real else {})}
     records = {name: read_metadata(path)[: args.max_clips] for name, path in splits.items()}
     taps: dict[str, list[torch.Tensor]] = {}
@@ -85,12 +87,11 @@ def main() -> None:
         for name, recs in records.items():
             pooled_taps, pooled_out, states[name] = [], [], {}
             for r in recs:
-                enc = model.encoder.encode([load_audio(splits[name].parent / r.audio)])
-                clip = [s[0, : int(enc.lengths[0])] for s in enc.states]
+                clip = clip_states(model, splits[name].parent / r.audio)
                 states[name][r.id] = clip
-                pooled_taps.append(torch.stack([s.float().mean(0) for s in clip]))  # probes fit in fp32
+                pooled_taps.append(torch.stack([s.float().mean(0).cpu() for s in clip]))  # probes: fp32, CPU
                 emb, _ = model.adapt_states([clip])
-                pooled_out.append(emb[0].float())
+                pooled_out.append(emb[0].float().cpu())
             taps[name] = torch.stack(pooled_taps)  # (clips, taps, width)
             if len({o.shape for o in pooled_out}) > 1:  # a frame-rate adapter (mlp): one mean position per clip
                 pooled_out = [o.mean(0, keepdim=True) for o in pooled_out]
@@ -128,20 +129,12 @@ def main() -> None:
         acc = probe_accuracy(select("train", adapted["train"].mean(1)),
                              {n: select(n, adapted[n].mean(1)) for n in records if ys[n]}, len(values))
         print("   adapter output probe:  " + ", ".join(f"{n} {100 * a:.1f}" for n, a in acc.items()))
-        question = attr.question
         line = []
-        with torch.no_grad():
-            for name, recs in records.items():
-                right = 0
-                for i, truth in ys[name]:
-                    r = recs[i]
-                    losses = [float(model([Example(question, states=states[name][r.id], transcript=r.asr_transcript
-                                                   or r.transcript, target=attr.answer.format(value=v))]))
-                              for v in values]
-                    right += int(min(range(len(values)), key=losses.__getitem__) == truth)
-                if ys[name]:
-                    line.append(f"{name} {100 * right / len(ys[name]):.1f}")
-        print(f"   model, by likelihood:  " + ", ".join(line))
+        for name, recs in records.items():
+            if ys[name]:
+                acc = accuracy_by_likelihood(model, recs, splits[name].parent, attr_name, states=states[name])
+                line.append(f"{name} {100 * acc.accuracy:.1f}")
+        print("   model, by likelihood:  " + ", ".join(line))
 
 
 if __name__ == "__main__":
