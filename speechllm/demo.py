@@ -5,6 +5,8 @@
           -> experiment 2, LoRA on the LLM (the text path can forget): label, label + pseudo-replay,
              minimum-change, self-output
           -> eval (every run vs the text reference) -> DIR/report.{json,md}, DIR/plots/
+          -> with --hearing, experiment 3: minimum-change targets from a pool where half the
+             instructions ask the gender, one adapter trained 4x longer, gender on held-out and real clips
 
 Every stage keeps its output in DIR and resumes: a rerun skips what is finished. The sizes are
 set by a :class:`DemoPlan`; ``--quick`` uses a smaller one.
@@ -18,6 +20,8 @@ set by a :class:`DemoPlan`; ``--quick`` uses a smaller one.
     DIR/runs/lora-*/           experiment 2's adapters + LoRA
     DIR/report.md, report.json, plots/, generations/   experiment 1's evaluation (all runs' numbers
                                in report.json); DIR/lora/ experiment 2's evaluation
+    DIR/data/train.hearing.{self-output,minimum-change}.targets.jsonl, DIR/runs/hearing/,
+    DIR/hearing/, DIR/hearing-real/   experiment 3 (--hearing): its targets, adapter, evaluations
     DIR/demo.json              the plan and each stage's wall time
 """
 
@@ -70,6 +74,23 @@ INSTRUCTION_POOL = [
 ]
 """Training instructions (DeSTA2.5 draws from a pool); each clip gets one, seeded by its id. Two
 ask the gender in different words (the evaluation varies its phrasing)."""
+
+HEARING_POOL = [
+    "Is the speaker male or female?",
+    "What is the speaker's gender?",
+    "What can you hear?",
+    "Describe the speaker's voice.",
+]
+"""Experiment 3's instructions (`--hearing`): half ask the gender, in two phrasings; the open half's
+answers name it too. With `INSTRUCTION_POOL` about 38 of the 192 training clips get a gender
+question, too few for the frozen LLM to learn to read the voice from the adapter in 100 steps.
+(A pool of eight that added the evaluation's one-word answer line to two gender questions, and two
+more open ones, did not learn it in 400 steps: 43.8% held-out by likelihood, one run.)"""
+HEARING_STRATEGIES = ("self-output", "minimum-change")
+"""Experiment 3's targets files, made in this order; it trains on the last: the teacher's own
+answers with only the attribute words the labels show wrong replaced."""
+HEARING_RUN = "hearing"
+"""Experiment 3's run name (its adapter in DIR/runs/hearing, its evaluation in DIR/hearing)."""
 
 DEMO_CONSTRAINTS = ["title", "no_commas", "keyword", "json_format", "bullet_points", "end_phrase"]
 """Constraint kinds of the demo's forgetting check: those SmolLM2-135M follows at least sometimes
@@ -138,13 +159,17 @@ class DemoPlan:
     lora_forgetting_items: int = 48
     lora_text_prompts: int = 24
     """Experiment 2's evaluation: IFEval prompts asked as text (the path LoRA can damage)."""
+    hearing_steps: int = 400
+    """Experiment 3 (`--hearing`): optimizer steps of its one adapter (the same lr and batch)."""
+    hearing_per_task: int | None = None
+    """Experiment 3's evaluation: held-out items per task (None: every test clip)."""
 
 
 FULL = DemoPlan(clips=240, steps=100, forgetting_items=144)
 QUICK = DemoPlan(clips=48, steps=12, max_target_tokens=48, per_task=4, forgetting_items=12, text_prompts=0,
                  fidelity_probe=8, task_tokens=24, if_tokens=64, safety_items=2, safety_tokens=32, curve_every=12,
                  curve_items=4, lora_steps=6, replay_magpie=4, replay_safety=2, lora_per_task=2,
-                 lora_forgetting_items=4, lora_text_prompts=2)
+                 lora_forgetting_items=4, lora_text_prompts=2, hearing_steps=12, hearing_per_task=4)
 
 
 def demo_dtype(dtype: str, device: str) -> str:
@@ -157,31 +182,40 @@ def demo_dtype(dtype: str, device: str) -> str:
     return "bfloat16" if native_bf16(device) else "float32"
 
 
-def demo_config(plan: DemoPlan, strategy: str, out: Path, lora: LoRARun | None = None, dtype: str = "float32"):
+def targets_file(out: Path, strategy: str, hearing: bool = False) -> Path:
+    """Where the demo keeps `strategy`'s training targets (experiment 3's, `hearing`, apart)."""
+    return out / "data" / f"train.{'hearing.' if hearing else ''}{strategy}.targets.jsonl"
+
+
+def demo_config(plan: DemoPlan, strategy: str, out: Path, lora: LoRARun | None = None, dtype: str = "float32",
+                hearing: bool = False):
     """The embedded default's config (the dataclass defaults, as configs/default.yaml) with the
     demo's sizes (every override named here) and the LLM in `dtype`: experiment 1's run of
-    `strategy`, or (`lora`) an experiment-2 run."""
+    `strategy`, (`lora`) an experiment-2 run, or (`hearing`) experiment 3's run: `HEARING_POOL`,
+    `plan.hearing_steps`, no forgetting curve."""
     from .config import load_config
 
-    steps = plan.lora_steps if lora else plan.steps
-    name = lora.name if lora else strategy
+    steps = plan.lora_steps if lora else plan.hearing_steps if hearing else plan.steps
+    name = lora.name if lora else HEARING_RUN if hearing else strategy
     overrides = [
         f"model.llm.system_prompt={SYSTEM_PROMPT}", f"model.llm.dtype={dtype}",
-        f"targets.strategy={strategy}", f"targets.instruction_pool={json.dumps(INSTRUCTION_POOL)}",
+        f"targets.strategy={strategy}",
+        f"targets.instruction_pool={json.dumps(HEARING_POOL if hearing else INSTRUCTION_POOL)}",
         f"targets.batch_size={plan.targets_batch_size}", f"targets.fidelity_probe={plan.fidelity_probe}",
-        f"train.data={out / 'data' / f'train.{strategy}.targets.jsonl'}", f"train.out_dir={out / 'runs' / name}",
+        f"train.data={targets_file(out, strategy, hearing)}", f"train.out_dir={out / 'runs' / name}",
         f"train.max_steps={steps}", f"train.batch_size={plan.batch_size}", f"train.lr={plan.lr}",
         f"train.warmup_steps={min(plan.warmup_steps, steps // 2)}",
         f"train.max_target_tokens={plan.max_target_tokens}",
         "train.eval_fraction=0.1", f"train.eval_every={max(steps // 4, 1)}",
         f"train.save_every={max(steps // 2, 1)}", "train.log_every=5", f"train.seed={plan.seed}",
-        f"train.forgetting_every={min(plan.curve_every, steps)}", f"train.forgetting_items={plan.curve_items}",
+        f"train.forgetting_every={0 if hearing else min(plan.curve_every, steps)}",
+        f"train.forgetting_items={plan.curve_items}",
         f"train.forgetting_data={out / 'data' / 'test.metadata.jsonl'}",
         f"eval.constraints={json.dumps(plan.constraints)}",
         f"eval.if_max_new_tokens={plan.if_tokens}", f"eval.batch_size={plan.eval_batch_size}", f"eval.seed={plan.seed}",
     ]
     if strategy == "minimum-change":  # the same teacher, prompts and seeds: its self-outputs are the self-output file's
-        overrides.append(f"targets.self_output_file={out / 'data' / 'train.self-output.targets.jsonl'}")
+        overrides.append(f"targets.self_output_file={targets_file(out, 'self-output', hearing)}")
     if lora:
         overrides += ["train.lora.enabled=true", f"train.lora.r={plan.lora_rank}",
                       f"train.lora.alpha={2 * plan.lora_rank}"]
@@ -226,18 +260,19 @@ def _annotate(data: Path, progress: bool) -> None:
         print(summary.line(target), file=sys.stderr)
 
 
-def _eval_config(plan: DemoPlan, real: bool = False, lora: bool = False):
+def _eval_config(plan: DemoPlan, real: bool = False, lora: bool = False, hearing: bool = False):
     """The evaluation's settings: every task with the plan's sizes; for the real recordings gender
     and transcription only, with no forgetting, text or safety items (too few clips); for
-    experiment 2 (`lora`) fewer audio items and more text prompts (LoRA can change the text path)."""
+    experiment 2 (`lora`) fewer audio items and more text prompts (LoRA can change the text path);
+    for experiment 3 (`hearing`) gender and transcription on `plan.hearing_per_task` items, nothing else."""
     from .config import EvalConfig
 
     common = dict(data_format="metadata", max_new_tokens=plan.task_tokens, if_max_new_tokens=plan.if_tokens,
                   batch_size=plan.eval_batch_size, seed=plan.seed, constraints=plan.constraints,
                   text_prompt_set="auto", safety_max_new_tokens=plan.safety_tokens)
-    if real:
+    if real or hearing:
         return EvalConfig(tasks=["gender", "transcription"], forgetting_items=0, text_prompts=0, safety_items=0,
-                          **common)
+                          max_per_task=None if real else plan.hearing_per_task, **common)
     if lora:
         return EvalConfig(tasks=["gender", "transcription"], max_per_task=plan.lora_per_task,
                           forgetting_items=plan.lora_forgetting_items, text_prompts=plan.lora_text_prompts,
@@ -286,11 +321,11 @@ def train_stage(cfg, progress: bool = True) -> Path:
                         "it afresh (the stages before training are kept), or choose another --out") from None
 
 
-def run_demo(out: Path, quick: bool = False, device: str = "cpu", progress: bool = True, dtype: str = "auto"
-             ) -> dict:
-    """Run (or finish) the demo in `out` with the LLM in `dtype` (see `demo_dtype`); returns the
-    evaluation report (with the teacher's fidelity and the real-recordings results added under
-    `demo`)."""
+def run_demo(out: Path, quick: bool = False, device: str = "cpu", progress: bool = True, dtype: str = "auto",
+             hearing: bool = False) -> dict:
+    """Run (or finish) the demo in `out` with the LLM in `dtype` (see `demo_dtype`), and with
+    `hearing` experiment 3; returns the evaluation report (with the teacher's fidelity, the
+    real-recordings results and experiment 3 added under `demo`)."""
     from .data.synth import synthesize
     from .eval.suite import run_eval
     from .hub import weights
@@ -302,7 +337,8 @@ def run_demo(out: Path, quick: bool = False, device: str = "cpu", progress: bool
     out, t0 = Path(out), time.perf_counter()
     data = out / "data"
     data.mkdir(parents=True, exist_ok=True)
-    stages = Stages(6 + len(TARGET_STRATEGIES) + len(STRATEGIES) + len(LORA_RUNS) + plan.real)
+    stages = Stages(6 + len(TARGET_STRATEGIES) + len(STRATEGIES) + len(LORA_RUNS) + plan.real
+                    + (len(HEARING_STRATEGIES) + 3) * hearing)
     stages.run("prepare the embedded models", lambda: [weights.prepare(n) for n in ("smollm2-135m-instruct",
                                                                                     "whisper-tiny.en")])
     stages.run(f"synthesize {plan.clips} labelled clips", lambda: synthesize(data / "synth", n=plan.clips,
@@ -341,16 +377,98 @@ def run_demo(out: Path, quick: bool = False, device: str = "cpu", progress: bool
         real = stages.run("evaluate experiment 1's adapters on real recordings",
                           lambda: run_eval(runs, data / "real.metadata.jsonl", out / "real", _eval_config(plan, True),
                                            device=device, progress=progress))
-    report = _add_demo_sections(report, out, data, real, lora, nll)
+    heard = _hearing(plan, out, stages, device, progress, dtype) if hearing else None
+    report = _add_demo_sections(report, out, data, real, lora, nll, heard)
     total = round(time.perf_counter() - t0, 1)
-    (out / "demo.json").write_text(json.dumps({"plan": asdict(plan), "quick": quick, "dtype": dtype,
+    (out / "demo.json").write_text(json.dumps({"plan": asdict(plan), "quick": quick, "hearing": hearing,
+                                               "dtype": dtype,
                                                "stage_seconds": stages.times, "total_seconds": total}, indent=2) + "\n")
     print(f"\n[demo] done in {total / 60:.1f} min; stage times: "
           + ", ".join(f"{k} {v:.0f} s" for k, v in stages.times.items()), file=sys.stderr)
     return report
 
 
-def _add_demo_sections(report: dict, out: Path, data: Path, real: dict | None, lora: dict, nll: dict) -> dict:
+def _hearing(plan: DemoPlan, out: Path, stages: Stages, device: str, progress: bool, dtype: str
+             ) -> tuple[dict, dict | None, dict]:
+    """Experiment 3: targets from `HEARING_POOL` (`HEARING_STRATEGIES`), one adapter trained
+    `plan.hearing_steps` steps on the last (frozen LLM), evaluated beside experiment 1's self-output
+    adapter on gender and transcription on the held-out clips and on the real recordings, generated
+    and by likelihood; returns both evaluation reports (real: None without the real recordings)
+    and the accuracy by likelihood ({split: {run: ...}})."""
+    from .eval.suite import run_eval
+    from .targets.run import run_targets
+
+    data = out / "data"
+    for strategy in HEARING_STRATEGIES:
+        cfg = demo_config(plan, strategy, out, dtype=dtype, hearing=True)
+        target = Path(cfg.train.data)
+        stages.run(f"targets: {strategy}, experiment 3's instructions (half ask the gender)",
+                   lambda: print(run_targets(data / "train.metadata.jsonl", target, cfg, device=device,
+                                             progress=progress).line(target), file=sys.stderr))
+    stages.run(f"train: {HEARING_RUN} ({plan.hearing_steps} steps x {plan.batch_size}, frozen LLM, {strategy} "
+               "targets)", lambda: train_stage(cfg, progress=progress))
+    runs = [out / "runs" / HEARING_RUN, out / "runs" / "self-output"]
+
+    splits = {"held_out": data / "test.metadata.jsonl"}
+    if plan.real and (data / "real.metadata.jsonl").exists():
+        splits["real"] = data / "real.metadata.jsonl"
+
+    def evaluate():
+        held_out = run_eval(runs, splits["held_out"], out / HEARING_RUN, _eval_config(plan, hearing=True),
+                            device=device, progress=progress)
+        real = (run_eval(runs, splits["real"], out / f"{HEARING_RUN}-real", _eval_config(plan, real=True),
+                         device=device, progress=progress) if "real" in splits else None)
+        return held_out, real
+    held_out, real = stages.run("evaluate experiment 3 (gender and transcription, held-out and real clips)",
+                                evaluate)
+    likely = stages.run("experiment 3: gender by likelihood (held-out and real clips)",
+                        lambda: _gender_by_likelihood(runs, splits, out / HEARING_RUN / LIKELIHOOD_FILE, device))
+    return held_out, real, likely
+
+
+LIKELIHOOD_FILE = "gender_by_likelihood.json"
+"""Experiment 3's accuracy by likelihood, per split and run (in DIR/hearing/)."""
+
+
+def _gender_by_likelihood(runs: list[Path], splits: dict[str, Path], path: Path, device: str) -> dict:
+    """Gender accuracy by likelihood (`speechllm.eval.likelihood`) of each run on each split
+    ({split: {run: ...}}), saved to `path` with the adapters' digests and read back while they match."""
+    from .eval.items import read_metadata
+    from .eval.likelihood import accuracy_by_likelihood
+    from .io.jsonl import read_saved_json, write_json_atomic
+    from .model.speechllm import SpeechLLM
+    from .hub.weights import sha256_file
+
+    identity = {r.name: sha256_file(r / "adapter.safetensors") for r in runs}
+    saved = read_saved_json(path, "adapters", identity, [])
+    if saved is not None:
+        return saved["accuracy"]
+    result: dict[str, dict] = {split: {} for split in splits}
+    for run in runs:
+        model = SpeechLLM.from_pretrained(run, device=device).eval()
+        for split, meta in splits.items():
+            result[split][run.name] = accuracy_by_likelihood(model, read_metadata(meta), meta.parent,
+                                                             "gender").to_json()
+        del model
+    write_json_atomic(path, {"accuracy": result, "adapters": identity})
+    return result
+
+
+def _hearing_summary(held_out: dict, real: dict | None, likely: dict) -> dict:
+    """Experiment 3 per split and checkpoint (the hearing run, and experiment 1's self-output
+    adapter beside it): gender and transcription with intervals, chance, majority and the
+    reference, and gender by likelihood (`gender_likelihood`)."""
+    keep = ("items", "accuracy", "ci_low", "ci_high", "accuracy_ref", "chance", "majority", "contains",
+            "contains_ref")
+    splits = {"held_out": held_out, **({"real": real} if real else {})}
+    return {split: {name: {**{task: {k: t.get(k) for k in keep} for task, t in ck["tasks"].items()},
+                           "gender_likelihood": likely.get(split, {}).get(name)}
+                    for name, ck in rep["checkpoints"].items()}
+            for split, rep in splits.items()}
+
+
+def _add_demo_sections(report: dict, out: Path, data: Path, real: dict | None, lora: dict, nll: dict,
+                       heard: tuple[dict, dict | None, dict] | None = None) -> dict:
     """The evaluation report with the demo's own findings added (report.json under `demo`,
     report.md as sections): the teacher's fidelity to its descriptions per attribute, each
     adapter's accuracy on the real recordings, each targets file's NLL under the base LLM
@@ -373,10 +491,18 @@ def _add_demo_sections(report: dict, out: Path, data: Path, real: dict | None, l
         "lora": {"runs": [r.name for r in LORA_RUNS], "report": "lora/report.json", "lora": True,
                  "targets": {r.name: r.strategy for r in LORA_RUNS},
                  "replay": {r.name: r.replay for r in LORA_RUNS}}}
+    if heard:
+        path = fidelity_path(targets_file(out, HEARING_STRATEGIES[-1], hearing=True))
+        if path.exists():
+            fidelity["hearing"] = Fidelity.from_json(json.loads(path.read_text())).to_json()
+        report["experiments"]["hearing"] = {"runs": [HEARING_RUN], "report": f"{HEARING_RUN}/report.json",
+                                            "lora": False, "instruction_pool": HEARING_POOL}
     report["demo"] = {"teacher_fidelity": fidelity, "real": _real_summary(real) if real else None,
-                      "lora": _lora_summary(lora)}
+                      "lora": _lora_summary(lora), "hearing": _hearing_summary(*heard) if heard else None}
     write_report(report, out)  # report.md and plots: experiment 1 (its task set); lora/ has experiment 2's
     report["checkpoints"].update(lora["checkpoints"])
+    if heard:
+        report["checkpoints"][HEARING_RUN] = heard[0]["checkpoints"][HEARING_RUN]
     write_json_atomic(out / "report.json", report)
     with open(out / "report.md", "a") as f:
         f.write("\n" + "\n".join(demo_lines(report["demo"], report["strategies"])) + "\n")
@@ -424,7 +550,7 @@ def demo_lines(demo: dict, strategies: dict | None = None) -> list[str]:
         lines.append("")
     if demo.get("lora"):
         lines += _lora_lines(demo["lora"])
-    for strategy, fid in demo["teacher_fidelity"].items():
+    for strategy, fid in demo["teacher_fidelity"].items():  # experiment 3's teacher is in its own section
         attrs = fid["attributes"]
         prompt = f"{fid['examples']} worked examples" if fid["examples"] else "zero-shot"
         lines += ["## Teacher fidelity", "",
@@ -434,6 +560,8 @@ def demo_lines(demo: dict, strategies: dict | None = None) -> list[str]:
         lines += [f"| {a} | {v['agreed']}/{v['asked']} | {100 * v['fidelity']:.0f}% |" for a, v in attrs.items()]
         lines.append("")
         break  # one teacher: every LLM strategy asks the same model the same way
+    if demo.get("hearing"):
+        lines += _hearing_lines(demo["hearing"], (demo["teacher_fidelity"].get("hearing") or {}).get("attributes"))
     if demo.get("real"):
         names = list(demo["real"])
         lines += ["## Real recordings", "",
@@ -483,3 +611,38 @@ def _lora_lines(lora: dict) -> list[str]:
                      f"{ci(r.get('safety_text'))} | {ci(r.get('gender'), 'accuracy', 100, '.1f')} |")
     return lines + [""]
 
+
+def _hearing_lines(hearing: dict, fidelity: dict | None) -> list[str]:
+    """Experiment 3's table: gender and transcription of the hearing run beside experiment 1's
+    self-output adapter, on held-out synthetic clips and real recordings."""
+    split_names = {"held_out": "held-out synthetic", "real": "real recordings"}
+    teacher = (f"; the teacher's gender fidelity on these targets' descriptions: {fidelity['gender']['agreed']}/"
+               f"{fidelity['gender']['asked']}" if fidelity and "gender" in fidelity else "")
+    lines = ["## Experiment 3: hearing", "",
+             "One adapter on the frozen LLM, trained on minimum-change targets (the teacher's own answers, "
+             "the attribute words the labels show wrong replaced) from a pool where half the instructions ask "
+             "the gender, for 4x experiment 1's steps; beside it experiment 1's self-output adapter. Accuracy %, "
+             f"95% interval{teacher}:", "",
+             "| clips | task | items | chance | majority | " + " | ".join(next(iter(hearing.values())))
+             + " | reference |", "|---|---|---|---|---|" + "---|" * (len(next(iter(hearing.values()))) + 1)]
+    for split, runs in hearing.items():
+        first = next(iter(runs.values()))
+        for task, t in first.items():
+            if task == "gender_likelihood":
+                continue
+            cells = [r[task] for r in runs.values()]
+            lines.append(f"| {split_names.get(split, split)} | {task} | {t['items']} | {_pct(t['chance'])} | "
+                         f"{_pct(t['majority'])} | "
+                         + " | ".join(f"{_pct(c['accuracy'])} [{_pct(c['ci_low'])}, {_pct(c['ci_high'])}]"
+                                      for c in cells) + f" | {_pct(t['accuracy_ref'])} |")
+            if task == "gender" and first.get("gender_likelihood"):
+                cells = [r["gender_likelihood"] for r in runs.values()]
+                lines.append(f"| {split_names.get(split, split)} | gender, by likelihood | {cells[0]['items']} | "
+                             f"{_pct(cells[0]['chance'])} | {_pct(cells[0]['majority'])} | "
+                             + " | ".join(f"{_pct(c['accuracy'])} [{_pct(c['ci_low'])}, {_pct(c['ci_high'])}]"
+                                          for c in cells) + " | – |")
+    lines += ["", "By likelihood: for each clip the question \"Is the speaker male or female?\" with both "
+              "answers (\"The speaker is male.\" / \"... female.\") as targets; the likelier one is the model's "
+              "answer (no decoding, so how it words an answer, or how it follows the evaluation's one-word answer "
+              "line, does not hide what it hears)."]
+    return lines + [""]

@@ -79,3 +79,29 @@ def test_demo_runs_bf16_only_on_a_cpu_that_multiplies_it_in_hardware(monkeypatch
     assert demo_dtype("auto", "cpu") == expected
     assert demo_dtype("float32", "cpu") == "float32" and demo_dtype("bfloat16", "cpu") == "bfloat16"
     assert demo_config(FULL, "label", Path("runs/x"), dtype=expected).model.llm.dtype == expected
+
+
+def test_demo_hearing_run_has_its_own_targets_pool_and_steps_and_leaves_experiment_1_alone():
+    from speechllm.demo import FULL, HEARING_POOL, HEARING_STRATEGIES, INSTRUCTION_POOL, demo_config
+    from speechllm.labels import attribute_of
+
+    out = Path("runs/x")
+    exp1 = demo_config(FULL, "self-output", out)
+    heard = demo_config(FULL, "minimum-change", out, hearing=True)
+    assert HEARING_STRATEGIES[-1] == "minimum-change"
+    assert exp1.targets.instruction_pool == INSTRUCTION_POOL and heard.targets.instruction_pool == HEARING_POOL
+    assert Path(heard.train.data).name == "train.hearing.minimum-change.targets.jsonl"
+    assert Path(exp1.train.data).name == "train.self-output.targets.jsonl"
+    assert Path(heard.train.out_dir).name == "hearing" and Path(exp1.train.out_dir).name == "self-output"
+    assert heard.train.max_steps == FULL.hearing_steps == 4 * exp1.train.max_steps
+    assert heard.train.forgetting_every == 0 and exp1.train.forgetting_every > 0
+    # the same recipe otherwise: lr, batch, target length, LLM
+    for key in ("lr", "batch_size", "max_target_tokens", "seed"):
+        assert getattr(heard.train, key) == getattr(exp1.train, key), key
+    assert heard.model == exp1.model
+    # half the pool asks the gender
+    asks = [attribute_of(q) == "gender" for q in HEARING_POOL]
+    assert sum(asks) == len(HEARING_POOL) // 2
+    assert sum(attribute_of(q) == "gender" for q in INSTRUCTION_POOL) / len(INSTRUCTION_POOL) < 0.5
+    # its minimum-change targets fix experiment 3's own self-outputs, not experiment 1's
+    assert Path(heard.targets.self_output_file).name == "train.hearing.self-output.targets.jsonl"

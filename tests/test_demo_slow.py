@@ -60,3 +60,23 @@ def test_quick_demo_writes_the_report_and_a_rerun_reuses_every_stage(tmp_path):
     assert {p.name: p.read_bytes() for p in (out / "generations").glob("*.jsonl")} == answers
     assert (out / "data" / "train.self-output.targets.jsonl").read_bytes() == targets
     assert json.loads((out / "report.json").read_text())["checkpoints"] == report["checkpoints"]
+
+    # --hearing on the finished demo: only experiment 3 runs (its own targets, adapter and evaluation)
+    assert main(["demo", "--out", str(out), "--quick", "--quiet", "--hearing"]) == 0
+    heard = json.loads((out / "report.json").read_text())
+    assert {k: v for k, v in heard["checkpoints"].items() if k != "hearing"} == report["checkpoints"]
+    assert heard["checkpoints"]["hearing"]["training"]["steps"] == 12
+    assert heard["experiments"]["hearing"]["runs"] == ["hearing"]
+    rows = [json.loads(l) for l in
+            (out / "data" / "train.hearing.minimum-change.targets.jsonl").read_text().splitlines()]
+    from speechllm.demo import HEARING_POOL
+    assert rows and {r["instruction"] for r in rows} <= set(HEARING_POOL)
+    for split, items in (("held_out", 4), ("real", 13)):
+        runs = heard["demo"]["hearing"][split]
+        assert set(runs) == {"hearing", "self-output"}  # experiment 1's self-output adapter beside it
+        assert runs["hearing"]["gender"]["items"] == items and 0 < runs["hearing"]["gender"]["majority"] < 1
+        by_likelihood = runs["hearing"]["gender_likelihood"]  # every clip of the split, no decoding
+        assert by_likelihood["items"] >= items and 0 <= by_likelihood["accuracy"] <= 1
+    assert "## Experiment 3: hearing" in (out / "report.md").read_text()
+    assert "gender, by likelihood" in (out / "report.md").read_text()
+    assert (out / "data" / "train.self-output.targets.jsonl").read_bytes() == targets  # experiment 1's untouched
