@@ -63,3 +63,18 @@ def test_the_tiny_model_picks_the_answer_with_the_lowest_loss_and_given_states_c
     given = likelihood.accuracy_by_likelihood(tiny_model, recs, tmp_path, "gender",
                                               states={r.id: states for r in recs})
     assert given.to_json() == acc.to_json()
+
+
+def test_as_asked_reads_the_value_from_each_generated_answer_to_the_question_as_given(tmp_path, tiny_model,
+                                                                                    monkeypatch):
+    recs = _records(tmp_path, ["male", "female", "female", None])
+    monkeypatch.setattr(likelihood, "clip_states", lambda model, audio: [])
+    asked = []
+
+    def generate(examples, gen):
+        asked.extend(e.instruction for e in examples)
+        return ["It is a man speaking.", "A woman.", "I cannot tell."][: len(examples)]
+    monkeypatch.setattr(tiny_model, "generate", generate)
+    acc = likelihood.accuracy_as_asked(tiny_model, recs, tmp_path, "gender", "What is the speaker's gender?")
+    assert asked == ["What is the speaker's gender?"] * 3  # no answer-format line added; the unlabelled clip left out
+    assert (acc.items, acc.accuracy, acc.majority, acc.question) == (3, 2 / 3, 2 / 3, "What is the speaker's gender?")

@@ -6,7 +6,9 @@ No decoding: a model that knows the voice but words its answer oddly (or follows
 answer-format line badly) is still seen to know it, and one that prefers one answer whatever the
 audio scores the share of that value, as a constant answerer does. The field scores multiple-choice
 tasks this way too (lm-evaluation-harness's loglikelihood tasks); `speechllm eval` scores generated
-answers, and the demo's experiment 3 reports both.
+answers, and the demo's experiment 3 reports both. Beside it, `accuracy_as_asked`: the same items
+answered by greedy decoding to one fixed question (the training phrasing, say), scored leniently:
+what a user asking that way gets.
 """
 
 from __future__ import annotations
@@ -66,21 +68,59 @@ def choose(model: "SpeechLLM", question: str, states: list["torch.Tensor"], tran
     return min(range(len(answers)), key=losses.__getitem__)
 
 
+def _items(records: list[MetadataRecord], attribute: str) -> list[tuple[MetadataRecord, int]]:
+    """(record, index of its value) for the records whose value is one of the attribute's values."""
+    values = list(ATTRIBUTES[attribute].values)
+    return [(r, values.index(r.value(attribute).lower())) for r in records
+            if r.value(attribute) and r.value(attribute).lower() in values]
+
+
+def _result(attribute: str, question: str, items: list[tuple[MetadataRecord, int]], right: np.ndarray,
+            seed: int) -> LikelihoodAccuracy:
+    values = ATTRIBUTES[attribute].values
+    low, high = bootstrap_interval(len(items), lambda idx: right[idx].mean(1), seed=seed)
+    counts = collections.Counter(t for _, t in items)
+    return LikelihoodAccuracy(attribute, len(items), float(right.mean()) if items else None, low, high,
+                              1 / len(values), max(counts.values()) / len(items) if items else None, question)
+
+
+def accuracy_as_asked(model: "SpeechLLM", records: list[MetadataRecord], audio_root: Path, attribute: str,
+                      question: str, max_new_tokens: int = 24, batch_size: int = 16, seed: int = 0,
+                      states: dict[str, list["torch.Tensor"]] | None = None) -> LikelihoodAccuracy:
+    """The attribute's accuracy of greedy answers to `question` (no answer-format line added),
+    the value read leniently from each answer (`labels.extract_lenient`), with a 95% interval."""
+    import torch
+
+    from ..config import GenerationConfig
+    from ..labels import extract_lenient
+    from ..model.speechllm import Example
+
+    values = list(ATTRIBUTES[attribute].values)
+    items = _items(records, attribute)
+    gen = GenerationConfig(max_new_tokens=max_new_tokens)
+    answers: list[str] = []
+    for start in range(0, len(items), batch_size):
+        chunk = items[start: start + batch_size]
+        exs = [Example(question, states=states[r.id] if states and r.id in states else
+                       clip_states(model, audio_root / r.audio), transcript=r.asr_transcript or r.transcript)
+               for r, _ in chunk]
+        with torch.no_grad():
+            answers += model.generate(exs, gen)
+    right = np.array([extract_lenient(a, values, question) == values[t] for a, (_, t) in zip(answers, items)],
+                     dtype=float)
+    return _result(attribute, question, items, right, seed)
+
+
 def accuracy_by_likelihood(model: "SpeechLLM", records: list[MetadataRecord], audio_root: Path, attribute: str,
                            seed: int = 0, states: dict[str, list["torch.Tensor"]] | None = None
                            ) -> LikelihoodAccuracy:
     """The attribute's accuracy by likelihood over `records` (audio paths relative to `audio_root`;
     `states`: encoder states already computed, by record id), with a 95% bootstrap interval."""
     attr = ATTRIBUTES[attribute]
-    values = list(attr.values)
-    items = [(r, values.index(r.value(attribute).lower())) for r in records
-             if r.value(attribute) and r.value(attribute).lower() in values]
+    items = _items(records, attribute)
+    answers = [attr.answer.format(value=v) for v in attr.values]
     right = np.zeros(len(items))
     for i, (rec, truth) in enumerate(items):
         s = states[rec.id] if states and rec.id in states else clip_states(model, audio_root / rec.audio)
-        answers = [attr.answer.format(value=v) for v in values]
         right[i] = choose(model, attr.question, s, rec.asr_transcript or rec.transcript, answers) == truth
-    low, high = bootstrap_interval(len(items), lambda idx: right[idx].mean(1), seed=seed)
-    counts = collections.Counter(t for _, t in items)
-    return LikelihoodAccuracy(attribute, len(items), float(right.mean()) if items else None, low, high,
-                              1 / len(values), max(counts.values()) / len(items) if items else None, attr.question)
+    return _result(attribute, attr.question, items, right, seed)
