@@ -421,34 +421,44 @@ def _hearing(plan: DemoPlan, out: Path, stages: Stages, device: str, progress: b
         return held_out, real
     held_out, real = stages.run("evaluate experiment 3 (gender and transcription, held-out and real clips)",
                                 evaluate)
-    likely = stages.run("experiment 3: gender by likelihood (held-out and real clips)",
+    likely = stages.run("experiment 3: gender by likelihood and as training asked it (held-out and real clips)",
                         lambda: _gender_by_likelihood(runs, splits, out / HEARING_RUN / LIKELIHOOD_FILE, device))
     return held_out, real, likely
 
 
 LIKELIHOOD_FILE = "gender_by_likelihood.json"
-"""Experiment 3's accuracy by likelihood, per split and run (in DIR/hearing/)."""
+"""Experiment 3's gender accuracy by likelihood and as asked in training, per split and run (in
+DIR/hearing/)."""
 
 
 def _gender_by_likelihood(runs: list[Path], splits: dict[str, Path], path: Path, device: str) -> dict:
-    """Gender accuracy by likelihood (`speechllm.eval.likelihood`) of each run on each split
-    ({split: {run: ...}}), saved to `path` with the adapters' digests and read back while they match."""
+    """Gender accuracy of each run on each split, {"likelihood": {split: {run: ...}}, "as_trained":
+    {split: {run: {question: ...}}}}: by likelihood, and generated for each of `HEARING_POOL`'s gender
+    questions as training asked them (no answer-format line; `speechllm.eval.likelihood`); saved to
+    `path` with the adapters' digests and read back while they match."""
     from .eval.items import read_metadata
-    from .eval.likelihood import accuracy_by_likelihood
-    from .io.jsonl import read_saved_json, write_json_atomic
-    from .model.speechllm import SpeechLLM
+    from .eval.likelihood import accuracy_as_asked, accuracy_by_likelihood, clip_states
     from .hub.weights import sha256_file
+    from .io.jsonl import read_saved_json, write_json_atomic
+    from .labels import attribute_of
+    from .model.speechllm import SpeechLLM
 
     identity = {r.name: sha256_file(r / "adapter.safetensors") for r in runs}
     saved = read_saved_json(path, "adapters", identity, [])
     if saved is not None:
         return saved["accuracy"]
-    result: dict[str, dict] = {split: {} for split in splits}
+    questions = [q for q in HEARING_POOL if attribute_of(q) == "gender"]
+    result: dict[str, dict] = {kind: {split: {} for split in splits} for kind in ("likelihood", "as_trained")}
     for run in runs:
         model = SpeechLLM.from_pretrained(run, device=device).eval()
         for split, meta in splits.items():
-            result[split][run.name] = accuracy_by_likelihood(model, read_metadata(meta), meta.parent,
-                                                             "gender").to_json()
+            records = read_metadata(meta)
+            states = {r.id: clip_states(model, meta.parent / r.audio) for r in records}
+            result["likelihood"][split][run.name] = accuracy_by_likelihood(model, records, meta.parent, "gender",
+                                                                           states=states).to_json()
+            result["as_trained"][split][run.name] = {
+                q: accuracy_as_asked(model, records, meta.parent, "gender", q, states=states).to_json()
+                for q in questions}
         del model
     write_json_atomic(path, {"accuracy": result, "adapters": identity})
     return result
@@ -457,12 +467,14 @@ def _gender_by_likelihood(runs: list[Path], splits: dict[str, Path], path: Path,
 def _hearing_summary(held_out: dict, real: dict | None, likely: dict) -> dict:
     """Experiment 3 per split and checkpoint (the hearing run, and experiment 1's self-output
     adapter beside it): gender and transcription with intervals, chance, majority and the
-    reference, and gender by likelihood (`gender_likelihood`)."""
+    reference, gender by likelihood (`gender_likelihood`) and generated for the training's gender
+    questions (`gender_as_trained`, by question)."""
     keep = ("items", "accuracy", "ci_low", "ci_high", "accuracy_ref", "chance", "majority", "contains",
             "contains_ref")
     splits = {"held_out": held_out, **({"real": real} if real else {})}
     return {split: {name: {**{task: {k: t.get(k) for k in keep} for task, t in ck["tasks"].items()},
-                           "gender_likelihood": likely.get(split, {}).get(name)}
+                           "gender_likelihood": likely["likelihood"].get(split, {}).get(name),
+                           "gender_as_trained": likely["as_trained"].get(split, {}).get(name)}
                     for name, ck in rep["checkpoints"].items()}
             for split, rep in splits.items()}
 
@@ -628,7 +640,7 @@ def _hearing_lines(hearing: dict, fidelity: dict | None) -> list[str]:
     for split, runs in hearing.items():
         first = next(iter(runs.values()))
         for task, t in first.items():
-            if task == "gender_likelihood":
+            if task in ("gender_likelihood", "gender_as_trained"):
                 continue
             cells = [r[task] for r in runs.values()]
             lines.append(f"| {split_names.get(split, split)} | {task} | {t['items']} | {_pct(t['chance'])} | "
@@ -641,8 +653,16 @@ def _hearing_lines(hearing: dict, fidelity: dict | None) -> list[str]:
                              f"{_pct(cells[0]['chance'])} | {_pct(cells[0]['majority'])} | "
                              + " | ".join(f"{_pct(c['accuracy'])} [{_pct(c['ci_low'])}, {_pct(c['ci_high'])}]"
                                           for c in cells) + " | – |")
+            for question in (first.get("gender_as_trained") or {}) if task == "gender" else ():
+                cells = [r["gender_as_trained"][question] for r in runs.values()]
+                lines.append(f"| {split_names.get(split, split)} | gender, asked \"{question}\" | "
+                             f"{cells[0]['items']} | {_pct(cells[0]['chance'])} | {_pct(cells[0]['majority'])} | "
+                             + " | ".join(f"{_pct(c['accuracy'])} [{_pct(c['ci_low'])}, {_pct(c['ci_high'])}]"
+                                          for c in cells) + " | – |")
     lines += ["", "By likelihood: for each clip the question \"Is the speaker male or female?\" with both "
               "answers (\"The speaker is male.\" / \"... female.\") as targets; the likelier one is the model's "
               "answer (no decoding, so how it words an answer, or how it follows the evaluation's one-word answer "
-              "line, does not hide what it hears)."]
+              "line, does not hide what it hears). Asked \"...\": generated answers to a question as training asked "
+              "it (no one-word answer line), every clip of the split; the `gender` row asks in the evaluation's "
+              "varied phrasings with that line."]
     return lines + [""]

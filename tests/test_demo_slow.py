@@ -77,6 +77,9 @@ def test_quick_demo_writes_the_report_and_a_rerun_reuses_every_stage(tmp_path):
         assert runs["hearing"]["gender"]["items"] == items and 0 < runs["hearing"]["gender"]["majority"] < 1
         by_likelihood = runs["hearing"]["gender_likelihood"]  # every clip of the split, no decoding
         assert by_likelihood["items"] >= items and 0 <= by_likelihood["accuracy"] <= 1
+        as_trained = runs["hearing"]["gender_as_trained"]  # generated, the training's own gender questions
+        assert set(as_trained) == {q for q in HEARING_POOL if "gender" in q or "male" in q}
+        assert all(a["items"] == by_likelihood["items"] for a in as_trained.values())
     assert "## Experiment 3: hearing" in (out / "report.md").read_text()
     assert "gender, by likelihood" in (out / "report.md").read_text()
     assert (out / "data" / "train.self-output.targets.jsonl").read_bytes() == targets  # experiment 1's untouched
