@@ -31,7 +31,8 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class LikelihoodAccuracy:
+class AttributeAccuracy:
+    """An attribute's accuracy over clips, by likelihood or by generated answers."""
     attribute: str
     items: int
     """Clips with a value of the attribute among its known values."""
@@ -43,6 +44,7 @@ class LikelihoodAccuracy:
     majority: float | None
     """Share of the commonest value among the items: what always preferring it scores."""
     question: str
+    """The question asked (by likelihood: the attribute's first phrasing)."""
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
@@ -76,17 +78,17 @@ def _items(records: list[MetadataRecord], attribute: str) -> list[tuple[Metadata
 
 
 def _result(attribute: str, question: str, items: list[tuple[MetadataRecord, int]], right: np.ndarray,
-            seed: int) -> LikelihoodAccuracy:
+            seed: int) -> AttributeAccuracy:
     values = ATTRIBUTES[attribute].values
     low, high = bootstrap_interval(len(items), lambda idx: right[idx].mean(1), seed=seed)
     counts = collections.Counter(t for _, t in items)
-    return LikelihoodAccuracy(attribute, len(items), float(right.mean()) if items else None, low, high,
+    return AttributeAccuracy(attribute, len(items), float(right.mean()) if items else None, low, high,
                               1 / len(values), max(counts.values()) / len(items) if items else None, question)
 
 
 def accuracy_as_asked(model: "SpeechLLM", records: list[MetadataRecord], audio_root: Path, attribute: str,
                       question: str, max_new_tokens: int = 24, batch_size: int = 16, seed: int = 0,
-                      states: dict[str, list["torch.Tensor"]] | None = None) -> LikelihoodAccuracy:
+                      states: dict[str, list["torch.Tensor"]] | None = None) -> AttributeAccuracy:
     """The attribute's accuracy of greedy answers to `question` (no answer-format line added),
     the value read leniently from each answer (`labels.extract_lenient`), with a 95% interval."""
     import torch
@@ -113,7 +115,7 @@ def accuracy_as_asked(model: "SpeechLLM", records: list[MetadataRecord], audio_r
 
 def accuracy_by_likelihood(model: "SpeechLLM", records: list[MetadataRecord], audio_root: Path, attribute: str,
                            seed: int = 0, states: dict[str, list["torch.Tensor"]] | None = None
-                           ) -> LikelihoodAccuracy:
+                           ) -> AttributeAccuracy:
     """The attribute's accuracy by likelihood over `records` (audio paths relative to `audio_root`;
     `states`: encoder states already computed, by record id), with a 95% bootstrap interval."""
     attr = ATTRIBUTES[attribute]
