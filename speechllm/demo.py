@@ -5,7 +5,7 @@
           -> experiment 2, LoRA on the LLM (the text path can forget): label, label + pseudo-replay,
              minimum-change, self-output
           -> eval (every run vs the text reference) -> DIR/report.{json,md}, DIR/plots/
-          -> with --hearing, experiment 3: minimum-change targets from a pool where half the
+          -> with --hearing, experiment 3: minimum-change targets from a pool where two thirds of the
              instructions ask the gender, one adapter trained 4x longer, gender on held-out and real clips
 
 Every stage keeps its output in DIR and resumes: a rerun skips what is finished. The sizes are
@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import SpeechLLMError
+from .labels import label_instruction
 
 STRATEGIES = ("self-output", "label")
 """Experiment 1 (frozen LLM, adapter only): one run per targets strategy, named after it."""
@@ -78,14 +79,17 @@ ask the gender in different words (the evaluation varies its phrasing)."""
 HEARING_POOL = [
     "Is the speaker male or female?",
     "What is the speaker's gender?",
+    label_instruction("Is the speaker male or female?", ("female", "male")),
+    label_instruction("What is the speaker's gender?", ("male", "female")),
     "What can you hear?",
     "Describe the speaker's voice.",
 ]
-"""Experiment 3's instructions (`--hearing`): half ask the gender, in two phrasings; the open half's
-answers name it too. With `INSTRUCTION_POOL` about 38 of the 192 training clips get a gender
-question, too few for the frozen LLM to learn to read the voice from the adapter in 100 steps.
-(A pool of eight that added the evaluation's one-word answer line to two gender questions, and two
-more open ones, did not learn it in 400 steps: 43.8% held-out by likelihood, one run.)"""
+"""Experiment 3's instructions (`--hearing`): two thirds ask the gender, two of them with the one-word
+answer line the evaluation adds to its questions; the open third's answers name it too. With
+`INSTRUCTION_POOL` about 38 of the 192 training clips get a gender question, too few for the frozen
+LLM to learn to read the voice from the adapter in 100 steps. Measured (one run each, 400 steps, held-out
+gender by likelihood / the evaluation's questions): this pool 97.9 / 60.4%; without the two answer-line
+questions 91.7 / 45.8%; eight instructions (these four gender ones, four open) 43.8% by likelihood."""
 HEARING_STRATEGIES = ("self-output", "minimum-change")
 """Experiment 3's targets files, made in this order; it trains on the last: the teacher's own
 answers with only the attribute words the labels show wrong replaced."""
@@ -402,7 +406,7 @@ def _hearing(plan: DemoPlan, out: Path, stages: Stages, device: str, progress: b
     for strategy in HEARING_STRATEGIES:
         cfg = demo_config(plan, strategy, out, dtype=dtype, hearing=True)
         target = Path(cfg.train.data)
-        stages.run(f"targets: {strategy}, experiment 3's instructions (half ask the gender)",
+        stages.run(f"targets: {strategy}, experiment 3's instructions (two thirds ask the gender)",
                    lambda: print(run_targets(data / "train.metadata.jsonl", target, cfg, device=device,
                                              progress=progress).line(target), file=sys.stderr))
     stages.run(f"train: {HEARING_RUN} ({plan.hearing_steps} steps x {plan.batch_size}, frozen LLM, {strategy} "
@@ -632,8 +636,8 @@ def _hearing_lines(hearing: dict, fidelity: dict | None) -> list[str]:
                f"{fidelity['gender']['asked']}" if fidelity and "gender" in fidelity else "")
     lines = ["## Experiment 3: hearing", "",
              "One adapter on the frozen LLM, trained on minimum-change targets (the teacher's own answers, "
-             "the attribute words the labels show wrong replaced) from a pool where half the instructions ask "
-             "the gender, for 4x experiment 1's steps; beside it experiment 1's self-output adapter. Accuracy %, "
+             "the attribute words the labels show wrong replaced) from a pool where two thirds of the instructions "
+             "ask the gender, for 4x experiment 1's steps; beside it experiment 1's self-output adapter. Accuracy %, "
              f"95% interval{teacher}:", "",
              "| clips | task | items | chance | majority | " + " | ".join(next(iter(hearing.values())))
              + " | reference |", "|---|---|---|---|---|" + "---|" * (len(next(iter(hearing.values()))) + 1)]

@@ -99,9 +99,10 @@ def test_demo_hearing_run_has_its_own_targets_pool_and_steps_and_leaves_experime
     for key in ("lr", "batch_size", "max_target_tokens", "seed"):
         assert getattr(heard.train, key) == getattr(exp1.train, key), key
     assert heard.model == exp1.model
-    # half the pool asks the gender
+    # most of the pool asks the gender, some with the evaluation's one-word answer line
     asks = [attribute_of(q) == "gender" for q in HEARING_POOL]
-    assert sum(asks) == len(HEARING_POOL) // 2
+    assert sum(asks) > len(HEARING_POOL) / 2
+    assert any(q.endswith("Answer with one word: female or male.") for q in HEARING_POOL)
     assert sum(attribute_of(q) == "gender" for q in INSTRUCTION_POOL) / len(INSTRUCTION_POOL) < 0.5
     # its minimum-change targets fix experiment 3's own self-outputs, not experiment 1's
     assert Path(heard.targets.self_output_file).name == "train.hearing.self-output.targets.jsonl"

@@ -21,7 +21,7 @@ def add_parser(sub) -> None:
         "33 min where bf16 runs in hardware (AVX512-BF16 or AMX; fp32 is slower: targets 1.8x,\n"
         "training 1.2x) (--quick: 6 min). Every stage resumes: rerunning the same command skips\n"
         "finished work. --hearing adds experiment 3, the speech model learning to hear: targets\n"
-        "from instructions half of which ask the gender (minimum-change: the teacher's answers with\n"
+        "from instructions most of which ask the gender (minimum-change: the teacher's answers with\n"
         "wrong attribute words fixed), one adapter trained 400 steps, gender on held-out and real\n"
         "clips (15 more minutes; after a finished demo only experiment 3 runs).",
         ["speechllm demo --out runs/demo", "speechllm demo --out runs/demo-quick --quick",
@@ -30,7 +30,7 @@ def add_parser(sub) -> None:
     p.add_argument("--quick", action="store_true",
                    help="a smaller corpus and fewer steps (6 min in bf16 on a 2-core CPU)")
     p.add_argument("--hearing", action="store_true",
-                   help="also run experiment 3: an adapter trained 4x longer on targets where half the "
+                   help="also run experiment 3: an adapter trained 4x longer on targets where most "
                         "instructions ask the gender, evaluated on held-out and real clips (15 min more on a "
                         "2-core CPU)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
