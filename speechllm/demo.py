@@ -473,10 +473,8 @@ def _hearing_summary(held_out: dict, real: dict | None, likely: dict) -> dict:
     adapter beside it): gender and transcription with intervals, chance, majority and the
     reference, gender by likelihood (`gender_likelihood`) and generated for the training's gender
     questions (`gender_as_trained`, by question)."""
-    keep = ("items", "accuracy", "ci_low", "ci_high", "accuracy_ref", "chance", "majority", "contains",
-            "contains_ref")
     splits = {"held_out": held_out, **({"real": real} if real else {})}
-    return {split: {name: {**{task: {k: t.get(k) for k in keep} for task, t in ck["tasks"].items()},
+    return {split: {name: {**_task_summary(ck),
                            "gender_likelihood": likely["likelihood"].get(split, {}).get(name),
                            "gender_as_trained": likely["as_trained"].get(split, {}).get(name)}
                     for name, ck in rep["checkpoints"].items()}
@@ -545,13 +543,20 @@ def _lora_summary(lora: dict) -> dict:
     return out
 
 
+SUMMARY_KEYS = ("items", "accuracy", "ci_low", "ci_high", "accuracy_ref", "chance", "majority", "contains",
+                "contains_ref", "fidelity_ref")
+"""What the demo's own sections keep of each task's scores."""
+
+
+def _task_summary(checkpoint: dict) -> dict:
+    """{task: its `SUMMARY_KEYS`} of one checkpoint's entry in an evaluation report."""
+    return {task: {k: t.get(k) for k in SUMMARY_KEYS} for task, t in checkpoint["tasks"].items()}
+
+
 def _real_summary(real: dict) -> dict:
     """Per checkpoint and task: accuracy with its interval, and the reference's (from the real
     recordings' report)."""
-    keep = ("items", "accuracy", "ci_low", "ci_high", "accuracy_ref", "chance", "majority", "contains",
-            "contains_ref", "fidelity_ref")
-    return {name: {task: {k: t.get(k) for k in keep} for task, t in ck["tasks"].items()}
-            for name, ck in real["checkpoints"].items()}
+    return {name: _task_summary(ck) for name, ck in real["checkpoints"].items()}
 
 
 def demo_lines(demo: dict, strategies: dict | None = None) -> list[str]:
