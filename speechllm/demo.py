@@ -86,8 +86,8 @@ HEARING_POOL = [
 ]
 """Experiment 3's instructions (`--hearing`): two thirds ask the gender, two of them with the one-word
 answer line the evaluation adds to its questions; the open third's answers name it too. With
-`INSTRUCTION_POOL` about 38 of the 192 training clips get a gender question, too few for the frozen
-LLM to learn to read the voice from the adapter in 100 steps. Measured (one run each, 400 steps, held-out
+`INSTRUCTION_POOL` a fifth of the training clips get a gender question, and experiment 1's 100
+steps are too few for the frozen LLM to learn to read the voice from the adapter. Measured (one run each, 400 steps, held-out
 gender by likelihood / the evaluation's questions): this pool 97.9 / 60.4%; without the two answer-line
 questions 91.7 / 45.8%; eight instructions (these four gender ones, four open) 43.8% by likelihood."""
 HEARING_STRATEGIES = ("self-output", "minimum-change")
@@ -439,19 +439,22 @@ def _gender_by_likelihood(runs: list[Path], splits: dict[str, Path], path: Path,
     """Gender accuracy of each run on each split, {"likelihood": {split: {run: ...}}, "as_trained":
     {split: {run: {question: ...}}}}: by likelihood, and generated for each of `HEARING_POOL`'s gender
     questions as training asked them (no answer-format line; `speechllm.eval.likelihood`); saved to
-    `path` with the adapters' digests and read back while they match."""
+    `path` with what made it (the adapters', the clips' and the questions' digests) and read back
+    while that matches."""
     from .eval.items import read_metadata
     from .eval.likelihood import accuracy_as_asked, accuracy_by_likelihood, clip_states
     from .hub.weights import sha256_file
-    from .io.jsonl import read_saved_json, write_json_atomic
+    from .io.jsonl import json_digest, read_saved_json, write_json_atomic
     from .labels import attribute_of
     from .model.speechllm import SpeechLLM
 
-    identity = {r.name: sha256_file(r / "adapter.safetensors") for r in runs}
-    saved = read_saved_json(path, "adapters", identity, [])
+    questions = [q for q in HEARING_POOL if attribute_of(q) == "gender"]
+    identity = json_digest({"adapters": {r.name: sha256_file(r / "adapter.safetensors") for r in runs},
+                            "clips": {split: sha256_file(meta) for split, meta in splits.items()},
+                            "questions": questions})
+    saved = read_saved_json(path, "identity", identity)
     if saved is not None:
         return saved["accuracy"]
-    questions = [q for q in HEARING_POOL if attribute_of(q) == "gender"]
     result: dict[str, dict] = {kind: {split: {} for split in splits} for kind in ("likelihood", "as_trained")}
     for run in runs:
         model = SpeechLLM.from_pretrained(run, device=device).eval()
@@ -464,7 +467,7 @@ def _gender_by_likelihood(runs: list[Path], splits: dict[str, Path], path: Path,
                 q: accuracy_as_asked(model, records, meta.parent, "gender", q, states=states).to_json()
                 for q in questions}
         del model
-    write_json_atomic(path, {"accuracy": result, "adapters": identity})
+    write_json_atomic(path, {"accuracy": result, "identity": identity})
     return result
 
 
