@@ -4,7 +4,8 @@ the process's peak RSS; the last line is the speedup.
 
 - ours: tapped encoder states from the feature cache (computed once, trimmed to each clip),
   batches grouped by estimated LLM positions and padded to their longest sequence, the shared prompt prefix (template
-  head, system prompt, `audio_start`) run once per batch (`train.reuse_prefix`), LM head only on
+  head, system prompt, `audio_start`) run once (`train.reuse_prefix`; the frozen LLM's prefix KV is
+  kept across steps), LM head only on
   target positions; also timed without the prefix reuse;
 - DeSTA2.5-style: the encoder runs every step on input padded to 30 s, no cache, every batch
   padded to 300 tokens.
@@ -91,12 +92,15 @@ def llm_matmul_params(model: SpeechLLM) -> int:
 
 def optimizer_step(model: SpeechLLM, opt: torch.optim.Optimizer, batch: Batch) -> tuple[float, float]:
     """Forward, backward and one optimizer step on `batch`; returns (loss, LLM FLOPs per weight:
-    the attended positions with gradients, the shared prefix once without)."""
+    the attended positions with gradients, the shared prefix without, when it was run: the frozen
+    LLM's prefix is run once and reused by later steps)."""
+    runs = model.prefixes.computed
     loss = model(batch)
     loss.backward()
     opt.step()
     opt.zero_grad()
-    return float(loss.detach()), FORWARD_BACKWARD * int(batch.attention_mask.sum()) + FORWARD * len(batch.prefix_ids)
+    prefix = FORWARD * len(batch.prefix_ids) * (model.prefixes.computed - runs)
+    return float(loss.detach()), FORWARD_BACKWARD * int(batch.attention_mask.sum()) + prefix
 
 
 def ours_step(model: SpeechLLM, opt: torch.optim.Optimizer, cache: FeatureCache, reuse_prefix: bool,

@@ -137,6 +137,27 @@ def test_training_loss_and_gradients_equal_with_and_without_reuse(model, sample_
         torch.testing.assert_close(grads[name], grad, atol=ATOL, rtol=1e-4)
 
 
+def test_a_frozen_llms_prefix_runs_once_across_steps_until_its_weights_change(model, sample_wav):
+    exs = speech_examples(sample_wav)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    for _ in range(3):  # training steps: the adapter changes, the frozen LLM does not
+        opt.zero_grad()
+        model(exs, reuse_prefix=True).backward()
+        opt.step()
+    assert model.prefixes.computed == 1
+    with torch.no_grad():
+        torch.testing.assert_close(model(exs, reuse_prefix=True), model(exs), atol=ATOL, rtol=0)
+        model.llm.get_decoder().layers[0].self_attn.k_proj.weight.mul_(1.5)  # an in-place edit
+        changed = model(exs, reuse_prefix=True)
+    assert model.prefixes.computed == 2
+    with torch.no_grad():
+        torch.testing.assert_close(changed, model(exs), atol=ATOL, rtol=0)  # the edit is seen, not stale
+    apply_lora(model, LoRAConfig(enabled=True, dropout=0.0))  # trainable weights: every call runs it
+    with torch.no_grad():
+        model(exs, reuse_prefix=True), model(exs, reuse_prefix=True)
+    assert model.prefixes.computed == 4
+
+
 def test_with_lora_the_prefix_carries_gradients_into_lora(model, sample_wav):
     apply_lora(model, LoRAConfig(enabled=True, dropout=0.0))
     torch.manual_seed(1)

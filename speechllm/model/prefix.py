@@ -6,7 +6,9 @@ rest is left-padded, so the padding sits between the prefix and the rest (middle
 positions come from the attention mask's cumulative sum (the same positions a left-padded batch
 of the whole prompts gets). Results equal the whole-prompt path within float tolerance (tested).
 
-The prefix's KV depends on the LLM's weights: with a frozen LLM it is a constant; with LoRA it is
+The prefix's KV depends on the LLM's weights: with a frozen LLM it is a constant, kept by
+`FrozenPrefixCache` across forward passes (training steps, generation batches) until a weight
+changes (an in-place edit, LoRA merged, new weights loaded, another dtype or device); with LoRA it is
 computed with gradients in every forward pass (reuse within a step), and its gradient is the sum
 over the batch, as autograd gives through the expansion.
 """
@@ -65,6 +67,45 @@ def prefix_cache(llm: nn.Module, prefix_ids: list[int]) -> DynamicCache:
         name = cache_kwarg(llm)
         out = llm.get_decoder()(input_ids=ids, use_cache=True, **{name: DynamicCache(config=llm.config)})
     return getattr(out, name)
+
+
+def weights_state(llm: nn.Module) -> tuple | None:
+    """What tells whether the LLM's weights changed: each parameter's storage, dtype and in-place
+    version counter (`load_state_dict`, `merge_lora` and optimizer steps bump the counter; `.to()`
+    and new parameters change the storage). None when a parameter keeps no version counter (made
+    under `torch.inference_mode`): then nothing can tell, and nothing is reused."""
+    try:
+        return tuple((p.data_ptr(), p.dtype, p._version) for p in llm.parameters())
+    except RuntimeError:
+        return None
+
+
+class FrozenPrefixCache:
+    """The batch-1 KV cache of the last prefix, reused while the LLM's weights stay the same.
+
+    Only for an LLM without trainable weights (`has_trainable_weights` false): then the prefix's KV
+    carries no gradient and is the same in every forward pass, so a training run computes it once
+    instead of once per step. Anything else (LoRA, an unfrozen LLM) computes it every call.
+    """
+
+    def __init__(self):
+        self._key: tuple | None = None
+        self._cache: DynamicCache | None = None
+        self.computed = 0
+        """How many times the prefix was run (the rest of the calls reused it)."""
+
+    def get(self, llm: nn.Module, prefix_ids: list[int]) -> DynamicCache:
+        """The batch-1 cache of `prefix_ids` (leave it unchanged: `expand_cache` it per batch)."""
+        state = None if has_trainable_weights(llm) else weights_state(llm)
+        if state is None:
+            self.computed += 1
+            return prefix_cache(llm, prefix_ids)
+        key = (tuple(prefix_ids), state)
+        if key != self._key:
+            with torch.no_grad():
+                self._cache, self._key = prefix_cache(llm, prefix_ids), key
+            self.computed += 1
+        return self._cache
 
 
 def expand_cache(llm: nn.Module, cache: DynamicCache, batch: int) -> DynamicCache:

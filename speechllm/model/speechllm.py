@@ -24,7 +24,7 @@ from .adapters import InputStandardizer, build_adapter
 from ..io.audio import SAMPLE_RATE
 from .encoder import WhisperTappedEncoder, load_whisper_encoder
 from .llm import DTYPES, context_length, load_llm
-from .prefix import cache_kwarg, expand_cache, prefix_cache, rest_positions, shared_prefix_length, with_prefix_mask
+from .prefix import FrozenPrefixCache, cache_kwarg, expand_cache, rest_positions, shared_prefix_length, with_prefix_mask
 from .prompt import PromptBuilder, PromptPieces
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -121,6 +121,8 @@ class SpeechLLM(nn.Module):
                              if config.adapter.standardize else None)
         """Per-channel standardization of the tapped states before the adapter (fitted by the
         trainer, saved with the adapter), when `model.adapter.standardize`."""
+        self.prefixes = FrozenPrefixCache()
+        """The shared prompt prefix's KV, kept across forward passes while the LLM is frozen."""
 
     # ------------------------------------------------------------------ building
 
@@ -347,10 +349,11 @@ class SpeechLLM(nn.Module):
         return Batch(inputs, mask, None if for_generation else lab, prefix_ids)
 
     def _prefix_cache(self, batch: Batch):
-        """The KV cache of `batch.prefix_ids` expanded over the batch (None without a prefix)."""
+        """The KV cache of `batch.prefix_ids` expanded over the batch (None without a prefix); with a
+        frozen LLM computed once and reused by later batches (`FrozenPrefixCache`)."""
         if not batch.prefix_ids:
             return None
-        return expand_cache(self.llm, prefix_cache(self.llm, batch.prefix_ids), batch.inputs_embeds.shape[0])
+        return expand_cache(self.llm, self.prefixes.get(self.llm, batch.prefix_ids), batch.inputs_embeds.shape[0])
 
     # ------------------------------------------------------------------ forward / generate
 
