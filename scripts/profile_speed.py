@@ -9,6 +9,7 @@ embedded default: operators by self CPU time, and the named parts of each.
 
     python scripts/profile_speed.py [--stage train|generate|both] [--batch-size 8] [--n 32]
                                     [--max-new-tokens 16] [--rows 12] [--threads N]
+                                    [--dtype auto|float32|bfloat16]
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from bench_targets import descriptions
+from bounds import add_dtype_arg, resolve_dtype
 from speechllm.config import GenerationConfig, load_config
 from speechllm.demo import SYSTEM_PROMPT
 from speechllm.io.audio import load_audio
@@ -123,13 +125,15 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=12)
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice; 1 on a machine shared with "
                    "other work, where a thread waiting for a descheduled one inflates every small operator)")
+    add_dtype_arg(p)
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    overrides = [f"model.llm.dtype={resolve_dtype(args.dtype)}"]
     if args.stage in ("train", "both"):
-        profile_train(load_config(args.config), args.batch_size, args.rows)
+        profile_train(load_config(args.config, overrides), args.batch_size, args.rows)
     if args.stage in ("generate", "both"):
-        profile_generate(load_config(args.config), args.n, args.max_new_tokens, args.rows)
+        profile_generate(load_config(args.config, overrides), args.n, args.max_new_tokens, args.rows)
 
 
 if __name__ == "__main__":

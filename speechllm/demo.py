@@ -5,7 +5,7 @@
           -> experiment 2, LoRA on the LLM (the text path can forget): label, label + pseudo-replay,
              minimum-change, self-output
           -> eval (every run vs the text reference) -> DIR/report.{json,md}, DIR/plots/
-          -> with --hearing, experiment 3: minimum-change targets from a pool where two thirds of the
+          -> with --hearing, experiment 3: minimum-change targets from a pool where eight of eleven
              instructions ask the gender, one adapter trained 4x longer, gender on held-out and real clips
 
 Every stage keeps its output in DIR and resumes: a rerun skips what is finished. The sizes are
@@ -76,20 +76,28 @@ INSTRUCTION_POOL = [
 """Training instructions (DeSTA2.5 draws from a pool); each clip gets one, seeded by its id. Two
 ask the gender in different words (the evaluation varies its phrasing)."""
 
-HEARING_POOL = [
-    "Is the speaker male or female?",
-    "What is the speaker's gender?",
-    label_instruction("Is the speaker male or female?", ("female", "male")),
-    label_instruction("What is the speaker's gender?", ("male", "female")),
-    "What can you hear?",
-    "Describe the speaker's voice.",
-]
-"""Experiment 3's instructions (`--hearing`): two thirds ask the gender, two of them with the one-word
-answer line the evaluation adds to its questions; the open third's answers name it too. With
-`INSTRUCTION_POOL` a fifth of the training clips get a gender question, and experiment 1's 100
-steps are too few for the frozen LLM to learn to read the voice from the adapter. Measured (one run each, 400 steps, held-out
-gender by likelihood / the evaluation's questions): this pool 97.9 / 60.4%; without the two answer-line
-questions 91.7 / 45.8%; eight instructions (these four gender ones, four open) 43.8% by likelihood."""
+HEARING_QUESTIONS = ("Is the speaker male or female?", "What is the speaker's gender?",
+                     "Is the speaker a man or a woman?", "Does this voice belong to a woman or a man?")
+"""Experiment 3's gender questions: two of the evaluation's five phrasings and two of its own; the
+evaluation's other three ("Is the speaker female or male?", "Is this a man's voice or a woman's
+voice?", "Is it a woman or a man speaking?") are never trained, so its accuracy on them is
+accuracy on phrasings the speech model never saw."""
+HEARING_POOL = [*HEARING_QUESTIONS,
+                *(label_instruction(q, order) for q, order in zip(HEARING_QUESTIONS, [("female", "male"),
+                                                                                   ("male", "female")] * 2)),
+                "What can you hear?", "Describe the speaker's voice.", "What did the speaker say?"]
+"""Experiment 3's instructions (`--hearing`): `HEARING_QUESTIONS` bare and with the one-word answer
+line the evaluation adds to its questions (both option orders), two open ones whose answers name the
+gender too, and the words spoken: eight of eleven ask the gender. With `INSTRUCTION_POOL` a fifth of
+the training clips get a gender question, and experiment 1's 100 steps are too few for the frozen LLM
+to learn to read the voice from the adapter. Measured (one run each, 400 steps; gender by likelihood /
+in the evaluation's phrasings / in those of them training never asked, held-out synthetic clips, then
+the real recordings by likelihood / the evaluation's phrasings; transcription 100 - WER held-out):
+this pool 97.9 / 87.5 / 85.2%, 13/13 / 12/13, transcription 83.6; without "What did the speaker say?"
+100 / 85.4 / 81.5%, 13/13 / 13/13, transcription 74.6; only the first two questions (bare and with the
+line) and the two open ones 97.9 / 60.4 / 33.3%, 92.3 / 76.9%, transcription 98.1; the two bare
+questions and the two open ones 91.7 / 45.8%; the first two, bare and with the line, and four open
+ones 43.8% by likelihood."""
 HEARING_STRATEGIES = ("self-output", "minimum-change")
 """Experiment 3's targets files, made in this order; it trains on the last: the teacher's own
 answers with only the attribute words the labels show wrong replaced."""
@@ -399,6 +407,7 @@ def _hearing(plan: DemoPlan, out: Path, stages: Stages, device: str, progress: b
     adapter on gender and transcription on the held-out clips and on the real recordings, generated
     and by likelihood; returns both evaluation reports (real: None without the real recordings)
     and the accuracy by likelihood ({split: {run: ...}})."""
+    from .eval.predictions import PREDICTIONS_FILE
     from .eval.suite import run_eval
     from .targets.run import run_targets
 
@@ -406,7 +415,7 @@ def _hearing(plan: DemoPlan, out: Path, stages: Stages, device: str, progress: b
     for strategy in HEARING_STRATEGIES:
         cfg = demo_config(plan, strategy, out, dtype=dtype, hearing=True)
         target = Path(cfg.train.data)
-        stages.run(f"targets: {strategy}, experiment 3's instructions (two thirds ask the gender)",
+        stages.run(f"targets: {strategy}, experiment 3's instructions (eight of eleven ask the gender)",
                    lambda: print(run_targets(data / "train.metadata.jsonl", target, cfg, device=device,
                                              progress=progress).line(target), file=sys.stderr))
     stages.run(f"train: {HEARING_RUN} ({plan.hearing_steps} steps x {plan.batch_size}, frozen LLM, {strategy} "
@@ -427,7 +436,43 @@ def _hearing(plan: DemoPlan, out: Path, stages: Stages, device: str, progress: b
                                 evaluate)
     likely = stages.run("experiment 3: gender by likelihood and as training asked it (held-out and real clips)",
                         lambda: _gender_by_likelihood(runs, splits, out / HEARING_RUN / LIKELIHOOD_FILE, device))
+    folders = {"held_out": out / HEARING_RUN, "real": out / f"{HEARING_RUN}-real"}
+    likely["by_phrasing"] = {split: _gender_by_phrasing(folders[split] / PREDICTIONS_FILE, HEARING_QUESTIONS)
+                             for split in splits}
     return held_out, real, likely
+
+
+def _gender_by_phrasing(predictions: Path, trained: tuple[str, ...]) -> dict:
+    """{system: {"trained": ..., "untrained": ...}}: the evaluation's generated gender answers
+    (`predictions`, its predictions.jsonl) split by whether the item's phrasing (its question
+    without the answer-format line) is one training asked; each with items, accuracy, a 95%
+    bootstrap interval and the share of its commonest label (`majority`)."""
+    import numpy as np
+
+    from .eval.forgetting import bootstrap_interval
+    from .labels import ATTRIBUTES
+
+    phrasings = ATTRIBUTES["gender"].phrasings
+    right: dict[str, dict[str, list[tuple[float, str]]]] = {}
+    for line in predictions.read_text().splitlines():
+        row = json.loads(line)
+        asked = next((p for p in phrasings if row["instruction"].startswith(p)), None)
+        if row["task"] != "gender" or asked is None:
+            continue
+        group = "trained" if asked in trained else "untrained"
+        right.setdefault(row["system"], {"trained": [], "untrained": []})[group].append(
+            (float(bool(row["score"]["correct"])), str(row["target"]).lower()))
+    result = {}
+    for system, groups in right.items():
+        result[system] = {}
+        for group, scored in groups.items():
+            v = np.array([x for x, _ in scored])
+            labels = [t for _, t in scored]
+            low, high = bootstrap_interval(len(v), lambda idx: v[idx].mean(1))
+            result[system][group] = {"items": len(v), "accuracy": float(v.mean()) if len(v) else None,
+                                     "ci_low": low, "ci_high": high,
+                                     "majority": max(map(labels.count, set(labels))) / len(labels) if labels else None}
+    return result
 
 
 LIKELIHOOD_FILE = "gender_by_likelihood.json"
@@ -445,10 +490,9 @@ def _gender_by_likelihood(runs: list[Path], splits: dict[str, Path], path: Path,
     from .eval.likelihood import accuracy_as_asked, accuracy_by_likelihood, clip_states
     from .hub.weights import sha256_file
     from .io.jsonl import json_digest, read_saved_json, write_json_atomic
-    from .labels import attribute_of
     from .model.speechllm import SpeechLLM
 
-    questions = [q for q in HEARING_POOL if attribute_of(q) == "gender"]
+    questions = list(HEARING_QUESTIONS)
     identity = json_digest({"adapters": {r.name: sha256_file(r / "adapter.safetensors") for r in runs},
                             "clips": {split: sha256_file(meta) for split, meta in splits.items()},
                             "questions": questions})
@@ -474,12 +518,14 @@ def _gender_by_likelihood(runs: list[Path], splits: dict[str, Path], path: Path,
 def _hearing_summary(held_out: dict, real: dict | None, likely: dict) -> dict:
     """Experiment 3 per split and checkpoint (the hearing run, and experiment 1's self-output
     adapter beside it): gender and transcription with intervals, chance, majority and the
-    reference, gender by likelihood (`gender_likelihood`) and generated for the training's gender
-    questions (`gender_as_trained`, by question)."""
+    reference, gender by likelihood (`gender_likelihood`), generated for the training's gender
+    questions (`gender_as_trained`, by question) and the evaluation's gender items split by whether
+    training asked their phrasing (`gender_by_phrasing`: trained, untrained)."""
     splits = {"held_out": held_out, **({"real": real} if real else {})}
     return {split: {name: {**_task_summary(ck),
                            "gender_likelihood": likely["likelihood"].get(split, {}).get(name),
-                           "gender_as_trained": likely["as_trained"].get(split, {}).get(name)}
+                           "gender_as_trained": likely["as_trained"].get(split, {}).get(name),
+                           "gender_by_phrasing": likely.get("by_phrasing", {}).get(split, {}).get(name)}
                     for name, ck in rep["checkpoints"].items()}
             for split, rep in splits.items()}
 
@@ -644,7 +690,7 @@ def _hearing_lines(hearing: dict, fidelity: dict | None) -> list[str]:
                f"{fidelity['gender']['asked']}" if fidelity and "gender" in fidelity else "")
     lines = ["## Experiment 3: hearing", "",
              "One adapter on the frozen LLM, trained on minimum-change targets (the teacher's own answers, "
-             "the attribute words the labels show wrong replaced) from a pool where two thirds of the instructions "
+             "the attribute words the labels show wrong replaced) from a pool where eight of its eleven instructions "
              "ask the gender, for 4x experiment 1's steps; beside it experiment 1's self-output adapter. Accuracy %, "
              f"95% interval{teacher}:", "",
              "| clips | task | items | chance | majority | " + " | ".join(next(iter(hearing.values())))
@@ -652,13 +698,20 @@ def _hearing_lines(hearing: dict, fidelity: dict | None) -> list[str]:
     for split, runs in hearing.items():
         first = next(iter(runs.values()))
         for task, t in first.items():
-            if task in ("gender_likelihood", "gender_as_trained"):
+            if task in ("gender_likelihood", "gender_as_trained", "gender_by_phrasing"):
                 continue
             cells = [r[task] for r in runs.values()]
             lines.append(f"| {split_names.get(split, split)} | {task} | {t['items']} | {_pct(t['chance'])} | "
                          f"{_pct(t['majority'])} | "
                          + " | ".join(f"{_pct(c['accuracy'])} [{_pct(c['ci_low'])}, {_pct(c['ci_high'])}]"
                                       for c in cells) + f" | {_pct(t['accuracy_ref'])} |")
+            for group, said in (("trained", "training asked"), ("untrained", "training never asked")):
+                if task == "gender" and all((r.get("gender_by_phrasing") or {}).get(group) for r in runs.values()):
+                    cells = [r["gender_by_phrasing"][group] for r in runs.values()]
+                    lines.append(f"| {split_names.get(split, split)} | gender, the evaluation's phrasings {said} | "
+                                 f"{cells[0]['items']} | {_pct(t['chance'])} | {_pct(cells[0]['majority'])} | "
+                                 + " | ".join(f"{_pct(c['accuracy'])} [{_pct(c['ci_low'])}, {_pct(c['ci_high'])}]"
+                                              for c in cells) + " | – |")
             if task == "gender" and first.get("gender_likelihood"):
                 cells = [r["gender_likelihood"] for r in runs.values()]
                 lines.append(f"| {split_names.get(split, split)} | gender, by likelihood | {cells[0]['items']} | "
@@ -676,5 +729,7 @@ def _hearing_lines(hearing: dict, fidelity: dict | None) -> list[str]:
               "answer (no decoding, so how it words an answer, or how it follows the evaluation's one-word answer "
               "line, does not hide what it hears). Asked \"...\": generated answers to a question as training asked "
               "it (no one-word answer line), every clip of the split; the `gender` row asks in the evaluation's "
-              "varied phrasings with that line."]
+              "varied phrasings with that line, and the two rows after it split those items by whether training "
+              "asked their phrasing (the phrasings it never asked show whether hearing carries over to new "
+              "wording)."]
     return lines + [""]

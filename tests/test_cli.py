@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -82,8 +83,8 @@ def test_demo_runs_bf16_only_on_a_cpu_that_multiplies_it_in_hardware(monkeypatch
 
 
 def test_demo_hearing_run_has_its_own_targets_pool_and_steps_and_leaves_experiment_1_alone():
-    from speechllm.demo import FULL, HEARING_POOL, HEARING_STRATEGIES, INSTRUCTION_POOL, demo_config
-    from speechllm.labels import attribute_of
+    from speechllm.demo import FULL, HEARING_POOL, HEARING_QUESTIONS, HEARING_STRATEGIES, INSTRUCTION_POOL, demo_config
+    from speechllm.labels import ATTRIBUTES, attribute_of
 
     out = Path("runs/x")
     exp1 = demo_config(FULL, "self-output", out)
@@ -103,6 +104,33 @@ def test_demo_hearing_run_has_its_own_targets_pool_and_steps_and_leaves_experime
     asks = [attribute_of(q) == "gender" for q in HEARING_POOL]
     assert sum(asks) > len(HEARING_POOL) / 2
     assert any(q.endswith("Answer with one word: female or male.") for q in HEARING_POOL)
+    # at least half of the evaluation's gender phrasings are never trained (the report tells them apart)
+    evaluated = ATTRIBUTES["gender"].phrasings
+    trained = {p for p in evaluated if any(q.startswith(p) for q in HEARING_POOL)}
+    assert trained == set(HEARING_QUESTIONS) & set(evaluated) and len(evaluated) - len(trained) >= len(evaluated) / 2
     assert sum(attribute_of(q) == "gender" for q in INSTRUCTION_POOL) / len(INSTRUCTION_POOL) < 0.5
     # its minimum-change targets fix experiment 3's own self-outputs, not experiment 1's
     assert Path(heard.targets.self_output_file).name == "train.hearing.self-output.targets.jsonl"
+
+
+def test_demo_hearing_splits_the_evaluations_gender_items_by_whether_training_asked_their_phrasing(tmp_path):
+    from speechllm.demo import _gender_by_phrasing
+    from speechllm.labels import label_instruction
+
+    def row(system, question, correct, target="male", task="gender"):
+        return {"benchmark": "tasks", "system": system, "key": "k", "task": task,
+                "instruction": label_instruction(question, ("female", "male")), "prediction": "",
+                "target": target, "score": {"correct": correct}}
+
+    rows = [row("a", "Is the speaker male or female?", True), row("a", "Is the speaker female or male?", False),
+            row("a", "Is the speaker female or male?", True, target="female"),
+            row("a", "Is it a woman or a man speaking?", False),
+            row("a", "What did the speaker say?", True, task="transcription"),
+            row("b", "Is the speaker male or female?", False)]
+    path = tmp_path / "predictions.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    split = _gender_by_phrasing(path, ("Is the speaker male or female?",))
+    assert split["a"]["trained"]["items"] == 1 and split["a"]["trained"]["accuracy"] == 1.0
+    assert split["a"]["untrained"]["items"] == 3 and split["a"]["untrained"]["accuracy"] == pytest.approx(1 / 3)
+    assert split["a"]["untrained"]["majority"] == pytest.approx(2 / 3)  # two male labels of three
+    assert split["b"]["trained"]["accuracy"] == 0.0 and split["b"]["untrained"]["items"] == 0

@@ -69,7 +69,7 @@ def test_quick_demo_writes_the_report_and_a_rerun_reuses_every_stage(tmp_path):
     assert heard["experiments"]["hearing"]["runs"] == ["hearing"]
     rows = [json.loads(l) for l in
             (out / "data" / "train.hearing.minimum-change.targets.jsonl").read_text().splitlines()]
-    from speechllm.demo import HEARING_POOL
+    from speechllm.demo import HEARING_POOL, HEARING_QUESTIONS
     assert rows and {r["instruction"] for r in rows} <= set(HEARING_POOL)
     for split, items in (("held_out", 4), ("real", 13)):
         runs = heard["demo"]["hearing"][split]
@@ -78,8 +78,10 @@ def test_quick_demo_writes_the_report_and_a_rerun_reuses_every_stage(tmp_path):
         by_likelihood = runs["hearing"]["gender_likelihood"]  # every clip of the split, no decoding
         assert by_likelihood["items"] >= items and 0 <= by_likelihood["accuracy"] <= 1
         as_trained = runs["hearing"]["gender_as_trained"]  # generated, the training's own gender questions
-        assert set(as_trained) == {q for q in HEARING_POOL if "gender" in q or "male" in q}
+        assert set(as_trained) == set(HEARING_QUESTIONS)
         assert all(a["items"] == by_likelihood["items"] for a in as_trained.values())
+        by_phrasing = runs["hearing"]["gender_by_phrasing"]  # the evaluation's items, trained phrasing or not
+        assert sum(g["items"] for g in by_phrasing.values()) == items
     assert "## Experiment 3: hearing" in (out / "report.md").read_text()
     assert "gender, by likelihood" in (out / "report.md").read_text()
     assert (out / "data" / "train.self-output.targets.jsonl").read_bytes() == targets  # experiment 1's untouched
