@@ -696,34 +696,32 @@ def _hearing_lines(hearing: dict, fidelity: dict | None) -> list[str]:
              "| clips | task | items | chance | majority | " + " | ".join(next(iter(hearing.values())))
              + " | reference |", "|---|---|---|---|---|" + "---|" * (len(next(iter(hearing.values()))) + 1)]
     for split, runs in hearing.items():
+        where = split_names.get(split, split)
+
+        def row(task: str, cells: list[dict], chance, majority, reference="–") -> str:
+            return (f"| {where} | {task} | {cells[0]['items']} | {_pct(chance)} | {_pct(majority)} | "
+                    + " | ".join(f"{_pct(c['accuracy'])} [{_pct(c['ci_low'])}, {_pct(c['ci_high'])}]"
+                                 for c in cells) + f" | {reference} |")
+
         first = next(iter(runs.values()))
         for task, t in first.items():
             if task in ("gender_likelihood", "gender_as_trained", "gender_by_phrasing"):
                 continue
-            cells = [r[task] for r in runs.values()]
-            lines.append(f"| {split_names.get(split, split)} | {task} | {t['items']} | {_pct(t['chance'])} | "
-                         f"{_pct(t['majority'])} | "
-                         + " | ".join(f"{_pct(c['accuracy'])} [{_pct(c['ci_low'])}, {_pct(c['ci_high'])}]"
-                                      for c in cells) + f" | {_pct(t['accuracy_ref'])} |")
+            lines.append(row(task, [r[task] for r in runs.values()], t["chance"], t["majority"],
+                             _pct(t["accuracy_ref"])))
+            if task != "gender":
+                continue
             for group, said in (("trained", "training asked"), ("untrained", "training never asked")):
-                if task == "gender" and all((r.get("gender_by_phrasing") or {}).get(group) for r in runs.values()):
+                if all((r.get("gender_by_phrasing") or {}).get(group) for r in runs.values()):
                     cells = [r["gender_by_phrasing"][group] for r in runs.values()]
-                    lines.append(f"| {split_names.get(split, split)} | gender, the evaluation's phrasings {said} | "
-                                 f"{cells[0]['items']} | {_pct(t['chance'])} | {_pct(cells[0]['majority'])} | "
-                                 + " | ".join(f"{_pct(c['accuracy'])} [{_pct(c['ci_low'])}, {_pct(c['ci_high'])}]"
-                                              for c in cells) + " | – |")
-            if task == "gender" and first.get("gender_likelihood"):
+                    lines.append(row(f"gender, the evaluation's phrasings {said}", cells, t["chance"],
+                                     cells[0]["majority"]))
+            if first.get("gender_likelihood"):
                 cells = [r["gender_likelihood"] for r in runs.values()]
-                lines.append(f"| {split_names.get(split, split)} | gender, by likelihood | {cells[0]['items']} | "
-                             f"{_pct(cells[0]['chance'])} | {_pct(cells[0]['majority'])} | "
-                             + " | ".join(f"{_pct(c['accuracy'])} [{_pct(c['ci_low'])}, {_pct(c['ci_high'])}]"
-                                          for c in cells) + " | – |")
-            for question in (first.get("gender_as_trained") or {}) if task == "gender" else ():
+                lines.append(row("gender, by likelihood", cells, cells[0]["chance"], cells[0]["majority"]))
+            for question in first.get("gender_as_trained") or {}:
                 cells = [r["gender_as_trained"][question] for r in runs.values()]
-                lines.append(f"| {split_names.get(split, split)} | gender, asked \"{question}\" | "
-                             f"{cells[0]['items']} | {_pct(cells[0]['chance'])} | {_pct(cells[0]['majority'])} | "
-                             + " | ".join(f"{_pct(c['accuracy'])} [{_pct(c['ci_low'])}, {_pct(c['ci_high'])}]"
-                                          for c in cells) + " | – |")
+                lines.append(row(f"gender, asked \"{question}\"", cells, cells[0]["chance"], cells[0]["majority"]))
     lines += ["", "By likelihood: for each clip the question \"Is the speaker male or female?\" with both "
               "answers (\"The speaker is male.\" / \"... female.\") as targets; the likelier one is the model's "
               "answer (no decoding, so how it words an answer, or how it follows the evaluation's one-word answer "
