@@ -1,7 +1,9 @@
 """Throughput of target generation, side by side on the same prompts (the demo's system prompt):
 per-sample `generate`, and speechllm's batched engine with and without the shared prompt prefix
-computed once (`generation.reuse_prefix`); the answers compared; and the batch's bound on this
-machine (scripts/bounds.py):
+computed once (`generation.reuse_prefix`) and with finished sequences kept in the batch as
+transformers' `generate` keeps them (`generation.drop_finished=false`; by default each leaves its
+batch once it stops); the answers compared; and the batch's bound on this machine
+(scripts/bounds.py):
 
     bound = min(batch x one-sequence memory bound, compute bound)   generated tokens per second
     one-sequence memory bound = copy bandwidth / weight bytes   (a decoding step reads every weight)
@@ -9,7 +11,7 @@ machine (scripts/bounds.py):
                     (prefill included: every prompt position, the shared prefix once with reuse)
 
 Padding and sequences that go on after their stop token are work the bound does not count.
-The batched runs alternate (reuse, no reuse) `--rounds` times and keep each one's best time. On a
+The batched runs alternate (reuse, no reuse, finished kept) `--rounds` times and keep each one's best time. On a
 machine shared with other work, `--threads 1 --cpu-time` times the process's CPU time instead of
 wall time (the bounds are then those of one thread).
 
@@ -89,6 +91,7 @@ def main() -> None:
     shared = shared_prefix_length(prompts, min(lengths) - 1)
     reuse = GenerationConfig(max_new_tokens=args.max_new_tokens)
     whole = dataclasses.replace(reuse, reuse_prefix=False)
+    kept = dataclasses.replace(reuse, drop_finished=False)
     batch = min(args.batch_size, args.n)
     print(f"model {gen.model_name} ({cfg.model.llm.dtype}, attention {cfg.model.llm.attn_implementation}), "
           f"system prompt {args.system_prompt!r}, {args.n} prompts of "
@@ -101,23 +104,26 @@ def main() -> None:
     t_single = now() - t0
     tokens = sum(g.tokens for g in single)
     print(f"per-sample generate: {tokens} tokens in {t_single:.1f} s = {tokens / t_single:.1f} tok/s", flush=True)
-    runs: dict[str, list[float]] = {"reuse": [], "whole": []}
+    runs: dict[str, list[float]] = {"reuse": [], "whole": [], "kept": []}
     answers = {}
     for _ in range(args.rounds):
-        for name, sampling in (("reuse", reuse), ("whole", whole)):
+        for name, sampling in (("reuse", reuse), ("whole", whole), ("kept", kept)):
             answers[name], seconds = timed(gen, prompts, sampling, args.batch_size, now)
             runs[name].append(seconds)
-    t_reuse, t_whole = min(runs["reuse"]), min(runs["whole"])
+    t_reuse, t_whole, t_kept = min(runs["reuse"]), min(runs["whole"]), min(runs["kept"])
 
     batched_tokens = sum(g.tokens for g in answers["reuse"])
     for name, label, t in (("reuse", "shared prefix computed once, padding after it", t_reuse),
-                           ("whole", "no reuse, left-padded", t_whole)):
+                           ("whole", "no reuse, left-padded", t_whole),
+                           ("kept", "shared prefix once, finished sequences kept as padding", t_kept)):
         n = sum(g.tokens for g in answers[name])
         print(f"batched (batch {args.batch_size}, length-sorted, {label}, KV cache): {n} tokens in {t:.1f} s "
               f"= {n / t:.1f} tok/s (runs: {', '.join(f'{s:.1f}' for s in runs[name])} s)")
     same = sum(a.text == b.text for a, b in zip(single, answers["reuse"]))
     same_whole = sum(a.text == b.text for a, b in zip(answers["whole"], answers["reuse"]))
-    print(f"identical answers: per-sample vs batched {same}/{args.n}; reuse vs no reuse {same_whole}/{args.n}")
+    same_kept = sum(a.text == b.text for a, b in zip(answers["kept"], answers["reuse"]))
+    print(f"identical answers: per-sample vs batched {same}/{args.n}; reuse vs no reuse {same_whole}/{args.n}; "
+          f"finished dropped vs kept {same_kept}/{args.n}")
 
     dtype = cfg.model.llm.dtype
     bw, wbytes, peak = copy_bandwidth(now=now), weight_bytes(gen.llm), matmul_peak(now=now, dtype=getattr(torch, dtype))
@@ -136,6 +142,7 @@ def main() -> None:
     print(f"no reuse: {batched_tokens / t_whole / bound['whole']:.0%} of the batch's compute bound")
     print(f"batched: {batched_tokens / t_reuse / bound['reuse']:.0%} of the batch's compute bound")
     print(f"batched speedup over per-sample {t_single / t_reuse * batched_tokens / tokens:.1f}")
+    print(f"drop finished speedup {t_kept / t_reuse:.2f}")
     print(f"prefix reuse speedup {t_whole / t_reuse:.2f}")
 
 

@@ -226,6 +226,16 @@ class GenerationConfig:
     """Run the token ids every prompt of a call starts with (chat template head, system prompt,
     `audio_start`) once and reuse their KV cache for every sequence (answers equal the
     whole-prompt path within float tolerance); False feeds every prompt whole (for comparisons)."""
+    drop_finished: bool = True
+    """Greedy decoding drops each sequence from the batch once it stops (`speechllm/model/decode.py`),
+    so a batch of short answers and one long one does not run every row for the long one's length;
+    the answers equal transformers' `generate` within float tolerance. False (or sampling, or a
+    repetition penalty) decodes with `generate`, which keeps finished sequences as padding."""
+
+    @property
+    def drops_finished(self) -> bool:
+        """Whether this decoding goes through `greedy_decode` (greedy, no repetition penalty)."""
+        return self.drop_finished and not self.do_sample and self.repetition_penalty == 1.0
 
 
 @dataclass

@@ -11,6 +11,7 @@ import torch
 
 from ..config import Config, GenerationConfig
 from .llm import context_length, load_llm
+from .decode import greedy_decode
 from .prefix import cache_kwarg, expand_cache, prefix_cache, shared_prefix_length
 from .prompt import PromptBuilder
 
@@ -72,7 +73,8 @@ class TextGenerator:
         on `stop_ids` (default: the end of the assistant's turn and eos). With
         `sampling.reuse_prefix` the ids every prompt starts with are run once for the whole call
         and their KV cache expanded over each batch; each batch is then laid out as
-        [shared prefix][padding][rest of the prompt] (batch, prefix + longest rest)."""
+        [shared prefix][padding][rest of the prompt] (batch, prefix + longest rest). Greedy decoding
+        drops each answer from its batch once it stops (`sampling.drop_finished`, `decode.py`)."""
         device = self.llm.get_input_embeddings().weight.device
         order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
         stop = set(self.prompt.stop_ids if stop_ids is None else stop_ids)
@@ -90,23 +92,40 @@ class TextGenerator:
                 ids[row, width - len(p) + n_prefix:] = torch.tensor(p[n_prefix:], dtype=torch.long)
                 mask[row, :n_prefix] = 1
                 mask[row, width - len(p) + n_prefix:] = 1
-            kwargs = dict(max_new_tokens=sampling.max_new_tokens, do_sample=sampling.do_sample,
-                          eos_token_id=sorted(stop), pad_token_id=self.pad_id, use_cache=True,
-                          repetition_penalty=sampling.repetition_penalty)
-            if shared is not None:
-                kwargs[cache_kwarg(self.llm)] = expand_cache(self.llm, shared, len(idx))
-            if sampling.do_sample:
-                torch.manual_seed(sampling.seed + k)
-                kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p)
-            else:
-                kwargs.update(temperature=None, top_p=None, top_k=None)
-            new = self.llm.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)[:, width:]
-            for row, i in enumerate(idx):
-                toks = new[row].tolist()
-                end = next((j for j, t in enumerate(toks) if t in stop), None)
-                kept = toks if end is None else toks[:end]
-                text = self.tokenizer.decode(kept, skip_special_tokens=True).strip()
-                out[i] = Generation(text=text, tokens=len(kept), finished=end is not None)
+            cache = expand_cache(self.llm, shared, len(idx)) if shared is not None else None
+            decode = self._drop_finished if sampling.drops_finished else self._transformers_generate
+            for i, (kept, finished) in zip(idx, decode(ids.to(device), mask.to(device), n_prefix, cache, sampling,
+                                                      sorted(stop), k)):
+                out[i] = Generation(text=self.tokenizer.decode(kept, skip_special_tokens=True).strip(),
+                                    tokens=len(kept), finished=finished)
             if on_batch is not None:
                 on_batch(len(idx), sum(out[i].tokens for i in idx))
         return out  # type: ignore[return-value]
+
+    def _drop_finished(self, ids: torch.Tensor, mask: torch.Tensor, n_prefix: int, cache, sampling: GenerationConfig,
+                       stop: list[int], batch_index: int) -> list[tuple[list[int], bool]]:
+        """(ids before the stop token, finished) per row: greedy, finished rows leave the batch."""
+        embeds = self.llm.get_input_embeddings()(ids[:, n_prefix:])
+        decoded = greedy_decode(self.llm, embeds, mask, sampling.max_new_tokens, stop, cache)
+        return [(d.tokens[:-1] if d.finished else d.tokens, d.finished) for d in decoded]
+
+    def _transformers_generate(self, ids: torch.Tensor, mask: torch.Tensor, n_prefix: int, cache,
+                               sampling: GenerationConfig, stop: list[int], batch_index: int
+                               ) -> list[tuple[list[int], bool]]:
+        """(ids before the stop token, finished) per row, by transformers' `generate` (sampling seeded
+        with `sampling.seed + batch_index`)."""
+        kwargs = dict(max_new_tokens=sampling.max_new_tokens, do_sample=sampling.do_sample, eos_token_id=stop,
+                      pad_token_id=self.pad_id, use_cache=True, repetition_penalty=sampling.repetition_penalty)
+        if cache is not None:
+            kwargs[cache_kwarg(self.llm)] = cache
+        if sampling.do_sample:
+            torch.manual_seed(sampling.seed + batch_index)
+            kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p)
+        else:
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        new = self.llm.generate(input_ids=ids, attention_mask=mask, **kwargs)[:, ids.shape[1]:]
+        rows = []
+        for toks in new.tolist():
+            end = next((j for j, t in enumerate(toks) if t in stop), None)
+            rows.append((toks if end is None else toks[:end], end is not None))
+        return rows

@@ -24,6 +24,7 @@ from .adapters import InputStandardizer, build_adapter
 from ..io.audio import SAMPLE_RATE
 from .encoder import WhisperTappedEncoder, load_whisper_encoder
 from .llm import DTYPES, context_length, load_llm
+from .decode import greedy_decode
 from .prefix import FrozenPrefixCache, cache_kwarg, expand_cache, rest_positions, shared_prefix_length, with_prefix_mask
 from .prompt import PromptBuilder, PromptPieces
 
@@ -400,7 +401,8 @@ class SpeechLLM(nn.Module):
     @torch.no_grad()
     def generate(self, examples: list[Example], gen: GenerationConfig | None = None) -> list[str]:
         """Answers for a batch of examples (clips of different lengths welcome); with
-        `gen.reuse_prefix` their shared first tokens are run once (see `build_batch`)."""
+        `gen.reuse_prefix` their shared first tokens are run once (see `build_batch`); greedy
+        decoding drops each answer from the batch once it stops (`gen.drop_finished`, `decode.py`)."""
         gen = gen or GenerationConfig()
         batch = self.build_batch(examples, for_generation=True, reserve=gen.max_new_tokens,
                                  reuse_prefix=gen.reuse_prefix)
@@ -413,6 +415,10 @@ class SpeechLLM(nn.Module):
             torch.manual_seed(gen.seed)
         else:
             kwargs.update(temperature=None, top_p=None, top_k=None)
+        if gen.drops_finished:
+            decoded = greedy_decode(self.llm, batch.inputs_embeds, batch.full_attention_mask, gen.max_new_tokens,
+                                    self.prompt.stop_ids, self._prefix_cache(batch))
+            return [self.tokenizer.decode(d.tokens, skip_special_tokens=True).strip() for d in decoded]
         inputs = batch.inputs_embeds
         if batch.prefix_ids:  # generate takes the whole sequence and runs the positions after the cache
             kwargs[cache_kwarg(self.llm)] = self._prefix_cache(batch)
