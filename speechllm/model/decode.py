@@ -58,12 +58,11 @@ def greedy_decode(llm: nn.Module, inputs_embeds: torch.Tensor, attention_mask: t
     from transformers import DynamicCache
 
     batch = inputs_embeds.shape[0]
-    device = inputs_embeds.device
     name = cache_kwarg(llm)
     cache = cache if cache is not None else DynamicCache(config=llm.config)
-    stop = torch.tensor(sorted(set(stop_ids)), device=device)
+    stop = set(stop_ids)
     embed = llm.get_input_embeddings()
-    rows = torch.arange(batch, device=device)  # which prompt each live row answers
+    rows = list(range(batch))  # which prompt each live row answers
     out: list[list[int]] = [[] for _ in range(batch)]
     finished = [False] * batch
     mask = attention_mask
@@ -75,18 +74,18 @@ def greedy_decode(llm: nn.Module, inputs_embeds: torch.Tensor, attention_mask: t
                      **last_only, **{name: cache})
         cache = getattr(result, name)
         token = result.logits[:, -1].argmax(-1)
-        for row, t in zip(rows.tolist(), token.tolist()):
+        ids = token.tolist()  # the step's one wait for the device
+        live = [i for i, t in enumerate(ids) if t not in stop]
+        for row, t in zip(rows, ids):
             out[row].append(t)
-        done = torch.isin(token, stop)
-        for row in rows[done].tolist():
-            finished[row] = True
-        if step == max_new_tokens - 1 or bool(done.all()):
+            finished[row] = t in stop
+        if step == max_new_tokens - 1 or not live:
             break
         last = positions[:, -1]
-        if bool(done.any()):  # the finished sequences leave the batch
-            keep = (~done).nonzero().squeeze(1)
+        if len(live) < len(rows):  # the finished sequences leave the batch
+            keep = torch.tensor(live, device=token.device)
             cache.batch_select_indices(keep)
-            rows, token, mask, last = rows[keep], token[keep], mask[keep], last[keep]
+            rows, token, mask, last = [rows[i] for i in live], token[keep], mask[keep], last[keep]
         mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
         positions = (last + 1).unsqueeze(1)
         x = embed(token).unsqueeze(1)

@@ -406,6 +406,10 @@ class SpeechLLM(nn.Module):
         gen = gen or GenerationConfig()
         batch = self.build_batch(examples, for_generation=True, reserve=gen.max_new_tokens,
                                  reuse_prefix=gen.reuse_prefix)
+        if gen.drops_finished:
+            decoded = greedy_decode(self.llm, batch.inputs_embeds, batch.full_attention_mask, gen.max_new_tokens,
+                                    self.prompt.stop_ids, self._prefix_cache(batch))
+            return [self.tokenizer.decode(d.tokens, skip_special_tokens=True).strip() for d in decoded]
         kwargs = dict(max_new_tokens=gen.max_new_tokens, do_sample=gen.do_sample,
                       repetition_penalty=gen.repetition_penalty, eos_token_id=self.prompt.stop_ids,
                       pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
@@ -415,10 +419,6 @@ class SpeechLLM(nn.Module):
             torch.manual_seed(gen.seed)
         else:
             kwargs.update(temperature=None, top_p=None, top_k=None)
-        if gen.drops_finished:
-            decoded = greedy_decode(self.llm, batch.inputs_embeds, batch.full_attention_mask, gen.max_new_tokens,
-                                    self.prompt.stop_ids, self._prefix_cache(batch))
-            return [self.tokenizer.decode(d.tokens, skip_special_tokens=True).strip() for d in decoded]
         inputs = batch.inputs_embeds
         if batch.prefix_ids:  # generate takes the whole sequence and runs the positions after the cache
             kwargs[cache_kwarg(self.llm)] = self._prefix_cache(batch)
