@@ -400,79 +400,79 @@ def run_demo(out: Path, quick: bool = False, device: str = "cpu", progress: bool
     return report
 
 
-def _hearing(plan: DemoPlan, out: Path, stages: Stages, device: str, progress: bool, dtype: str
-             ) -> tuple[dict, dict | None, dict]:
+@dataclass
+class Heard:
+    """Experiment 3's results."""
+    held_out: dict
+    """The evaluation report on the held-out clips (the hearing run and experiment 1's self-output)."""
+    real: dict | None
+    """The same on the real recordings (None without them)."""
+    accuracy: dict
+    """Gender by likelihood and as training asked it, `_gender_by_likelihood`'s
+    {"likelihood": {split: {run: ...}}, "as_trained": {split: {run: {question: ...}}}}."""
+    by_phrasing: dict
+    """{split: {run: {"trained": ..., "untrained": ...}}}: `_gender_by_phrasing` of each evaluation."""
+
+
+def _hearing(plan: DemoPlan, out: Path, stages: Stages, device: str, progress: bool, dtype: str) -> Heard:
     """Experiment 3: targets from `HEARING_POOL` (`HEARING_STRATEGIES`), one adapter trained
     `plan.hearing_steps` steps on the last (frozen LLM), evaluated beside experiment 1's self-output
     adapter on gender and transcription on the held-out clips and on the real recordings, generated
-    and by likelihood; returns both evaluation reports (real: None without the real recordings)
-    and the accuracy by likelihood ({split: {run: ...}})."""
+    and by likelihood."""
     from .eval.predictions import PREDICTIONS_FILE
     from .eval.suite import run_eval
     from .targets.run import run_targets
 
     data = out / "data"
-    for strategy in HEARING_STRATEGIES:
-        cfg = demo_config(plan, strategy, out, dtype=dtype, hearing=True)
+    configs = {strategy: demo_config(plan, strategy, out, dtype=dtype, hearing=True) for strategy in HEARING_STRATEGIES}
+    for strategy, cfg in configs.items():
         target = Path(cfg.train.data)
         stages.run(f"targets: {strategy}, experiment 3's instructions (eight of eleven ask the gender)",
                    lambda: print(run_targets(data / "train.metadata.jsonl", target, cfg, device=device,
                                              progress=progress).line(target), file=sys.stderr))
-    stages.run(f"train: {HEARING_RUN} ({plan.hearing_steps} steps x {plan.batch_size}, frozen LLM, {strategy} "
-               "targets)", lambda: train_stage(cfg, progress=progress))
+    trained_on = HEARING_STRATEGIES[-1]
+    stages.run(f"train: {HEARING_RUN} ({plan.hearing_steps} steps x {plan.batch_size}, frozen LLM, {trained_on} "
+               "targets)", lambda: train_stage(configs[trained_on], progress=progress))
     runs = [out / "runs" / HEARING_RUN, out / "runs" / "self-output"]
 
     splits = {"held_out": data / "test.metadata.jsonl"}
     if plan.real and (data / "real.metadata.jsonl").exists():
         splits["real"] = data / "real.metadata.jsonl"
+    folders = {"held_out": out / HEARING_RUN, "real": out / f"{HEARING_RUN}-real"}
 
     def evaluate():
-        held_out = run_eval(runs, splits["held_out"], out / HEARING_RUN, _eval_config(plan, hearing=True),
-                            device=device, progress=progress)
-        real = (run_eval(runs, splits["real"], out / f"{HEARING_RUN}-real", _eval_config(plan, real=True),
-                         device=device, progress=progress) if "real" in splits else None)
-        return held_out, real
-    held_out, real = stages.run("evaluate experiment 3 (gender and transcription, held-out and real clips)",
-                                evaluate)
-    likely = stages.run("experiment 3: gender by likelihood and as training asked it (held-out and real clips)",
-                        lambda: _gender_by_likelihood(runs, splits, out / HEARING_RUN / LIKELIHOOD_FILE, device))
-    folders = {"held_out": out / HEARING_RUN, "real": out / f"{HEARING_RUN}-real"}
-    likely["by_phrasing"] = {split: _gender_by_phrasing(folders[split] / PREDICTIONS_FILE, HEARING_QUESTIONS)
-                             for split in splits}
-    return held_out, real, likely
+        return {split: run_eval(runs, meta, folders[split], _eval_config(plan, real=split == "real", hearing=True),
+                                device=device, progress=progress) for split, meta in splits.items()}
+    reports = stages.run("evaluate experiment 3 (gender and transcription, held-out and real clips)", evaluate)
+    accuracy = stages.run("experiment 3: gender by likelihood and as training asked it (held-out and real clips)",
+                          lambda: _gender_by_likelihood(runs, splits, out / HEARING_RUN / LIKELIHOOD_FILE, device))
+    by_phrasing = {split: _gender_by_phrasing(folders[split] / PREDICTIONS_FILE, HEARING_QUESTIONS) for split in splits}
+    return Heard(reports["held_out"], reports.get("real"), accuracy, by_phrasing)
 
 
 def _gender_by_phrasing(predictions: Path, trained: tuple[str, ...]) -> dict:
     """{system: {"trained": ..., "untrained": ...}}: the evaluation's generated gender answers
     (`predictions`, its predictions.jsonl) split by whether the item's phrasing (its question
-    without the answer-format line) is one training asked; each with items, accuracy, a 95%
-    bootstrap interval and the share of its commonest label (`majority`)."""
+    without the answer-format line) is one training asked; each an `AttributeAccuracy` as JSON
+    (items, accuracy, 95% interval, chance, the share of the commonest label)."""
     import numpy as np
 
-    from .eval.forgetting import bootstrap_interval
+    from .eval.likelihood import summarize
+    from .eval.predictions import read_predictions
     from .labels import ATTRIBUTES
 
     phrasings = ATTRIBUTES["gender"].phrasings
-    right: dict[str, dict[str, list[tuple[float, str]]]] = {}
-    for line in predictions.read_text().splitlines():
-        row = json.loads(line)
+    scored: dict[str, dict[str, list[tuple[float, str]]]] = {}
+    for row in read_predictions(predictions):
         asked = next((p for p in phrasings if row["instruction"].startswith(p)), None)
         if row["task"] != "gender" or asked is None:
             continue
         group = "trained" if asked in trained else "untrained"
-        right.setdefault(row["system"], {"trained": [], "untrained": []})[group].append(
+        scored.setdefault(row["system"], {"trained": [], "untrained": []})[group].append(
             (float(bool(row["score"]["correct"])), str(row["target"]).lower()))
-    result = {}
-    for system, groups in right.items():
-        result[system] = {}
-        for group, scored in groups.items():
-            v = np.array([x for x, _ in scored])
-            labels = [t for _, t in scored]
-            low, high = bootstrap_interval(len(v), lambda idx: v[idx].mean(1))
-            result[system][group] = {"items": len(v), "accuracy": float(v.mean()) if len(v) else None,
-                                     "ci_low": low, "ci_high": high,
-                                     "majority": max(map(labels.count, set(labels))) / len(labels) if labels else None}
-    return result
+    return {system: {group: summarize("gender", group, [t for _, t in items], np.array([x for x, _ in items]))
+                     .to_json() for group, items in groups.items()}
+            for system, groups in scored.items()}
 
 
 LIKELIHOOD_FILE = "gender_by_likelihood.json"
@@ -515,23 +515,23 @@ def _gender_by_likelihood(runs: list[Path], splits: dict[str, Path], path: Path,
     return result
 
 
-def _hearing_summary(held_out: dict, real: dict | None, likely: dict) -> dict:
+def _hearing_summary(heard: Heard) -> dict:
     """Experiment 3 per split and checkpoint (the hearing run, and experiment 1's self-output
     adapter beside it): gender and transcription with intervals, chance, majority and the
     reference, gender by likelihood (`gender_likelihood`), generated for the training's gender
     questions (`gender_as_trained`, by question) and the evaluation's gender items split by whether
     training asked their phrasing (`gender_by_phrasing`: trained, untrained)."""
-    splits = {"held_out": held_out, **({"real": real} if real else {})}
+    splits = {"held_out": heard.held_out, **({"real": heard.real} if heard.real else {})}
     return {split: {name: {**_task_summary(ck),
-                           "gender_likelihood": likely["likelihood"].get(split, {}).get(name),
-                           "gender_as_trained": likely["as_trained"].get(split, {}).get(name),
-                           "gender_by_phrasing": likely.get("by_phrasing", {}).get(split, {}).get(name)}
+                           "gender_likelihood": heard.accuracy["likelihood"][split][name],
+                           "gender_as_trained": heard.accuracy["as_trained"][split][name],
+                           "gender_by_phrasing": heard.by_phrasing[split].get(name)}
                     for name, ck in rep["checkpoints"].items()}
             for split, rep in splits.items()}
 
 
 def _add_demo_sections(report: dict, out: Path, data: Path, real: dict | None, lora: dict, nll: dict,
-                       heard: tuple[dict, dict | None, dict] | None = None) -> dict:
+                       heard: Heard | None = None) -> dict:
     """The evaluation report with the demo's own findings added (report.json under `demo`,
     report.md as sections): the teacher's fidelity to its descriptions per attribute, each
     adapter's accuracy on the real recordings, each targets file's NLL under the base LLM
@@ -561,11 +561,11 @@ def _add_demo_sections(report: dict, out: Path, data: Path, real: dict | None, l
         report["experiments"]["hearing"] = {"runs": [HEARING_RUN], "report": f"{HEARING_RUN}/report.json",
                                             "lora": False, "instruction_pool": HEARING_POOL}
     report["demo"] = {"teacher_fidelity": fidelity, "real": _real_summary(real) if real else None,
-                      "lora": _lora_summary(lora), "hearing": _hearing_summary(*heard) if heard else None}
+                      "lora": _lora_summary(lora), "hearing": _hearing_summary(heard) if heard else None}
     write_report(report, out)  # report.md and plots: experiment 1 (its task set); lora/ has experiment 2's
     report["checkpoints"].update(lora["checkpoints"])
     if heard:
-        report["checkpoints"][HEARING_RUN] = heard[0]["checkpoints"][HEARING_RUN]
+        report["checkpoints"][HEARING_RUN] = heard.held_out["checkpoints"][HEARING_RUN]
     write_json_atomic(out / "report.json", report)
     with open(out / "report.md", "a") as f:
         f.write("\n" + "\n".join(demo_lines(report["demo"], report["strategies"])) + "\n")
@@ -712,14 +712,13 @@ def _hearing_lines(hearing: dict, fidelity: dict | None) -> list[str]:
             if task != "gender":
                 continue
             for group, said in (("trained", "training asked"), ("untrained", "training never asked")):
-                if all((r.get("gender_by_phrasing") or {}).get(group) for r in runs.values()):
+                if all(r["gender_by_phrasing"] and r["gender_by_phrasing"][group]["items"] for r in runs.values()):
                     cells = [r["gender_by_phrasing"][group] for r in runs.values()]
                     lines.append(row(f"gender, the evaluation's phrasings {said}", cells, t["chance"],
                                      cells[0]["majority"]))
-            if first.get("gender_likelihood"):
-                cells = [r["gender_likelihood"] for r in runs.values()]
-                lines.append(row("gender, by likelihood", cells, cells[0]["chance"], cells[0]["majority"]))
-            for question in first.get("gender_as_trained") or {}:
+            cells = [r["gender_likelihood"] for r in runs.values()]
+            lines.append(row("gender, by likelihood", cells, cells[0]["chance"], cells[0]["majority"]))
+            for question in first["gender_as_trained"]:
                 cells = [r["gender_as_trained"][question] for r in runs.values()]
                 lines.append(row(f"gender, asked \"{question}\"", cells, cells[0]["chance"], cells[0]["majority"]))
     lines += ["", "By likelihood: for each clip the question \"Is the speaker male or female?\" with both "

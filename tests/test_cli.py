@@ -134,3 +134,8 @@ def test_demo_hearing_splits_the_evaluations_gender_items_by_whether_training_as
     assert split["a"]["untrained"]["items"] == 3 and split["a"]["untrained"]["accuracy"] == pytest.approx(1 / 3)
     assert split["a"]["untrained"]["majority"] == pytest.approx(2 / 3)  # two male labels of three
     assert split["b"]["trained"]["accuracy"] == 0.0 and split["b"]["untrained"]["items"] == 0
+    from speechllm.io.jsonl import JsonlError
+
+    path.write_text(json.dumps({k: v for k, v in rows[0].items() if k != "score"}) + "\n")
+    with pytest.raises(JsonlError, match=r"predictions.jsonl:1: missing field\(s\) score"):
+        _gender_by_phrasing(path, ("Is the speaker male or female?",))

@@ -77,13 +77,22 @@ def _items(records: list[MetadataRecord], attribute: str) -> list[tuple[Metadata
             if r.value(attribute) and r.value(attribute).lower() in values]
 
 
+def summarize(attribute: str, question: str, truths: list[str], right: np.ndarray, seed: int = 0
+              ) -> AttributeAccuracy:
+    """An attribute's accuracy from per-item outcomes: `truths` the items' values, `right` (items,)
+    1.0 where the item was answered right; with a 95% bootstrap interval, chance and the share of
+    the commonest value."""
+    low, high = bootstrap_interval(len(truths), lambda idx: right[idx].mean(1), seed=seed)
+    counts = collections.Counter(truths)
+    return AttributeAccuracy(attribute, len(truths), float(right.mean()) if truths else None, low, high,
+                              1 / len(ATTRIBUTES[attribute].values),
+                              max(counts.values()) / len(truths) if truths else None, question)
+
+
 def _result(attribute: str, question: str, items: list[tuple[MetadataRecord, int]], right: np.ndarray,
             seed: int) -> AttributeAccuracy:
     values = ATTRIBUTES[attribute].values
-    low, high = bootstrap_interval(len(items), lambda idx: right[idx].mean(1), seed=seed)
-    counts = collections.Counter(t for _, t in items)
-    return AttributeAccuracy(attribute, len(items), float(right.mean()) if items else None, low, high,
-                              1 / len(values), max(counts.values()) / len(items) if items else None, question)
+    return summarize(attribute, question, [values[t] for _, t in items], right, seed)
 
 
 def accuracy_as_asked(model: "SpeechLLM", records: list[MetadataRecord], audio_root: Path, attribute: str,

@@ -40,7 +40,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterable
 
-from ..io.jsonl import write_jsonl_atomic
+from ..io.jsonl import read_jsonl, write_jsonl_atomic
 
 PREDICTIONS_FILE = "predictions.jsonl"
 """The file every system's per-item rows go to, in the evaluation's output folder."""
@@ -80,3 +80,9 @@ def write_predictions(path: Path, rows: Iterable[dict]) -> None:
         if tuple(r) != FIELDS:
             raise ValueError(f"prediction row has fields {list(r)}, expected {list(FIELDS)}")
     write_jsonl_atomic(Path(path), rows)
+
+
+def read_predictions(path: Path) -> list[dict]:
+    """The rows of a predictions file, each with every field of `FIELDS`; a malformed line or a
+    row missing a field is a `JsonlError` naming the file and line."""
+    return read_jsonl(Path(path), required=FIELDS)
