@@ -44,6 +44,11 @@ def main() -> None:
     p.add_argument("--out", type=Path, help="folder for the two evaluations (default: a temporary one)")
     p.add_argument("--device", default="cpu")
     args = p.parse_args()
+    for ckpt in args.checkpoint:
+        if not (ckpt / "config.json").is_file():
+            p.error(f"--checkpoint {ckpt}: not a speechllm checkpoint (no config.json)")
+    if not args.data.is_file():
+        p.error(f"--data {args.data}: no such file")
     cfg = _eval_config(PLANS[args.plan])
     with tempfile.TemporaryDirectory() as tmp:
         root = args.out or Path(tmp)
