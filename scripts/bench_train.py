@@ -8,14 +8,17 @@ the process's peak RSS; the last line is the speedup.
   kept across steps), LM head only on
   target positions; also timed without the prefix reuse;
 - DeSTA2.5-style: the encoder runs every step on input padded to 30 s, no cache, every batch
-  padded to 300 tokens.
+  padded to 300 tokens, the LLM's attention transformers' kernel (`model.llm.attn_implementation`,
+  as DeSTA2.5's code runs it); when ours trains with another kernel (`model.llm.train_attn_implementation`,
+  `grouped` on a CPU by default) it is also timed with that one, to show what the settings alone gain.
 
 The settings take turns batch by batch (other work on the machine slows them alike); on a machine
 shared with other work, `--threads 1 --cpu-time` times the process's CPU time instead.
 
     python scripts/bench_train.py [--config configs/default.yaml] [--n 32] [--steps 6] [--batch-size 8]
                                   [--threads N] [--cpu-time] [--dtype auto|float32|bfloat16]
-                                  [--attn auto|sdpa|eager]
+                                  [--attn auto|sdpa|eager|grouped]
+                                  [--train-attn auto|model|sdpa|eager|grouped]
 """
 
 from __future__ import annotations
@@ -35,11 +38,12 @@ import torch.nn.functional as F
 from speechllm.io.audio import load_audio
 from speechllm.config import Config, load_config
 from speechllm.model import Batch, Example, SpeechLLM, build_model
+from speechllm.model.attention import training_kernel
 from speechllm.model.speechllm import IGNORE_INDEX
 from speechllm.training.cache import FeatureCache
 from speechllm.training.data import TrainRecord, batch_at, epoch_batches, load_targets
 
-from bounds import DTYPE_LABEL, add_attention_arg, add_dtype_arg, clock, matmul_peak, resolve_dtype
+from bounds import DTYPE_LABEL, add_attention_arg, add_dtype_arg, add_train_attention_arg, clock, matmul_peak, resolve_dtype
 
 DESTA_SEQ_LEN = 300
 """DeSTA2.5's max_seq_length: every batch is padded (or cut) to it."""
@@ -80,6 +84,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--cpu-time", action="store_true", help="time the process's CPU time, not wall time")
     add_dtype_arg(p)
     add_attention_arg(p)
+    add_train_attention_arg(p)
     return p.parse_args()
 
 
@@ -127,6 +132,19 @@ def desta_step(model: SpeechLLM, opt: torch.optim.Optimizer, recs: list[TrainRec
     return optimizer_step(model, opt, batch)
 
 
+def with_training_kernel(model: SpeechLLM, setting: str, step: Callable[[list[TrainRecord]], tuple[float, float]]
+                         ) -> Callable[[list[TrainRecord]], tuple[float, float]]:
+    """`step` run with `model.llm.train_attn_implementation=setting` (the model's own one restored after)."""
+    def run(recs: list[TrainRecord]) -> tuple[float, float]:
+        own = model.config.llm.train_attn_implementation
+        model.config.llm.train_attn_implementation = setting
+        try:
+            return step(recs)
+        finally:
+            model.config.llm.train_attn_implementation = own
+    return run
+
+
 def time_steps(settings: dict[str, Callable[[list[TrainRecord]], tuple[float, float]]],
                steps: list[list[TrainRecord]], now) -> dict[str, tuple[float, float]]:
     """{setting: (samples/s, LLM FLOPs per weight per second)} over the batches `steps`, after one
@@ -158,20 +176,25 @@ def run_settings(model: SpeechLLM, opt: torch.optim.Optimizer, cfg: Config, args
         t0 = time.perf_counter()
         cache.build(records.audio_paths(), progress=False)
         t_cache = time.perf_counter() - t0
-        results = time_steps({"ours": partial(ours_step, model, opt, cache, True),
-                              "ours, no prefix reuse": partial(ours_step, model, opt, cache, False),
-                              "desta2.5-style": partial(desta_step, model, opt)}, steps, clock(args.cpu_time))
+        settings = {"ours": partial(ours_step, model, opt, cache, True),
+                    "ours, no prefix reuse": partial(ours_step, model, opt, cache, False),
+                    "desta2.5-style": with_training_kernel(model, "model", partial(desta_step, model, opt))}
+        if model.training_kernel() is not None:  # ours trains with a kernel of its own: the baseline with it too
+            settings["desta2.5-style, ours's kernel"] = partial(desta_step, model, opt)
+        results = time_steps(settings, steps, clock(args.cpu_time))
     return results, t_cache, len(records)
 
 
 def report(cfg: Config, args: argparse.Namespace, results: dict[str, tuple[float, float]], t_cache: float,
            clips: int, llm_params: int, peak: float) -> None:
     """Print throughput of every setting, achieved FLOP/s, peak RSS and, last, the speedup."""
+    kernel = training_kernel(cfg.model.llm.train_attn_implementation, torch.device("cpu")) or cfg.model.llm.attn_implementation
     sps_ours, work_ours = results["ours"]
     sps_whole, _ = results["ours, no prefix reuse"]
     sps_desta, _ = results["desta2.5-style"]
     llm_flops = llm_params * work_ours  # per second
-    print(f"{cfg.model.llm.name} ({cfg.model.llm.dtype}, attention {cfg.model.llm.attn_implementation}) + "
+    print(f"{cfg.model.llm.name} ({cfg.model.llm.dtype}, attention {cfg.model.llm.attn_implementation}, in "
+          f"training {cfg.model.llm.train_attn_implementation}: {kernel}) + "
           f"{cfg.model.encoder.name}, batch {args.batch_size}, "
           f"{args.steps} steps each, "
           f"{torch.get_num_threads()} threads, {'CPU' if args.cpu_time else 'wall'} time; feature cache built once "
@@ -179,6 +202,10 @@ def report(cfg: Config, args: argparse.Namespace, results: dict[str, tuple[float
     print(f"ours: {sps_ours:.2f} samples/s; without prefix reuse {sps_whole:.2f} samples/s (prefix reuse speedup "
           f"{sps_ours / sps_whole:.2f}); DeSTA2.5-style (30 s encoder input, no cache, 300-token batches): "
           f"{sps_desta:.2f} samples/s")
+    if "desta2.5-style, ours's kernel" in results:
+        sps_kernel, _ = results["desta2.5-style, ours's kernel"]
+        print(f"DeSTA2.5-style with ours's training kernel ({kernel}): {sps_kernel:.2f} samples/s; the settings "
+              f"alone: speedup {sps_ours / sps_kernel:.1f}, the kernel alone {sps_kernel / sps_desta:.2f}")
     print(f"LLM part: {llm_flops / 1e9:.1f} GFLOP/s achieved vs {DTYPE_LABEL[cfg.model.llm.dtype]} matmul peak "
           f"{peak / 1e9:.1f} GFLOP/s "
           f"= {llm_flops / peak:.0%}")
@@ -192,7 +219,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = load_config(args.config, [f"model.llm.dtype={resolve_dtype(args.dtype)}",
-                                    f"model.llm.attn_implementation={args.attn}"])
+                                    f"model.llm.attn_implementation={args.attn}",
+                                    f"model.llm.train_attn_implementation={args.train_attn}"])
     torch.manual_seed(0)
     model = build_model(cfg)
     params = [q for q in model.parameters() if q.requires_grad]

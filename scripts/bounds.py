@@ -114,8 +114,15 @@ def add_dtype_arg(parser) -> None:
 
 def add_attention_arg(parser) -> None:
     """`--attn`: transformers' attention kernel of the LLM (`model.llm.attn_implementation`)."""
-    parser.add_argument("--attn", choices=("auto", "sdpa", "eager"), default="auto",
+    parser.add_argument("--attn", choices=("auto", "sdpa", "eager", "grouped"), default="auto",
                         help="the LLM's attention kernel (default: auto, transformers' choice: SDPA)")
+
+
+def add_train_attention_arg(parser) -> None:
+    """`--train-attn`: the LLM's attention kernel in training (`model.llm.train_attn_implementation`)."""
+    parser.add_argument("--train-attn", choices=("auto", "model", "sdpa", "eager", "grouped"), default="auto",
+                        help="the LLM's attention kernel in forward passes with gradients (default: auto, grouped "
+                             "on a CPU; model: the --attn kernel)")
 
 
 def resolve_dtype(name: str) -> str:

@@ -342,22 +342,23 @@ def test_prompts_longer_than_the_context_are_length_errors(tiny_model, sample_wa
         tiny_model.build_batch([long])
 
 
-def test_eager_attention_is_a_choice_with_the_same_results_and_its_own_identity(tiny_cfg, sample_wav):
-    """`model.llm.attn_implementation=eager` loads the LLM with eager attention; in fp32 the loss and
-    the greedy answers (prefix reuse included) match SDPA's within float tolerance, and answer
-    caches tell the two apart (the kernel is in the LLM's identity only when chosen)."""
+@pytest.mark.parametrize("kernel", ["eager", "grouped"])
+def test_an_attention_kernel_is_a_choice_with_the_same_results_and_its_own_identity(tiny_cfg, sample_wav, kernel):
+    """`model.llm.attn_implementation=eager` (or `grouped`) loads the LLM with that kernel; in fp32
+    the loss and the greedy answers (prefix reuse included) match SDPA's within float tolerance, and
+    answer caches tell the two apart (the kernel is in the LLM's identity only when chosen)."""
     import dataclasses
 
     from speechllm.model import build_model
     from speechllm.model.llm import llm_identity
 
     eager_cfg = dataclasses.replace(tiny_cfg, model=dataclasses.replace(
-        tiny_cfg.model, llm=dataclasses.replace(tiny_cfg.model.llm, attn_implementation="eager")))
+        tiny_cfg.model, llm=dataclasses.replace(tiny_cfg.model.llm, attn_implementation=kernel)))
     torch.manual_seed(0)
     sdpa = build_model(tiny_cfg)
     torch.manual_seed(0)
     eager = build_model(eager_cfg)
-    assert eager.llm.config._attn_implementation == "eager" != sdpa.llm.config._attn_implementation
+    assert eager.llm.config._attn_implementation == kernel != sdpa.llm.config._attn_implementation
     exs = [Example("What can you hear?", sample_wav, "cold hearted", "a calm voice"),
            Example("Describe the voice.", sample_wav[:20000], None, "low and slow, a longer answer here")]
     with torch.no_grad():
@@ -367,4 +368,4 @@ def test_eager_attention_is_a_choice_with_the_same_results_and_its_own_identity(
     prompts = [Example(e.instruction, e.audio, e.transcript) for e in exs]
     assert sdpa.generate(prompts) == eager.generate(prompts)
     assert "attn_implementation" not in llm_identity(tiny_cfg.model.llm)
-    assert llm_identity(eager_cfg.model.llm)["attn_implementation"] == "eager"
+    assert llm_identity(eager_cfg.model.llm)["attn_implementation"] == kernel

@@ -7,6 +7,7 @@ import torch
 
 from ..config import LLMConfig
 from ..hub import weights
+from . import attention
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 """`model.llm.dtype` names -> torch dtypes."""
@@ -56,8 +57,9 @@ def load_llm(cfg: LLMConfig, device: str | torch.device = "cpu", tokenizer: bool
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = weights.resolve(cfg.name)
+    attention.register()
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code) if tokenizer else None
-    attention = {} if cfg.attn_implementation == "auto" else {"attn_implementation": cfg.attn_implementation}
+    kernel = {} if cfg.attn_implementation == "auto" else {"attn_implementation": cfg.attn_implementation}
     llm = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code,
-                                               **attention)
+                                               **kernel)
     return llm.to(device).eval(), tok

@@ -21,6 +21,7 @@ from ..errors import SpeechLLMError
 from ..hub import weights
 from ..config import Config, ConfigError, GenerationConfig, LoRAConfig, ModelConfig, config_from_dict, to_dict
 from .adapters import InputStandardizer, build_adapter
+from .attention import kernel, training_kernel
 from ..io.audio import SAMPLE_RATE
 from .encoder import WhisperTappedEncoder, load_whisper_encoder
 from .llm import DTYPES, context_length, load_llm
@@ -349,6 +350,11 @@ class SpeechLLM(nn.Module):
             lab[i, sl] = torch.tensor(labels[i], device=device)
         return Batch(inputs, mask, None if for_generation else lab, prefix_ids)
 
+    def training_kernel(self) -> str | None:
+        """The attention kernel of forward passes with gradients (`model.llm.train_attn_implementation`
+        on the LLM's device); None: the model's own."""
+        return training_kernel(self.config.llm.train_attn_implementation, self.llm.get_input_embeddings().weight.device)
+
     def _prefix_cache(self, batch: Batch):
         """The KV cache of `batch.prefix_ids` expanded over the batch (None without a prefix); with a
         frozen LLM computed once and reused by later batches (`FrozenPrefixCache`)."""
@@ -373,14 +379,16 @@ class SpeechLLM(nn.Module):
         if batch.labels is None:
             raise ValueError("forward needs a training batch (with labels)")
         backbone = self.llm.get_decoder()
-        cache = self._prefix_cache(batch)
-        if cache is None:
-            hidden = backbone(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask).last_hidden_state
-        else:
-            mask = batch.full_attention_mask
-            hidden = backbone(inputs_embeds=batch.inputs_embeds, attention_mask=mask, use_cache=True,
-                              **{cache_kwarg(self.llm): cache},
-                              position_ids=rest_positions(mask, len(batch.prefix_ids))).last_hidden_state
+        cache = self._prefix_cache(batch)  # with the model's own kernel: generation reuses it
+        with kernel(self.llm, self.training_kernel() if torch.is_grad_enabled() else None):
+            if cache is None:
+                hidden = backbone(inputs_embeds=batch.inputs_embeds,
+                                  attention_mask=batch.attention_mask).last_hidden_state
+            else:
+                mask = batch.full_attention_mask
+                hidden = backbone(inputs_embeds=batch.inputs_embeds, attention_mask=mask, use_cache=True,
+                                  **{cache_kwarg(self.llm): cache},
+                                  position_ids=rest_positions(mask, len(batch.prefix_ids))).last_hidden_state
         shifted = batch.labels[:, 1:]
         predict = shifted != IGNORE_INDEX
         if not predict.any():

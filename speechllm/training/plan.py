@@ -11,7 +11,9 @@ so the parameter counts are the real modules' counts. Memory per GPU and step ti
 - gradients and AdamW's two moments: float32, trainable parameters only;
 - activations of one micro-batch at the configured lengths: what autograd keeps through the
   frozen LLM (its inputs need gradients: `LLM_SAVED_PER_TOKEN` per token per layer, measured on
-  transformers' Llama), the target logits in float32, and the adapter's own;
+  transformers' Llama), each layer's attention probabilities when the training kernel keeps them
+  (eager, grouped: a CPU's default; a GPU's SDPA keeps none), the target logits in float32, and
+  the adapter's own;
 - sharding the frozen LLM over N GPUs (FSDP / ZeRO-3 of frozen weights) keeps 1/N of its weights
   per GPU plus the one layer gathered at a time;
 - FLOPs per step: 2 per parameter per token forward and 2 backward through the frozen LLM (input
@@ -27,9 +29,12 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from ..config import Config, ConfigError, ModelConfig
 from ..errors import SpeechLLMError
 from ..hub import weights
+from ..model.attention import training_kernel
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 """Bytes per element of a `model.llm.dtype`."""
@@ -46,6 +51,8 @@ LLM_SAVED_INTERMEDIATE = 3.0
 (frozen weights): about 5 x hidden + 2 x key/value width + 3 x intermediate elements (norm
 inputs, queries, keys and values, attention output, MLP gate, up and activation), measured with
 saved-tensor hooks on transformers' Llama (tests/test_plan.py checks it on the tiny model)."""
+PROBABILITY_KERNELS = ("eager", "grouped")
+"""Attention kernels whose backward reads the saved attention probabilities (SDPA's recompute them)."""
 LOGIT_COPIES = 3
 """Float32 copies of the target logits alive at the peak: the logits, log-softmax, their gradient."""
 TEMPLATE_TOKENS = 40
@@ -246,20 +253,25 @@ def _kv_width(llm) -> int:
     return (getattr(c, "num_key_value_heads", None) or heads) * head_dim
 
 
-def saved_activation_bytes(llm, adapter, lengths: Lengths, batch_size: int, act_bytes: int) -> float:
+def saved_activation_bytes(llm, adapter, lengths: Lengths, batch_size: int, act_bytes: int,
+                           probabilities: bool = False) -> float:
     """What autograd keeps for backward over one micro-batch: per token per frozen LLM layer
     `LLM_SAVED_HIDDEN` x hidden + `LLM_SAVED_KV` x key/value width + `LLM_SAVED_INTERMEDIATE` x
-    intermediate elements, the float32 target logits once, and the adapter's own."""
-    hidden, inter, layers, _, vocab = _llm_dims(llm)
+    intermediate elements; with `probabilities` (an eager or grouped training kernel) each layer's
+    attention probabilities, float32 and their cast to the activations' dtype (batch x heads x
+    sequence^2 each); the float32 target logits once, and the adapter's own."""
+    hidden, inter, layers, heads, vocab = _llm_dims(llm)
     tokens = batch_size * lengths.sequence
     per_token = LLM_SAVED_HIDDEN * hidden + LLM_SAVED_KV * _kv_width(llm) + LLM_SAVED_INTERMEDIATE * inter
+    probability_bytes = MASTER_BYTES + (act_bytes if act_bytes < MASTER_BYTES else 0)  # a float32 cast is no copy
+    scores = batch_size * heads * lengths.sequence ** 2 * layers * probability_bytes if probabilities else 0
     logits = batch_size * lengths.target * vocab * MASTER_BYTES
     adapter_bytes = adapter.saved_elements(batch_size, lengths.audio_frames) * MASTER_BYTES  # trains in float32
-    return tokens * layers * per_token * act_bytes + logits + adapter_bytes
+    return tokens * layers * per_token * act_bytes + scores + logits + adapter_bytes
 
 
 def activation_bytes(cfg: Config, llm, adapter, lengths: Lengths, batch_size: int, act_bytes: int,
-                     encoder=None) -> float:
+                     encoder=None, probabilities: bool = False) -> float:
     """Activation memory at the step's peak: the saved activations plus what lives beside them at
     the loss (`LOGIT_COPIES` - 1 more float32 copies of the target logits), the padded batch's 4-D
     attention mask and the input embeddings with their gradient; with the feature cache off, the
@@ -268,7 +280,7 @@ def activation_bytes(cfg: Config, llm, adapter, lengths: Lengths, batch_size: in
     seq = lengths.sequence
     transient = ((LOGIT_COPIES - 1) * batch_size * lengths.target * vocab * MASTER_BYTES
                  + batch_size * seq * seq * act_bytes + 2 * batch_size * seq * hidden * act_bytes)
-    at_loss = saved_activation_bytes(llm, adapter, lengths, batch_size, act_bytes) + transient
+    at_loss = saved_activation_bytes(llm, adapter, lengths, batch_size, act_bytes, probabilities) + transient
     if encoder is not None and not cfg.train.feature_cache:  # the encoder runs before anything is saved
         return max(at_loss, encoder_forward_bytes(encoder, lengths, batch_size, BYTES[cfg.model.llm.dtype]))
     return at_loss
@@ -301,9 +313,10 @@ def flops_per_step(cfg: Config, encoder, llm, adapter, params: dict[str, int], l
 
 
 def make_plan(cfg: Config, gpus: int = 1, batch_size: int | None = None, tflops: float = DEFAULT_TFLOPS,
-              lengths: Lengths | None = None) -> Plan:
+              lengths: Lengths | None = None, device: str = "cuda") -> Plan:
     """The plan of `cfg` on `gpus` GPUs with `batch_size` examples per GPU (default
-    `train.batch_size`) at `lengths` (default: the longest example the configuration trains on)."""
+    `train.batch_size`) at `lengths` (default: the longest example the configuration trains on);
+    `device` (a GPU's `cuda`, or `cpu`) decides the training attention kernel `auto` picks."""
     if gpus < 1:
         raise PlanError(f"--gpus must be at least 1, got {gpus}")
     if tflops <= 0:
@@ -327,8 +340,10 @@ def make_plan(cfg: Config, gpus: int = 1, batch_size: int | None = None, tflops:
     casts = cfg.train.mixed_precision != "no" and frozen_bytes > HALF_BYTES
     cast_b = params["llm"] * HALF_BYTES if casts else 0
     cast_sharded = cast_b / gpus + (one_layer / frozen_bytes * HALF_BYTES if casts and gpus > 1 else 0)
-    acts = activation_bytes(cfg, llm, adapter, lengths, batch, act_bytes, encoder)
-    saved = saved_activation_bytes(llm, adapter, lengths, batch, act_bytes)
+    kernel = training_kernel(cfg.model.llm.train_attn_implementation, torch.device(device))
+    probabilities = (kernel or cfg.model.llm.attn_implementation) in PROBABILITY_KERNELS
+    acts = activation_bytes(cfg, llm, adapter, lengths, batch, act_bytes, encoder, probabilities)
+    saved = saved_activation_bytes(llm, adapter, lengths, batch, act_bytes, probabilities)
     global_batch = batch * gpus * cfg.train.grad_accum
     return Plan(
         encoder_params=params["encoder"], adapter_params=params["adapter"], llm_params=params["llm"],
