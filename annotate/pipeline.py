@@ -281,13 +281,15 @@ def _work(args: tuple[list[Item], float, bool]) -> tuple[list[dict], list[dict],
 # ----------------------------------------------------------------------------- the stage
 
 def _pending(items: Iterator[Item | dict], done: ResumableJsonl, failed: ResumableJsonl,
-             summary: Summary) -> list[Item]:
+             summary: Summary, order: list[str]) -> list[Item]:
     """The items still to annotate; input errors (dicts: malformed line, bad path, undecodable HF
-    row) go to the errors file once; ids already written or failed are counted and skipped."""
+    row) go to the errors file once; ids already written or failed are counted and skipped. Every
+    item's id is appended to `order` (the input order)."""
     todo: list[Item] = []
     for it in items:
         summary.total += 1
         id_ = it["id"] if isinstance(it, dict) else it.id
+        order.append(str(id_))
         if id_ in done:
             summary.done_before += 1
         elif id_ in failed:
@@ -303,7 +305,9 @@ def _pending(items: Iterator[Item | dict], done: ResumableJsonl, failed: Resumab
 
 def run(items: Iterator[Item | dict], out: Path, opts: AnnotateConfig, errors_path: Path | None = None,
         progress: bool = True, rank: int = 0, world: int = 1, barrier: Callable[[], None] | None = None) -> Summary:
-    """Annotate every item not yet in `out` (or in the errors file), appending as they finish.
+    """Annotate every item not yet in `out` (or in the errors file), appending as they finish;
+    parallel workers finish out of turn, so once the run is through, `out` is put back in input
+    order (the same file for any worker count: later stages batch, sample and seed by row order).
 
     Several processes (`torchrun` / `accelerate launch`, on one node or many): process `rank` of
     `world` takes items i with i % world == rank and writes `<out>.part<rank>-of-<world>.jsonl`
@@ -342,8 +346,9 @@ def run(items: Iterator[Item | dict], out: Path, opts: AnnotateConfig, errors_pa
     summary = Summary()
     if opts.retry_errors and errors_path.exists():
         write_jsonl_atomic(errors_path, [])
+    order: list[str] = []
     with ResumableJsonl(out) as done, ResumableJsonl(errors_path) as failed:
-        todo = _pending(items, done, failed, summary)
+        todo = _pending(items, done, failed, summary, order)
         batches = [todo[i: i + opts.batch_size] for i in range(0, len(todo), opts.batch_size)]
         workers = max(1, min(opts.workers, len(batches)))
         threads = max(1, (os.cpu_count() or 1) // workers)
@@ -374,6 +379,8 @@ def run(items: Iterator[Item | dict], out: Path, opts: AnnotateConfig, errors_pa
                 for result in pool.imap_unordered(_work, args):
                     consume(result)
         bar.close()
+    if workers > 1:  # results came as they finished (the errors file keeps that order: nothing reads it in turn)
+        merge_in_order(out, [], order)
     summary.wall_seconds = time.perf_counter() - t0
     return summary
 
