@@ -179,8 +179,9 @@ def run_settings(model: SpeechLLM, opt: torch.optim.Optimizer, cfg: Config, args
         settings = {"ours": partial(ours_step, model, opt, cache, True),
                     "ours, no prefix reuse": partial(ours_step, model, opt, cache, False),
                     "desta2.5-style": with_training_kernel(model, "model", partial(desta_step, model, opt))}
-        if model.training_kernel() is not None:  # ours trains with a kernel of its own: the baseline with it too
-            settings["desta2.5-style, ours's kernel"] = partial(desta_step, model, opt)
+        kernel = model.training_kernel()
+        if kernel is not None:  # ours trains with a kernel of its own: the baseline with it too
+            settings["desta2.5-style, ours's kernel"] = with_training_kernel(model, kernel, partial(desta_step, model, opt))
         results = time_steps(settings, steps, clock(args.cpu_time))
     return results, t_cache, len(records)
 

@@ -112,7 +112,7 @@ def main() -> None:
         times.append(time.perf_counter() - t0)
         losses.append(float(loss.detach()))
     peak = (torch.cuda.max_memory_allocated() if cuda else rss_bytes("VmHWM")) - before
-    plan = make_plan(cfg, batch_size=batch_size, lengths=lengths)
+    plan = make_plan(cfg, batch_size=batch_size, lengths=lengths, device="cuda" if cuda else "cpu")
     print(json.dumps({
         "device": args.device, "config": args.config, "batch_size": batch_size, "lengths": vars(lengths),
         "sequence_tokens": lengths.sequence, "measured_peak_bytes": peak, "plan_peak_bytes": plan.peak_bytes,

@@ -179,19 +179,18 @@ class LLMConfig:
     trust_remote_code: bool = False
     """Allow custom modelling code from a hub repository. Off unless you trust the source."""
     attn_implementation: Literal["auto", "sdpa", "eager", "grouped"] = "auto"
-    """transformers' attention kernel: auto (transformers' choice: SDPA), sdpa or eager. On a
-    2-core CPU in bf16, eager ran six of the demo's training steps about 13% faster, and the
-    padded DeSTA2.5-style baseline as much (README, Speed). The two round differently, so greedy
-    answers can differ: the kernel is part of the LLM's identity (answer caches, targets
-    provenance) when it is not auto."""
+    """The attention kernel of every answer and score: auto (transformers' choice: SDPA), sdpa,
+    eager or grouped (eager's arithmetic as two batched matmuls over the key/value heads,
+    `speechllm/model/attention.py`). Kernels round differently, so greedy answers can differ: the
+    kernel is part of the LLM's identity (answer caches, targets provenance) when it is not auto."""
     train_attn_implementation: Literal["auto", "model", "sdpa", "eager", "grouped"] = "auto"
     """The attention kernel of the LLM's forward passes that compute gradients (training; the
-    frozen prefix and every answer keep `attn_implementation`): auto (grouped on a CPU, the model's
-    own elsewhere), model (always `attn_implementation`), sdpa, eager, or grouped (eager's arithmetic
-    as two batched matmuls over the key/value heads, `speechllm/model/attention.py`). On a 2-core CPU
-    in bf16 grouped ran the demo's training steps about 1.3x faster than SDPA, whose flash-attention
-    backward costs five times its forward on sequences of ~100 positions (README, Speed). Not part of
-    the LLM's identity: training kernels change the adapter's float rounding, not the frozen LLM's answers."""
+    frozen prefix and every answer keep `attn_implementation`): auto (grouped on a CPU while the
+    attention probabilities it keeps for the backward pass fit in 1 GiB, the model's own
+    elsewhere), model (always `attn_implementation`), sdpa, eager or grouped. On a 2-core CPU in
+    bf16, grouped ran the demo's training steps about 1.3x faster than SDPA, whose flash-attention
+    backward costs five times its forward on ~100 positions (README, Speed). Not part of the LLM's
+    identity: a training kernel changes the adapter's float rounding, not the frozen LLM's answers."""
 
 
 @dataclass

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from speechllm.model import Example
-from speechllm.model.attention import grouped_attention, kernel, register, training_kernel
+from speechllm.model import attention
+from speechllm.model.attention import grouped_attention, kernel, probability_bytes, register, training_kernel
 
 
 def _attention_inputs(q_len: int, kv_len: int, heads: int = 6, kv_heads: int = 2, head_dim: int = 8):
@@ -52,11 +53,18 @@ def test_grouped_attention_without_a_mask_is_causal_for_a_causal_module():
     torch.testing.assert_close(full, ref.transpose(1, 2))
 
 
-def test_training_kernel_is_grouped_on_a_cpu_and_the_models_own_on_a_gpu():
-    assert training_kernel("auto", torch.device("cpu")) == "grouped"
+def test_training_kernel_is_grouped_on_a_cpu_while_what_it_keeps_fits_and_the_models_own_on_a_gpu():
+    cpu = torch.device("cpu")
+    assert training_kernel("auto", cpu) == "grouped"
+    assert training_kernel("auto", cpu, kept_bytes=attention.GROUPED_MAX_BYTES) == "grouped"
+    assert training_kernel("auto", cpu, kept_bytes=attention.GROUPED_MAX_BYTES + 1) is None  # SDPA's memory is linear
+    assert training_kernel("grouped", cpu, kept_bytes=attention.GROUPED_MAX_BYTES + 1) == "grouped"  # asked for
     assert training_kernel("auto", torch.device("cuda", 0)) is None
-    assert training_kernel("model", torch.device("cpu")) is None
+    assert training_kernel("model", cpu) is None
     assert training_kernel("eager", torch.device("cuda", 0)) == "eager"
+    # the demo's bf16 batches (8 x ~140 positions, 9 heads, 30 layers): float32 softmax + bf16 cast
+    assert probability_bytes(8, 9, 140, 140, 30, 2) == 8 * 9 * 140 * 140 * 30 * 6
+    assert probability_bytes(8, 9, 140, 140, 30, 4) == 8 * 9 * 140 * 140 * 30 * 4  # float32: the cast is no copy
 
 
 def test_kernel_switches_inside_the_block_and_puts_the_models_own_back_even_on_error(tiny_model):
@@ -77,7 +85,8 @@ def test_training_runs_the_grouped_kernel_with_the_same_loss_and_gradients_answe
     """On a CPU a forward pass with gradients runs the LLM's attention with the grouped kernel
     (`train_attn_implementation=auto`), one without (evaluation, target NLL) and generation with the
     model's own; in fp32 the loss and the adapter's gradients equal the model's own kernel's within
-    float tolerance; `model` keeps the model's own kernel in training too."""
+    float tolerance; `model` keeps the model's own kernel in training too, and so does `auto` for a
+    batch whose probabilities would not fit `GROUPED_MAX_BYTES`."""
     register()
     seen = []
     tiny_model.llm.get_decoder().layers[0].self_attn.register_forward_pre_hook(
@@ -104,6 +113,10 @@ def test_training_runs_the_grouped_kernel_with_the_same_loss_and_gradients_answe
         assert grouped[0] == pytest.approx(mine[0], rel=1e-5)
         for a, b in zip(grouped[1], mine[1]):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    seen.clear()
+    monkeypatch.setattr(attention, "GROUPED_MAX_BYTES", 1000)  # this batch keeps more: auto runs the model's own
+    loss_and_grads(True)
+    assert set(seen) == {own}
     seen.clear()
     with torch.no_grad():
         tiny_model(tiny_model.build_batch(exs))

@@ -26,6 +26,11 @@ from torch import nn
 
 NAME = "grouped"
 """The name transformers knows this kernel by (`attn_implementation`)."""
+GROUPED_MAX_BYTES = 2 ** 30
+"""`auto` trains with the grouped kernel only while the attention probabilities it keeps for the
+backward pass (`probability_bytes`) fit in this; a longer batch runs the model's own kernel (SDPA
+keeps none: its memory grows linearly with the sequence, the grouped kernel's quadratically)."""
+FLOAT32_BYTES = 4
 
 
 def grouped_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -63,14 +68,23 @@ def register() -> None:
     ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, eager_mask)
 
 
-def training_kernel(setting: str, device: torch.device) -> str | None:
+def probability_bytes(batch: int, heads: int, q_len: int, kv_len: int, layers: int, element_bytes: int) -> int:
+    """Bytes of the attention probabilities an eager or grouped kernel keeps for the backward pass
+    of one forward: every layer's float32 softmax and, when the model computes in a narrower
+    dtype (`element_bytes`), its cast (batch x heads x q_len x kv_len each)."""
+    per_element = FLOAT32_BYTES + (element_bytes if element_bytes < FLOAT32_BYTES else 0)
+    return batch * heads * q_len * kv_len * layers * per_element
+
+
+def training_kernel(setting: str, device: torch.device, kept_bytes: float = 0) -> str | None:
     """The kernel the LLM runs forward passes with gradients in, for `model.llm.train_attn_implementation`
     on `device`: None keeps the model's own (`attn_implementation`); `auto` picks `grouped` on a CPU
-    and the model's own elsewhere (a GPU's fused SDPA kernels beat two matmuls)."""
+    while the probabilities it would keep (`kept_bytes`, see `probability_bytes`) fit in
+    `GROUPED_MAX_BYTES`, and the model's own elsewhere (a GPU's fused SDPA kernels beat two matmuls)."""
     if setting == "model":
         return None
     if setting == "auto":
-        return NAME if device.type == "cpu" else None
+        return NAME if device.type == "cpu" and kept_bytes <= GROUPED_MAX_BYTES else None
     return setting
 
 

@@ -21,7 +21,7 @@ from ..errors import SpeechLLMError
 from ..hub import weights
 from ..config import Config, ConfigError, GenerationConfig, LoRAConfig, ModelConfig, config_from_dict, to_dict
 from .adapters import InputStandardizer, build_adapter
-from .attention import kernel, training_kernel
+from .attention import kernel, probability_bytes, training_kernel
 from ..io.audio import SAMPLE_RATE
 from .encoder import WhisperTappedEncoder, load_whisper_encoder
 from .llm import DTYPES, context_length, load_llm
@@ -350,10 +350,18 @@ class SpeechLLM(nn.Module):
             lab[i, sl] = torch.tensor(labels[i], device=device)
         return Batch(inputs, mask, None if for_generation else lab, prefix_ids)
 
-    def training_kernel(self) -> str | None:
+    def training_kernel(self, batch: Batch | None = None) -> str | None:
         """The attention kernel of forward passes with gradients (`model.llm.train_attn_implementation`
-        on the LLM's device); None: the model's own."""
-        return training_kernel(self.config.llm.train_attn_implementation, self.llm.get_input_embeddings().weight.device)
+        on the LLM's device; `auto` weighs what the grouped kernel would keep for `batch`); None: the
+        model's own."""
+        kept = 0
+        if batch is not None:
+            c = getattr(self.llm.config, "text_config", self.llm.config)
+            rows, q_len = batch.inputs_embeds.shape[:2]
+            kept = probability_bytes(rows, c.num_attention_heads, q_len, q_len + len(batch.prefix_ids or ()),
+                                     c.num_hidden_layers, self.llm.dtype.itemsize)
+        return training_kernel(self.config.llm.train_attn_implementation, self.llm.get_input_embeddings().weight.device,
+                               kept)
 
     def _prefix_cache(self, batch: Batch):
         """The KV cache of `batch.prefix_ids` expanded over the batch (None without a prefix); with a
@@ -380,7 +388,7 @@ class SpeechLLM(nn.Module):
             raise ValueError("forward needs a training batch (with labels)")
         backbone = self.llm.get_decoder()
         cache = self._prefix_cache(batch)  # with the model's own kernel: generation reuses it
-        with kernel(self.llm, self.training_kernel() if torch.is_grad_enabled() else None):
+        with kernel(self.llm, self.training_kernel(batch) if torch.is_grad_enabled() else None):
             if cache is None:
                 hidden = backbone(inputs_embeds=batch.inputs_embeds,
                                   attention_mask=batch.attention_mask).last_hidden_state

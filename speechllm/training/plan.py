@@ -34,7 +34,7 @@ import torch
 from ..config import Config, ConfigError, ModelConfig
 from ..errors import SpeechLLMError
 from ..hub import weights
-from ..model.attention import training_kernel
+from ..model.attention import probability_bytes, training_kernel
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 """Bytes per element of a `model.llm.dtype`."""
@@ -258,13 +258,12 @@ def saved_activation_bytes(llm, adapter, lengths: Lengths, batch_size: int, act_
     """What autograd keeps for backward over one micro-batch: per token per frozen LLM layer
     `LLM_SAVED_HIDDEN` x hidden + `LLM_SAVED_KV` x key/value width + `LLM_SAVED_INTERMEDIATE` x
     intermediate elements; with `probabilities` (an eager or grouped training kernel) each layer's
-    attention probabilities, float32 and their cast to the activations' dtype (batch x heads x
-    sequence^2 each); the float32 target logits once, and the adapter's own."""
+    attention probabilities (`probability_bytes`); the float32 target logits once, and the adapter's own."""
     hidden, inter, layers, heads, vocab = _llm_dims(llm)
     tokens = batch_size * lengths.sequence
     per_token = LLM_SAVED_HIDDEN * hidden + LLM_SAVED_KV * _kv_width(llm) + LLM_SAVED_INTERMEDIATE * inter
-    probability_bytes = MASTER_BYTES + (act_bytes if act_bytes < MASTER_BYTES else 0)  # a float32 cast is no copy
-    scores = batch_size * heads * lengths.sequence ** 2 * layers * probability_bytes if probabilities else 0
+    seq = lengths.sequence
+    scores = probability_bytes(batch_size, heads, seq, seq, layers, act_bytes) if probabilities else 0
     logits = batch_size * lengths.target * vocab * MASTER_BYTES
     adapter_bytes = adapter.saved_elements(batch_size, lengths.audio_frames) * MASTER_BYTES  # trains in float32
     return tokens * layers * per_token * act_bytes + scores + logits + adapter_bytes
@@ -340,7 +339,9 @@ def make_plan(cfg: Config, gpus: int = 1, batch_size: int | None = None, tflops:
     casts = cfg.train.mixed_precision != "no" and frozen_bytes > HALF_BYTES
     cast_b = params["llm"] * HALF_BYTES if casts else 0
     cast_sharded = cast_b / gpus + (one_layer / frozen_bytes * HALF_BYTES if casts and gpus > 1 else 0)
-    kernel = training_kernel(cfg.model.llm.train_attn_implementation, torch.device(device))
+    _, _, layers, heads, _ = _llm_dims(llm)
+    kept = probability_bytes(batch, heads, lengths.sequence, lengths.sequence, layers, act_bytes)
+    kernel = training_kernel(cfg.model.llm.train_attn_implementation, torch.device(device), kept)
     probabilities = (kernel or cfg.model.llm.attn_implementation) in PROBABILITY_KERNELS
     acts = activation_bytes(cfg, llm, adapter, lengths, batch, act_bytes, encoder, probabilities)
     saved = saved_activation_bytes(llm, adapter, lengths, batch, act_bytes, probabilities)
