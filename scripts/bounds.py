@@ -120,9 +120,9 @@ def add_attention_arg(parser) -> None:
 
 def add_train_attention_arg(parser) -> None:
     """`--train-attn`: the LLM's attention kernel in training (`model.llm.train_attn_implementation`)."""
-    parser.add_argument("--train-attn", choices=("auto", "model", "sdpa", "eager", "grouped"), default="auto",
-                        help="the LLM's attention kernel in forward passes with gradients (default: auto, grouped "
-                             "on a CPU; model: the --attn kernel)")
+    parser.add_argument("--train-attn", choices=("auto", "model", "sdpa", "eager", "grouped"), default="model",
+                        help="the LLM's attention kernel in forward passes with gradients (default: model, the "
+                             "--attn kernel, as training runs by default; auto: grouped on a CPU)")
 
 
 def resolve_dtype(name: str) -> str:

@@ -183,14 +183,17 @@ class LLMConfig:
     eager or grouped (eager's arithmetic as two batched matmuls over the key/value heads,
     `speechllm/model/attention.py`). Kernels round differently, so greedy answers can differ: the
     kernel is part of the LLM's identity (answer caches, targets provenance) when it is not auto."""
-    train_attn_implementation: Literal["auto", "model", "sdpa", "eager", "grouped"] = "auto"
+    train_attn_implementation: Literal["auto", "model", "sdpa", "eager", "grouped"] = "model"
     """The attention kernel of the LLM's forward passes that compute gradients (training; the
-    frozen prefix and every answer keep `attn_implementation`): auto (grouped on a CPU while the
-    attention probabilities it keeps for the backward pass fit in 1 GiB, the model's own
-    elsewhere), model (always `attn_implementation`), sdpa, eager or grouped. On a 2-core CPU in
-    bf16, grouped ran the demo's training steps about 1.3x faster than SDPA, whose flash-attention
-    backward costs five times its forward on ~100 positions (README, Speed). Not part of the LLM's
-    identity: a training kernel changes the adapter's float rounding, not the frozen LLM's answers."""
+    frozen prefix and every answer keep `attn_implementation`): model (the default: always
+    `attn_implementation`), auto (grouped on a CPU while the attention probabilities it keeps for
+    the backward pass fit in 1 GiB, the model's own elsewhere), sdpa, eager or grouped. On a 2-core
+    CPU in bf16, grouped ran the demo's training steps 1.2-1.3x faster than SDPA, whose
+    flash-attention backward costs five times its forward on ~100 positions (README, Speed); but
+    one A/B on the demo's data (experiment 1 retrained with SDPA) gave self-output's forgetting
+    delta -0.182 against -0.400 with grouped, so it stays a choice until several seeds say the two
+    train alike. Not part of the LLM's identity: a training kernel changes the adapter's float
+    rounding, not the frozen LLM's answers."""
 
 
 @dataclass

@@ -82,12 +82,13 @@ def test_kernel_switches_inside_the_block_and_puts_the_models_own_back_even_on_e
 
 def test_training_runs_the_grouped_kernel_with_the_same_loss_and_gradients_answers_keep_their_own(
         tiny_model, sample_wav, monkeypatch):
-    """On a CPU a forward pass with gradients runs the LLM's attention with the grouped kernel
-    (`train_attn_implementation=auto`), one without (evaluation, target NLL) and generation with the
+    """On a CPU with `train_attn_implementation=auto` a forward pass with gradients runs the LLM's
+    attention with the grouped kernel, one without (evaluation, target NLL) and generation with the
     model's own; in fp32 the loss and the adapter's gradients equal the model's own kernel's within
     float tolerance; `model` keeps the model's own kernel in training too, and so does `auto` for a
     batch whose probabilities would not fit `GROUPED_MAX_BYTES`."""
     register()
+    monkeypatch.setattr(tiny_model.config.llm, "train_attn_implementation", "auto")
     seen = []
     tiny_model.llm.get_decoder().layers[0].self_attn.register_forward_pre_hook(
         lambda module, args: seen.append(module.config._attn_implementation))
