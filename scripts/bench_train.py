@@ -9,8 +9,9 @@ the process's peak RSS; the last line is the speedup.
   target positions; also timed without the prefix reuse;
 - DeSTA2.5-style: the encoder runs every step on input padded to 30 s, no cache, every batch
   padded to 300 tokens, the LLM's attention transformers' kernel (`model.llm.attn_implementation`,
-  as DeSTA2.5's code runs it); when ours trains with another kernel (`model.llm.train_attn_implementation`,
-  `grouped` on a CPU by default) it is also timed with that one, to show what the settings alone gain.
+  as DeSTA2.5's code runs it); when ours trains with another kernel (`--train-attn`,
+  `model.llm.train_attn_implementation`: auto or grouped) it is also timed with that one, to show what
+  the settings alone gain.
 
 The settings take turns batch by batch (other work on the machine slows them alike); on a machine
 shared with other work, `--threads 1 --cpu-time` times the process's CPU time instead.

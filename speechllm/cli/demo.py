@@ -18,12 +18,12 @@ def add_parser(sub) -> None:
         "label), 2) adapter + LoRA (label, label with replay, minimum-change, self-output). Each is\n"
         "evaluated against the text reference: audio-task accuracy, forgetting rate (with its curve\n"
         "over training), text-only retention and safety, with 95% intervals. Offline on a 2-core CPU:\n"
-        "30 min where bf16 runs in hardware (AVX512-BF16 or AMX; fp32 is slower: targets 1.8x,\n"
+        "31 min where bf16 runs in hardware (AVX512-BF16 or AMX; fp32 is slower: targets 1.8x,\n"
         "training 1.2x) (--quick: 6 min). Every stage resumes: rerunning the same command skips\n"
         "finished work. --hearing adds experiment 3, the speech model learning to hear: targets\n"
         "from instructions most of which ask the gender (minimum-change: the teacher's answers with\n"
         "wrong attribute words fixed), one adapter trained 400 steps, gender on held-out and real\n"
-        "clips (14 more minutes; after a finished demo only experiment 3 runs).",
+        "clips (15 more minutes; after a finished demo only experiment 3 runs).",
         ["speechllm demo --out runs/demo", "speechllm demo --out runs/demo-quick --quick",
          "speechllm demo --out runs/demo --hearing"])
     p.add_argument("--out", default="runs/demo", metavar="DIR", help="output folder (default runs/demo)")
@@ -31,7 +31,7 @@ def add_parser(sub) -> None:
                    help="a smaller corpus and fewer steps (6 min in bf16 on a 2-core CPU)")
     p.add_argument("--hearing", action="store_true",
                    help="also run experiment 3: an adapter trained 4x longer on targets where most "
-                        "instructions ask the gender, evaluated on held-out and real clips (14 min more on a "
+                        "instructions ask the gender, evaluated on held-out and real clips (15 min more on a "
                         "2-core CPU)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                    help="the LLM's (and encoder's) dtype in every stage; auto (default): bfloat16 where the device "
