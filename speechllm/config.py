@@ -188,7 +188,7 @@ class LLMConfig:
     frozen prefix and every answer keep `attn_implementation`): model (the default: always
     `attn_implementation`), auto (grouped on a CPU while the attention probabilities it keeps for
     the backward pass fit in 1 GiB, the model's own elsewhere), sdpa, eager or grouped. On a 2-core
-    CPU in bf16, grouped ran the demo's training steps 1.2-1.3x faster than SDPA, whose
+    CPU in bf16, grouped ran the demo's training stages 1.14-1.27x faster than SDPA, whose
     flash-attention backward costs five times its forward on ~100 positions (README, Speed); but
     one A/B on the demo's data (experiment 1 retrained with SDPA) gave self-output's forgetting
     delta -0.182 against -0.400 with grouped, so it stays a choice until several seeds say the two

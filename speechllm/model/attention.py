@@ -19,6 +19,7 @@ its outputs equal eager's within rounding (tested), and its gradients too.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 
 import torch
@@ -58,9 +59,11 @@ def grouped_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     return out.view(batch, heads, q_len, head_dim).transpose(1, 2).contiguous(), None
 
 
+@functools.cache
 def register() -> None:
     """Make `"grouped"` a kernel transformers' models accept (`from_pretrained(attn_implementation=...)`,
-    `set_attn_implementation`), with eager's additive mask. Idempotent."""
+    `set_attn_implementation`), with eager's additive mask. Runs once per process (every training
+    step's `kernel` asks)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
 

@@ -40,6 +40,11 @@ def native_bf16(device: str | torch.device = "cpu") -> bool:
     return any(probe is not None and probe() for probe in probes)  # private probes: absent in an older torch
 
 
+def text_config(llm):
+    """The config of `llm`'s text decoder: a multimodal model's `text_config`, else its own."""
+    return getattr(llm.config, "text_config", llm.config)
+
+
 def context_length(llm) -> int | None:
     """Most positions `llm` takes (prompt and answer together), from its config; None when its
     config names none."""

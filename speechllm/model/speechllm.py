@@ -24,7 +24,7 @@ from .adapters import InputStandardizer, build_adapter
 from .attention import kernel, probability_bytes, training_kernel
 from ..io.audio import SAMPLE_RATE
 from .encoder import WhisperTappedEncoder, load_whisper_encoder
-from .llm import DTYPES, context_length, load_llm
+from .llm import DTYPES, context_length, load_llm, text_config
 from .decode import greedy_decode
 from .prefix import FrozenPrefixCache, cache_kwarg, expand_cache, rest_positions, shared_prefix_length, with_prefix_mask
 from .prompt import PromptBuilder, PromptPieces
@@ -354,14 +354,13 @@ class SpeechLLM(nn.Module):
         """The attention kernel of forward passes with gradients (`model.llm.train_attn_implementation`
         on the LLM's device; `auto` weighs what the grouped kernel would keep for `batch`); None: the
         model's own."""
-        kept = 0
-        if batch is not None:
-            c = getattr(self.llm.config, "text_config", self.llm.config)
+        setting, kept = self.config.llm.train_attn_implementation, 0
+        if setting == "auto" and batch is not None:  # only auto weighs it
+            c = text_config(self.llm)
             rows, q_len = batch.inputs_embeds.shape[:2]
             kept = probability_bytes(rows, c.num_attention_heads, q_len, q_len + len(batch.prefix_ids or ()),
                                      c.num_hidden_layers, self.llm.dtype.itemsize)
-        return training_kernel(self.config.llm.train_attn_implementation, self.llm.get_input_embeddings().weight.device,
-                               kept)
+        return training_kernel(setting, self.llm.get_input_embeddings().weight.device, kept)
 
     def _prefix_cache(self, batch: Batch):
         """The KV cache of `batch.prefix_ids` expanded over the batch (None without a prefix); with a

@@ -35,6 +35,7 @@ from ..config import Config, ConfigError, ModelConfig
 from ..errors import SpeechLLMError
 from ..hub import weights
 from ..model.attention import probability_bytes, training_kernel
+from ..model.llm import text_config
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 """Bytes per element of a `model.llm.dtype`."""
@@ -239,15 +240,14 @@ def _frames_per_second(encoder) -> float:
 
 
 def _llm_dims(llm) -> tuple[int, int, int, int, int]:
-    c = llm.config
-    c = getattr(c, "text_config", c)
+    c = text_config(llm)
     hidden = c.hidden_size
     inter = getattr(c, "intermediate_size", None) or 4 * hidden
     return hidden, inter, c.num_hidden_layers, c.num_attention_heads, c.vocab_size
 
 
 def _kv_width(llm) -> int:
-    c = getattr(llm.config, "text_config", llm.config)
+    c = text_config(llm)
     heads = c.num_attention_heads
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
     return (getattr(c, "num_key_value_heads", None) or heads) * head_dim
