@@ -18,7 +18,7 @@ wall time (the bounds are then those of one thread).
     python scripts/bench_targets.py [--n 32] [--batch-size 32] [--max-new-tokens 48] [--rounds 2]
                                     [--instruction "What can you hear?"]
                                     [--threads N] [--cpu-time] [--dtype auto|float32|bfloat16]
-                                    [--attn auto|sdpa|eager]
+                                    [--attn auto|sdpa|eager|grouped]
 """
 
 from __future__ import annotations

@@ -39,7 +39,6 @@ import torch.nn.functional as F
 from speechllm.io.audio import load_audio
 from speechllm.config import Config, load_config
 from speechllm.model import Batch, Example, SpeechLLM, build_model
-from speechllm.model.attention import training_kernel
 from speechllm.model.speechllm import IGNORE_INDEX
 from speechllm.training.cache import FeatureCache
 from speechllm.training.data import TrainRecord, batch_at, epoch_batches, load_targets
@@ -163,8 +162,8 @@ def time_steps(settings: dict[str, Callable[[list[TrainRecord]], tuple[float, fl
     return {name: (samples / seconds[name], work[name] / seconds[name]) for name in settings}
 
 
-def run_settings(model: SpeechLLM, opt: torch.optim.Optimizer, cfg: Config, args: argparse.Namespace
-                 ) -> tuple[dict[str, tuple[float, float]], float, int]:
+def run_settings(model: SpeechLLM, opt: torch.optim.Optimizer, cfg: Config, args: argparse.Namespace,
+                 kernel: str | None) -> tuple[dict[str, tuple[float, float]], float, int]:
     """Both settings on the same synthetic records: ({setting: (samples/s, tokens/s)}, seconds
     to build the feature cache, clips)."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -180,7 +179,6 @@ def run_settings(model: SpeechLLM, opt: torch.optim.Optimizer, cfg: Config, args
         settings = {"ours": partial(ours_step, model, opt, cache, True),
                     "ours, no prefix reuse": partial(ours_step, model, opt, cache, False),
                     "desta2.5-style": with_training_kernel(model, "model", partial(desta_step, model, opt))}
-        kernel = model.training_kernel()
         if kernel is not None:  # ours trains with a kernel of its own: the baseline with it too
             settings["desta2.5-style, ours's kernel"] = with_training_kernel(model, kernel, partial(desta_step, model, opt))
         results = time_steps(settings, steps, clock(args.cpu_time))
@@ -188,15 +186,16 @@ def run_settings(model: SpeechLLM, opt: torch.optim.Optimizer, cfg: Config, args
 
 
 def report(cfg: Config, args: argparse.Namespace, results: dict[str, tuple[float, float]], t_cache: float,
-           clips: int, llm_params: int, peak: float) -> None:
-    """Print throughput of every setting, achieved FLOP/s, peak RSS and, last, the speedup."""
-    kernel = training_kernel(cfg.model.llm.train_attn_implementation, torch.device("cpu")) or cfg.model.llm.attn_implementation
+           clips: int, llm_params: int, peak: float, kernel: str | None) -> None:
+    """Print throughput of every setting, achieved FLOP/s, peak RSS and, last, the speedup (`kernel`:
+    ours's training kernel, None: the model's own)."""
+    trains_with = kernel or f"the model's, {cfg.model.llm.attn_implementation}"
     sps_ours, work_ours = results["ours"]
     sps_whole, _ = results["ours, no prefix reuse"]
     sps_desta, _ = results["desta2.5-style"]
     llm_flops = llm_params * work_ours  # per second
     print(f"{cfg.model.llm.name} ({cfg.model.llm.dtype}, attention {cfg.model.llm.attn_implementation}, in "
-          f"training {cfg.model.llm.train_attn_implementation}: {kernel}) + "
+          f"training {cfg.model.llm.train_attn_implementation}: {trains_with}) + "
           f"{cfg.model.encoder.name}, batch {args.batch_size}, "
           f"{args.steps} steps each, "
           f"{torch.get_num_threads()} threads, {'CPU' if args.cpu_time else 'wall'} time; feature cache built once "
@@ -228,9 +227,10 @@ def main() -> None:
     params = [q for q in model.parameters() if q.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     llm_params = llm_matmul_params(model)
-    results, t_cache, clips = run_settings(model, opt, cfg, args)
+    kernel = model.training_kernel()  # ours's, for a batch of any length
+    results, t_cache, clips = run_settings(model, opt, cfg, args, kernel)
     peak = matmul_peak(now=clock(args.cpu_time), dtype=getattr(torch, cfg.model.llm.dtype))
-    report(cfg, args, results, t_cache, clips, llm_params, peak)
+    report(cfg, args, results, t_cache, clips, llm_params, peak, kernel)
 
 
 if __name__ == "__main__":

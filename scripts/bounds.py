@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import get_args, get_type_hints
 
 import torch
 from torch import nn
@@ -112,15 +113,22 @@ def add_dtype_arg(parser) -> None:
                              "(AVX512-BF16/AMX), else float32, as `speechllm demo` picks it (default: auto)")
 
 
+def _choices(field: str) -> tuple[str, ...]:
+    """The values `LLMConfig.<field>` accepts (its Literal): the benchmarks offer what the config does."""
+    from speechllm.config import LLMConfig
+
+    return get_args(get_type_hints(LLMConfig)[field])
+
+
 def add_attention_arg(parser) -> None:
     """`--attn`: transformers' attention kernel of the LLM (`model.llm.attn_implementation`)."""
-    parser.add_argument("--attn", choices=("auto", "sdpa", "eager", "grouped"), default="auto",
+    parser.add_argument("--attn", choices=_choices("attn_implementation"), default="auto",
                         help="the LLM's attention kernel (default: auto, transformers' choice: SDPA)")
 
 
 def add_train_attention_arg(parser) -> None:
     """`--train-attn`: the LLM's attention kernel in training (`model.llm.train_attn_implementation`)."""
-    parser.add_argument("--train-attn", choices=("auto", "model", "sdpa", "eager", "grouped"), default="model",
+    parser.add_argument("--train-attn", choices=_choices("train_attn_implementation"), default="model",
                         help="the LLM's attention kernel in forward passes with gradients (default: model, the "
                              "--attn kernel, as training runs by default; auto: grouped on a CPU)")
 
