@@ -1,8 +1,8 @@
 """Greedy decoding that drops finished answers from the batch against transformers' `generate`,
 which keeps them as padding: the demo's whole evaluation of the same checkpoints run twice, back
-to back, every answer generated afresh (each run in its own output folder), decoding as
-`generation.drop_finished` has it by default and then with every call's finished answers kept. Prints both times, how many answers are
-identical, whether the forgetting deltas agree, and last `drop finished speedup N`.
+to back, every answer generated afresh (each run in its own output folder), with the evaluation's
+`drop_finished` on (the default) and off. Prints both times, how many answers are identical,
+whether the forgetting deltas agree, and last `drop finished speedup N`.
 
     python scripts/bench_decode.py --checkpoint runs/demo/runs/self-output --checkpoint runs/demo/runs/label \\
         --data runs/demo/data/test.metadata.jsonl [--plan full|quick] [--out DIR]
@@ -14,12 +14,12 @@ answers with ones that run to the token limit.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import tempfile
 import time
 from pathlib import Path
 
-from speechllm.config import GenerationConfig
 from speechllm.demo import FULL, QUICK, _eval_config
 from speechllm.eval.suite import run_eval
 
@@ -53,15 +53,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = args.out or Path(tmp)
         seconds, reports = {}, {}
-        dropping = GenerationConfig.drops_finished
-        for name, decoding in (("dropped", dropping), ("kept", property(lambda self: False))):
-            # every evaluation call builds its own GenerationConfig: switch what they all ask
-            GenerationConfig.drops_finished = decoding
+        for name, drop in (("dropped", True), ("kept", False)):
             t0 = time.perf_counter()
-            reports[name] = run_eval(args.checkpoint, args.data, root / name, cfg, device=args.device, progress=False)
+            reports[name] = run_eval(args.checkpoint, args.data, root / name, dataclasses.replace(cfg, drop_finished=drop),
+                                     device=args.device, progress=False)
             seconds[name] = time.perf_counter() - t0
             print(f"finished answers {name}: {seconds[name]:.1f} s", flush=True)
-        GenerationConfig.drops_finished = dropping
         a, b = answers(root / "dropped"), answers(root / "kept")
         print(f"identical answers {sum(a[k] == b.get(k) for k in a)}/{len(a)}")
         for ck in reports["dropped"]["checkpoints"]:

@@ -535,6 +535,10 @@ class EvalConfig:
     """Answer length for forgetting items and text prompts (format constraints need room)."""
     batch_size: int = ranged(AT_LEAST_1, 8)
     """Answers per generation batch."""
+    drop_finished: bool = True
+    """Greedy decoding drops each answer from its batch once it stops (`generation.drop_finished`);
+    false keeps transformers' `generate`, which feeds finished answers padding until the batch's
+    longest ends (the same answers in float32, slower; `scripts/bench_decode.py` times the two)."""
     bootstrap: int = ranged(AT_LEAST_1, 2000)
     """Resamples for every confidence interval."""
     seed: int = ranged(SEED, 0)

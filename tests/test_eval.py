@@ -441,3 +441,16 @@ def test_a_saved_answer_is_reused_only_while_its_key_asks_the_same(tmp_path, cap
     assert again.answers["if:a"] == "answer to Is it a man? Wrap a title in <<double angular brackets>>."
     fill()  # the file now holds the new answer: nothing is asked again
     assert len(calls) == 2
+
+
+def test_eval_drop_finished_reaches_every_decoding_setting_it_makes():
+    """`eval.drop_finished=false` decodes with transformers' generate (finished answers kept as
+    padding) for audio tasks and forgetting items alike, and the answer caches tell it apart; the
+    default drops them and leaves the caches' identity as it was."""
+    from speechllm.eval.suite import _generation, _settings
+
+    for key in ("task:gender-0", "if:gender-0", "text:ifeval-1"):
+        assert _generation(EvalConfig(), key).drops_finished
+        assert not _generation(EvalConfig(drop_finished=False), key).drops_finished
+    assert "drop_finished" not in _settings(EvalConfig())
+    assert _settings(EvalConfig(drop_finished=False))["drop_finished"] is False

@@ -61,7 +61,7 @@ from ..io.jsonl import json_digest, write_jsonl_atomic
 from ..labels import NOISE_NAMES
 from ..records import MAX_INSTRUCTION_CHARS
 from .forgetting import bootstrap_interval
-from .generations import Generations
+from .generations import Generations, kept_finished
 from .items import EvalError
 from .predictions import row
 
@@ -520,10 +520,10 @@ def reference_answers(reference: "Reference", model: "SpeechLLM", ref_name: str,
 
     identity = {"llm": model.config.llm.name, "fingerprint": weights.fingerprint(model.config.llm.name),
                 "system_prompt": model.config.llm.system_prompt, "max_new_tokens": cfg.safety_max_new_tokens,
-                "greedy": True, "format": SAFETY_FORMAT}
+                "greedy": True, "format": SAFETY_FORMAT, **kept_finished(cfg.drop_finished)}
     gen = Generations(folder, ref_name + GENERATIONS_SUFFIX, identity)
     by_key = {_typed_key(r): r for r in sset.requests}
-    settings = GenerationConfig(max_new_tokens=cfg.safety_max_new_tokens)
+    settings = GenerationConfig(max_new_tokens=cfg.safety_max_new_tokens, drop_finished=cfg.drop_finished)
     gen.fill(list(by_key), lambda k: len(by_key[k].text),
              lambda chunk: [g.text for g in reference.answer_text([by_key[k].text for k in chunk], settings,
                                                                   len(chunk))],
@@ -556,9 +556,9 @@ def checkpoint_answers(model: "SpeechLLM", ckpt: Path, name: str, sset: SafetySe
 
     identity = {"checkpoint": str(ckpt.resolve()), "adapter_sha256": weights.sha256_file(ckpt / "adapter.safetensors"),
                 "instruction": sset.instruction, "transcript": "request", "max_new_tokens": cfg.safety_max_new_tokens,
-                "greedy": True, "format": SAFETY_FORMAT}
+                "greedy": True, "format": SAFETY_FORMAT, **kept_finished(cfg.drop_finished)}
     gen = Generations(folder, name + GENERATIONS_SUFFIX, identity)
-    settings = GenerationConfig(max_new_tokens=cfg.safety_max_new_tokens)
+    settings = GenerationConfig(max_new_tokens=cfg.safety_max_new_tokens, drop_finished=cfg.drop_finished)
     spoken = {_spoken_key(sset, r): r for r in sset.requests}
     typed = {_typed_key(r): r for r in sset.requests}
 

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 
 from ..config import EvalConfig, GenerationConfig
 from ..io.jsonl import json_digest
-from .generations import Generations
+from .generations import Generations, kept_finished
 from .items import DATA_FORMATS, EvalError, EvalSet, load_eval_set
 from .predictions import PREDICTIONS_FILE, benchmark_of, following_score, row, write_predictions
 from .safety import SafetySet, load_safety_set, read_request_file
@@ -76,12 +76,13 @@ def _digest(obj) -> str:
 def _settings(cfg: EvalConfig) -> dict:
     """The decoding settings every answer cache's identity includes."""
     return {"max_new_tokens": cfg.max_new_tokens, "if_max_new_tokens": cfg.if_max_new_tokens, "greedy": True,
-            "format": GENERATIONS_FORMAT}
+            "format": GENERATIONS_FORMAT, **kept_finished(cfg.drop_finished)}
 
 
 def _generation(cfg: EvalConfig, key: str) -> GenerationConfig:
     """Decoding for a key: audio tasks answer short, forgetting items and text prompts longer."""
-    return GenerationConfig(max_new_tokens=cfg.max_new_tokens if key.startswith("task:") else cfg.if_max_new_tokens)
+    return GenerationConfig(max_new_tokens=cfg.max_new_tokens if key.startswith("task:") else cfg.if_max_new_tokens,
+                            drop_finished=cfg.drop_finished)
 
 
 def run_eval(checkpoints: list[Path], data: Path, out: Path, cfg: EvalConfig, device: str = "cpu",

@@ -130,7 +130,7 @@ class ForgettingCurve:
         self.ecfg = eval_settings(cfg)
         self.out, self.progress = out, progress
         self.fitems, self.by_id, self.audio = curve_items(Path(cfg.train.forgetting_data), self.ecfg)
-        self.gen = GenerationConfig(max_new_tokens=self.ecfg.if_max_new_tokens)
+        self.gen = GenerationConfig(max_new_tokens=self.ecfg.if_max_new_tokens, drop_finished=self.ecfg.drop_finished)
         self.identity = _identity(model, self.fitems, self.by_id, self.ecfg)
         self.reference_passes: list[bool] | None = None
 
