@@ -122,6 +122,26 @@ def test_tasks_from_metadata():
         tasks_from_metadata(recs, tasks=["age"])
 
 
+def test_a_capped_sample_keeps_every_class_in_proportion_whatever_the_file_order():
+    genders = ["male"] * 18 + ["female"] * 6  # a skewed held-out split, rarer class last in the file
+    recs = _records([_meta(f"c{i:02d}", f"c{i:02d}.wav", g, "low", "w") for i, g in enumerate(genders)])
+    picked = {cap: [it for it in tasks_from_metadata(recs, tasks=["gender"], max_per_task=cap, seed=3)]
+              for cap in (1, 2, 4, 8)}
+    count = {cap: sorted(it.reference for it in items) for cap, items in picked.items()}
+    assert count[1] == ["female"]  # a cap below the class count goes to the rarest class
+    assert count[2] == ["female", "male"]
+    assert count[4] == ["female", "male", "male", "male"]  # 1:3, as in the data
+    assert count[8] == ["female"] * 2 + ["male"] * 6
+    # the sample is the same set of clips when the file's rows come in another order, and keeps its order
+    again = tasks_from_metadata(list(reversed(recs)), tasks=["gender"], max_per_task=8, seed=3)
+    assert {it.id for it in again} == {it.id for it in picked[8]}
+    assert [it.id for it in picked[8]] == sorted(it.id for it in picked[8])
+    assert {it.id for it in tasks_from_metadata(recs, tasks=["gender"], max_per_task=8, seed=4)} != \
+        {it.id for it in picked[8]}
+    # transcription has no classes: a plain seeded sample
+    assert len(tasks_from_metadata(recs, tasks=["transcription"], max_per_task=5)) == 5
+
+
 def test_task_file_errors_name_the_line(tmp_path):
     good = {"id": "x", "task": "t", "audio": "a.wav", "instruction": "q", "answer_kind": "label", "reference": "b",
             "labels": ["a", "b"]}

@@ -34,7 +34,7 @@ from ..errors import SpeechLLMError
 from ..io.jsonl import iter_lines, sibling_path, write_jsonl_atomic
 from ..records import MAX_INSTRUCTION_CHARS, MetadataRecord, RecordError, TaskItem
 from .constraints import CONSTRAINTS, Constraint, sample_constraint
-from .tasks import tasks_from_metadata
+from .tasks import sample_per_task, tasks_from_metadata
 
 if TYPE_CHECKING:
     from .ifeval import IFEvalSet
@@ -160,19 +160,10 @@ def _unique(items: list[TaskItem], errors: list[dict], data: Path) -> list[TaskI
 
 
 def _select(items: list[TaskItem], cfg: EvalConfig) -> list[TaskItem]:
-    """The items of `cfg.tasks` only, at most `cfg.max_per_task` per task (a seeded sample)."""
+    """The items of `cfg.tasks` only, at most `cfg.max_per_task` per task (`tasks.sample_per_task`)."""
     if cfg.tasks is not None:
         items = [it for it in items if it.task in cfg.tasks]
-    if cfg.max_per_task is None:
-        return items
-    by_task: dict[str, list[TaskItem]] = {}
-    for it in items:
-        by_task.setdefault(it.task, []).append(it)
-    keep = set()
-    for task, group in by_task.items():
-        rng = random.Random(f"{cfg.seed}/{task}")
-        keep |= {it.id for it in (rng.sample(group, cfg.max_per_task) if len(group) > cfg.max_per_task else group)}
-    return [it for it in items if it.id in keep]
+    return sample_per_task(items, cfg.max_per_task, cfg.seed)
 
 
 def read_items(data: Path, out: Path, cfg: EvalConfig) -> tuple[list[TaskItem], list[dict]]:

@@ -26,6 +26,7 @@ Label extraction from a free-text answer:
 
 from __future__ import annotations
 
+import hashlib
 import random
 import re
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ from ..records import ANSWER_KINDS, MetadataRecord, TaskItem
 
 __all__ = ["ANSWER_KINDS", "ATTRIBUTE_TASKS", "MAX_GENERIC_LABELS", "SYNONYMS", "TRANSCRIPTION", "TaskError",
            "TaskSpec", "extract_lenient", "extract_strict", "label_instruction", "normalize_transcript",
-           "score_item", "tasks_from_metadata", "transcript_errors", "transcript_span", "contains_transcript"]
+           "sample_per_task", "score_item", "tasks_from_metadata", "transcript_errors", "transcript_span", "contains_transcript"]
 
 
 @dataclass(frozen=True)
@@ -113,10 +114,9 @@ def _asked(spec: TaskSpec, labels: list[str] | None, item_id: str, seed: int, va
     return (label_instruction(question, order) if labels else question), question
 
 
-def _spec_items(spec: TaskSpec, records: list[MetadataRecord], max_per_task: int | None,
-                seed: int, vary: bool = True) -> list[TaskItem]:
-    """The items of one task: every record with a value for it (a seeded sample when capped);
-    none for a label task with fewer than 2 or more than `MAX_GENERIC_LABELS` distinct values."""
+def _spec_items(spec: TaskSpec, records: list[MetadataRecord], seed: int, vary: bool = True) -> list[TaskItem]:
+    """The items of one task: every record with a value for it; none for a label task with
+    fewer than 2 or more than `MAX_GENERIC_LABELS` distinct values."""
     pairs = [(rec, rec.transcript if spec.answer_kind == "transcript" else rec.value(spec.name)) for rec in records]
     pairs = [(rec, v) for rec, v in pairs if v is not None]
     labels: list[str] | None = None
@@ -126,9 +126,6 @@ def _spec_items(spec: TaskSpec, records: list[MetadataRecord], max_per_task: int
         labels += [l for l in seen if l not in labels]
         if not 2 <= len(labels) <= MAX_GENERIC_LABELS:
             return []
-    if max_per_task is not None and len(pairs) > max_per_task:
-        keep = set(random.Random(f"{seed}/{spec.name}").sample(range(len(pairs)), max_per_task))
-        pairs = [p for i, p in enumerate(pairs) if i in keep]
     items = []
     for rec, value in pairs:
         item_id = f"{spec.name}/{rec.id}"
@@ -150,13 +147,55 @@ def tasks_from_metadata(records: list[MetadataRecord], tasks: list[str] | None =
     age, accent), one per other label column with 2..12 distinct string values, and transcription
     (reference: the label transcript, else the ASR transcript). Each item's `transcript` is the
     clip's ASR transcript (what the speech model hears). `tasks` restricts the set by name;
-    `max_per_task` keeps a seeded sample per task; `vary` draws each item's phrasing and option
+    `max_per_task` keeps a seeded, stratified sample per task (`sample_per_task`); `vary` draws each item's phrasing and option
     order (`_asked`). Audio paths stay as the records give them.
     """
     if not records:
         return []
-    return [item for spec in _task_specs(records, tasks)
-            for item in _spec_items(spec, records, max_per_task, seed, vary)]
+    items = [item for spec in _task_specs(records, tasks) for item in _spec_items(spec, records, seed, vary)]
+    return sample_per_task(items, max_per_task, seed)
+
+
+def _rank(seed: int, key: str) -> bytes:
+    """A seeded position for `key` that does not depend on where it sits in a file."""
+    return hashlib.sha256(f"{seed}/{key}".encode()).digest()
+
+
+def _seats(counts: dict[str, int], cap: int) -> dict[str, int]:
+    """How many of `cap` places each class gets: one each while the cap allows (rarest classes
+    first when it does not), the rest one at a time to the class furthest below its share."""
+    total = sum(counts.values())
+    seats = dict.fromkeys(counts, 0)
+    for label in sorted(counts, key=lambda c: (counts[c], c))[:cap]:
+        seats[label] = 1
+    for _ in range(cap - sum(seats.values())):
+        open_ = [c for c in counts if seats[c] < counts[c]]
+        seats[max(open_, key=lambda c: (counts[c] * cap / total - seats[c], counts[c], c))] += 1
+    return seats
+
+
+def sample_per_task(items: list[TaskItem], max_per_task: int | None, seed: int = 0) -> list[TaskItem]:
+    """At most `max_per_task` items of each task, in their given order: a seeded sample that is
+    the same whatever order the items come in, and for a label task stratified by reference
+    (every class present while the cap allows, the rest in proportion to the class sizes), so a
+    small cap never leaves a class out and the majority baseline means something."""
+    if max_per_task is None:
+        return items
+    by_task: dict[str, list[TaskItem]] = {}
+    for it in items:
+        by_task.setdefault(it.task, []).append(it)
+    keep: set[str] = set()
+    for task, group in by_task.items():
+        if len(group) <= max_per_task:
+            keep.update(it.id for it in group)
+            continue
+        classes: dict[str, list[TaskItem]] = {}
+        for it in group:
+            classes.setdefault(it.reference if it.labels else "", []).append(it)
+        seats = _seats({c: len(members) for c, members in classes.items()}, max_per_task)
+        for label, members in classes.items():
+            keep.update(it.id for it in sorted(members, key=lambda it: _rank(seed, it.id))[:seats[label]])
+    return [it for it in items if it.id in keep]
 
 
 # ----------------------------------------------------------------------------- scoring
