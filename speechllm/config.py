@@ -186,8 +186,10 @@ class LLMConfig:
     train_attn_implementation: Literal["auto", "model", "sdpa", "eager", "grouped"] = "model"
     """The attention kernel of the LLM's forward passes that compute gradients (training; the
     frozen prefix and every answer keep `attn_implementation`): model (the default: always
-    `attn_implementation`), auto (grouped on a CPU while the attention probabilities it keeps for
-    the backward pass fit in 1 GiB, the model's own elsewhere), sdpa, eager or grouped. On a 2-core
+    `attn_implementation`), auto (grouped for bf16 weights on a CPU with bf16 units, AVX512-BF16
+    or AMX, while the attention probabilities it keeps for the backward pass fit in 1 GiB; the
+    model's own elsewhere: on a GPU, in float32, where both trained alike, and on a CPU that
+    emulates bf16), sdpa, eager or grouped. On a 2-core
     CPU in bf16, grouped ran the demo's training stages 1.14-1.27x faster than SDPA, whose
     flash-attention backward costs five times its forward on ~100 positions (README, Speed); but
     one A/B on the demo's data (experiment 1 retrained with SDPA) gave self-output's forgetting

@@ -53,15 +53,23 @@ def test_grouped_attention_without_a_mask_is_causal_for_a_causal_module():
     torch.testing.assert_close(full, ref.transpose(1, 2))
 
 
-def test_training_kernel_is_grouped_on_a_cpu_while_what_it_keeps_fits_and_the_models_own_on_a_gpu():
-    cpu = torch.device("cpu")
-    assert training_kernel("auto", cpu) == "grouped"
-    assert training_kernel("auto", cpu, kept_bytes=attention.GROUPED_MAX_BYTES) == "grouped"
-    assert training_kernel("auto", cpu, kept_bytes=attention.GROUPED_MAX_BYTES + 1) is None  # SDPA's memory is linear
-    assert training_kernel("grouped", cpu, kept_bytes=attention.GROUPED_MAX_BYTES + 1) == "grouped"  # asked for
-    assert training_kernel("auto", torch.device("cuda", 0)) is None
-    assert training_kernel("model", cpu) is None
-    assert training_kernel("eager", torch.device("cuda", 0)) == "eager"
+def test_training_kernel_auto_is_grouped_for_bf16_on_a_cpu_with_bf16_units_while_what_it_keeps_fits(monkeypatch):
+    from speechllm.model import llm
+
+    cpu, bf16, fp32 = torch.device("cpu"), torch.bfloat16, torch.float32
+    monkeypatch.setattr(llm, "native_bf16", lambda device="cpu": True)
+    assert training_kernel("auto", cpu, bf16) == "grouped"
+    assert training_kernel("auto", cpu, bf16, kept_bytes=attention.GROUPED_MAX_BYTES) == "grouped"
+    assert training_kernel("auto", cpu, bf16, kept_bytes=attention.GROUPED_MAX_BYTES + 1) is None  # SDPA: linear
+    assert training_kernel("grouped", cpu, bf16, kept_bytes=attention.GROUPED_MAX_BYTES + 1) == "grouped"  # asked
+    assert training_kernel("auto", cpu, fp32) is None  # in float32 the two kernels train alike
+    assert training_kernel("auto", torch.device("cuda", 0), bf16) is None
+    assert training_kernel("model", cpu, bf16) is None
+    assert training_kernel("eager", torch.device("cuda", 0), bf16) == "eager"
+    # a CPU that emulates bf16 runs the grouped kernel's bf16 matmuls slower than SDPA
+    monkeypatch.setattr(llm, "native_bf16", lambda device="cpu": False)
+    assert training_kernel("auto", cpu, bf16) is None
+    assert training_kernel("grouped", cpu, bf16) == "grouped"
     # the demo's bf16 batches (8 x ~140 positions, 9 heads, 30 layers): float32 softmax + bf16 cast
     assert probability_bytes(8, 9, 140, 140, 30, 2) == 8 * 9 * 140 * 140 * 30 * 6
     assert probability_bytes(8, 9, 140, 140, 30, 4) == 8 * 9 * 140 * 140 * 30 * 4  # float32: the cast is no copy
@@ -82,13 +90,15 @@ def test_kernel_switches_inside_the_block_and_puts_the_models_own_back_even_on_e
 
 def test_training_runs_the_grouped_kernel_with_the_same_loss_and_gradients_answers_keep_their_own(
         tiny_model, sample_wav, monkeypatch):
-    """On a CPU with `train_attn_implementation=auto` a forward pass with gradients runs the LLM's
+    """With `train_attn_implementation=grouped` a forward pass with gradients runs the LLM's
     attention with the grouped kernel, one without (evaluation, target NLL) and generation with the
     model's own; in fp32 the loss and the adapter's gradients equal the model's own kernel's within
-    float tolerance; `model` keeps the model's own kernel in training too, and so does `auto` for a
-    batch whose probabilities would not fit `GROUPED_MAX_BYTES`."""
+    float tolerance; `model` keeps the model's own kernel in training too, and so does `auto` for
+    float32 weights; `auto` weighs the probabilities the batch would keep."""
+    from speechllm.model import speechllm
+
     register()
-    monkeypatch.setattr(tiny_model.config.llm, "train_attn_implementation", "auto")
+    monkeypatch.setattr(tiny_model.config.llm, "train_attn_implementation", "grouped")
     seen = []
     tiny_model.llm.get_decoder().layers[0].self_attn.register_forward_pre_hook(
         lambda module, args: seen.append(module.config._attn_implementation))
@@ -115,11 +125,20 @@ def test_training_runs_the_grouped_kernel_with_the_same_loss_and_gradients_answe
         for a, b in zip(grouped[1], mine[1]):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     seen.clear()
-    monkeypatch.setattr(attention, "GROUPED_MAX_BYTES", 1000)  # this batch keeps more: auto runs the model's own
-    loss_and_grads(True)
-    assert set(seen) == {own}
-    seen.clear()
     with torch.no_grad():
         tiny_model(tiny_model.build_batch(exs))
     tiny_model.generate([Example(e.instruction, e.audio, e.transcript) for e in exs])
     assert set(seen) == {own}
+
+    monkeypatch.setattr(tiny_model.config.llm, "train_attn_implementation", "auto")
+    asked = []
+    monkeypatch.setattr(speechllm, "training_kernel", lambda *a: asked.append(a) or training_kernel(*a))
+    seen.clear()
+    batch = tiny_model.build_batch(exs, reuse_prefix=True)
+    loss_and_grads(True)
+    assert set(seen) == {own}  # float32 weights: the model's own
+    c = tiny_model.llm.config
+    rows, q_len = batch.inputs_embeds.shape[:2]
+    kept = probability_bytes(rows, c.num_attention_heads, q_len, q_len + len(batch.prefix_ids),
+                             c.num_hidden_layers, 4)
+    assert asked[-1] == ("auto", torch.device("cpu"), torch.float32, kept) and kept > 0

@@ -1,6 +1,6 @@
 """Grouped-query attention as two batched matmuls, registered with transformers as the kernel
 `"grouped"`, and the kernel training runs the LLM with (`model.llm.train_attn_implementation`:
-`auto` picks `grouped` on a CPU).
+`auto` picks `grouped` for bf16 weights on a CPU with bf16 units).
 
 Why a kernel of our own: on a CPU, PyTorch's SDPA runs a flash-attention kernel built for long
 sequences; its backward on bf16 sequences of ~100 positions costs five times its forward (one bf16
@@ -79,15 +79,21 @@ def probability_bytes(batch: int, heads: int, q_len: int, kv_len: int, layers: i
     return batch * heads * q_len * kv_len * layers * per_element
 
 
-def training_kernel(setting: str, device: torch.device, kept_bytes: float = 0) -> str | None:
+def training_kernel(setting: str, device: torch.device, dtype: torch.dtype, kept_bytes: float = 0) -> str | None:
     """The kernel the LLM runs forward passes with gradients in, for `model.llm.train_attn_implementation`
-    on `device`: None keeps the model's own (`attn_implementation`); `auto` picks `grouped` on a CPU
-    while the probabilities it would keep (`kept_bytes`, see `probability_bytes`) fit in
-    `GROUPED_MAX_BYTES`, and the model's own elsewhere (a GPU's fused SDPA kernels beat two matmuls)."""
+    with weights of `dtype` on `device`: None keeps the model's own (`attn_implementation`); `auto`
+    picks `grouped` where it measured faster, bfloat16 on a CPU that multiplies it in hardware
+    (`llm.native_bf16`), while the probabilities it would keep (`kept_bytes`, see `probability_bytes`)
+    fit in `GROUPED_MAX_BYTES`; the model's own elsewhere: a GPU's fused SDPA kernels beat two
+    matmuls, in float32 the two kernels trained alike (0.94-0.95x), and a CPU without bf16 units
+    emulates the grouped kernel's bf16 matmuls (one layer 3-4x slower than SDPA there)."""
+    from .llm import native_bf16
+
     if setting == "model":
         return None
     if setting == "auto":
-        return NAME if device.type == "cpu" and kept_bytes <= GROUPED_MAX_BYTES else None
+        fits = kept_bytes <= GROUPED_MAX_BYTES
+        return NAME if device.type == "cpu" and dtype == torch.bfloat16 and native_bf16(device) and fits else None
     return setting
 
 

@@ -360,7 +360,8 @@ class SpeechLLM(nn.Module):
             rows, q_len = batch.inputs_embeds.shape[:2]
             kept = probability_bytes(rows, c.num_attention_heads, q_len, q_len + len(batch.prefix_ids or ()),
                                      c.num_hidden_layers, self.llm.dtype.itemsize)
-        return training_kernel(setting, self.llm.get_input_embeddings().weight.device, kept)
+        weight = self.llm.get_input_embeddings().weight
+        return training_kernel(setting, weight.device, weight.dtype, kept)
 
     def _prefix_cache(self, batch: Batch):
         """The KV cache of `batch.prefix_ids` expanded over the batch (None without a prefix); with a

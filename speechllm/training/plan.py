@@ -341,7 +341,8 @@ def make_plan(cfg: Config, gpus: int = 1, batch_size: int | None = None, tflops:
     cast_sharded = cast_b / gpus + (one_layer / frozen_bytes * HALF_BYTES if casts and gpus > 1 else 0)
     _, _, layers, heads, _ = _llm_dims(llm)
     kept = probability_bytes(batch, heads, lengths.sequence, lengths.sequence, layers, act_bytes)
-    kernel = training_kernel(cfg.model.llm.train_attn_implementation, torch.device(device), kept)
+    kernel = training_kernel(cfg.model.llm.train_attn_implementation, torch.device(device),
+                             getattr(torch, cfg.model.llm.dtype), kept)
     probabilities = (kernel or cfg.model.llm.attn_implementation) in PROBABILITY_KERNELS
     acts = activation_bytes(cfg, llm, adapter, lengths, batch, act_bytes, encoder, probabilities)
     saved = saved_activation_bytes(llm, adapter, lengths, batch, act_bytes, probabilities)
