@@ -188,7 +188,7 @@ class LLMConfig:
     frozen prefix and every answer keep `attn_implementation`): model (the default: always
     `attn_implementation`), auto (grouped for bf16 weights on a CPU with bf16 units, AVX512-BF16
     or AMX, while the attention probabilities it keeps for the backward pass fit in 1 GiB; the
-    model's own elsewhere: on a GPU, in float32, where both trained alike, and on a CPU that
+    model's own elsewhere: on a GPU, in float32, where it was no faster, and on a CPU that
     emulates bf16), sdpa, eager or grouped. On a 2-core
     CPU in bf16, grouped ran the demo's training stages 1.14-1.27x faster than SDPA, whose
     flash-attention backward costs five times its forward on ~100 positions (README, Speed); but

@@ -85,7 +85,7 @@ def training_kernel(setting: str, device: torch.device, dtype: torch.dtype, kept
     picks `grouped` where it measured faster, bfloat16 on a CPU that multiplies it in hardware
     (`llm.native_bf16`), while the probabilities it would keep (`kept_bytes`, see `probability_bytes`)
     fit in `GROUPED_MAX_BYTES`; the model's own elsewhere: a GPU's fused SDPA kernels beat two
-    matmuls, in float32 the two kernels trained alike (0.94-0.95x), and a CPU without bf16 units
+    matmuls, in float32 it was no faster (a DeSTA2.5-style step at 0.94-0.95x), and a CPU without bf16 units
     emulates the grouped kernel's bf16 matmuls (one layer 3-4x slower than SDPA there)."""
     from .llm import native_bf16
 
