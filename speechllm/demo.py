@@ -187,7 +187,7 @@ QUICK = DemoPlan(clips=48, steps=12, max_target_tokens=48, per_task=4, forgettin
 def demo_dtype(dtype: str, device: str) -> str:
     """`model.llm.dtype` of every stage: `dtype`, or for `auto` bfloat16 where `device` multiplies
     it in hardware (`native_bf16`) and float32 elsewhere."""
-    from .model.llm import native_bf16
+    from .model.hardware import native_bf16
 
     if dtype != "auto":
         return dtype

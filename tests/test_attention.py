@@ -54,10 +54,8 @@ def test_grouped_attention_without_a_mask_is_causal_for_a_causal_module():
 
 
 def test_training_kernel_auto_is_grouped_for_bf16_on_a_cpu_with_bf16_units_while_what_it_keeps_fits(monkeypatch):
-    from speechllm.model import llm
-
     cpu, bf16, fp32 = torch.device("cpu"), torch.bfloat16, torch.float32
-    monkeypatch.setattr(llm, "native_bf16", lambda device="cpu": True)
+    monkeypatch.setattr(attention, "native_bf16", lambda device="cpu": True)
     assert training_kernel("auto", cpu, bf16) == "grouped"
     assert training_kernel("auto", cpu, bf16, kept_bytes=attention.GROUPED_MAX_BYTES) == "grouped"
     assert training_kernel("auto", cpu, bf16, kept_bytes=attention.GROUPED_MAX_BYTES + 1) is None  # SDPA: linear
@@ -67,7 +65,7 @@ def test_training_kernel_auto_is_grouped_for_bf16_on_a_cpu_with_bf16_units_while
     assert training_kernel("model", cpu, bf16) is None
     assert training_kernel("eager", torch.device("cuda", 0), bf16) == "eager"
     # a CPU that emulates bf16 runs the grouped kernel's bf16 matmuls slower than SDPA
-    monkeypatch.setattr(llm, "native_bf16", lambda device="cpu": False)
+    monkeypatch.setattr(attention, "native_bf16", lambda device="cpu": False)
     assert training_kernel("auto", cpu, bf16) is None
     assert training_kernel("grouped", cpu, bf16) == "grouped"
     # the demo's bf16 batches (8 x ~140 positions, 9 heads, 30 layers): float32 softmax + bf16 cast

@@ -25,6 +25,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from .hardware import native_bf16
+
 NAME = "grouped"
 """The name transformers knows this kernel by (`attn_implementation`)."""
 GROUPED_MAX_BYTES = 2 ** 30
@@ -83,12 +85,10 @@ def training_kernel(setting: str, device: torch.device, dtype: torch.dtype, kept
     """The kernel the LLM runs forward passes with gradients in, for `model.llm.train_attn_implementation`
     with weights of `dtype` on `device`: None keeps the model's own (`attn_implementation`); `auto`
     picks `grouped` where it measured faster, bfloat16 on a CPU that multiplies it in hardware
-    (`llm.native_bf16`), while the probabilities it would keep (`kept_bytes`, see `probability_bytes`)
+    (`hardware.native_bf16`), while the probabilities it would keep (`kept_bytes`, see `probability_bytes`)
     fit in `GROUPED_MAX_BYTES`; the model's own elsewhere: a GPU's fused SDPA kernels beat two
     matmuls, in float32 it was no faster (a DeSTA2.5-style step at 0.94-0.95x), and a CPU without bf16 units
     emulates the grouped kernel's bf16 matmuls (one layer 3-4x slower than SDPA there)."""
-    from .llm import native_bf16
-
     if setting == "model":
         return None
     if setting == "auto":
