@@ -517,7 +517,9 @@ class EvalConfig:
     tasks: list[str] | None = None
     """Only these tasks, e.g. gender speed transcription (default: all)."""
     max_per_task: int | None = ranged(AT_LEAST_1, None)
-    """Seeded sample of at most this many items per task (default: all)."""
+    """Seeded sample of at most this many items per task (default: all): the same items whatever the
+    data file's row order, and for a label task stratified by answer, every class kept while the cap
+    allows (`eval.tasks.sample_per_task`)."""
     forgetting_items: int | None = ranged(NON_NEGATIVE, None)
     """At most this many forgetting items, task question + constraint (default: one per task item)."""
     constraints: list[str] | None = None
