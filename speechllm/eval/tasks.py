@@ -147,8 +147,8 @@ def tasks_from_metadata(records: list[MetadataRecord], tasks: list[str] | None =
     age, accent), one per other label column with 2..12 distinct string values, and transcription
     (reference: the label transcript, else the ASR transcript). Each item's `transcript` is the
     clip's ASR transcript (what the speech model hears). `tasks` restricts the set by name;
-    `max_per_task` keeps a seeded, stratified sample per task (`sample_per_task`); `vary` draws each item's phrasing and option
-    order (`_asked`). Audio paths stay as the records give them.
+    `max_per_task` keeps a seeded, stratified sample per task (`sample_per_task`); `vary` draws
+    each item's phrasing and option order (`_asked`). Audio paths stay as the records give them.
     """
     if not records:
         return []
