@@ -130,7 +130,7 @@ def add_train_attention_arg(parser) -> None:
     """`--train-attn`: the LLM's attention kernel in training (`model.llm.train_attn_implementation`)."""
     parser.add_argument("--train-attn", choices=_choices("train_attn_implementation"), default="model",
                         help="the LLM's attention kernel in forward passes with gradients (default: model, the "
-                             "--attn kernel, as training runs by default; auto: grouped on a CPU)")
+                             "--attn kernel, as training runs by default; auto: grouped for bf16 on a CPU with bf16 units)")
 
 
 def resolve_dtype(name: str) -> str:

@@ -35,7 +35,7 @@ from ..config import Config, ConfigError, ModelConfig
 from ..errors import SpeechLLMError
 from ..hub import weights
 from ..model.attention import probability_bytes, training_kernel
-from ..model.llm import text_config
+from ..model.llm import DTYPES, text_config
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 """Bytes per element of a `model.llm.dtype`."""
@@ -342,7 +342,7 @@ def make_plan(cfg: Config, gpus: int = 1, batch_size: int | None = None, tflops:
     _, _, layers, heads, _ = _llm_dims(llm)
     kept = probability_bytes(batch, heads, lengths.sequence, lengths.sequence, layers, act_bytes)
     kernel = training_kernel(cfg.model.llm.train_attn_implementation, torch.device(device),
-                             getattr(torch, cfg.model.llm.dtype), kept)
+                             DTYPES[cfg.model.llm.dtype], kept)
     probabilities = (kernel or cfg.model.llm.attn_implementation) in PROBABILITY_KERNELS
     acts = activation_bytes(cfg, llm, adapter, lengths, batch, act_bytes, encoder, probabilities)
     saved = saved_activation_bytes(llm, adapter, lengths, batch, act_bytes, probabilities)
