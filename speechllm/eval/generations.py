@@ -20,15 +20,16 @@ from typing import Callable
 
 from ..io.jsonl import ResumableJsonl, iter_lines, write_jsonl_atomic
 
+
+STALE_SUFFIX = ".stale-%Y%m%d-%H%M%S"
+"""Appended (as a `time.strftime` format) to answers moved aside."""
+
+
 def kept_finished(drop_finished: bool) -> dict:
     """What an answer cache's identity adds for `eval.drop_finished`: nothing by default (caches
     made before the setting stay valid), {"drop_finished": False} when finished answers were kept
     in their batch (in bf16 the two round some near-ties apart)."""
     return {} if drop_finished else {"drop_finished": False}
-
-
-STALE_SUFFIX = ".stale-%Y%m%d-%H%M%S"
-"""Appended (as a `time.strftime` format) to answers moved aside."""
 
 
 class Generations:
