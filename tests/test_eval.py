@@ -122,11 +122,10 @@ def test_tasks_from_metadata():
         tasks_from_metadata(recs, tasks=["age"])
 
 
-def test_a_capped_sample_keeps_every_class_in_proportion_whatever_the_file_order():
+def test_a_capped_sample_keeps_every_class_in_proportion_whatever_the_file_order(tmp_path):
     genders = ["male"] * 18 + ["female"] * 6  # a skewed held-out split, rarer class last in the file
     recs = _records([_meta(f"c{i:02d}", f"c{i:02d}.wav", g, "low", "w") for i, g in enumerate(genders)])
-    picked = {cap: [it for it in tasks_from_metadata(recs, tasks=["gender"], max_per_task=cap, seed=3)]
-              for cap in (1, 2, 4, 8)}
+    picked = {cap: tasks_from_metadata(recs, tasks=["gender"], max_per_task=cap, seed=3) for cap in (1, 2, 4, 8)}
     count = {cap: sorted(it.reference for it in items) for cap, items in picked.items()}
     assert count[1] == ["female"]  # a cap below the class count goes to the rarest class
     assert count[2] == ["female", "male"]
@@ -140,6 +139,12 @@ def test_a_capped_sample_keeps_every_class_in_proportion_whatever_the_file_order
         {it.id for it in picked[8]}
     # transcription has no classes: a plain seeded sample
     assert len(tasks_from_metadata(recs, tasks=["transcription"], max_per_task=5)) == 5
+    # `speechllm eval` on the metadata file caps the same way
+    path = tmp_path / "test.metadata.jsonl"
+    path.write_text("".join(json.dumps(_meta(f"c{i:02d}", f"c{i:02d}.wav", g, "low", "w")) + "\n"
+                            for i, g in enumerate(genders)))
+    read, _ = read_items(path, tmp_path, EvalConfig(data_format="metadata", tasks=["gender"], max_per_task=8, seed=3))
+    assert [it.id for it in read] == [it.id for it in picked[8]]
 
 
 def test_task_file_errors_name_the_line(tmp_path):
