@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from speechllm.io.audio import load_audio
 from speechllm.config import Config, load_config
 from speechllm.model import Batch, Example, SpeechLLM, build_model
+from speechllm.model.llm import DTYPES
 from speechllm.model.speechllm import IGNORE_INDEX
 from speechllm.training.cache import FeatureCache
 from speechllm.training.data import TrainRecord, batch_at, epoch_batches, load_targets
@@ -229,7 +230,7 @@ def main() -> None:
     llm_params = llm_matmul_params(model)
     kernel = model.training_kernel()  # ours's, for a batch of any length
     results, t_cache, clips = run_settings(model, opt, cfg, args, kernel)
-    peak = matmul_peak(now=clock(args.cpu_time), dtype=getattr(torch, cfg.model.llm.dtype))
+    peak = matmul_peak(now=clock(args.cpu_time), dtype=DTYPES[cfg.model.llm.dtype])
     report(cfg, args, results, t_cache, clips, llm_params, peak, kernel)
 
 
