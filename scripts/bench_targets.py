@@ -2,7 +2,8 @@
 per-sample `generate`, and speechllm's batched engine with and without the shared prompt prefix
 computed once (`generation.reuse_prefix`) and with finished sequences kept in the batch as
 transformers' `generate` keeps them (`generation.drop_finished=false`; by default each leaves its
-batch once it stops); the answers compared; and the batch's bound on this machine
+batch once it stops) and with the KV cache grown by concatenation as transformers' own cache grows
+(`generation.kv_in_place=false`; by default it is written in place); the answers compared; and the batch's bound on this machine
 (scripts/bounds.py):
 
     bound = min(batch x one-sequence memory bound, compute bound)   generated tokens per second
@@ -11,7 +12,7 @@ batch once it stops); the answers compared; and the batch's bound on this machin
                     (prefill included: every prompt position, the shared prefix once with reuse)
 
 Padding and sequences that go on after their stop token are work the bound does not count.
-The batched runs alternate (reuse, no reuse, finished kept) `--rounds` times and keep each one's best time. On a
+The batched runs alternate (reuse, no reuse, finished kept, cache grown) `--rounds` times and keep each one's best time. On a
 machine shared with other work, `--threads 1 --cpu-time` times the process's CPU time instead of
 wall time (the bounds are then those of one thread).
 
@@ -98,6 +99,7 @@ def main() -> None:
     reuse = GenerationConfig(max_new_tokens=args.max_new_tokens)
     whole = dataclasses.replace(reuse, reuse_prefix=False)
     kept = dataclasses.replace(reuse, drop_finished=False)
+    grown = dataclasses.replace(reuse, kv_in_place=False)
     batch = min(args.batch_size, args.n)
     print(f"model {gen.model_name} ({cfg.model.llm.dtype}, attention {cfg.model.llm.attn_implementation}), "
           f"system prompt {args.system_prompt!r}, {args.n} prompts of "
@@ -110,26 +112,28 @@ def main() -> None:
     t_single = now() - t0
     tokens = sum(g.tokens for g in single)
     print(f"per-sample generate: {tokens} tokens in {t_single:.1f} s = {tokens / t_single:.1f} tok/s", flush=True)
-    runs: dict[str, list[float]] = {"reuse": [], "whole": [], "kept": []}
+    runs: dict[str, list[float]] = {"reuse": [], "whole": [], "kept": [], "grown": []}
     answers = {}
     for _ in range(args.rounds):
-        for name, sampling in (("reuse", reuse), ("whole", whole), ("kept", kept)):
+        for name, sampling in (("reuse", reuse), ("whole", whole), ("kept", kept), ("grown", grown)):
             answers[name], seconds = timed(gen, prompts, sampling, args.batch_size, now)
             runs[name].append(seconds)
-    t_reuse, t_whole, t_kept = min(runs["reuse"]), min(runs["whole"]), min(runs["kept"])
+    t_reuse, t_whole, t_kept, t_grown = (min(runs[k]) for k in ("reuse", "whole", "kept", "grown"))
 
     batched_tokens = sum(g.tokens for g in answers["reuse"])
     for name, label, t in (("reuse", "shared prefix computed once, padding after it", t_reuse),
                            ("whole", "no reuse, left-padded", t_whole),
-                           ("kept", "shared prefix once, finished sequences kept as padding", t_kept)):
+                           ("kept", "shared prefix once, finished sequences kept as padding", t_kept),
+                           ("grown", "shared prefix once, KV cache grown by concatenation", t_grown)):
         n = sum(g.tokens for g in answers[name])
-        print(f"batched (batch {args.batch_size}, length-sorted, {label}, KV cache): {n} tokens in {t:.1f} s "
+        print(f"batched (batch {args.batch_size}, length-sorted, {label}): {n} tokens in {t:.1f} s "
               f"= {n / t:.1f} tok/s (runs: {', '.join(f'{s:.1f}' for s in runs[name])} s)")
     same = sum(a.text == b.text for a, b in zip(single, answers["reuse"]))
     same_whole = sum(a.text == b.text for a, b in zip(answers["whole"], answers["reuse"]))
     same_kept = sum(a.text == b.text for a, b in zip(answers["kept"], answers["reuse"]))
+    same_grown = sum(a.text == b.text for a, b in zip(answers["grown"], answers["reuse"]))
     print(f"identical answers: per-sample vs batched {same}/{args.n}; reuse vs no reuse {same_whole}/{args.n}; "
-          f"finished dropped vs kept {same_kept}/{args.n}")
+          f"finished dropped vs kept {same_kept}/{args.n}; KV cache in place vs grown {same_grown}/{args.n}")
 
     dtype = cfg.model.llm.dtype
     bw, wbytes, peak = copy_bandwidth(now=now), weight_bytes(gen.llm), matmul_peak(now=now, dtype=getattr(torch, dtype))
@@ -148,7 +152,8 @@ def main() -> None:
     print(f"no reuse: {batched_tokens / t_whole / bound['whole']:.0%} of the batch's compute bound")
     print(f"batched: {batched_tokens / t_reuse / bound['reuse']:.0%} of the batch's compute bound")
     print(f"batched speedup over per-sample {t_single / t_reuse * batched_tokens / tokens:.1f}")
-    print(f"drop finished speedup {t_kept / t_reuse:.2f}")
+    print(f"drop finished speedup {t_kept / t_grown:.2f}")  # both grow transformers' cache by concatenation
+    print(f"in-place KV cache speedup {t_grown / t_reuse:.2f}")
     print(f"prefix reuse speedup {t_whole / t_reuse:.2f}")
 
 

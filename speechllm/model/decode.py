@@ -41,7 +41,7 @@ def _takes_logits_to_keep(model_class: type) -> bool:
 
 @torch.no_grad()
 def greedy_decode(llm: nn.Module, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
-                  max_new_tokens: int, stop_ids: list[int], cache=None) -> list[Decoded]:
+                  max_new_tokens: int, stop_ids: list[int], cache=None, kv_in_place: bool = True) -> list[Decoded]:
     """Greedy answers of a causal LM to a batch of prompts.
 
     Args:
@@ -52,14 +52,22 @@ def greedy_decode(llm: nn.Module, inputs_embeds: torch.Tensor, attention_mask: t
         max_new_tokens: most ids generated per sequence.
         stop_ids: ids that end a sequence (end of turn, eos).
         cache: a KV cache of the first `cached` positions (batch rows as `inputs_embeds`), or None.
+        kv_in_place: keep keys and values in a cache sized for the whole answer and written in
+            place (`kv_cache.py`; `cache` is copied into it, itself left unchanged); False grows
+            transformers' cache by concatenation (`cache` itself then grows).
     Returns:
         one `Decoded` per prompt, in input order.
     """
     from transformers import DynamicCache
 
+    from .kv_cache import preallocated_cache
+
     batch = inputs_embeds.shape[0]
     name = cache_kwarg(llm)
-    cache = cache if cache is not None else DynamicCache(config=llm.config)
+    if kv_in_place:
+        cache = preallocated_cache(llm, attention_mask.shape[1] + max_new_tokens, cache)
+    elif cache is None:
+        cache = DynamicCache(config=llm.config)
     stop = set(stop_ids)
     embed = llm.get_input_embeddings()
     rows = list(range(batch))  # which prompt each live row answers

@@ -106,7 +106,7 @@ class TextGenerator:
                        stop: list[int], batch_index: int) -> list[tuple[list[int], bool]]:
         """(ids before the stop token, finished) per row: greedy, finished rows leave the batch."""
         embeds = self.llm.get_input_embeddings()(ids[:, n_prefix:])
-        decoded = greedy_decode(self.llm, embeds, mask, sampling.max_new_tokens, stop, cache)
+        decoded = greedy_decode(self.llm, embeds, mask, sampling.max_new_tokens, stop, cache, sampling.kv_in_place)
         return [(d.tokens[:-1] if d.finished else d.tokens, d.finished) for d in decoded]
 
     def _transformers_generate(self, ids: torch.Tensor, mask: torch.Tensor, n_prefix: int, cache,

@@ -424,7 +424,7 @@ class SpeechLLM(nn.Module):
                                  reuse_prefix=gen.reuse_prefix)
         if gen.drops_finished:
             decoded = greedy_decode(self.llm, batch.inputs_embeds, batch.full_attention_mask, gen.max_new_tokens,
-                                    self.prompt.stop_ids, self._prefix_cache(batch))
+                                    self.prompt.stop_ids, self._prefix_cache(batch), gen.kv_in_place)
             return [self.tokenizer.decode(d.tokens, skip_special_tokens=True).strip() for d in decoded]
         kwargs = dict(max_new_tokens=gen.max_new_tokens, do_sample=gen.do_sample,
                       repetition_penalty=gen.repetition_penalty, eos_token_id=self.prompt.stop_ids,

@@ -1,0 +1,63 @@
+"""The decoding's KV cache written in place (speechllm/model/kv_cache.py): the keys and values
+transformers' concatenating cache holds, in one buffer per layer that later steps do not copy."""
+
+import pytest
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from speechllm.model.kv_cache import PreallocatedLayer, preallocated_cache
+from speechllm.model.generate import TextGenerator
+from speechllm.config import load_config
+
+from conftest import TINY_CONFIG
+
+
+def states(batch: int, positions: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, positions, 8, generator=g), torch.randn(batch, 3, positions, 8, generator=g)
+
+
+def test_a_layer_holds_what_concatenation_holds_without_moving_its_buffer():
+    ours, theirs = PreallocatedLayer(capacity=12), DynamicLayer()
+    buffers = set()
+    for step, positions in enumerate([5, 1, 1, 1]):
+        k, v = states(4, positions, step)
+        got, want = ours.update(k, v), theirs.update(k, v)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+        buffers.add(got[0].untyped_storage().data_ptr())
+        assert ours.get_seq_length() == theirs.get_seq_length() == 5 + step
+    assert len(buffers) == 1  # written in place: no new storage per step
+
+
+def test_dropping_sequences_and_running_past_the_capacity_keep_the_right_rows():
+    ours, theirs = PreallocatedLayer(capacity=4), DynamicLayer()
+    for layer in (ours, theirs):
+        layer.update(*states(4, 3, 0))
+    keep = torch.tensor([0, 2, 3])
+    ours.batch_select_indices(keep)
+    theirs.batch_select_indices(keep)
+    for step in range(1, 4):  # 3 + 3 positions: past the capacity of 4
+        k, v = states(3, 1, step)
+        got, want = ours.update(k, v), theirs.update(k, v)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert ours.keys.shape == (3, 3, 6, 8)
+    with pytest.raises(ValueError, match="at least one position"):
+        PreallocatedLayer(0)
+
+
+def test_a_cache_started_from_a_prefix_holds_it_and_leaves_the_prefix_unchanged():
+    generator = TextGenerator.from_config(load_config(TINY_CONFIG))
+    llm = generator.llm
+    layers = llm.config.num_hidden_layers
+    start = DynamicCache(config=llm.config)
+    for i in range(layers):
+        start.update(*states(1, 2, i), layer_idx=i)
+    kept = [layer.keys.clone() for layer in start.layers]
+    cache = preallocated_cache(llm, capacity=8, start=start)
+    assert all(isinstance(layer, PreallocatedLayer) for layer in cache.layers)
+    assert cache.get_seq_length() == 2
+    cache.update(*states(1, 1, 99), layer_idx=0)
+    assert cache.layers[0].keys.shape[-2] == 3 and start.layers[0].keys.shape[-2] == 2
+    assert all(torch.equal(layer.keys, k) for layer, k in zip(start.layers, kept))
+    assert all(torch.equal(c.keys[:, :, :2], k) for c, k in zip(cache.layers, kept))
