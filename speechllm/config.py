@@ -244,9 +244,10 @@ class GenerationConfig:
     the answers equal transformers' `generate` within float tolerance. False (or sampling, or a
     repetition penalty) decodes with `generate`, which keeps finished sequences as padding."""
     kv_in_place: bool = True
-    """Greedy decoding keeps keys and values in a cache sized for the whole answer and written in
-    place (`speechllm/model/kv_cache.py`); False grows transformers' cache by concatenation, which
-    copies every cached position once per generated token (for comparisons)."""
+    """Greedy decoding on a CPU keeps keys and values in a cache sized for the whole answer and
+    written in place (`speechllm/model/kv_cache.py`); False grows transformers' cache by
+    concatenation, which copies every cached position once per generated token (for comparisons).
+    A GPU always keeps transformers' cache (there the copy is cheap)."""
 
     @property
     def drops_finished(self) -> bool:
