@@ -6,9 +6,9 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from speechllm.model.kv_cache import PreallocatedLayer, preallocated_cache
-from speechllm.model.generate import TextGenerator
 from speechllm.config import load_config
+from speechllm.model.generate import TextGenerator
+from speechllm.model.kv_cache import PreallocatedLayer, preallocated_cache
 
 from conftest import TINY_CONFIG
 
@@ -61,3 +61,7 @@ def test_a_cache_started_from_a_prefix_holds_it_and_leaves_the_prefix_unchanged(
     assert cache.layers[0].keys.shape[-2] == 3 and start.layers[0].keys.shape[-2] == 2
     assert all(torch.equal(layer.keys, k) for layer, k in zip(start.layers, kept))
     assert all(torch.equal(c.keys[:, :, :2], k) for c, k in zip(cache.layers, kept))
+    short = DynamicCache(config=llm.config)
+    short.layers = short.layers[:-1]
+    with pytest.raises(ValueError, match="layers"):
+        preallocated_cache(llm, capacity=8, start=short)

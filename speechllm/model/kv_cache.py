@@ -85,8 +85,11 @@ class PreallocatedLayer(DynamicLayer):
 def preallocated_cache(llm: nn.Module, capacity: int, start: DynamicCache | None = None) -> DynamicCache:
     """A cache for `llm` whose full-attention layers are `PreallocatedLayer`s of `capacity`
     positions (any other kind of layer, a sliding window's, stays transformers' own), holding
-    `start`'s keys and values first when given (a prefix cache, expanded over the batch)."""
+    `start`'s keys and values first when given (a prefix cache, expanded over the batch). A config
+    from which transformers makes no layers up front gets transformers' own cache (`start`)."""
     cache = DynamicCache(config=llm.config)
+    if not cache.layers:  # a config that names no layers: transformers adds them as they come
+        return start if start is not None else cache
     cache.layers = [PreallocatedLayer(capacity) if type(layer) is DynamicLayer else layer for layer in cache.layers]
     if start is not None:
         if len(start.layers) != len(cache.layers):
