@@ -3,8 +3,8 @@ per-sample `generate`, and speechllm's batched engine with and without the share
 computed once (`generation.reuse_prefix`) and with finished sequences kept in the batch as
 transformers' `generate` keeps them (`generation.drop_finished=false`; by default each leaves its
 batch once it stops) and with the KV cache grown by concatenation as transformers' own cache grows
-(`generation.kv_in_place=false`; by default it is written in place); the answers compared; and the batch's bound on this machine
-(scripts/bounds.py):
+(`generation.kv_in_place=false`; by default a CPU writes it in place); the answers compared; and
+the batch's bound on this machine (scripts/bounds.py):
 
     bound = min(batch x one-sequence memory bound, compute bound)   generated tokens per second
     one-sequence memory bound = copy bandwidth / weight bytes   (a decoding step reads every weight)
@@ -12,8 +12,9 @@ batch once it stops) and with the KV cache grown by concatenation as transformer
                     (prefill included: every prompt position, the shared prefix once with reuse)
 
 Padding and sequences that go on after their stop token are work the bound does not count.
-The batched runs alternate (reuse, no reuse, finished kept, cache grown) `--rounds` times and keep each one's best time. On a
-machine shared with other work, `--threads 1 --cpu-time` times the process's CPU time instead of
+The batched runs alternate (reuse, no reuse, finished kept, cache grown) `--rounds` times and keep
+each one's best time; `drop finished speedup` compares kept and dropped both on the grown cache. On
+a machine shared with other work, `--threads 1 --cpu-time` times the process's CPU time instead of
 wall time (the bounds are then those of one thread).
 
     python scripts/bench_targets.py [--n 32] [--batch-size 32] [--max-new-tokens 48] [--rounds 2]
