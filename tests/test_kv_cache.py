@@ -65,3 +65,25 @@ def test_a_cache_started_from_a_prefix_holds_it_and_leaves_the_prefix_unchanged(
     short.layers = short.layers[:-1]
     with pytest.raises(ValueError, match="layers"):
         preallocated_cache(llm, capacity=8, start=short)
+
+
+def test_greedy_generation_on_a_cpu_writes_in_place_unless_told_not_to(monkeypatch):
+    import dataclasses
+
+    from speechllm.config import GenerationConfig
+    from speechllm.model.prefix import cache_kwarg
+
+    generator = TextGenerator.from_config(load_config(TINY_CONFIG, ["model.llm.system_prompt=Answer briefly."]))
+    llm = generator.llm
+    kinds = []
+    forward = llm.forward
+    monkeypatch.setattr(llm, "forward", lambda *a, **k: kinds.append(type(k[cache_kwarg(llm)].layers[0]))
+                        or forward(*a, **k))
+    prompts = [generator.prompt_ids(q) for q in ("Hi.", "Describe the weather in one sentence.")]
+    in_place = GenerationConfig(max_new_tokens=6)
+    got = generator.generate(prompts, in_place, batch_size=2)
+    assert set(kinds) == {PreallocatedLayer}
+    kinds.clear()
+    grown = generator.generate(prompts, dataclasses.replace(in_place, kv_in_place=False), batch_size=2)
+    assert set(kinds) == {DynamicLayer}
+    assert got == grown
