@@ -1,12 +1,13 @@
 """A KV cache written in place: greedy decoding's cache without a copy of the whole cache per step.
 
 transformers' `DynamicLayer.update` grows a layer's keys and values by `torch.cat`, so each decoding
-step copies every cached position of every layer once more. On a CPU that copy is a large share of
-a step: at the demo's evaluation sizes (batch 32, ~250 positions, 30 layers, 3 KV heads of 64,
-float32) it moves ~370 MB per generated token, beside ~9 GFLOP of matmuls. `PreallocatedLayer`
-keeps one buffer per layer sized for the whole answer (`capacity` positions), writes each step's
-keys and values into the next free positions and hands attention a view of the filled ones: the
-same keys and values, so the same answers (tested against transformers' `generate`).
+step copies every cached position of every layer once more: at the demo's evaluation sizes (batch
+32, ~250 positions, 30 layers, 3 KV heads of 64, float32) ~370 MB per step, beside ~9 GFLOP of
+matmuls; on a 2-core CPU 3-5% of generation's time (profiles in the README's Speed section) and
+1.12x over 128 new tokens at batch 64. `PreallocatedLayer` keeps one buffer per layer sized for the
+whole answer (`capacity` positions), writes each step's keys and values into the next free
+positions and hands attention a view of the filled ones: the same keys and values, so the same
+answers (tested against transformers' `generate`). `greedy_decode` uses it on a CPU only.
 
 Dropping finished sequences (`batch_select_indices`) copies the kept rows' filled positions into
 a smaller buffer once per drop; a layer that runs past its capacity doubles it (never needed by
