@@ -13,13 +13,17 @@ the process's peak RSS; the last line is the speedup.
   `model.llm.train_attn_implementation`: auto or grouped) it is also timed with that one, to show what
   the settings alone gain.
 
+With `--lora` every setting also trains LoRA on the LLM (the demo's experiment 2: r=8 on q/v, dropout 0,
+the default), and ours is also timed with LoRA dropout 0.05 (every sequence then runs its own prompt prefix:
+a mask per sequence), printed as `LoRA dropout 0 speedup N`.
+
 The settings take turns batch by batch (other work on the machine slows them alike); on a machine
 shared with other work, `--threads 1 --cpu-time` times the process's CPU time instead.
 
     python scripts/bench_train.py [--config configs/default.yaml] [--n 32] [--steps 6] [--batch-size 8]
                                   [--threads N] [--cpu-time] [--dtype auto|float32|bfloat16]
                                   [--attn auto|sdpa|eager|grouped]
-                                  [--train-attn auto|model|sdpa|eager|grouped]
+                                  [--train-attn auto|model|sdpa|eager|grouped] [--lora]
 """
 
 from __future__ import annotations
@@ -35,11 +39,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from speechllm.io.audio import load_audio
-from speechllm.config import Config, load_config
+from speechllm.config import Config, LoRAConfig, load_config
 from speechllm.model import Batch, Example, SpeechLLM, build_model
 from speechllm.model.llm import DTYPES
+from speechllm.model.lora import apply_lora
 from speechllm.model.speechllm import IGNORE_INDEX
 from speechllm.training.cache import FeatureCache
 from speechllm.training.data import TrainRecord, batch_at, epoch_batches, load_targets
@@ -53,6 +59,10 @@ FORWARD_BACKWARD = 4
 LLM's weights get no gradients."""
 FORWARD = 2
 """FLOPs per LLM weight and position run without gradients (the shared prefix)."""
+LORA = LoRAConfig(enabled=True, r=8, alpha=16, dropout=0.0)
+"""`--lora`: the demo's experiment-2 LoRA (dropout at its default, 0)."""
+LORA_DROPOUT = 0.05
+"""`--lora`: the dropout ours is also timed with (the default before 2026-11-27)."""
 
 
 def make_corpus(folder: Path, n: int) -> Path:
@@ -86,6 +96,9 @@ def parse_args() -> argparse.Namespace:
     add_dtype_arg(p)
     add_attention_arg(p)
     add_train_attention_arg(p)
+    p.add_argument("--lora", action="store_true",
+                   help=f"train LoRA r={LORA.r} on {'/'.join(LORA.target_modules)} too, and time ours with LoRA "
+                        f"dropout {LORA_DROPOUT} beside 0")
     return p.parse_args()
 
 
@@ -146,6 +159,26 @@ def with_training_kernel(model: SpeechLLM, setting: str, step: Callable[[list[Tr
     return run
 
 
+def with_lora_dropout(model: SpeechLLM, p: float, step: Callable[[list[TrainRecord]], tuple[float, float]]
+                      ) -> Callable[[list[TrainRecord]], tuple[float, float]]:
+    """`step` run with every LoRA branch's input dropout at `p` (the model's own modules restored after)."""
+    branches = [m.lora_dropout for m in model.llm.modules() if isinstance(getattr(m, "lora_dropout", None), nn.ModuleDict)]
+    if not branches:
+        raise ValueError("the model has no LoRA branches")
+
+    def run(recs: list[TrainRecord]) -> tuple[float, float]:
+        own = [dict(b) for b in branches]
+        for b in branches:
+            for name in list(b):
+                b[name] = nn.Dropout(p)
+        try:
+            return step(recs)
+        finally:
+            for b, modules in zip(branches, own):
+                b.update(modules)
+    return run
+
+
 def time_steps(settings: dict[str, Callable[[list[TrainRecord]], tuple[float, float]]],
                steps: list[list[TrainRecord]], now) -> dict[str, tuple[float, float]]:
     """{setting: (samples/s, LLM FLOPs per weight per second)} over the batches `steps`, after one
@@ -180,6 +213,8 @@ def run_settings(model: SpeechLLM, opt: torch.optim.Optimizer, cfg: Config, args
         settings = {"ours": partial(ours_step, model, opt, cache, True),
                     "ours, no prefix reuse": partial(ours_step, model, opt, cache, False),
                     "desta2.5-style": with_training_kernel(model, "model", partial(desta_step, model, opt))}
+        if model.lora is not None:
+            settings[f"ours, LoRA dropout {LORA_DROPOUT}"] = with_lora_dropout(model, LORA_DROPOUT, settings["ours"])
         if kernel is not None:  # ours trains with a kernel of its own: the baseline with it too
             settings["desta2.5-style, ours's kernel"] = with_training_kernel(model, kernel, partial(desta_step, model, opt))
         results = time_steps(settings, steps, clock(args.cpu_time))
@@ -197,13 +232,17 @@ def report(cfg: Config, args: argparse.Namespace, results: dict[str, tuple[float
     llm_flops = llm_params * work_ours  # per second
     print(f"{cfg.model.llm.name} ({cfg.model.llm.dtype}, attention {cfg.model.llm.attn_implementation}, in "
           f"training {cfg.model.llm.train_attn_implementation}: {trains_with}) + "
-          f"{cfg.model.encoder.name}, batch {args.batch_size}, "
+          f"{cfg.model.encoder.name}{f', LoRA r={LORA.r} on the LLM' if args.lora else ''}, batch {args.batch_size}, "
           f"{args.steps} steps each, "
           f"{torch.get_num_threads()} threads, {'CPU' if args.cpu_time else 'wall'} time; feature cache built once "
           f"in {t_cache:.1f} s for {clips} clips")
     print(f"ours: {sps_ours:.2f} samples/s; without prefix reuse {sps_whole:.2f} samples/s (prefix reuse speedup "
           f"{sps_ours / sps_whole:.2f}); DeSTA2.5-style (30 s encoder input, no cache, 300-token batches): "
           f"{sps_desta:.2f} samples/s")
+    lora_key = f"ours, LoRA dropout {LORA_DROPOUT}"
+    if lora_key in results:
+        print(f"with LoRA dropout {LORA_DROPOUT} (each sequence its own prefix): {results[lora_key][0]:.2f} samples/s; "
+              f"LoRA dropout 0 speedup {sps_ours / results[lora_key][0]:.2f}")
     if "desta2.5-style, ours's kernel" in results:
         sps_kernel, _ = results["desta2.5-style, ours's kernel"]
         print(f"DeSTA2.5-style with ours's training kernel ({kernel}): {sps_kernel:.2f} samples/s; the settings "
@@ -225,6 +264,9 @@ def main() -> None:
                                     f"model.llm.train_attn_implementation={args.train_attn}"])
     torch.manual_seed(0)
     model = build_model(cfg)
+    if args.lora:
+        apply_lora(model, LORA)
+        model.llm.train()  # as the trainer runs LoRA: its dropout active
     params = [q for q in model.parameters() if q.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     llm_params = llm_matmul_params(model)
