@@ -58,7 +58,7 @@ FORWARD_BACKWARD = 4
 """FLOPs per LLM weight and trained position: forward (2) + activation gradients (2); the frozen
 LLM's weights get no gradients."""
 FORWARD = 2
-"""FLOPs per LLM weight and position run without gradients (the shared prefix)."""
+"""FLOPs per LLM weight and position run without gradients (the frozen LLM's shared prefix)."""
 LORA = LoRAConfig(enabled=True, r=8, alpha=16, dropout=0.0)
 """`--lora`: the demo's experiment-2 LoRA (dropout at its default, 0)."""
 LORA_DROPOUT = 0.05
@@ -111,14 +111,15 @@ def llm_matmul_params(model: SpeechLLM) -> int:
 
 def optimizer_step(model: SpeechLLM, opt: torch.optim.Optimizer, batch: Batch) -> tuple[float, float]:
     """Forward, backward and one optimizer step on `batch`; returns (loss, LLM FLOPs per weight:
-    the attended positions with gradients, the shared prefix without, when it was run: the frozen
-    LLM's prefix is run once and reused by later steps)."""
+    the attended positions with gradients, the shared prefix when it was run: the frozen LLM's
+    prefix without gradients, once for later steps too; with LoRA with gradients, every step)."""
     runs = model.prefixes.computed
     loss = model(batch)
     loss.backward()
     opt.step()
     opt.zero_grad()
-    prefix = FORWARD * len(batch.prefix_ids) * (model.prefixes.computed - runs)
+    per_weight = FORWARD if model.lora is None else FORWARD_BACKWARD
+    prefix = per_weight * len(batch.prefix_ids) * (model.prefixes.computed - runs)
     return float(loss.detach()), FORWARD_BACKWARD * int(batch.attention_mask.sum()) + prefix
 
 
