@@ -188,6 +188,12 @@ def test_with_lora_dropout_training_each_sequence_runs_its_own_prefix(model, sam
     assert model.build_batch(exs, reuse_prefix=True).prefix_ids
 
 
+def test_default_lora_training_shares_the_prefix(model, sample_wav):
+    apply_lora(model, LoRAConfig(enabled=True))  # dropout 0 by default: no per-sequence mask
+    model.llm.train()
+    assert model.build_batch(speech_examples(sample_wav), reuse_prefix=True).prefix_ids
+
+
 def test_speech_answers_batch_examples_of_similar_llm_length(model, sample_wav, monkeypatch):
     from speechllm.eval.answer import speech_answers
 
