@@ -199,6 +199,14 @@ def test_lora_trains_only_lora_and_adapter(data, tmp_path):
     assert set(reloaded.trainable_state_dict()) == set(model.trainable_state_dict())
 
 
+def test_lora_dropout_tells_that_each_sequence_runs_its_own_prefix(data, tmp_path, capsys):
+    Trainer(cfg(data, tmp_path / "a", "train.max_steps=1", "train.lora.enabled=true"), progress=False)
+    assert "draws a mask per sequence" not in capsys.readouterr().out  # dropout 0, the default
+    Trainer(cfg(data, tmp_path / "b", "train.max_steps=1", "train.lora.enabled=true", "train.lora.dropout=0.05"),
+            progress=False)
+    assert "train.lora.dropout=0.05 draws a mask per sequence" in capsys.readouterr().out
+
+
 def test_token_masking_masks_the_least_probable_fraction(data, tmp_path):
     trainer = Trainer(cfg(data, tmp_path / "mask", "train.max_steps=1", "train.token_masking=0.5"), progress=False)
     model = trainer.model
