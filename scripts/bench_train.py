@@ -13,8 +13,8 @@ the process's peak RSS; the last line is the speedup.
   `model.llm.train_attn_implementation`: auto or grouped) it is also timed with that one, to show what
   the settings alone gain.
 
-With `--lora` every setting also trains LoRA on the LLM (the demo's experiment 2: r=8 on q/v, dropout 0,
-the default), and ours is also timed with LoRA dropout 0.05 (every sequence then runs its own prompt prefix:
+With `--lora` every setting also trains LoRA on the LLM (the demo's experiment 2, from `speechllm.demo`:
+r=8 on q/v, dropout 0), and ours is also timed with LoRA dropout 0.05 (every sequence then runs its own prompt prefix:
 a mask per sequence), printed as `LoRA dropout 0 speedup N`.
 
 The settings take turns batch by batch (other work on the machine slows them alike); on a machine
@@ -39,10 +39,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from speechllm.io.audio import load_audio
 from speechllm.config import Config, LoRAConfig, load_config
+from speechllm.demo import FULL, LORA_RUNS, demo_config
 from speechllm.model import Batch, Example, SpeechLLM, build_model
 from speechllm.model.llm import DTYPES
 from speechllm.model.lora import apply_lora
@@ -59,8 +61,6 @@ FORWARD_BACKWARD = 4
 LLM's weights get no gradients."""
 FORWARD = 2
 """FLOPs per LLM weight and position run without gradients (the frozen LLM's shared prefix)."""
-LORA = LoRAConfig(enabled=True, r=8, alpha=16, dropout=0.0)
-"""`--lora`: the demo's experiment-2 LoRA (dropout at its default, 0)."""
 LORA_DROPOUT = 0.05
 """`--lora`: the dropout ours is also timed with (the default before 2026-11-27)."""
 
@@ -97,9 +97,15 @@ def parse_args() -> argparse.Namespace:
     add_attention_arg(p)
     add_train_attention_arg(p)
     p.add_argument("--lora", action="store_true",
-                   help=f"train LoRA r={LORA.r} on {'/'.join(LORA.target_modules)} too, and time ours with LoRA "
-                        f"dropout {LORA_DROPOUT} beside 0")
+                   help=f"train the demo's experiment-2 LoRA too, and time ours with LoRA dropout {LORA_DROPOUT} "
+                        "beside the demo's")
     return p.parse_args()
+
+
+def demo_lora() -> LoRAConfig:
+    """`--lora`: the LoRA of the demo's experiment-2 runs, as `speechllm demo` configures it."""
+    run = LORA_RUNS[-1]
+    return demo_config(FULL, run.strategy, Path("runs/demo"), lora=run).train.lora
 
 
 def llm_matmul_params(model: SpeechLLM) -> int:
@@ -163,7 +169,7 @@ def with_training_kernel(model: SpeechLLM, setting: str, step: Callable[[list[Tr
 def with_lora_dropout(model: SpeechLLM, p: float, step: Callable[[list[TrainRecord]], tuple[float, float]]
                       ) -> Callable[[list[TrainRecord]], tuple[float, float]]:
     """`step` run with every LoRA branch's input dropout at `p` (the model's own modules restored after)."""
-    branches = [m.lora_dropout for m in model.llm.modules() if isinstance(getattr(m, "lora_dropout", None), nn.ModuleDict)]
+    branches = [m.lora_dropout for m in model.llm.modules() if isinstance(m, LoraLayer)]
     if not branches:
         raise ValueError("the model has no LoRA branches")
 
@@ -223,17 +229,18 @@ def run_settings(model: SpeechLLM, opt: torch.optim.Optimizer, cfg: Config, args
 
 
 def report(cfg: Config, args: argparse.Namespace, results: dict[str, tuple[float, float]], t_cache: float,
-           clips: int, llm_params: int, peak: float, kernel: str | None) -> None:
+           clips: int, llm_params: int, peak: float, kernel: str | None, lora: LoRAConfig | None) -> None:
     """Print throughput of every setting, achieved FLOP/s, peak RSS and, last, the speedup (`kernel`:
     ours's training kernel, None: the model's own)."""
     trains_with = kernel or f"the model's, {cfg.model.llm.attn_implementation}"
+    with_lora = f", LoRA r={lora.r} dropout {lora.dropout:g} on the LLM" if lora else ""
     sps_ours, work_ours = results["ours"]
     sps_whole, _ = results["ours, no prefix reuse"]
     sps_desta, _ = results["desta2.5-style"]
     llm_flops = llm_params * work_ours  # per second
     print(f"{cfg.model.llm.name} ({cfg.model.llm.dtype}, attention {cfg.model.llm.attn_implementation}, in "
           f"training {cfg.model.llm.train_attn_implementation}: {trains_with}) + "
-          f"{cfg.model.encoder.name}{f', LoRA r={LORA.r} on the LLM' if args.lora else ''}, batch {args.batch_size}, "
+          f"{cfg.model.encoder.name}{with_lora}, batch {args.batch_size}, "
           f"{args.steps} steps each, "
           f"{torch.get_num_threads()} threads, {'CPU' if args.cpu_time else 'wall'} time; feature cache built once "
           f"in {t_cache:.1f} s for {clips} clips")
@@ -243,7 +250,7 @@ def report(cfg: Config, args: argparse.Namespace, results: dict[str, tuple[float
     lora_key = f"ours, LoRA dropout {LORA_DROPOUT}"
     if lora_key in results:
         print(f"with LoRA dropout {LORA_DROPOUT} (each sequence its own prefix): {results[lora_key][0]:.2f} samples/s; "
-              f"LoRA dropout 0 speedup {sps_ours / results[lora_key][0]:.2f}")
+              f"LoRA dropout {lora.dropout:g} speedup {sps_ours / results[lora_key][0]:.2f}")
     if "desta2.5-style, ours's kernel" in results:
         sps_kernel, _ = results["desta2.5-style, ours's kernel"]
         print(f"DeSTA2.5-style with ours's training kernel ({kernel}): {sps_kernel:.2f} samples/s; the settings "
@@ -265,8 +272,9 @@ def main() -> None:
                                     f"model.llm.train_attn_implementation={args.train_attn}"])
     torch.manual_seed(0)
     model = build_model(cfg)
-    if args.lora:
-        apply_lora(model, LORA)
+    lora = demo_lora() if args.lora else None
+    if lora:
+        apply_lora(model, lora)
         model.llm.train()  # as the trainer runs LoRA: its dropout active
     params = [q for q in model.parameters() if q.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
@@ -274,7 +282,7 @@ def main() -> None:
     kernel = model.training_kernel()  # ours's, for a batch of any length
     results, t_cache, clips = run_settings(model, opt, cfg, args, kernel)
     peak = matmul_peak(now=clock(args.cpu_time), dtype=DTYPES[cfg.model.llm.dtype])
-    report(cfg, args, results, t_cache, clips, llm_params, peak, kernel)
+    report(cfg, args, results, t_cache, clips, llm_params, peak, kernel, lora)
 
 
 if __name__ == "__main__":
