@@ -267,8 +267,8 @@ class LoRAConfig:
     dropout: float = ranged(PROPER_FRACTION, 0.0)
     """Dropout on the LoRA branch's input (peft's and torchtune's default is 0 too). Above 0 every
     sequence draws its own mask, so the shared prompt prefix can no longer run once per step
-    (`train.reuse_prefix`): a LoRA step of 8 with 0.05 took ~1.45x the time of one with 0 (README:
-    Speed)."""
+    (`train.reuse_prefix`): `scripts/bench_train.py --lora` ran LoRA steps 1.29-1.34x faster at 0
+    than at 0.05 (README: Speed)."""
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     """LLM module names that get LoRA."""
 

@@ -226,8 +226,8 @@ class Trainer:
                            "risk; run the forgetting checks (`speechllm eval`) on this run")
             if t.lora.dropout > 0 and t.reuse_prefix:
                 self.acc.print(f"[speechllm] train.lora.dropout={t.lora.dropout} draws a mask per sequence, so each "
-                               "sequence runs the shared prompt prefix itself (train.lora.dropout=0 runs it once per "
-                               "micro-batch: ~1.3x faster LoRA steps in scripts/bench_train.py --lora)")
+                               "sequence runs the shared prompt prefix itself; train.lora.dropout=0 runs it once per "
+                               "micro-batch (scripts/bench_train.py --lora measures the difference)")
         self.model = model
         self._split(records)
         self.replay = self._replay()
