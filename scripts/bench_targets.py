@@ -3,7 +3,9 @@ per-sample `generate`, and speechllm's batched engine with and without the share
 computed once (`generation.reuse_prefix`) and with finished sequences kept in the batch as
 transformers' `generate` keeps them (`generation.drop_finished=false`; by default each leaves its
 batch once it stops) and with the KV cache grown by concatenation as transformers' own cache grows
-(`generation.kv_in_place=false`; by default a CPU writes it in place); the answers compared; and
+(`generation.kv_in_place=false`; by default a CPU writes it in place) and with the linear layers
+multiplied by `F.linear` (`generation.packed_weights=false`; by default a CPU in float32 multiplies
+by weights packed once in oneDNN's layout, `speechllm/model/packed.py`); the answers compared; and
 the batch's bound on this machine (scripts/bounds.py):
 
     bound = min(batch x one-sequence memory bound, compute bound)   generated tokens per second
@@ -12,7 +14,7 @@ the batch's bound on this machine (scripts/bounds.py):
                     (prefill included: every prompt position, the shared prefix once with reuse)
 
 Padding and sequences that go on after their stop token are work the bound does not count.
-The batched runs alternate (reuse, no reuse, finished kept, cache grown) `--rounds` times and keep
+The batched runs alternate (reuse, no reuse, finished kept, cache grown, unpacked) `--rounds` times and keep
 each one's best time; `drop finished speedup` compares kept and dropped both on the grown cache. On
 a machine shared with other work, `--threads 1 --cpu-time` times the process's CPU time instead of
 wall time (the bounds are then those of one thread).
@@ -101,6 +103,7 @@ def main() -> None:
     whole = dataclasses.replace(reuse, reuse_prefix=False)
     kept = dataclasses.replace(reuse, drop_finished=False)
     grown = dataclasses.replace(reuse, kv_in_place=False)
+    plain = dataclasses.replace(reuse, packed_weights=False)
     batch = min(args.batch_size, args.n)
     print(f"model {gen.model_name} ({cfg.model.llm.dtype}, attention {cfg.model.llm.attn_implementation}), "
           f"system prompt {args.system_prompt!r}, {args.n} prompts of "
@@ -113,19 +116,21 @@ def main() -> None:
     t_single = now() - t0
     tokens = sum(g.tokens for g in single)
     print(f"per-sample generate: {tokens} tokens in {t_single:.1f} s = {tokens / t_single:.1f} tok/s", flush=True)
-    runs: dict[str, list[float]] = {"reuse": [], "whole": [], "kept": [], "grown": []}
+    settings = {"reuse": reuse, "whole": whole, "kept": kept, "grown": grown, "plain": plain}
+    runs: dict[str, list[float]] = {name: [] for name in settings}
     answers = {}
     for _ in range(args.rounds):
-        for name, sampling in (("reuse", reuse), ("whole", whole), ("kept", kept), ("grown", grown)):
+        for name, sampling in settings.items():
             answers[name], seconds = timed(gen, prompts, sampling, args.batch_size, now)
             runs[name].append(seconds)
-    t_reuse, t_whole, t_kept, t_grown = (min(runs[k]) for k in ("reuse", "whole", "kept", "grown"))
+    t_reuse, t_whole, t_kept, t_grown, t_plain = (min(runs[k]) for k in settings)
 
     batched_tokens = sum(g.tokens for g in answers["reuse"])
     for name, label, t in (("reuse", "shared prefix computed once, padding after it", t_reuse),
                            ("whole", "no reuse, left-padded", t_whole),
                            ("kept", "shared prefix once, finished sequences kept as padding", t_kept),
-                           ("grown", "shared prefix once, KV cache grown by concatenation", t_grown)):
+                           ("grown", "shared prefix once, KV cache grown by concatenation", t_grown),
+                           ("plain", "shared prefix once, F.linear's matmul (weights not packed)", t_plain)):
         n = sum(g.tokens for g in answers[name])
         print(f"batched (batch {args.batch_size}, length-sorted, {label}): {n} tokens in {t:.1f} s "
               f"= {n / t:.1f} tok/s (runs: {', '.join(f'{s:.1f}' for s in runs[name])} s)")
@@ -133,8 +138,10 @@ def main() -> None:
     same_whole = sum(a.text == b.text for a, b in zip(answers["whole"], answers["reuse"]))
     same_kept = sum(a.text == b.text for a, b in zip(answers["kept"], answers["reuse"]))
     same_grown = sum(a.text == b.text for a, b in zip(answers["grown"], answers["reuse"]))
+    same_plain = sum(a.text == b.text for a, b in zip(answers["plain"], answers["reuse"]))
     print(f"identical answers: per-sample vs batched {same}/{args.n}; reuse vs no reuse {same_whole}/{args.n}; "
-          f"finished dropped vs kept {same_kept}/{args.n}; KV cache in place vs grown {same_grown}/{args.n}")
+          f"finished dropped vs kept {same_kept}/{args.n}; KV cache in place vs grown {same_grown}/{args.n}; "
+          f"packed weights vs F.linear {same_plain}/{args.n}")
 
     dtype = cfg.model.llm.dtype
     bw, wbytes, peak = copy_bandwidth(now=now), weight_bytes(gen.llm), matmul_peak(now=now, dtype=getattr(torch, dtype))
@@ -155,6 +162,7 @@ def main() -> None:
     print(f"batched speedup over per-sample {t_single / t_reuse * batched_tokens / tokens:.1f}")
     print(f"drop finished speedup {t_kept / t_grown:.2f}")  # both grow transformers' cache by concatenation
     print(f"in-place KV cache speedup {t_grown / t_reuse:.2f}")
+    print(f"packed weights speedup {t_plain / t_reuse:.2f}")
     print(f"prefix reuse speedup {t_whole / t_reuse:.2f}")
 
 

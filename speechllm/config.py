@@ -248,6 +248,11 @@ class GenerationConfig:
     written in place (`speechllm/model/kv_cache.py`); False grows transformers' cache by
     concatenation, which copies every cached position once per generated token (for comparisons).
     A GPU always keeps transformers' cache (there the copy is cheap)."""
+    packed_weights: bool = True
+    """Decoding on a CPU in float32 multiplies by the LLM's linear weights laid out once in oneDNN's
+    packed format (`speechllm/model/packed.py`; a second copy of those weights in memory) instead of
+    torch's default sgemm, which re-lays them out on every call; answers equal within float32
+    rounding. False keeps `F.linear` (for comparisons; `scripts/bench_targets.py` times both)."""
 
     @property
     def drops_finished(self) -> bool:

@@ -261,3 +261,24 @@ def test_merged_lora_answers_as_the_lora_model_and_cannot_be_saved(model, sample
     assert model.generate(examples, gen) == answers
     with pytest.raises(ValueError, match="merged"):
         model.save_pretrained(tmp_path / "ckpt")
+
+
+def test_merging_is_seen_by_what_was_kept_from_the_weights_before_it(model, sample_wav):
+    """peft's merge writes W + BA through `.data`, which moves neither a weight's storage nor its
+    version counter; `merge_lora` bumps the counters, so what was kept while the LLM was frozen (the
+    prefix's KV, packed weights) is made again rather than reused."""
+    examples = [Example(e.instruction, e.audio, e.transcript) for e in speech_examples(sample_wav)]
+    gen = GenerationConfig(max_new_tokens=6)
+    base = model.eval().generate(examples, gen)  # the frozen LLM's prefix (and packed weights) kept
+    apply_lora(model, LoRAConfig(r=4, alpha=8, dropout=0.0))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.llm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    lora = model.generate(examples, gen)
+    assert lora != base
+    model.merge_lora()
+    assert model.generate(examples, gen) == lora
+    unpacked = dataclasses.replace(gen, packed_weights=False)
+    assert model.generate(examples, unpacked) == lora

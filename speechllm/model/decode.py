@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .packed import packed_linears
 from .prefix import cache_kwarg, rest_positions
 
 
@@ -41,7 +42,8 @@ def _takes_logits_to_keep(model_class: type) -> bool:
 
 @torch.no_grad()
 def greedy_decode(llm: nn.Module, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
-                  max_new_tokens: int, stop_ids: list[int], cache=None, kv_in_place: bool = True) -> list[Decoded]:
+                  max_new_tokens: int, stop_ids: list[int], cache=None, kv_in_place: bool = True,
+                  packed_weights: bool = True) -> list[Decoded]:
     """Greedy answers of a causal LM to a batch of prompts.
 
     Args:
@@ -57,6 +59,8 @@ def greedy_decode(llm: nn.Module, inputs_embeds: torch.Tensor, attention_mask: t
             False, or another device, grows transformers' cache by concatenation (`cache` itself
             then grows): on a GPU the copy is cheap (an H200 measured no gain) and the strided
             views change bf16 attention's rounding.
+        packed_weights: on a CPU in float32, multiply by the LLM's linear weights in oneDNN's packed
+            layout (`packed.py`; `cache`'s positions are computed before, by the caller).
     Returns:
         one `Decoded` per prompt, in input order.
     """
@@ -71,32 +75,33 @@ def greedy_decode(llm: nn.Module, inputs_embeds: torch.Tensor, attention_mask: t
     elif cache is None:
         cache = DynamicCache(config=llm.config)
     stop = set(stop_ids)
-    embed = llm.get_input_embeddings()
-    rows = list(range(batch))  # which prompt each live row answers
-    out: list[list[int]] = [[] for _ in range(batch)]
-    finished = [False] * batch
     mask = attention_mask
     positions = rest_positions(mask, mask.shape[1] - inputs_embeds.shape[1])
     last_only = {"logits_to_keep": 1} if _takes_logits_to_keep(type(llm)) else {}
     x = inputs_embeds
-    for step in range(max_new_tokens):
-        result = llm(inputs_embeds=x, attention_mask=mask, position_ids=positions, use_cache=True,
-                     **last_only, **{name: cache})
-        cache = getattr(result, name)
-        token = result.logits[:, -1].argmax(-1)
-        ids = token.tolist()  # the step's one wait for the device
-        live = [i for i, t in enumerate(ids) if t not in stop]
-        for row, t in zip(rows, ids):
-            out[row].append(t)
-            finished[row] = t in stop
-        if step == max_new_tokens - 1 or not live:
-            break
-        last = positions[:, -1]
-        if len(live) < len(rows):  # the finished sequences leave the batch
-            keep = torch.tensor(live, device=token.device)
-            cache.batch_select_indices(keep)
-            rows, token, mask, last = [rows[i] for i in live], token[keep], mask[keep], last[keep]
-        mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
-        positions = (last + 1).unsqueeze(1)
-        x = embed(token).unsqueeze(1)
+    embed = llm.get_input_embeddings()
+    rows = list(range(batch))  # which prompt each live row answers
+    out: list[list[int]] = [[] for _ in range(batch)]
+    finished = [False] * batch
+    with packed_linears(llm, packed_weights):
+        for step in range(max_new_tokens):
+            result = llm(inputs_embeds=x, attention_mask=mask, position_ids=positions, use_cache=True,
+                         **last_only, **{name: cache})
+            cache = getattr(result, name)
+            token = result.logits[:, -1].argmax(-1)
+            ids = token.tolist()  # the step's one wait for the device
+            live = [i for i, t in enumerate(ids) if t not in stop]
+            for row, t in zip(rows, ids):
+                out[row].append(t)
+                finished[row] = t in stop
+            if step == max_new_tokens - 1 or not live:
+                break
+            last = positions[:, -1]
+            if len(live) < len(rows):  # the finished sequences leave the batch
+                keep = torch.tensor(live, device=token.device)
+                cache.batch_select_indices(keep)
+                rows, token, mask, last = [rows[i] for i in live], token[keep], mask[keep], last[keep]
+            mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
+            positions = (last + 1).unsqueeze(1)
+            x = embed(token).unsqueeze(1)
     return [Decoded(tokens, done) for tokens, done in zip(out, finished)]

@@ -12,6 +12,7 @@ import torch
 from ..config import Config, GenerationConfig
 from .llm import context_length, load_llm
 from .decode import greedy_decode
+from .packed import packed_linears
 from .prefix import cache_kwarg, expand_cache, prefix_cache, shared_prefix_length
 from .prompt import PromptBuilder
 
@@ -106,7 +107,8 @@ class TextGenerator:
                        stop: list[int], batch_index: int) -> list[tuple[list[int], bool]]:
         """(ids before the stop token, finished) per row: greedy, finished rows leave the batch."""
         embeds = self.llm.get_input_embeddings()(ids[:, n_prefix:])
-        decoded = greedy_decode(self.llm, embeds, mask, sampling.max_new_tokens, stop, cache, sampling.kv_in_place)
+        decoded = greedy_decode(self.llm, embeds, mask, sampling.max_new_tokens, stop, cache, sampling.kv_in_place,
+                                sampling.packed_weights)
         return [(d.tokens[:-1] if d.finished else d.tokens, d.finished) for d in decoded]
 
     def _transformers_generate(self, ids: torch.Tensor, mask: torch.Tensor, n_prefix: int, cache,
@@ -123,7 +125,8 @@ class TextGenerator:
             kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p)
         else:
             kwargs.update(temperature=None, top_p=None, top_k=None)
-        new = self.llm.generate(input_ids=ids, attention_mask=mask, **kwargs)[:, ids.shape[1]:]
+        with packed_linears(self.llm, sampling.packed_weights):
+            new = self.llm.generate(input_ids=ids, attention_mask=mask, **kwargs)[:, ids.shape[1]:]
         rows = []
         for toks in new.tolist():
             end = next((j for j, t in enumerate(toks) if t in stop), None)

@@ -71,7 +71,8 @@ def prefix_cache(llm: nn.Module, prefix_ids: list[int]) -> DynamicCache:
 
 def weights_state(llm: nn.Module) -> tuple | None:
     """What tells whether the LLM's weights changed: each parameter's storage, dtype and in-place
-    version counter (`load_state_dict`, `merge_lora` and optimizer steps bump the counter; `.to()`
+    version counter (`load_state_dict` and optimizer steps bump the counter, `merge_lora` bumps it
+    after peft's merge, which writes through `.data` and would not; `.to()`
     and new parameters change the storage). None when a parameter keeps no version counter (made
     under `torch.inference_mode`): then nothing can tell, and nothing is reused."""
     try:

@@ -16,6 +16,7 @@ from typing import Literal
 import numpy as np
 import torch
 from torch import nn
+from torch.autograd.graph import increment_version
 
 from ..errors import SpeechLLMError
 from ..hub import weights
@@ -26,6 +27,7 @@ from ..io.audio import SAMPLE_RATE
 from .encoder import WhisperTappedEncoder, load_whisper_encoder
 from .llm import DTYPES, context_length, load_llm, text_config
 from .decode import greedy_decode
+from .packed import packed_linears
 from .prefix import FrozenPrefixCache, cache_kwarg, expand_cache, rest_positions, shared_prefix_length, with_prefix_mask
 from .prompt import PromptBuilder, PromptPieces
 
@@ -424,7 +426,8 @@ class SpeechLLM(nn.Module):
                                  reuse_prefix=gen.reuse_prefix)
         if gen.drops_finished:
             decoded = greedy_decode(self.llm, batch.inputs_embeds, batch.full_attention_mask, gen.max_new_tokens,
-                                    self.prompt.stop_ids, self._prefix_cache(batch), gen.kv_in_place)
+                                    self.prompt.stop_ids, self._prefix_cache(batch), gen.kv_in_place,
+                                    gen.packed_weights)
             return [self.tokenizer.decode(d.tokens, skip_special_tokens=True).strip() for d in decoded]
         kwargs = dict(max_new_tokens=gen.max_new_tokens, do_sample=gen.do_sample,
                       repetition_penalty=gen.repetition_penalty, eos_token_id=self.prompt.stop_ids,
@@ -440,7 +443,8 @@ class SpeechLLM(nn.Module):
             kwargs[cache_kwarg(self.llm)] = self._prefix_cache(batch)
             head = self.llm.get_input_embeddings()(torch.tensor(batch.prefix_ids, device=self.device))
             inputs = torch.cat([head.expand(inputs.shape[0], -1, -1), inputs], dim=1)
-        out = self.llm.generate(inputs_embeds=inputs, attention_mask=batch.full_attention_mask, **kwargs)
+        with packed_linears(self.llm, gen.packed_weights):
+            out = self.llm.generate(inputs_embeds=inputs, attention_mask=batch.full_attention_mask, **kwargs)
         return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
 
     def merge_lora(self) -> "SpeechLLM":
@@ -451,6 +455,10 @@ class SpeechLLM(nn.Module):
         if self.lora is not None and not self.lora_merged:
             self.llm = self.llm.merge_and_unload()
             self.llm.requires_grad_(False)
+            # peft adds BA through `.data`, which moves neither storage nor version counter: bump the
+            # counters so what is kept per weight state (the frozen prefix's KV, packed weights) is remade
+            for p in self.llm.parameters():
+                increment_version(p)
             self.lora_merged = True
         return self
 
