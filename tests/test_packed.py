@@ -119,3 +119,26 @@ def test_weights_made_under_inference_mode_are_packed_every_time():
             got = net(x)
     assert n == 1 and net[0] not in packed._PACKED  # no version counter: nothing kept
     torch.testing.assert_close(got, nn.functional.linear(x, net[0].weight, net[0].bias))
+
+
+def test_packing_that_would_crowd_memory_is_skipped_with_one_notice(monkeypatch, capsys):
+    net = nn.Sequential(nn.Linear(64, 64, bias=False), nn.Linear(64, 64, bias=False))
+    layer_bytes = 64 * 64 * 4
+    monkeypatch.setattr(packed, "available_memory", lambda: 4 * layer_bytes)
+    with torch.no_grad():
+        with packed_linears(net) as n:
+            assert n == 2  # the copies take half of what is available: allowed
+        net[0].weight.mul_(2)  # one layer to pack again, of half as much available: allowed
+        monkeypatch.setattr(packed, "available_memory", lambda: 2 * layer_bytes)
+        with packed_linears(net) as n:
+            assert n == 2
+        net[0].weight.mul_(2)
+        net[1].weight.mul_(2)  # both again: all of it
+        with packed_linears(net) as first, packed_linears(net) as nested:
+            pass
+        with packed_linears(net) as again:
+            x = torch.randn(3, 64)
+            got = net(x)
+    assert (first, nested, again) == (0, 0, 0)
+    torch.testing.assert_close(got, net[1](net[0](x)))
+    assert capsys.readouterr().err.count("packed weights skipped") == 1

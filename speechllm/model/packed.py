@@ -15,7 +15,8 @@ included) and routes its forward through the packed weight for the duration of a
 packed copies are kept per layer and remade when the weight changes (an optimizer step, a loaded
 checkpoint: the tensor's version counter or storage moves), so training between two generations
 is seen. A write through `.data` moves neither and is not seen: `SpeechLLM.merge_lora`, after peft's
-merge (which writes so), bumps the counters itself. The cost is a second copy of those weights in memory (540 MB for the embedded default).
+merge (which writes so), bumps the counters itself. Packing that would take more than half the memory
+still available is skipped with a notice (a large LLM in float32 on a CPU). The cost is a second copy of those weights in memory (540 MB for the embedded default).
 Forward only: the packed product has no gradient, so the block is entered under `torch.no_grad`
 (generation) and the layers are their own again after it. The products equal `F.linear`'s up to
 float32 rounding (a different summation order); the greedy answers of the benchmarks' prompts came
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import sys
 import weakref
 from typing import Iterator
 
@@ -35,6 +37,11 @@ from torch import nn
 
 _PACKED: "weakref.WeakKeyDictionary[nn.Linear, tuple[tuple, torch.Tensor]]" = weakref.WeakKeyDictionary()
 """Per layer: (the weight's identity when packed, the packed weight)."""
+MAX_SHARE_OF_AVAILABLE = 0.5
+"""Packing that would take more than this share of the memory still available is skipped (the
+layers keep `F.linear`): the copies are worth a 1.25x decoding speedup, not the risk of swapping."""
+_TOLD: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+"""Modules already told that their weights are too large to pack."""
 
 
 @functools.cache
@@ -45,17 +52,21 @@ def packing_available() -> bool:
     if not torch.backends.mkldnn.is_available() or ops is None:
         return False
     try:
-        w, x = torch.randn(24, 16), torch.randn(3, 5, 16)
+        draw = torch.Generator().manual_seed(0)  # not the global stream: probing must not move seeded work
+        w, x = torch.randn(24, 16, generator=draw), torch.randn(3, 5, 16, generator=draw)
         got = torch.ops.mkldnn._linear_pointwise(x, torch.ops.mkldnn._reorder_linear_weight(w), None, "none", [], "")
     except (RuntimeError, AttributeError, TypeError):
         return False
     return torch.allclose(got, nn.functional.linear(x, w), rtol=1e-4, atol=1e-5)
 
 
-def packs(llm: nn.Module) -> bool:
-    """Whether `packed_linears` would pack `llm`: float32 weights on a CPU and a torch that can."""
-    weight = llm.get_input_embeddings().weight if hasattr(llm, "get_input_embeddings") else next(llm.parameters())
-    return weight.device.type == "cpu" and weight.dtype == torch.float32 and packing_available()
+def available_memory() -> int | None:
+    """Bytes of memory this machine can still give (psutil's `available`); None when unknown."""
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return int(psutil.virtual_memory().available)
 
 
 def _identity(weight: torch.Tensor) -> tuple | None:
@@ -65,6 +76,12 @@ def _identity(weight: torch.Tensor) -> tuple | None:
         return weight.data_ptr(), weight._version, tuple(weight.shape)
     except RuntimeError:
         return None
+
+
+def _packed_now(layer: nn.Linear) -> bool:
+    """Whether `layer`'s packed copy is kept and still matches its weight."""
+    key, hit = _identity(layer.weight), _PACKED.get(layer)
+    return key is not None and hit is not None and hit[0] == key
 
 
 def _packed_weight(layer: nn.Linear) -> torch.Tensor:
@@ -107,6 +124,16 @@ def packed_linears(llm: nn.Module, enabled: bool = True) -> Iterator[int]:
     if torch.is_grad_enabled():
         raise RuntimeError("packed_linears: the packed product has no gradient; enter it under torch.no_grad()")
     taken = [m for m in llm.modules() if _packable(m)]
+    new = sum(m.weight.numel() * m.weight.element_size() for m in taken if not _packed_now(m))
+    free = available_memory()
+    if new and free is not None and new > MAX_SHARE_OF_AVAILABLE * free:
+        if llm not in _TOLD:
+            _TOLD.add(llm)
+            print(f"[speechllm] packed weights skipped: packing the LLM's linear weights would take "
+                  f"{new / 1e9:.1f} GB of the {free / 1e9:.1f} GB still available; decoding keeps F.linear "
+                  "(generation.packed_weights=false says so without checking)", file=sys.stderr, flush=True)
+        yield 0
+        return
     try:
         for layer in taken:
             layer.forward = _packed_forward(layer, _packed_weight(layer))
