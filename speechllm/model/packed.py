@@ -1,22 +1,25 @@
 """Linear layers multiplied in oneDNN's packed weight layout while a CPU decodes in float32.
 
 A decoding step multiplies a few rows (one per sequence still answering) by every weight of the
-LLM. torch's float32 `F.linear` on a CPU goes to MKL's sgemm, which re-lays-out the weight on every
-call; at a few rows that copy is a large part of the product. oneDNN (bundled with torch) can lay a
-weight out once in its own blocked format (`torch.ops.mkldnn._reorder_linear_weight`) and multiply
-by it many times (`torch.ops.mkldnn._linear_pointwise`): the path torch's inductor takes for frozen
-CPU weights. Measured on a 2-core AVX2 CPU (the demo's shapes, 30 layers' worth of weights, 2
-threads): 32 rows 1.15-1.8x MKL's rate, 8-16 rows 1.1-2x, the 576 -> 49152 LM head at 32 rows 1.7x,
-400+ rows (prefill, training) about the same; `scripts/bench_targets.py` prints the end-to-end
-`packed weights speedup`.
+LLM. torch's float32 `F.linear` on a CPU goes to MKL's sgemm, which copies blocks of the weight into
+its working layout on every call; at a few rows that copy is a large part of the product. oneDNN
+(bundled with torch) can lay a weight out once in its own blocked format
+(`torch.ops.mkldnn._reorder_linear_weight`) and multiply by it many times
+(`torch.ops.mkldnn._linear_pointwise`): the path torch's inductor takes for frozen CPU weights.
+Measured on a 2-core AVX2 CPU (the demo's shapes, 30 layers' worth of weights, 2 threads): 32 rows
+1.15-1.8x MKL's rate, 8-16 rows 1.1-2x, the 576 -> 49152 LM head at 32 rows 1.7x, 256-2000 rows
+(prefill, training) within 6%; `scripts/bench_targets.py` prints the end-to-end `packed weights
+speedup` (1.24-1.25 there, the answers identical).
 
 `packed_linears(llm)` packs every float32 CPU `nn.Linear` of a module (a LoRA model's branches
-included) and routes its forward through the packed weight for the duration of a `with` block;
-packed copies are kept per layer and remade when the weight changes (an optimizer step, a loaded
+included) and routes its forward through the packed weight for the duration of a `with` block.
+Packed copies are kept per layer and remade when the weight changes (an optimizer step, a loaded
 checkpoint: the tensor's version counter or storage moves), so training between two generations
-is seen. A write through `.data` moves neither and is not seen: `SpeechLLM.merge_lora`, after peft's
-merge (which writes so), bumps the counters itself. Packing that would take more than half the memory
-still available is skipped with a notice (a large LLM in float32 on a CPU). The cost is a second copy of those weights in memory (540 MB for the embedded default).
+is seen. A write through `.data` moves neither and is not seen: `SpeechLLM.merge_lora`, after
+peft's merge (which writes so), bumps the counters itself. The copies cost a second copy of those
+weights in memory (540 MB for the embedded default); packing that would take more than half the
+memory still available is skipped with a notice (a large LLM in float32 on a CPU).
+
 Forward only: the packed product has no gradient, so the block is entered under `torch.no_grad`
 (generation) and the layers are their own again after it. The products equal `F.linear`'s up to
 float32 rounding (a different summation order); the greedy answers of the benchmarks' prompts came
