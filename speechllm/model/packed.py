@@ -16,9 +16,9 @@ included) and routes its forward through the packed weight for the duration of a
 Packed copies are kept per layer and remade when the weight changes (an optimizer step, a loaded
 checkpoint: the tensor's version counter or storage moves), so training between two generations
 is seen. A write through `.data` moves neither and is not seen: `SpeechLLM.merge_lora`, after
-peft's merge (which writes so), bumps the counters itself. The copies cost a second copy of those
-weights in memory (540 MB for the embedded default); packing that would take more than half the
-memory still available is skipped with a notice (a large LLM in float32 on a CPU).
+peft's merge (which writes so), bumps the counters itself. The packed copies double those weights
+in memory (540 MB more for the embedded default); packing that would take more than half the memory
+still available is skipped with a notice (a large LLM in float32 on a CPU).
 
 Forward only: the packed product has no gradient, so the block is entered under `torch.no_grad`
 (generation) and the layers are their own again after it. The products equal `F.linear`'s up to
@@ -35,6 +35,7 @@ import sys
 import weakref
 from typing import Iterator
 
+import psutil
 import torch
 from torch import nn
 
@@ -63,12 +64,8 @@ def packing_available() -> bool:
     return torch.allclose(got, nn.functional.linear(x, w), rtol=1e-4, atol=1e-5)
 
 
-def available_memory() -> int | None:
-    """Bytes of memory this machine can still give (psutil's `available`); None when unknown."""
-    try:
-        import psutil
-    except ImportError:
-        return None
+def available_memory() -> int:
+    """Bytes of memory this machine can still give (psutil's `available`)."""
     return int(psutil.virtual_memory().available)
 
 
@@ -90,11 +87,10 @@ def _packed_now(layer: nn.Linear) -> bool:
 def _packed_weight(layer: nn.Linear) -> torch.Tensor:
     """`layer`'s weight in oneDNN's layout, packed again only when the weight changed (every time
     when nothing can tell)."""
-    key = _identity(layer.weight)
-    hit = _PACKED.get(layer)
-    if key is not None and hit is not None and hit[0] == key:
-        return hit[1]
+    if _packed_now(layer):
+        return _PACKED[layer][1]
     packed = torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach())
+    key = _identity(layer.weight)
     if key is not None:
         _PACKED[layer] = (key, packed)
     return packed
@@ -129,7 +125,7 @@ def packed_linears(llm: nn.Module, enabled: bool = True) -> Iterator[int]:
     taken = [m for m in llm.modules() if _packable(m)]
     new = sum(m.weight.numel() * m.weight.element_size() for m in taken if not _packed_now(m))
     free = available_memory()
-    if new and free is not None and new > MAX_SHARE_OF_AVAILABLE * free:
+    if new > MAX_SHARE_OF_AVAILABLE * free:
         if llm not in _TOLD:
             _TOLD.add(llm)
             print(f"[speechllm] packed weights skipped: packing the LLM's linear weights would take "
