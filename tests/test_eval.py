@@ -449,7 +449,7 @@ def test_a_saved_answer_is_reused_only_while_its_key_asks_the_same(tmp_path, cap
     questions = {"if:a": "Is it a man? Answer in JSON.", "if:b": "Is it loud? Use no commas."}
     calls = []
 
-    def answer(chunk):
+    def answer(chunk, rows):
         calls.append(list(chunk))
         return [f"answer to {questions[k]}" for k in chunk]
 

@@ -4,11 +4,11 @@ transformers' concatenating cache holds, in one buffer per layer that later step
 import pytest
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from speechllm.config import load_config
 from speechllm.model.generate import TextGenerator
-from speechllm.model.kv_cache import PreallocatedLayer, preallocated_cache
+from speechllm.model.kv_cache import PreallocatedLayer, join_caches, joinable, preallocated_cache
 
 from conftest import TINY_CONFIG
 
@@ -87,3 +87,35 @@ def test_greedy_generation_on_a_cpu_writes_in_place_unless_told_not_to(monkeypat
     grown = generator.generate(prompts, dataclasses.replace(in_place, kv_in_place=False), batch_size=2)
     assert set(kinds) == {DynamicLayer}
     assert got == grown
+
+
+def one_layer_cache(layer, keys: torch.Tensor, values: torch.Tensor) -> DynamicCache:
+    cache = DynamicCache()
+    layer.update(keys, values)
+    cache.layers = [layer]
+    return cache
+
+
+@pytest.mark.parametrize("in_place", [True, False])
+def test_joined_caches_right_align_each_row_and_drop_the_columns_nobody_attends(in_place):
+    # running rows: 6 positions, the first 2 attended by no row any more; new rows: 3 positions
+    run_k, run_v = states(2, 6, 0)
+    new_k, new_v = states(1, 3, 1)
+    run = one_layer_cache(PreallocatedLayer(8) if in_place else DynamicLayer(), run_k, run_v)
+    new = one_layer_cache(DynamicLayer(), new_k, new_v)
+    mask = torch.tensor([[0, 0, 1, 1, 0, 1], [0, 0, 0, 1, 1, 1]])
+    joined, joined_mask = join_caches(run, mask, new, torch.tensor([[0, 1, 1]]), room=5)
+    layer = joined.layers[0]
+    assert type(layer) is (PreallocatedLayer if in_place else DynamicLayer)
+    assert joined_mask.tolist() == [[1, 1, 0, 1], [0, 1, 1, 1], [0, 0, 1, 1]]
+    assert torch.equal(layer.keys[:2], run_k[:, :, 2:]) and torch.equal(layer.values[:2], run_v[:, :, 2:])
+    assert torch.equal(layer.keys[2, :, 2:], new_k[0, :, 1:]) and not layer.keys[2, :, :2].any()  # zeros, never NaN
+    assert joined.get_seq_length() == 4
+    if in_place:  # room for the answers: later steps write in place
+        buffer = layer.keys.untyped_storage().data_ptr()
+        layer.update(*states(3, 1, 2))
+        assert layer.keys.untyped_storage().data_ptr() == buffer and layer.keys.shape[-2] == 5
+    assert joinable(joined)
+    sliding = DynamicCache()
+    sliding.layers = [DynamicSlidingWindowLayer(sliding_window=4)]
+    assert not joinable(sliding)

@@ -201,8 +201,8 @@ def test_speech_answers_batch_examples_of_similar_llm_length(model, sample_wav, 
     exs = [Example("Hi?", sample_wav), Example(" ".join(["Describe the voice in detail."] * 6), sample_wav[:20000]),
            Example("Who?", sample_wav[:24000]), Example(" ".join(["Is it loud or quiet?"] * 6), sample_wav)]
     batches = []
-    real = type(model).generate
-    monkeypatch.setattr(type(model), "generate", lambda self, b, gen=None: batches.append(b) or real(self, b, gen))
+    real = type(model).build_batch
+    monkeypatch.setattr(type(model), "build_batch", lambda self, b, *a, **k: batches.append(b) or real(self, b, *a, **k))
     answers = speech_answers(model, exs, GenerationConfig(max_new_tokens=2), batch_size=2)
     assert [{ex.instruction for ex in b} for b in batches] == [{"Hi?", "Who?"},
                                                               {exs[1].instruction, exs[3].instruction}]

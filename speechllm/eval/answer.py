@@ -31,16 +31,16 @@ def reference_prompt(description: str, instruction: str) -> str:
 @torch.inference_mode()
 def speech_answers(model: SpeechLLM, examples: list[Example], gen: GenerationConfig, batch_size: int,
                    on_batch: OnBatch | None = None) -> list[str]:
-    """The speech model's answers, batched by prompt length in LLM positions (audio embeddings,
-    transcript and instruction: the longest decides the padding)."""
+    """The speech model's answers, at most `batch_size` decoded at once, taken in order of prompt
+    length in LLM positions (audio embeddings, transcript and instruction: a batch of similar
+    lengths pads little); greedy decoding fills the rows of finished answers with the next
+    examples (`decode.py`)."""
     order = sorted(range(len(examples)), key=lambda i: (model.example_positions(examples[i]), i))
     out: list[str | None] = [None] * len(examples)
-    for start in range(0, len(order), batch_size):
-        idx = order[start: start + batch_size]
-        for i, text in zip(idx, model.generate([examples[i] for i in idx], gen)):
-            out[i] = text
-        if on_batch is not None:
-            on_batch(len(idx))
+    for i, text in zip(order, model.generate([examples[i] for i in order], gen, batch_size)):
+        out[i] = text
+    if on_batch is not None:
+        on_batch(len(examples))
     return out  # type: ignore[return-value]
 
 

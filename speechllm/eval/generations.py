@@ -21,6 +21,11 @@ from typing import Callable
 from ..io.jsonl import ResumableJsonl, iter_lines, write_jsonl_atomic
 
 
+CHUNK_BATCHES = 4
+"""Batches' worth of keys answered (and saved) together: the rows a finished answer frees are
+filled from the same chunk, so a longer chunk keeps decoding's rows busier and an interrupted
+run loses more."""
+
 STALE_SUFFIX = ".stale-%Y%m%d-%H%M%S"
 """Appended (as a `time.strftime` format) to answers moved aside."""
 
@@ -58,11 +63,14 @@ class Generations:
                     if "asked" in line.record:
                         self.asked[line.record["key"]] = line.record["asked"]
 
-    def fill(self, keys: list[str], length: Callable[[str], int], answer: Callable[[list[str]], list[str]],
+    def fill(self, keys: list[str], length: Callable[[str], int], answer: Callable[[list[str], int], list[str]],
              batch_size: int, desc: str, progress: bool, asked: Callable[[str], str] | None = None) -> None:
-        """Answer the keys not answered yet, batch by batch (similar lengths together), saving
-        each batch as it finishes. `asked(key)`: the text a key asks (prompt pieces joined); a
-        saved answer to other text is dropped from the file and answered anew."""
+        """Answer the keys not answered yet in order of `length` (similar lengths together),
+        `CHUNK_BATCHES` batches' worth at a time, saving each chunk as it finishes:
+        `answer(chunk, batch_size)` answers a chunk of keys at most `batch_size` at once (greedy
+        decoding fills the rows of finished answers with the chunk's next keys). `asked(key)`: the
+        text a key asks (prompt pieces joined); a saved answer to other text is dropped from the
+        file and answered anew."""
         from tqdm import tqdm
 
         digest = {k: hashlib.sha256(asked(k).encode()).hexdigest()[:16] for k in keys} if asked else {}
@@ -79,9 +87,10 @@ class Generations:
         bar = tqdm(total=len(todo), desc=f"{self.name}: {desc}", unit="answer", disable=not progress,
                    file=sys.stderr)
         with ResumableJsonl(self.path, key="key") as w:
-            for start in range(0, len(todo), batch_size):
-                chunk = todo[start: start + batch_size]
-                for k, text in zip(chunk, answer(chunk)):
+            step = batch_size * CHUNK_BATCHES
+            for start in range(0, len(todo), step):
+                chunk = todo[start: start + step]
+                for k, text in zip(chunk, answer(chunk, batch_size)):
                     self.answers[k] = text
                     if k in digest:
                         self.asked[k] = digest[k]

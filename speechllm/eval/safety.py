@@ -525,8 +525,8 @@ def reference_answers(reference: "Reference", model: "SpeechLLM", ref_name: str,
     by_key = {_typed_key(r): r for r in sset.requests}
     settings = GenerationConfig(max_new_tokens=cfg.safety_max_new_tokens, drop_finished=cfg.drop_finished)
     gen.fill(list(by_key), lambda k: len(by_key[k].text),
-             lambda chunk: [g.text for g in reference.answer_text([by_key[k].text for k in chunk], settings,
-                                                                  len(chunk))],
+             lambda chunk, rows: [g.text for g in reference.answer_text([by_key[k].text for k in chunk], settings,
+                                                                        rows)],
              cfg.batch_size, "safety (typed)", progress)
     return {by_key[k].id: gen.answers[k] for k in by_key}
 
@@ -568,8 +568,8 @@ def checkpoint_answers(model: "SpeechLLM", ckpt: Path, name: str, sset: SafetySe
             return Example(instruction=sset.instruction, audio=sset.audio[req.id], transcript=req.text, id=key)
         return Example(instruction=typed[key].text, id=key)
 
-    def ask(chunk: list[str]) -> list[str]:
-        return speech_answers(model, [example(k) for k in chunk], settings, len(chunk))
+    def ask(chunk: list[str], rows: int) -> list[str]:
+        return speech_answers(model, [example(k) for k in chunk], settings, rows)
 
     gen.fill(list(spoken), lambda k: len(sset.audio[spoken[k].id]), ask, cfg.batch_size, "safety (spoken)", progress)
     spoken_answers = {r.id: gen.answers[k] for k, r in spoken.items()}

@@ -317,9 +317,9 @@ class Judge:
         by_key = {KEY_PREFIX + it.id: it for it in cot}
         gen = GenerationConfig(max_new_tokens=self.max_new_tokens)
         gens.fill(list(by_key), lambda k: len(answers[by_key[k].id]),
-                  lambda chunk: [g.text for g in self.generator.generate(
+                  lambda chunk, rows: [g.text for g in self.generator.generate(
                       [self.generator.prompt_ids(judge_text(by_key[k], answers[by_key[k].id])) for k in chunk],
-                      gen, len(chunk))], batch_size, f"CoT judge ({system})", progress)
+                      gen, rows)], batch_size, f"CoT judge ({system})", progress)
         return {it.id: (parse_verdict(gens.answers[KEY_PREFIX + it.id]), gens.answers[KEY_PREFIX + it.id])
                 for it in cot}
 
@@ -538,8 +538,8 @@ def run_speech_ifeval(checkpoint: Path, data: Path, out: Path, audio: str | None
                                 "(the reference's name)")
     ref = Generations(out / "generations", ref_name, ref_identity)
     ref.fill(keys, lambda k: len(reference_text(by_key[k])),
-             lambda chunk: [g.text for g in reference.generate([reference.prompt_ids(reference_text(by_key[k]))
-                                                                for k in chunk], gen, len(chunk))],
+             lambda chunk, rows: [g.text for g in reference.generate([reference.prompt_ids(reference_text(by_key[k]))
+                                                                      for k in chunk], gen, rows)],
              batch_size, "Speech-IFEval (reference)", progress)
     sys_identity = {"checkpoint": str(Path(checkpoint).resolve()), "asr_model": asr_name,
                     "adapter_sha256": weights.sha256_file(Path(checkpoint) / "adapter.safetensors"), **settings}
@@ -550,7 +550,7 @@ def run_speech_ifeval(checkpoint: Path, data: Path, out: Path, audio: str | None
                        transcript=transcripts[by_key[k].id], id=k)
 
     sysgen.fill(keys, lambda k: model.example_positions(example(k)),  # similar LLM lengths pad little
-                lambda chunk: speech_answers(model, [example(k) for k in chunk], gen, len(chunk)),
+                lambda chunk, rows: speech_answers(model, [example(k) for k in chunk], gen, rows),
                 batch_size, "Speech-IFEval (speech model)", progress)
 
     answers = {it.id: sysgen.answers[KEY_PREFIX + it.id] for it in items}

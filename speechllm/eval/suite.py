@@ -205,19 +205,21 @@ def _reference_generations(model: "SpeechLLM", reference: "Reference", es: EvalS
         return len(es.instruction(key)) + (len(item.description or "") if item else 0)
 
     for keys, desc in es.groups:
-        ref.fill(keys, length, lambda chunk: _reference_answers(reference, chunk, es, _generation(cfg, chunk[0])),
+        ref.fill(keys, length, lambda chunk, rows: _reference_answers(reference, chunk, es,
+                                                                      _generation(cfg, chunk[0]), rows),
                  cfg.batch_size, desc, progress, asked=es.asked)
     return name, ref
 
 
-def _reference_answers(reference: "Reference", chunk: list[str], es: EvalSet, gen: GenerationConfig) -> list[str]:
-    """The reference's answers to one batch of keys: description + instruction for audio items,
-    the prompt as it is for text prompts (a batch never mixes the two)."""
+def _reference_answers(reference: "Reference", chunk: list[str], es: EvalSet, gen: GenerationConfig,
+                       rows: int) -> list[str]:
+    """The reference's answers to one chunk of keys, at most `rows` at once: description +
+    instruction for audio items, the prompt as it is for text prompts (a chunk never mixes the two)."""
     instructions = [es.instruction(k) for k in chunk]
     if es.item(chunk[0]) is None:
-        return [g.text for g in reference.answer_text(instructions, gen, len(chunk))]
+        return [g.text for g in reference.answer_text(instructions, gen, rows)]
     return [g.text for g in reference.answer([es.item(k).description for k in chunk], instructions, gen,
-                                             len(chunk))]
+                                             rows)]
 
 
 def _checkpoint_generations(model: "SpeechLLM", ckpt: Path, name: str, ref_name: str, es: EvalSet, out: Path,
@@ -241,8 +243,8 @@ def _checkpoint_generations(model: "SpeechLLM", ckpt: Path, name: str, ref_name:
         return model.example_positions(example(key))
 
     for keys, desc in es.groups:
-        sysgen.fill(keys, length, lambda chunk: speech_answers(model, [example(k) for k in chunk],
-                                                               _generation(cfg, chunk[0]), len(chunk)),
+        sysgen.fill(keys, length, lambda chunk, rows: speech_answers(model, [example(k) for k in chunk],
+                                                                     _generation(cfg, chunk[0]), rows),
                     cfg.batch_size, desc, progress, asked=es.asked)
     return sysgen
 

@@ -11,7 +11,7 @@ import torch
 
 from ..config import Config, GenerationConfig
 from .llm import context_length, load_llm
-from .decode import greedy_decode
+from .decode import Decoded, Prompts, greedy_decode
 from .packed import packed_linears
 from .prefix import cache_kwarg, expand_cache, prefix_cache, shared_prefix_length
 from .prompt import PromptBuilder
@@ -69,21 +69,24 @@ class TextGenerator:
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], sampling: GenerationConfig, batch_size: int,
                  on_batch=None, stop_ids: list[int] | None = None) -> list[Generation]:
-        """Answers to token-id prompts, in input order. Batches are formed from prompts of similar
-        length (less padding); with sampling, batch k is seeded with `seed + k`. Generation stops
-        on `stop_ids` (default: the end of the assistant's turn and eos). With
-        `sampling.reuse_prefix` the ids every prompt starts with are run once for the whole call
-        and their KV cache expanded over each batch; each batch is then laid out as
+        """Answers to token-id prompts, in input order, at most `batch_size` decoded at once.
+        Prompts are taken in order of length (less padding); with sampling, batch k is seeded with
+        `seed + k`. Generation stops on `stop_ids` (default: the end of the assistant's turn and
+        eos). With `sampling.reuse_prefix` the ids every prompt starts with are run once for the
+        whole call and their KV cache expanded over each batch; each batch is then laid out as
         [shared prefix][padding][rest of the prompt] (batch, prefix + longest rest). Greedy decoding
-        drops each answer from its batch once it stops (`sampling.drop_finished`, `decode.py`)."""
+        drops each answer from its batch once it stops and fills the freed rows with the next
+        prompts (`sampling.drop_finished`, `decode.py`). `on_batch(answers, tokens)` is called as
+        answers end (per answer when decoding greedily, per batch when sampling)."""
         device = self.llm.get_input_embeddings().weight.device
         order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
         stop = set(self.prompt.stop_ids if stop_ids is None else stop_ids)
         n_prefix = shared_prefix_length(prompts, min(map(len, prompts), default=1) - 1) if sampling.reuse_prefix else 0
         shared = prefix_cache(self.llm, prompts[0][:n_prefix]) if n_prefix else None
         out: list[Generation | None] = [None] * len(prompts)
-        for k, start in enumerate(range(0, len(order), batch_size)):
-            idx = order[start: start + batch_size]
+
+        def layout(idx: list[int]) -> tuple[torch.Tensor, torch.Tensor, object]:
+            """(ids, mask, prefix cache) of the prompts `idx`: [shared prefix][padding][rest]."""
             width = max(len(prompts[i]) for i in idx)
             ids = torch.full((len(idx), width), self.pad_id, dtype=torch.long)
             mask = torch.zeros((len(idx), width), dtype=torch.long)
@@ -94,22 +97,46 @@ class TextGenerator:
                 mask[row, :n_prefix] = 1
                 mask[row, width - len(p) + n_prefix:] = 1
             cache = expand_cache(self.llm, shared, len(idx)) if shared is not None else None
-            decode = self._drop_finished if sampling.drops_finished else self._transformers_generate
-            for i, (kept, finished) in zip(idx, decode(ids.to(device), mask.to(device), n_prefix, cache, sampling,
-                                                      sorted(stop), k)):
-                out[i] = Generation(text=self.tokenizer.decode(kept, skip_special_tokens=True).strip(),
-                                    tokens=len(kept), finished=finished)
+            return ids.to(device), mask.to(device), cache
+
+        def answer(i: int, kept: list[int], finished: bool) -> Generation:
+            out[i] = Generation(text=self.tokenizer.decode(kept, skip_special_tokens=True).strip(),
+                                tokens=len(kept), finished=finished)
+            return out[i]
+
+        if sampling.drops_finished:
+            taken = order[:batch_size]
+            embed = self.llm.get_input_embeddings()
+
+            def prompts_of(idx: list[int]) -> Prompts:
+                ids, mask, cache = layout(idx)
+                return Prompts(embed(ids[:, n_prefix:]), mask, cache)
+
+            def refill(n: int) -> Prompts | None:
+                idx = order[len(taken): len(taken) + n]
+                taken.extend(idx)
+                return prompts_of(idx) if idx else None
+
+            def done(row: int, d: Decoded) -> None:
+                g = answer(taken[row], d.tokens[:-1] if d.finished else d.tokens, d.finished)
+                if on_batch is not None:
+                    on_batch(1, g.tokens)
+
+            if order:
+                first = prompts_of(taken)
+                greedy_decode(self.llm, first.inputs_embeds, first.attention_mask, sampling.max_new_tokens,
+                              sorted(stop), first.cache, sampling.kv_in_place, sampling.packed_weights,
+                              refill=refill, on_finish=done)
+            return out  # type: ignore[return-value]
+        for k, start in enumerate(range(0, len(order), batch_size)):
+            idx = order[start: start + batch_size]
+            ids, mask, cache = layout(idx)
+            for i, (kept, finished) in zip(idx, self._transformers_generate(ids, mask, n_prefix, cache, sampling,
+                                                                           sorted(stop), k)):
+                answer(i, kept, finished)
             if on_batch is not None:
                 on_batch(len(idx), sum(out[i].tokens for i in idx))
         return out  # type: ignore[return-value]
-
-    def _drop_finished(self, ids: torch.Tensor, mask: torch.Tensor, n_prefix: int, cache, sampling: GenerationConfig,
-                       stop: list[int], batch_index: int) -> list[tuple[list[int], bool]]:
-        """(ids before the stop token, finished) per row: greedy, finished rows leave the batch."""
-        embeds = self.llm.get_input_embeddings()(ids[:, n_prefix:])
-        decoded = greedy_decode(self.llm, embeds, mask, sampling.max_new_tokens, stop, cache, sampling.kv_in_place,
-                                sampling.packed_weights)
-        return [(d.tokens[:-1] if d.finished else d.tokens, d.finished) for d in decoded]
 
     def _transformers_generate(self, ids: torch.Tensor, mask: torch.Tensor, n_prefix: int, cache,
                                sampling: GenerationConfig, stop: list[int], batch_index: int

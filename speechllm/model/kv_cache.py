@@ -99,3 +99,63 @@ def preallocated_cache(llm: nn.Module, capacity: int, start: DynamicCache | None
             if kept.is_initialized and kept.keys.numel():
                 layer.update(kept.keys, kept.values)
     return cache
+
+
+def joinable(cache: DynamicCache) -> bool:
+    """Whether `join_caches` can add rows to `cache`: every layer keeps all positions
+    (transformers' `DynamicLayer` or a `PreallocatedLayer`; a sliding window's layer cannot)."""
+    return all(type(layer) in (DynamicLayer, PreallocatedLayer) for layer in cache.layers)
+
+
+def leading_unattended(mask: torch.Tensor) -> int:
+    """Columns at the left of a (rows, positions) attention mask that no row attends."""
+    attended = mask.any(dim=0).nonzero()
+    return int(attended[0]) if len(attended) else mask.shape[1]
+
+
+def join_caches(cache: DynamicCache, mask: torch.Tensor, other: DynamicCache, other_mask: torch.Tensor,
+                room: int) -> tuple[DynamicCache, torch.Tensor]:
+    """One cache (and attention mask) holding `cache`'s rows, then `other`'s.
+
+    Each cache's positions are right-aligned to the same last column, columns no row of either
+    attends at the left are dropped, and what either lacks is zeros that its mask leaves out.
+    Positions (rotary angles) are already in the keys, so moving a row's columns changes nothing it
+    attends to. The layers of `cache` decide the result's: `PreallocatedLayer`s come back with
+    `room` free positions after the filled ones, transformers' layers exactly filled.
+
+    Args:
+        cache, other: KV caches of one LLM, both `joinable`, (rows, kv_heads, positions, head_dim) per layer.
+        mask, other_mask: (rows, positions) attention masks of their filled positions.
+        room: free positions to leave in a `PreallocatedLayer`.
+    """
+    if len(cache.layers) != len(other.layers):
+        raise ValueError(f"caches of {len(cache.layers)} and {len(other.layers)} layers cannot be joined")
+    start, other_start = leading_unattended(mask), leading_unattended(other_mask)
+    spans = mask.shape[1] - start, other_mask.shape[1] - other_start
+    width = max(spans)
+    rows = mask.shape[0]
+
+    def joined(a: torch.Tensor, b: torch.Tensor, extra: int) -> torch.Tensor:
+        out = a.new_zeros(a.shape[0] + b.shape[0], *a.shape[1:-2], width + extra, a.shape[-1])
+        out[:rows, ..., width - spans[0]: width, :] = a[..., start:, :]
+        out[rows:, ..., width - spans[1]: width, :] = b[..., other_start:, :]
+        return out
+
+    layers = []
+    for layer, new in zip(cache.layers, other.layers):
+        if type(layer) is PreallocatedLayer:
+            merged = PreallocatedLayer(width + room)
+            merged._key_buffer = joined(layer.keys, new.keys, room)
+            merged._value_buffer = joined(layer.values, new.values, room)
+            merged.length = width
+            merged.keys, merged.values = merged._key_buffer[:, :, :width], merged._value_buffer[:, :, :width]
+        else:
+            merged = DynamicLayer()
+            merged.keys, merged.values = joined(layer.keys, new.keys, 0), joined(layer.values, new.values, 0)
+        merged.device, merged.is_initialized = layer.keys.device, True
+        layers.append(merged)
+    cache.layers = layers
+    joined_mask = mask.new_zeros(rows + other_mask.shape[0], width)
+    joined_mask[:rows, width - spans[0]:] = mask[:, start:]
+    joined_mask[rows:, width - spans[1]:] = other_mask[:, other_start:]
+    return cache, joined_mask

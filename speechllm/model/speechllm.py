@@ -26,7 +26,7 @@ from .attention import kernel, probability_bytes, training_kernel
 from ..io.audio import SAMPLE_RATE
 from .encoder import WhisperTappedEncoder, load_whisper_encoder
 from .llm import DTYPES, context_length, load_llm, text_config
-from .decode import greedy_decode
+from .decode import Prompts, greedy_decode
 from .packed import packed_linears
 from .prefix import FrozenPrefixCache, cache_kwarg, expand_cache, rest_positions, shared_prefix_length, with_prefix_mask
 from .prompt import PromptBuilder, PromptPieces
@@ -417,18 +417,44 @@ class SpeechLLM(nn.Module):
         return self.llm(inputs_embeds=embeds, attention_mask=attention_mask).logits
 
     @torch.no_grad()
-    def generate(self, examples: list[Example], gen: GenerationConfig | None = None) -> list[str]:
-        """Answers for a batch of examples (clips of different lengths welcome); with
-        `gen.reuse_prefix` their shared first tokens are run once (see `build_batch`); greedy
-        decoding drops each answer from the batch once it stops (`gen.drop_finished`, `decode.py`)."""
+    def generate(self, examples: list[Example], gen: GenerationConfig | None = None,
+                 batch_size: int | None = None) -> list[str]:
+        """Answers to examples (clips of different lengths welcome), in their order, at most
+        `batch_size` (default: all) decoded at once, taken in the order given; with
+        `gen.reuse_prefix` a batch's shared first tokens are run once (see `build_batch`); greedy
+        decoding drops each answer from the batch once it stops and fills the freed rows with the
+        next examples (`gen.drop_finished`, `decode.py`)."""
         gen = gen or GenerationConfig()
+        rows = len(examples) if batch_size is None else batch_size
+        if rows < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if not gen.drops_finished:
+            return [a for start in range(0, len(examples), rows)
+                    for a in self._transformers_generate(examples[start: start + rows], gen)]
+        taken = list(range(min(rows, len(examples))))
+
+        def prompts_of(idx: list[int]) -> Prompts:
+            batch = self.build_batch([examples[i] for i in idx], for_generation=True, reserve=gen.max_new_tokens,
+                                     reuse_prefix=gen.reuse_prefix)
+            return Prompts(batch.inputs_embeds, batch.full_attention_mask, self._prefix_cache(batch))
+
+        def refill(n: int) -> Prompts | None:
+            idx = list(range(len(taken), min(len(taken) + n, len(examples))))
+            taken.extend(idx)
+            return prompts_of(idx) if idx else None
+
+        first = prompts_of(taken)
+        decoded = greedy_decode(self.llm, first.inputs_embeds, first.attention_mask, gen.max_new_tokens,
+                                self.prompt.stop_ids, first.cache, gen.kv_in_place, gen.packed_weights, refill=refill)
+        answers: list[str] = [""] * len(examples)
+        for i, d in zip(taken, decoded):
+            answers[i] = self.tokenizer.decode(d.tokens, skip_special_tokens=True).strip()
+        return answers
+
+    def _transformers_generate(self, examples: list[Example], gen: GenerationConfig) -> list[str]:
+        """Answers to one batch of examples by transformers' `generate` (sampling, repetition penalty)."""
         batch = self.build_batch(examples, for_generation=True, reserve=gen.max_new_tokens,
                                  reuse_prefix=gen.reuse_prefix)
-        if gen.drops_finished:
-            decoded = greedy_decode(self.llm, batch.inputs_embeds, batch.full_attention_mask, gen.max_new_tokens,
-                                    self.prompt.stop_ids, self._prefix_cache(batch), gen.kv_in_place,
-                                    gen.packed_weights)
-            return [self.tokenizer.decode(d.tokens, skip_special_tokens=True).strip() for d in decoded]
         kwargs = dict(max_new_tokens=gen.max_new_tokens, do_sample=gen.do_sample,
                       repetition_penalty=gen.repetition_penalty, eos_token_id=self.prompt.stop_ids,
                       pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
