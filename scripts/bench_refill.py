@@ -70,7 +70,7 @@ def main() -> None:
         return answer(keys, gen, rows)
 
     print(f"checkpoint {args.checkpoint}, {len(es.items)} task items, {len(es.fitems)} forgetting items, "
-          f"at most {rows} answers at once, {args.rounds} rounds", flush=True)
+          f"at most {rows} answers at once, the two ways alternating {args.rounds}x", flush=True)
     totals = {"alone": 0.0, "refilled": 0.0}
     for keys, desc in [g for g in es.groups if g[0] and es.item(g[0][0]) is not None]:
         gen = _generation(cfg, keys[0])
