@@ -124,6 +124,7 @@ def test_text_answers_with_freed_rows_refilled_equal_whole_batches(generator, mo
 
 
 def test_speech_answers_with_freed_rows_refilled_equal_whole_batches(sample_wav, monkeypatch):
+    from speechllm.eval.answer import speech_answers
     from speechllm.model.decode import greedy_decode
 
     cfg = load_config(TINY_CONFIG)
@@ -146,6 +147,7 @@ def test_speech_answers_with_freed_rows_refilled_equal_whole_batches(sample_wav,
     assert max(rows for rows, _ in seen) <= 2
     with pytest.raises(ValueError, match="at least 1"):
         model.generate(exs, greedy, batch_size=0)
+    assert model.generate([], greedy) == [] and speech_answers(model, [], greedy, 2) == []
 
 
 def test_sampling_decodes_at_most_batch_size_at_once(generator, monkeypatch):

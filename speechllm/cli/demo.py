@@ -18,7 +18,7 @@ def add_parser(sub) -> None:
         "label), 2) adapter + LoRA (label, label with replay, minimum-change, self-output). Each is\n"
         "evaluated against the text reference: audio-task accuracy, forgetting rate (with its curve\n"
         "over training), text-only retention and safety, with 95% intervals. Offline on a 2-core CPU:\n"
-        "31 min where bf16 runs in hardware (AVX512-BF16 or AMX), 50-62 min on an AVX2-only CPU, where\n"
+        "31 min where bf16 runs in hardware (AVX512-BF16 or AMX), 49-62 min on an AVX2-only CPU, where\n"
         "it runs in fp32 (--quick: 6 min in bf16). Every stage resumes: rerunning the same command skips\n"
         "finished work. --hearing adds experiment 3, the speech model learning to hear: targets\n"
         "from instructions most of which ask the gender (minimum-change: the teacher's answers with\n"

@@ -426,8 +426,10 @@ class SpeechLLM(nn.Module):
         next examples (`gen.drop_finished`, `decode.py`)."""
         gen = gen or GenerationConfig()
         rows = len(examples) if batch_size is None else batch_size
-        if rows < 1:
+        if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if not examples:
+            return []
         if not gen.drops_finished:
             return [a for start in range(0, len(examples), rows)
                     for a in self._transformers_generate(examples[start: start + rows], gen)]
