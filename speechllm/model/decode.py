@@ -144,28 +144,25 @@ def greedy_decode(llm: nn.Module, inputs_embeds: torch.Tensor, attention_mask: t
         finished.extend([False] * n)
         return list(range(first, first + n))
 
+    def start_cache(prompts: Prompts, joining: bool):
+        """The cache a batch of prompts is run into: on a CPU one written in place when it starts
+        the batch, transformers' own when it joins running rows (`join_caches` copies it)."""
+        if in_place and not joining:
+            return preallocated_cache(llm, prompts.attention_mask.shape[1] + max_new_tokens, prompts.cache)
+        return prompts.cache if prompts.cache is not None else DynamicCache(config=llm.config)
+
     with packed_linears(llm, packed_weights):
-        start = cache
-        if in_place:
-            start = preallocated_cache(llm, attention_mask.shape[1] + max_new_tokens, cache)
-        elif start is None:
-            start = DynamicCache(config=llm.config)
-        waiting: Prompts | None = Prompts(inputs_embeds, attention_mask, start)
+        waiting: Prompts | None = Prompts(inputs_embeds, attention_mask, cache)
         rows: list[int] = []
         mask = token = last = None
-        more = True
+        more = refill is not None
         while True:
-            if waiting is None and more and (len(rows) <= capacity - threshold) and (not rows or joinable(cache)):
-                waiting = refill(capacity - len(rows)) if refill is not None else None
+            room = capacity - len(rows)
+            if waiting is None and more and room >= threshold and (not rows or joinable(cache)):
+                waiting = refill(room)
                 more = waiting is not None
-                if waiting is not None and rows:
-                    waiting.cache = DynamicCache(config=llm.config) if waiting.cache is None else waiting.cache
-                elif waiting is not None and in_place:
-                    waiting.cache = preallocated_cache(llm, waiting.attention_mask.shape[1] + max_new_tokens,
-                                                       waiting.cache)
-            if waiting is not None:
-                new_cache, new_token, new_last = prefill(waiting, waiting.cache
-                                                         if waiting.cache is not None else DynamicCache(config=llm.config))
+            if waiting is not None:  # run the waiting prompts; those still answering join the rows
+                new_cache, new_token, new_last = prefill(waiting, start_cache(waiting, joining=bool(rows)))
                 new_rows, new_mask = admit(waiting), waiting.attention_mask
                 waiting = None
                 keep = record(new_rows, new_token)
