@@ -195,3 +195,29 @@ def greedy_decode(llm: nn.Module, inputs_embeds: torch.Tensor, attention_mask: t
                 cache.batch_select_indices(idx)
                 rows, token, mask, last = [rows[i] for i in keep], token[idx], mask[idx], last[idx]
     return [Decoded(tokens, done) for tokens, done in zip(out, finished)]
+
+
+def greedy_decode_in_order(llm: nn.Module, count: int, prompts_of: Callable[[list[int]], Prompts], rows: int,
+                           max_new_tokens: int, stop_ids: list[int], kv_in_place: bool = True,
+                           packed_weights: bool = True,
+                           on_finish: Callable[[int, Decoded], None] | None = None) -> list[Decoded]:
+    """`greedy_decode` of `count` prompts taken in order, at most `rows` at once: `prompts_of(indices)`
+    lays out a batch of them (the first `rows`, then each refill); answers come back in prompt
+    order, `on_finish(index, answer)` is called with the prompt's index."""
+    if count == 0:
+        return []
+    taken = list(range(min(rows, count)))
+
+    def refill(n: int) -> Prompts | None:
+        idx = list(range(len(taken), min(len(taken) + n, count)))
+        taken.extend(idx)
+        return prompts_of(idx) if idx else None
+
+    done = None if on_finish is None else (lambda row, d: on_finish(taken[row], d))
+    first = prompts_of(taken)
+    decoded = greedy_decode(llm, first.inputs_embeds, first.attention_mask, max_new_tokens, stop_ids, first.cache,
+                            kv_in_place, packed_weights, refill=refill, on_finish=done)
+    out: list[Decoded | None] = [None] * count
+    for i, d in zip(taken, decoded):
+        out[i] = d
+    return out  # type: ignore[return-value]

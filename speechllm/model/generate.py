@@ -11,7 +11,7 @@ import torch
 
 from ..config import Config, GenerationConfig
 from .llm import context_length, load_llm
-from .decode import Decoded, Prompts, greedy_decode
+from .decode import Decoded, Prompts, greedy_decode_in_order
 from .packed import packed_linears
 from .prefix import cache_kwarg, expand_cache, prefix_cache, shared_prefix_length
 from .prompt import PromptBuilder
@@ -105,28 +105,19 @@ class TextGenerator:
             return out[i]
 
         if sampling.drops_finished:
-            taken = order[:batch_size]
             embed = self.llm.get_input_embeddings()
 
-            def prompts_of(idx: list[int]) -> Prompts:
-                ids, mask, cache = layout(idx)
+            def prompts_of(positions: list[int]) -> Prompts:
+                ids, mask, cache = layout([order[j] for j in positions])
                 return Prompts(embed(ids[:, n_prefix:]), mask, cache)
 
-            def refill(n: int) -> Prompts | None:
-                idx = order[len(taken): len(taken) + n]
-                taken.extend(idx)
-                return prompts_of(idx) if idx else None
-
-            def done(row: int, d: Decoded) -> None:
-                g = answer(taken[row], d.tokens[:-1] if d.finished else d.tokens, d.finished)
+            def done(j: int, d: Decoded) -> None:
+                g = answer(order[j], d.tokens[:-1] if d.finished else d.tokens, d.finished)
                 if on_batch is not None:
                     on_batch(1, g.tokens)
 
-            if order:
-                first = prompts_of(taken)
-                greedy_decode(self.llm, first.inputs_embeds, first.attention_mask, sampling.max_new_tokens,
-                              sorted(stop), first.cache, sampling.kv_in_place, sampling.packed_weights,
-                              refill=refill, on_finish=done)
+            greedy_decode_in_order(self.llm, len(order), prompts_of, batch_size, sampling.max_new_tokens, sorted(stop),
+                                   sampling.kv_in_place, sampling.packed_weights, on_finish=done)
             return out  # type: ignore[return-value]
         for k, start in enumerate(range(0, len(order), batch_size)):
             idx = order[start: start + batch_size]

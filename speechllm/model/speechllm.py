@@ -26,7 +26,7 @@ from .attention import kernel, probability_bytes, training_kernel
 from ..io.audio import SAMPLE_RATE
 from .encoder import WhisperTappedEncoder, load_whisper_encoder
 from .llm import DTYPES, context_length, load_llm, text_config
-from .decode import Prompts, greedy_decode
+from .decode import Prompts, greedy_decode_in_order
 from .packed import packed_linears
 from .prefix import FrozenPrefixCache, cache_kwarg, expand_cache, rest_positions, shared_prefix_length, with_prefix_mask
 from .prompt import PromptBuilder, PromptPieces
@@ -433,25 +433,15 @@ class SpeechLLM(nn.Module):
         if not gen.drops_finished:
             return [a for start in range(0, len(examples), rows)
                     for a in self._transformers_generate(examples[start: start + rows], gen)]
-        taken = list(range(min(rows, len(examples))))
 
         def prompts_of(idx: list[int]) -> Prompts:
             batch = self.build_batch([examples[i] for i in idx], for_generation=True, reserve=gen.max_new_tokens,
                                      reuse_prefix=gen.reuse_prefix)
             return Prompts(batch.inputs_embeds, batch.full_attention_mask, self._prefix_cache(batch))
 
-        def refill(n: int) -> Prompts | None:
-            idx = list(range(len(taken), min(len(taken) + n, len(examples))))
-            taken.extend(idx)
-            return prompts_of(idx) if idx else None
-
-        first = prompts_of(taken)
-        decoded = greedy_decode(self.llm, first.inputs_embeds, first.attention_mask, gen.max_new_tokens,
-                                self.prompt.stop_ids, first.cache, gen.kv_in_place, gen.packed_weights, refill=refill)
-        answers: list[str] = [""] * len(examples)
-        for i, d in zip(taken, decoded):
-            answers[i] = self.tokenizer.decode(d.tokens, skip_special_tokens=True).strip()
-        return answers
+        decoded = greedy_decode_in_order(self.llm, len(examples), prompts_of, rows, gen.max_new_tokens,
+                                         self.prompt.stop_ids, gen.kv_in_place, gen.packed_weights)
+        return [self.tokenizer.decode(d.tokens, skip_special_tokens=True).strip() for d in decoded]
 
     def _transformers_generate(self, examples: list[Example], gen: GenerationConfig) -> list[str]:
         """Answers to one batch of examples by transformers' `generate` (sampling, repetition penalty)."""
