@@ -38,6 +38,8 @@ def main() -> None:
         p.error(f"--checkpoint {args.checkpoint}: not a speechllm checkpoint (no config.json)")
     if not args.data.is_file():
         p.error(f"--data {args.data}: no such file")
+    if args.rounds < 1 or (args.batch_size is not None and args.batch_size < 1):
+        p.error("--rounds and --batch-size must be at least 1")
 
     from speechllm.eval.answer import Reference, speech_answers
     from speechllm.eval.items import load_eval_set
