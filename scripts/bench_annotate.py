@@ -4,6 +4,12 @@ RTF = processing seconds / audio seconds (lower is faster; 0.15 means 1 h of aud
 Per-annotator figures run in this process on all clips at once (one batch); the pipeline figure
 is `speechllm annotate` end to end with N workers, start-up (model loading) included and excluded.
 
+The transcript annotator (an embedded Whisper run by CTranslate2 in float32) is also held against
+its compute bound (`scripts/bounds.py`: the FLOPs of its encoder and greedy decoder for each clip
+and the transcript it produced, at the measured float32 matmul peak), two ways: over Whisper's
+30 s window, which every clip is padded to (what the model computes), and over each clip's own
+frames (the work by the benchmarks' rule that padding is waste).
+
     python scripts/bench_annotate.py                       # a fresh 40-clip synthetic corpus
     python scripts/bench_annotate.py --manifest data/synth/test.jsonl --workers 2
 """
@@ -16,14 +22,20 @@ import tempfile
 import time
 from pathlib import Path
 
+from annotate.asr import MAX_DECODE_TOKENS
 from annotate.base import ANNOTATORS, Clip, order_annotators
+from bounds import WhisperFlops, matmul_peak
 from speechllm.config import DEFAULT_ANNOTATORS, AnnotateConfig
 from annotate.pipeline import Item, manifest_items, run
-from speechllm.io.audio import load_audio
+from speechllm.io.audio import SAMPLE_RATE, load_audio
+
+MULTILINGUAL_VOCAB = 51865
+"""Whisper's multilingual models have this many tokens or more (English-only ones one fewer)."""
 
 
-def per_annotator(items: list[Item], asr_model: str, threads: int) -> list[tuple[str, float, float]]:
-    """(name, load seconds, RTF) per annotator, in dependency order, one process."""
+def per_annotator(items: list[Item], asr_model: str, threads: int) -> tuple[list[tuple[str, float, float]], list[dict]]:
+    """(name, load seconds, RTF) per annotator, in dependency order, one process; and each clip's
+    annotations by annotator name."""
     import torch
 
     torch.set_num_threads(threads)
@@ -43,7 +55,31 @@ def per_annotator(items: list[Item], asr_model: str, threads: int) -> list[tuple
         for p, o in zip(prior, outs):
             p[name] = o
         rows.append((name, t1 - t0, (t2 - t1) / audio_s))
-    return rows
+    return rows, prior
+
+
+def asr_bounds(items: list[Item], transcripts: list[str], asr_model: str) -> tuple[float, float] | None:
+    """Seconds the transcripts' FLOPs take at this machine's float32 matmul peak: (over Whisper's
+    30 s windows, over the clips' own frames); None for an ASR model that is not an embedded Whisper."""
+    from transformers import AutoTokenizer, WhisperConfig
+
+    from speechllm.hub import weights
+
+    if asr_model not in weights.REGISTRY or weights.ct2_path(asr_model) is None:
+        return None
+    folder = weights.resolve(asr_model)
+    config, tokenizer = WhisperConfig.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+    flops = WhisperFlops.of(config)
+    prompt = 2 if config.vocab_size < MULTILINGUAL_VOCAB else 4  # start, (language, task,) no timestamps
+    padded = own = 0.0
+    for it, text in zip(items, transcripts):
+        seconds = len(load_audio(it.path)) / SAMPLE_RATE
+        produced = len(tokenizer.encode(" " + text, add_special_tokens=False)) if text else 0
+        new = min(produced + 1, MAX_DECODE_TOKENS)  # the end token
+        padded += flops.transcription(seconds, prompt, new, padded=True)
+        own += flops.transcription(seconds, prompt, new, padded=False)
+    peak = matmul_peak()
+    return padded / peak, own / peak
 
 
 def main() -> None:
@@ -69,10 +105,18 @@ def main() -> None:
 
         print(f"\n{'annotator':12} {'load s':>7} {'RTF (1 process, ' + str(cores) + ' threads)':>28}")
         total = 0.0
-        for name, load_s, rtf in per_annotator(items, args.asr_model, threads=cores):
+        rows, annotations = per_annotator(items, args.asr_model, threads=cores)
+        for name, load_s, rtf in rows:
             total += rtf
             print(f"{name:12} {load_s:>7.2f} {rtf:>28.4f}")
         print(f"{'sum':12} {'':>7} {total:>28.4f}")
+        asr_rtf = dict((name, rtf) for name, _, rtf in rows).get("transcript")
+        bounds = asr_bounds(items, [a["transcript"].value for a in annotations], args.asr_model) if asr_rtf else None
+        if bounds is not None:
+            window, own = (b / audio_s for b in bounds)
+            print(f"\ntranscript ({args.asr_model}) compute bound at the fp32 matmul peak: RTF {window:.4f} over "
+                  f"Whisper's 30 s windows ({window / asr_rtf:.0%} of it reached), RTF {own:.4f} over the clips' own "
+                  f"frames ({own / asr_rtf:.0%}); the window's padding is {1 - own / window:.0%} of the FLOPs")
 
         out = tmp / "meta.jsonl"
         summary = run(iter(items), out, AnnotateConfig(workers=args.workers, asr_model=args.asr_model), progress=False)
@@ -85,7 +129,11 @@ def main() -> None:
             AnnotateConfig(workers=args.workers, asr_model=args.asr_model), progress=False)
         wall = time.perf_counter() - t0
         # two passes over the same audio in one run: the second half of the work amortises start-up
-        print(f"pipeline, {args.workers} workers, 2x the audio in one run: RTF {wall / (2 * audio_s):.4f}")
+        rtf = wall / (2 * audio_s)
+        print(f"pipeline, {args.workers} workers, 2x the audio in one run: RTF {rtf:.4f}")
+        if bounds is not None:
+            print(f"annotation: {bounds[1] / audio_s / rtf:.0%} of the bound (the ASR's FLOPs over the clips' own "
+                  f"frames; {bounds[0] / audio_s / rtf:.0%} counting Whisper's 30 s windows as work)")
 
 
 if __name__ == "__main__":

@@ -106,6 +106,58 @@ class LLMFlops:
         return total
 
 
+@dataclass
+class WhisperFlops:
+    """FLOPs of a Whisper encoder-decoder transcribing one clip (greedy), by its config's dimensions."""
+    width: int
+    """d_model."""
+    encoder_layers: int
+    decoder_layers: int
+    encoder_ffn: int
+    decoder_ffn: int
+    mels: int
+    vocab: int
+    mel_frames_per_second: int = 100
+    """Log-mel frames per second of audio (Whisper's 10 ms hop)."""
+    window_seconds: float = 30.0
+    """The window every input is padded to (Whisper's 3000 mel frames)."""
+
+    @classmethod
+    def of(cls, config) -> "WhisperFlops":
+        """From a transformers `WhisperConfig`."""
+        return cls(width=config.d_model, encoder_layers=config.encoder_layers, decoder_layers=config.decoder_layers,
+                   encoder_ffn=config.encoder_ffn_dim, decoder_ffn=config.decoder_ffn_dim,
+                   mels=config.num_mel_bins, vocab=config.vocab_size)
+
+    def encoder(self, seconds: float) -> float:
+        """FLOPs of the encoder on `seconds` of audio: two convolutions (kernel 3, the second with
+        stride 2), then each layer's linear layers and attention over the halved frames."""
+        d, mel = self.width, round(seconds * self.mel_frames_per_second)
+        pos = (mel + 1) // 2
+        convs = 2 * self.mels * d * 3 * mel + 2 * d * d * 3 * pos
+        layer = 2 * (4 * d * d + 2 * d * self.encoder_ffn) * pos + ATTENTION_FLOPS_PER_KEY * d * pos * pos
+        return convs + self.encoder_layers * layer
+
+    def decoder(self, seconds: float, prompt: int, new: int) -> float:
+        """FLOPs of greedy decoding after `prompt` start tokens of `new` tokens (the end token
+        included) over the encoder states of `seconds` of audio: cross-attention keys and values
+        once, then for each position fed (the prompt and each new token but the last)
+        self-attention, cross-attention and the MLP, and the LM head for each new token."""
+        d = self.width
+        states = (round(seconds * self.mel_frames_per_second) + 1) // 2
+        fed = prompt + max(new - 1, 0)
+        cross_kv = self.decoder_layers * 2 * 2 * d * d * states
+        per_layer = (fed * (2 * (6 * d * d + 2 * d * self.decoder_ffn) + ATTENTION_FLOPS_PER_KEY * d * states)
+                     + ATTENTION_FLOPS_PER_KEY * d * fed * (fed + 1) // 2)
+        return cross_kv + self.decoder_layers * per_layer + 2 * d * self.vocab * new
+
+    def transcription(self, seconds: float, prompt: int, new: int, padded: bool) -> float:
+        """FLOPs of transcribing a clip of `seconds` (see `decoder`); `padded`: over Whisper's whole
+        window, as Whisper runs it, else over the clip's own frames only."""
+        audio = max(seconds, self.window_seconds) if padded else seconds
+        return self.encoder(audio) + self.decoder(audio, prompt, new)
+
+
 def add_dtype_arg(parser) -> None:
     """`--dtype`: the LLM's dtype in the benchmark, `auto` as the demo picks it."""
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
