@@ -5,6 +5,15 @@ description) and the speech model answer every prompt both ways, at most `--batc
 the two ways alternating `--rounds` times (best of each kept). Prints each group's times, how many
 answers are identical, and last `refill speedup N` (the sums of the best times).
 
+Each group's refilled run is also held against its bound on this machine (`scripts/bounds.py`, as
+`bench_targets.py` computes it): the larger of the compute bound (the LLM's FLOPs for the prompts
+and the answers produced, the shared prefix once, no padding, plus the audio encoder's and the
+adapter's FLOPs for each clip alone, at the measured matmul peak) and the memory bound (each
+decoding step reads every weight once: answer tokens / (rows x copy bandwidth / weight bytes)),
+printed as `N% of the bound` per group and for the whole evaluation last but one. The speech
+model's answer lengths are its answers re-tokenized (plus the stop token when shorter than the
+limit): within a token or two of what was decoded.
+
     python scripts/bench_refill.py --checkpoint runs/demo/runs/self-output \\
         --data runs/demo/data/test.metadata.jsonl [--plan full|quick] [--batch-size N] [--rounds 2]
 
@@ -16,13 +25,46 @@ every weight whatever its rows.
 from __future__ import annotations
 
 import argparse
+import math
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from bounds import LLMFlops, copy_bandwidth, matmul_peak, weight_bytes
 from speechllm.demo import FULL, QUICK, _eval_config
+from speechllm.model.prefix import shared_prefix_length
 
 PLANS = {"full": FULL, "quick": QUICK}
+
+
+@dataclass
+class Work:
+    """What one group's answers took, for its bound."""
+    llm_flops: float
+    """FLOPs of the LLM: prompts (shared prefix once) and answers, no padding."""
+    audio_flops: float
+    """FLOPs of the audio encoder and adapter, each clip alone (0 for the text reference)."""
+    tokens: int
+    """Answer tokens decoded (the stop token included): decoding steps' rows."""
+
+    def seconds(self, peak: float, rows: int, one_sequence: float) -> float:
+        """The bound in seconds: compute at `peak` FLOP/s, or `rows` sequences decoded at once at
+        `one_sequence` steps/s each, whichever is slower."""
+        return max((self.llm_flops + self.audio_flops) / peak, self.tokens / (rows * one_sequence))
+
+
+def _sdpa_flops(query, key, *_args, out_shape=None, **_kwargs) -> int:
+    """FLOPs of CPU scaled-dot-product attention from its shapes (torch's counter has no formula for
+    the CPU kernel): QK^T and the weighted sum of V, 2 FLOPs per multiply-add each."""
+    *batch, queries, width = query
+    return 4 * math.prod(batch) * queries * key[-2] * width
+
+
+SDPA_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops}
 
 
 def main() -> None:
@@ -41,7 +83,7 @@ def main() -> None:
     if args.rounds < 1 or (args.batch_size is not None and args.batch_size < 1):
         p.error("--rounds and --batch-size must be at least 1")
 
-    from speechllm.eval.answer import Reference, speech_answers
+    from speechllm.eval.answer import Reference, reference_prompt, speech_answers
     from speechllm.eval.items import load_eval_set
     from speechllm.eval.suite import _generation
     from speechllm.model.speechllm import Example, SpeechLLM
@@ -53,27 +95,55 @@ def main() -> None:
         es = load_eval_set(args.data, Path(tmp), cfg, model.config.encoder.name, False)
     reference = Reference.for_model(model)
     model.merge_lora()
+    flops = LLMFlops.of(model.llm)
 
     def example(key: str) -> Example:
         item = es.item(key)
         return Example(instruction=es.instruction(key), audio=es.audio[item.audio], transcript=item.transcript, id=key)
 
-    def by_reference(keys: list[str], gen, n: int) -> list[str]:
-        return [g.text for g in reference.answer([es.item(k).description for k in keys],
-                                                 [es.instruction(k) for k in keys], gen, n)]
+    def by_reference(keys: list[str], gen, n: int) -> list[tuple[str, int]]:
+        return [(g.text, g.tokens + g.finished) for g in reference.answer(
+            [es.item(k).description for k in keys], [es.instruction(k) for k in keys], gen, n)]
 
-    def by_speech(keys: list[str], gen, n: int) -> list[str]:
-        return speech_answers(model, [example(k) for k in keys], gen, n)
+    def by_speech(keys: list[str], gen, n: int) -> list[tuple[str, int]]:
+        texts = speech_answers(model, [example(k) for k in keys], gen, n)
+        lengths = [len(model.tokenizer.encode(t, add_special_tokens=False)) for t in texts]
+        return [(t, min(n_, gen.max_new_tokens) + (n_ < gen.max_new_tokens)) for t, n_ in zip(texts, lengths)]
 
-    def alone(answer, keys: list[str], gen) -> list[str]:  # each batch its own call: nothing to refill from
+    def alone(answer, keys: list[str], gen) -> list[tuple[str, int]]:  # each batch its own call: nothing to refill from
         return [a for s in range(0, len(keys), rows) for a in answer(keys[s: s + rows], gen, rows)]
 
-    def refilled(answer, keys: list[str], gen) -> list[str]:
+    def refilled(answer, keys: list[str], gen) -> list[tuple[str, int]]:
         return answer(keys, gen, rows)
+
+    audio_flops: dict[str, float] = {}
+
+    def clip_flops(key: str) -> float:
+        """FLOPs of the audio encoder and adapter on one clip alone."""
+        clip = es.item(key).audio
+        if clip not in audio_flops:
+            with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=SDPA_FLOPS) as counter:
+                model._audio_embeddings([example(key)])
+            audio_flops[clip] = counter.get_total_flops()
+        return audio_flops[clip]
+
+    def work(system: str, keys: list[str], produced: list[int]) -> Work:
+        if system == "reference":
+            prompts = [reference.generator.prompt_ids(reference_prompt(es.item(k).description, es.instruction(k)))
+                       for k in keys]
+            lengths = [len(p) for p in prompts]
+            return Work(flops.generation(lengths, produced, shared_prefix_length(prompts, min(lengths) - 1)), 0.0,
+                        sum(produced))
+        examples = [example(k) for k in keys]
+        pieces = [model.prompt.pieces(ex.instruction, ex.transcript, has_audio=ex.has_audio) for ex in examples]
+        shared = len(model._shared_prefix(examples, pieces))
+        return Work(flops.generation([model.example_positions(ex) for ex in examples], produced, shared),
+                    sum(clip_flops(k) for k in keys), sum(produced))
 
     print(f"checkpoint {args.checkpoint}, {len(es.items)} task items, {len(es.fitems)} forgetting items, "
           f"at most {rows} answers at once, the two ways alternating {args.rounds}x", flush=True)
     totals = {"alone": 0.0, "refilled": 0.0}
+    timed: list[tuple[str, float, Work]] = []
     for keys, desc in [g for g in es.groups if g[0] and es.item(g[0][0]) is not None]:
         gen = _generation(cfg, keys[0])
         orders = {"reference": sorted(keys, key=lambda k: (len(es.instruction(k)) + len(es.item(k).description), k)),
@@ -86,13 +156,31 @@ def main() -> None:
                     answers[way] = run(answer, orders[system], gen)
                     seconds = time.perf_counter() - t0
                     best[way] = min(best.get(way, seconds), seconds)
-            same = sum(a == b for a, b in zip(answers["alone"], answers["refilled"]))
+            same = sum(a[0] == b[0] for a, b in zip(answers["alone"], answers["refilled"]))
             for way in totals:
                 totals[way] += best[way]
+            timed.append((f"{system}, {desc}", best["refilled"],
+                          work(system, orders[system], [n for _, n in answers["refilled"]])))
             print(f"{system}, {desc} ({len(keys)}, at most {gen.max_new_tokens} new tokens): batches alone "
                   f"{best['alone']:.1f} s, refilled {best['refilled']:.1f} s ({best['alone'] / best['refilled']:.2f}x); "
                   f"identical answers {same}/{len(keys)}", flush=True)
+
+    peak = matmul_peak(dtype=next(model.llm.parameters()).dtype)
+    bandwidth, wbytes = copy_bandwidth(), weight_bytes(model.llm)
+    one_sequence = bandwidth / wbytes
+    print(f"matmul peak {peak / 1e9:.1f} GFLOP/s, copy bandwidth {bandwidth / 1e9:.1f} GB/s, LLM weights "
+          f"{wbytes / 1e6:.0f} MB -> one-sequence decoding bound {one_sequence:.1f} steps/s, x {rows} rows")
+    for name, seconds, w in timed:
+        bound = w.seconds(peak, rows, one_sequence)
+        print(f"{name}, refilled: {w.tokens} answer tokens, LLM {w.llm_flops / 1e12:.2f} TFLOP + audio "
+              f"{w.audio_flops / 1e12:.3f} TFLOP -> bound {bound:.1f} s; {bound / seconds:.0%} of the bound")
+    for system in ("reference", "speech model"):
+        mine = [(s, w) for n, s, w in timed if n.startswith(system + ",")]
+        share = sum(w.seconds(peak, rows, one_sequence) for _, w in mine) / sum(s for s, _ in mine)
+        print(f"{system}, all groups refilled: {share:.0%} of the bound")
+    share = sum(w.seconds(peak, rows, one_sequence) for _, _, w in timed) / sum(s for _, s, _ in timed)
     print(f"total: batches alone {totals['alone']:.1f} s, refilled {totals['refilled']:.1f} s")
+    print(f"evaluation, refilled: {share:.0%} of the bound")
     print(f"refill speedup {totals['alone'] / totals['refilled']:.2f}")
 
 
