@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
+import torch
 
 from speechllm.eval import likelihood
 from speechllm.records import MetadataRecord
@@ -68,10 +69,10 @@ def test_the_tiny_model_picks_the_answer_with_the_lowest_loss_and_given_states_c
 def test_as_asked_reads_the_value_from_each_generated_answer_to_the_question_as_given(tmp_path, tiny_model,
                                                                                     monkeypatch):
     recs = _records(tmp_path, ["male", "female", "female", None])
-    monkeypatch.setattr(likelihood, "clip_states", lambda model, audio: [])
+    monkeypatch.setattr(likelihood, "clip_states", lambda model, audio: [torch.zeros(10, 4)])  # one clip: one length
     asked = []
 
-    def generate(examples, gen):
+    def generate(examples, gen, batch_size=None):
         asked.extend(e.instruction for e in examples)
         return ["It is a man speaking.", "A woman.", "I cannot tell."][: len(examples)]
     monkeypatch.setattr(tiny_model, "generate", generate)

@@ -99,24 +99,29 @@ def accuracy_as_asked(model: "SpeechLLM", records: list[MetadataRecord], audio_r
                       question: str, max_new_tokens: int = 24, batch_size: int = 16, seed: int = 0,
                       states: dict[str, list["torch.Tensor"]] | None = None) -> AttributeAccuracy:
     """The attribute's accuracy of greedy answers to `question` (no answer-format line added),
-    the value read leniently from each answer (`labels.extract_lenient`), with a 95% interval."""
+    the value read leniently from each answer (`labels.extract_lenient`), with a 95% interval.
+    Clips are encoded `CHUNK_BATCHES` batches' worth at a time (their states held only for the
+    chunk), each chunk decoded `batch_size` at once with freed rows refilled from it."""
     import torch
 
     from ..config import GenerationConfig
     from ..labels import extract_lenient
     from ..model.speechllm import Example
+    from .answer import speech_answers
+    from .generations import CHUNK_BATCHES
 
     values = list(ATTRIBUTES[attribute].values)
     items = _items(records, attribute)
     gen = GenerationConfig(max_new_tokens=max_new_tokens)
     answers: list[str] = []
-    for start in range(0, len(items), batch_size):
-        chunk = items[start: start + batch_size]
+    step = batch_size * CHUNK_BATCHES
+    for start in range(0, len(items), step):
+        chunk = items[start: start + step]
         exs = [Example(question, states=states[r.id] if states and r.id in states else
                        clip_states(model, audio_root / r.audio), transcript=r.asr_transcript or r.transcript)
                for r, _ in chunk]
         with torch.no_grad():
-            answers += model.generate(exs, gen)
+            answers += speech_answers(model, exs, gen, batch_size)
     right = np.array([extract_lenient(a, values, question) == values[t] for a, (_, t) in zip(answers, items)],
                      dtype=float)
     return _result(attribute, question, items, right, seed)
