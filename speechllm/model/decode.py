@@ -36,7 +36,10 @@ from .prefix import cache_kwarg, rest_positions
 
 REFILL_SHARE = 0.25
 """Share of the batch's rows that must be free before waiting prompts are run and join it: each
-refill is one more forward pass (the new prompts' prefill) and one copy of the KV cache."""
+refill is one more forward pass (the new prompts' prefill) and one copy of the KV cache. On the
+demo's evaluation prompts (2-core AVX2 CPU, fp32, batches of 64, best of 2) 0.125 / 0.25 / 0.5
+took 192.2 / 181.4 / 179.3 s: refilling more often costs more than it gains; a half and a quarter
+are within this machine's run-to-run spread."""
 
 
 @dataclass
