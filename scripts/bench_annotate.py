@@ -10,7 +10,7 @@ and the transcript it produced, at the measured float32 matmul peak), two ways: 
 30 s window, which every clip is padded to (what the model computes), and over each clip's own
 frames (the work by the benchmarks' rule that padding is waste).
 
-    python scripts/bench_annotate.py                       # a fresh 40-clip synthetic corpus
+    python scripts/bench_annotate.py                       # the 20 test clips of a fresh 40-clip synthetic corpus
     python scripts/bench_annotate.py --manifest data/synth/test.jsonl --workers 2
 """
 
