@@ -36,7 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from bounds import LLMFlops, copy_bandwidth, matmul_peak, weight_bytes
 from speechllm.demo import FULL, QUICK, _eval_config
-from speechllm.model.prefix import shared_prefix_length
+from speechllm.model.prefix import prompt_prefix_length
 
 PLANS = {"full": FULL, "quick": QUICK}
 
@@ -101,20 +101,27 @@ def main() -> None:
         item = es.item(key)
         return Example(instruction=es.instruction(key), audio=es.audio[item.audio], transcript=item.transcript, id=key)
 
-    def by_reference(keys: list[str], gen, n: int) -> list[tuple[str, int]]:
-        return [(g.text, g.tokens + g.finished) for g in reference.answer(
-            [es.item(k).description for k in keys], [es.instruction(k) for k in keys], gen, n)]
+    def by_reference(keys: list[str], gen, n: int) -> list:
+        return reference.answer([es.item(k).description for k in keys], [es.instruction(k) for k in keys], gen, n)
 
-    def by_speech(keys: list[str], gen, n: int) -> list[tuple[str, int]]:
-        texts = speech_answers(model, [example(k) for k in keys], gen, n)
-        lengths = [len(model.tokenizer.encode(t, add_special_tokens=False)) for t in texts]
-        return [(t, min(n_, gen.max_new_tokens) + (n_ < gen.max_new_tokens)) for t, n_ in zip(texts, lengths)]
+    def by_speech(keys: list[str], gen, n: int) -> list:
+        return speech_answers(model, [example(k) for k in keys], gen, n)
 
-    def alone(answer, keys: list[str], gen) -> list[tuple[str, int]]:  # each batch its own call: nothing to refill from
+    def alone(answer, keys: list[str], gen) -> list:  # each batch its own call: nothing to refill from
         return [a for s in range(0, len(keys), rows) for a in answer(keys[s: s + rows], gen, rows)]
 
-    def refilled(answer, keys: list[str], gen) -> list[tuple[str, int]]:
+    def refilled(answer, keys: list[str], gen) -> list:
         return answer(keys, gen, rows)
+
+    def text(answer) -> str:  # the reference answers `Generation`s, the speech model strings
+        return answer if isinstance(answer, str) else answer.text
+
+    def produced(answer, limit: int) -> int:
+        """Tokens decoded for an answer, its stop token included (a speech answer re-tokenized)."""
+        if not isinstance(answer, str):
+            return answer.tokens + answer.finished
+        n = len(model.tokenizer.encode(answer, add_special_tokens=False))
+        return limit if n >= limit else n + 1
 
     audio_flops: dict[str, float] = {}
 
@@ -123,27 +130,26 @@ def main() -> None:
         clip = es.item(key).audio
         if clip not in audio_flops:
             with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=SDPA_FLOPS) as counter:
-                model._audio_embeddings([example(key)])
+                model.encode_audio([es.audio[clip]])
             audio_flops[clip] = counter.get_total_flops()
         return audio_flops[clip]
 
-    def work(system: str, keys: list[str], produced: list[int]) -> Work:
+    def work(system: str, keys: list[str], tokens: list[int]) -> Work:
         if system == "reference":
             prompts = [reference.generator.prompt_ids(reference_prompt(es.item(k).description, es.instruction(k)))
                        for k in keys]
-            lengths = [len(p) for p in prompts]
-            return Work(flops.generation(lengths, produced, shared_prefix_length(prompts, min(lengths) - 1)), 0.0,
-                        sum(produced))
+            return Work(flops.generation([len(p) for p in prompts], tokens, prompt_prefix_length(prompts)), 0.0,
+                        sum(tokens))
         examples = [example(k) for k in keys]
         pieces = [model.prompt.pieces(ex.instruction, ex.transcript, has_audio=ex.has_audio) for ex in examples]
-        shared = len(model._shared_prefix(examples, pieces))
-        return Work(flops.generation([model.example_positions(ex) for ex in examples], produced, shared),
-                    sum(clip_flops(k) for k in keys), sum(produced))
+        shared = len(model.shared_prefix(examples, pieces))
+        return Work(flops.generation([model.example_positions(ex) for ex in examples], tokens, shared),
+                    sum(clip_flops(k) for k in keys), sum(tokens))
 
     print(f"checkpoint {args.checkpoint}, {len(es.items)} task items, {len(es.fitems)} forgetting items, "
           f"at most {rows} answers at once, the two ways alternating {args.rounds}x", flush=True)
     totals = {"alone": 0.0, "refilled": 0.0}
-    timed: list[tuple[str, float, Work]] = []
+    timed: list[tuple[str, str, float, Work]] = []  # (system, group, refilled seconds, its work)
     for keys, desc in [g for g in es.groups if g[0] and es.item(g[0][0]) is not None]:
         gen = _generation(cfg, keys[0])
         orders = {"reference": sorted(keys, key=lambda k: (len(es.instruction(k)) + len(es.item(k).description), k)),
@@ -156,11 +162,11 @@ def main() -> None:
                     answers[way] = run(answer, orders[system], gen)
                     seconds = time.perf_counter() - t0
                     best[way] = min(best.get(way, seconds), seconds)
-            same = sum(a[0] == b[0] for a, b in zip(answers["alone"], answers["refilled"]))
+            same = sum(text(a) == text(b) for a, b in zip(answers["alone"], answers["refilled"]))
             for way in totals:
                 totals[way] += best[way]
-            timed.append((f"{system}, {desc}", best["refilled"],
-                          work(system, orders[system], [n for _, n in answers["refilled"]])))
+            timed.append((system, desc, best["refilled"], work(system, orders[system],
+                                                               [produced(a, gen.max_new_tokens) for a in answers["refilled"]])))
             print(f"{system}, {desc} ({len(keys)}, at most {gen.max_new_tokens} new tokens): batches alone "
                   f"{best['alone']:.1f} s, refilled {best['refilled']:.1f} s ({best['alone'] / best['refilled']:.2f}x); "
                   f"identical answers {same}/{len(keys)}", flush=True)
@@ -170,15 +176,15 @@ def main() -> None:
     one_sequence = bandwidth / wbytes
     print(f"matmul peak {peak / 1e9:.1f} GFLOP/s, copy bandwidth {bandwidth / 1e9:.1f} GB/s, LLM weights "
           f"{wbytes / 1e6:.0f} MB -> one-sequence decoding bound {one_sequence:.1f} steps/s, x {rows} rows")
-    for name, seconds, w in timed:
+    for system, desc, seconds, w in timed:
         bound = w.seconds(peak, rows, one_sequence)
-        print(f"{name}, refilled: {w.tokens} answer tokens, LLM {w.llm_flops / 1e12:.2f} TFLOP + audio "
+        print(f"{system}, {desc}, refilled: {w.tokens} answer tokens, LLM {w.llm_flops / 1e12:.2f} TFLOP + audio "
               f"{w.audio_flops / 1e12:.3f} TFLOP -> bound {bound:.1f} s; {bound / seconds:.0%} of the bound")
     for system in ("reference", "speech model"):
-        mine = [(s, w) for n, s, w in timed if n.startswith(system + ",")]
+        mine = [(s, w) for who, _, s, w in timed if who == system]
         share = sum(w.seconds(peak, rows, one_sequence) for _, w in mine) / sum(s for s, _ in mine)
         print(f"{system}, all groups refilled: {share:.0%} of the bound")
-    share = sum(w.seconds(peak, rows, one_sequence) for _, _, w in timed) / sum(s for _, s, _ in timed)
+    share = sum(w.seconds(peak, rows, one_sequence) for *_, w in timed) / sum(s for _, _, s, _ in timed)
     print(f"total: batches alone {totals['alone']:.1f} s, refilled {totals['refilled']:.1f} s")
     print(f"evaluation, refilled: {share:.0%} of the bound")
     print(f"refill speedup {totals['alone'] / totals['refilled']:.2f}")

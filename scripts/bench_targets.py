@@ -37,7 +37,7 @@ from bounds import (DTYPE_LABEL, LLMFlops, add_attention_arg, add_dtype_arg, clo
 from speechllm.config import GenerationConfig, load_config
 from speechllm.demo import SYSTEM_PROMPT
 from speechllm.model.generate import Generation, TextGenerator
-from speechllm.model.prefix import shared_prefix_length
+from speechllm.model.prefix import prompt_prefix_length
 
 PITCHES, SPEEDS, GENDERS = ("Low", "Normal", "High"), ("Slow", "Normal", "Fast"), ("Male", "Female")
 SENTENCES = [
@@ -98,7 +98,7 @@ def main() -> None:
     gen = TextGenerator.from_config(cfg)
     prompts = [gen.prompt_ids(d) for d in descriptions(args.n, args.instruction)]
     lengths = [len(p) for p in prompts]
-    shared = shared_prefix_length(prompts, min(lengths) - 1)
+    shared = prompt_prefix_length(prompts)
     reuse = GenerationConfig(max_new_tokens=args.max_new_tokens)
     whole = dataclasses.replace(reuse, reuse_prefix=False)
     kept = dataclasses.replace(reuse, drop_finished=False)

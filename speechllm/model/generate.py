@@ -13,7 +13,7 @@ from ..config import Config, GenerationConfig
 from .llm import context_length, load_llm
 from .decode import Decoded, Prompts, greedy_decode_in_order
 from .packed import packed_linears
-from .prefix import cache_kwarg, expand_cache, prefix_cache, shared_prefix_length
+from .prefix import cache_kwarg, expand_cache, prefix_cache, prompt_prefix_length
 from .prompt import PromptBuilder
 
 
@@ -81,7 +81,7 @@ class TextGenerator:
         device = self.llm.get_input_embeddings().weight.device
         order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
         stop = set(self.prompt.stop_ids if stop_ids is None else stop_ids)
-        n_prefix = shared_prefix_length(prompts, min(map(len, prompts), default=1) - 1) if sampling.reuse_prefix else 0
+        n_prefix = prompt_prefix_length(prompts) if sampling.reuse_prefix else 0
         shared = prefix_cache(self.llm, prompts[0][:n_prefix]) if n_prefix else None
         out: list[Generation | None] = [None] * len(prompts)
 

@@ -38,6 +38,12 @@ def shared_prefix_length(sequences: list[list[int]], limit: int) -> int:
     return n
 
 
+def prompt_prefix_length(prompts: list[list[int]]) -> int:
+    """How many leading ids all prompts share, each keeping its last id after the prefix (the
+    position that predicts its answer's first token): what generation computes once."""
+    return shared_prefix_length(prompts, min(map(len, prompts), default=1) - 1)
+
+
 def has_trainable_weights(llm: nn.Module) -> bool:
     """True when some LLM weight gets gradients (LoRA, an unfrozen LLM): the prefix's KV then
     changes with every optimizer step."""

@@ -291,7 +291,7 @@ class SpeechLLM(nn.Module):
             self.check_length(len(pieces.before_audio) + n_audio + len(pieces.after_audio) + len(target), reserve,
                               f"example {ex.id}" if ex.id else "the prompt")
             layouts.append((pieces, target))
-        prefix = (self._shared_prefix(examples, [pieces for pieces, _ in layouts])
+        prefix = (self.shared_prefix(examples, [pieces for pieces, _ in layouts])
                   if reuse_prefix and not self._llm_dropout_active() else [])
         n_prefix = len(prefix)
         embed = self.llm.get_input_embeddings()
@@ -325,7 +325,7 @@ class SpeechLLM(nn.Module):
                 or getattr(self.llm.config, "attention_dropout", 0.0) > 0)
 
     @staticmethod
-    def _shared_prefix(examples: list[Example], pieces: list[PromptPieces]) -> list[int]:
+    def shared_prefix(examples: list[Example], pieces: list[PromptPieces]) -> list[int]:
         """Leading token ids all examples share: up to the audio of an example with audio, up to
         the last prompt token of one without (the position that predicts its first answer token
         stays after the prefix)."""
