@@ -31,6 +31,9 @@ class SpeechRecognizer:
     def __init__(self, model: str = "whisper-tiny.en", beam_size: int = 1, threads: int = 0,
                  compute_type: str = "float32"):
         self.model_name, self.beam_size = model, beam_size
+        self.prompt_ids: list[int] | None = None
+        """The decoder's start tokens when CTranslate2 runs the model (None: transformers' pipeline
+        picks its own)."""
         ct2 = weights.ct2_path(model) if model in weights.REGISTRY else None
         if ct2 is not None:
             import ctranslate2
@@ -45,7 +48,7 @@ class SpeechRecognizer:
             if self._ct2.is_multilingual:
                 prompt += ["<|en|>", "<|transcribe|>"]
             prompt.append("<|notimestamps|>")
-            self._prompt = [self._tokenizer.token_to_id(t) for t in prompt]
+            self.prompt_ids = [self._tokenizer.token_to_id(t) for t in prompt]
             self._pipe = None
         else:
             from transformers import pipeline
@@ -72,7 +75,7 @@ class SpeechRecognizer:
 
         feats = self.feature_extractor(waveforms, sampling_rate=SAMPLE_RATE, return_tensors="np")["input_features"]
         results = self._ct2.generate(ctranslate2.StorageView.from_array(np.ascontiguousarray(feats)),
-                                     [self._prompt] * len(waveforms), beam_size=self.beam_size,
+                                     [self.prompt_ids] * len(waveforms), beam_size=self.beam_size,
                                      max_length=MAX_DECODE_TOKENS, suppress_blank=True)
         return [self._tokenizer.decode(r.sequences_ids[0], skip_special_tokens=True).strip() for r in results]
 

@@ -22,31 +22,29 @@ import tempfile
 import time
 from pathlib import Path
 
-from annotate.asr import MAX_DECODE_TOKENS
-from annotate.base import ANNOTATORS, Clip, order_annotators
+from annotate.asr import MAX_DECODE_TOKENS, SpeechRecognizer
+from annotate.base import ANNOTATORS, Annotator, Clip, order_annotators
 from bounds import WhisperFlops, matmul_peak
 from speechllm.config import DEFAULT_ANNOTATORS, AnnotateConfig
 from annotate.pipeline import Item, manifest_items, run
 from speechllm.io.audio import SAMPLE_RATE, load_audio
 
-MULTILINGUAL_VOCAB = 51865
-"""Whisper's multilingual models have this many tokens or more (English-only ones one fewer)."""
 
-
-def per_annotator(items: list[Item], asr_model: str, threads: int) -> tuple[list[tuple[str, float, float]], list[dict]]:
-    """(name, load seconds, RTF) per annotator, in dependency order, one process; and each clip's
-    annotations by annotator name."""
+def per_annotator(items: list[Item], asr_model: str, threads: int
+                  ) -> tuple[list[tuple[str, float, float]], list[dict], dict[str, Annotator]]:
+    """(name, load seconds, RTF) per annotator, in dependency order, one process; each clip's
+    annotations by annotator name; the annotators by name."""
     import torch
 
     torch.set_num_threads(threads)
     clips = [Clip(it.id, it.audio, load_audio(it.path), it.labels) for it in items]
     audio_s = sum(c.duration for c in clips)
     prior: list[dict] = [{} for _ in clips]
-    rows = []
+    rows, annotators = [], {}
     for name in order_annotators(DEFAULT_ANNOTATORS):
         t0 = time.perf_counter()
         kwargs = {"model": asr_model, "threads": threads} if name == "transcript" else {}
-        ann = ANNOTATORS[name](**kwargs)
+        ann = annotators[name] = ANNOTATORS[name](**kwargs)
         t1 = time.perf_counter()
         outs = []
         for i in range(0, len(clips), 8):
@@ -55,22 +53,22 @@ def per_annotator(items: list[Item], asr_model: str, threads: int) -> tuple[list
         for p, o in zip(prior, outs):
             p[name] = o
         rows.append((name, t1 - t0, (t2 - t1) / audio_s))
-    return rows, prior
+    return rows, prior, annotators
 
 
-def asr_bounds(items: list[Item], transcripts: list[str], asr_model: str) -> tuple[float, float] | None:
+def asr_bounds(items: list[Item], transcripts: list[str], asr: SpeechRecognizer) -> tuple[float, float] | None:
     """Seconds the transcripts' FLOPs take at this machine's float32 matmul peak: (over Whisper's
-    30 s windows, over the clips' own frames); None for an ASR model that is not an embedded Whisper."""
+    30 s windows, over the clips' own frames); None for an ASR model CTranslate2 does not run."""
     from transformers import AutoTokenizer, WhisperConfig
 
     from speechllm.hub import weights
 
-    if asr_model not in weights.REGISTRY or weights.ct2_path(asr_model) is None:
+    if asr.prompt_ids is None:
         return None
-    folder = weights.resolve(asr_model)
+    folder = weights.resolve(asr.model_name)
     config, tokenizer = WhisperConfig.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
     flops = WhisperFlops.of(config)
-    prompt = 2 if config.vocab_size < MULTILINGUAL_VOCAB else 4  # start, (language, task,) no timestamps
+    prompt = len(asr.prompt_ids)
     padded = own = 0.0
     for it, text in zip(items, transcripts):
         seconds = len(load_audio(it.path)) / SAMPLE_RATE
@@ -105,13 +103,14 @@ def main() -> None:
 
         print(f"\n{'annotator':12} {'load s':>7} {'RTF (1 process, ' + str(cores) + ' threads)':>28}")
         total = 0.0
-        rows, annotations = per_annotator(items, args.asr_model, threads=cores)
+        rows, annotations, annotators = per_annotator(items, args.asr_model, threads=cores)
         for name, load_s, rtf in rows:
             total += rtf
             print(f"{name:12} {load_s:>7.2f} {rtf:>28.4f}")
         print(f"{'sum':12} {'':>7} {total:>28.4f}")
-        asr_rtf = dict((name, rtf) for name, _, rtf in rows).get("transcript")
-        bounds = asr_bounds(items, [a["transcript"].value for a in annotations], args.asr_model) if asr_rtf else None
+        asr_rtf = {name: rtf for name, _, rtf in rows}.get("transcript")
+        bounds = (asr_bounds(items, [a["transcript"].value for a in annotations], annotators["transcript"].asr)
+                  if asr_rtf else None)
         if bounds is not None:
             window, own = (b / audio_s for b in bounds)
             print(f"\ntranscript ({args.asr_model}) compute bound at the fp32 matmul peak: RTF {window:.4f} over "

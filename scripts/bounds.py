@@ -110,13 +110,17 @@ class LLMFlops:
 class WhisperFlops:
     """FLOPs of a Whisper encoder-decoder transcribing one clip (greedy), by its config's dimensions."""
     width: int
-    """d_model."""
+    """d_model: every layer's width."""
     encoder_layers: int
     decoder_layers: int
     encoder_ffn: int
+    """Hidden width of an encoder layer's MLP."""
     decoder_ffn: int
+    """Hidden width of a decoder layer's MLP."""
     mels: int
+    """Log-mel channels in (the first convolution's input)."""
     vocab: int
+    """Tokens the LM head scores."""
     mel_frames_per_second: int = 100
     """Log-mel frames per second of audio (Whisper's 10 ms hop)."""
     window_seconds: float = 30.0
@@ -129,11 +133,16 @@ class WhisperFlops:
                    encoder_ffn=config.encoder_ffn_dim, decoder_ffn=config.decoder_ffn_dim,
                    mels=config.num_mel_bins, vocab=config.vocab_size)
 
+    def _frames(self, seconds: float) -> tuple[int, int]:
+        """(mel frames, encoder positions) of `seconds` of audio: the second convolution (kernel 3,
+        padding 1, stride 2) halves the frames, rounding up."""
+        mel = round(seconds * self.mel_frames_per_second)
+        return mel, (mel + 1) // 2
+
     def encoder(self, seconds: float) -> float:
         """FLOPs of the encoder on `seconds` of audio: two convolutions (kernel 3, the second with
         stride 2), then each layer's linear layers and attention over the halved frames."""
-        d, mel = self.width, round(seconds * self.mel_frames_per_second)
-        pos = (mel + 1) // 2
+        d, (mel, pos) = self.width, self._frames(seconds)
         convs = 2 * self.mels * d * 3 * mel + 2 * d * d * 3 * pos
         layer = 2 * (4 * d * d + 2 * d * self.encoder_ffn) * pos + ATTENTION_FLOPS_PER_KEY * d * pos * pos
         return convs + self.encoder_layers * layer
@@ -143,8 +152,7 @@ class WhisperFlops:
         included) over the encoder states of `seconds` of audio: cross-attention keys and values
         once, then for each position fed (the prompt and each new token but the last)
         self-attention, cross-attention and the MLP, and the LM head for each new token."""
-        d = self.width
-        states = (round(seconds * self.mel_frames_per_second) + 1) // 2
+        d, (_, states) = self.width, self._frames(seconds)
         fed = prompt + max(new - 1, 0)
         cross_kv = self.decoder_layers * 2 * 2 * d * d * states
         per_layer = (fed * (2 * (6 * d * d + 2 * d * self.decoder_ffn) + ATTENTION_FLOPS_PER_KEY * d * states)
