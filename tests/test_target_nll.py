@@ -1,6 +1,7 @@
 """Target perplexity on the tiny model: the batched, padded NLL equals a direct per-record
 computation; the sidecar makes a finished file free and a killed run resume; a changed file is
-scored again; the model's own greedy answers are more probable to it than label sentences."""
+scored again; a minimum-change file takes the values of the self-output records it kept; the
+model's own greedy answers are more probable to it than label sentences."""
 
 import json
 
@@ -12,6 +13,8 @@ from conftest import TINY_CONFIG
 from speechllm.config import GenerationConfig, load_config
 from speechllm.model.generate import TextGenerator
 from speechllm.model.prompt import description_prompt
+from speechllm.model.prefix import prompt_prefix_length
+from speechllm.targets import nll as nll_module
 from speechllm.targets.nll import NLLError, nll_path, target_nll
 
 DESCRIPTIONS = ['[00:00-00:03] "the bus was full" (Gender: Male, Pitch: Low)',
@@ -60,6 +63,34 @@ def test_batched_nll_equals_the_direct_computation(tmp_path, generator):
     assert per[-1][1] == len(generator.prompt.text(TARGETS[-1]))
     saved = json.loads(nll_path(tmp_path / "t.jsonl").read_text())
     assert saved["complete"] and saved["nll"] == result["nll"]
+    assert saved["record_nll"] == pytest.approx([s for s, _ in per], rel=1e-4)
+    # the prompts share their first ids (template, system prompt): the shared-prefix path was taken
+    prompts = [generator.prompt_ids(description_prompt(r["description"], r["instruction"])) for r in recs]
+    assert prompt_prefix_length(prompts) > 0
+
+
+def test_records_kept_from_the_self_output_file_take_its_values(tmp_path, generator, monkeypatch):
+    """Minimum-change targets are mostly the self-outputs unchanged: those records are not scored
+    again; the file's NLL equals scoring it from scratch. A self-output file edited after its
+    scoring (stale sidecar) lends nothing."""
+    write_targets(tmp_path / "so.jsonl")
+    target_nll(tmp_path / "so.jsonl", cfg(), progress=False, generator=generator)
+    edited = TARGETS[:2] + ["The speaker is female.", *TARGETS[3:]]
+    write_targets(tmp_path / "mc.jsonl", edited)
+    write_targets(tmp_path / "alone.jsonl", edited)
+    scratch = target_nll(tmp_path / "alone.jsonl", cfg(), progress=False, generator=generator)
+    scored = []
+    real = nll_module._batch_nll
+    monkeypatch.setattr(nll_module, "_batch_nll", lambda g, pairs, *a: scored.extend(pairs) or real(g, pairs, *a))
+    minimum_change = cfg("targets.strategy=minimum-change", f"targets.self_output_file={tmp_path / 'so.jsonl'}")
+    result = target_nll(tmp_path / "mc.jsonl", minimum_change, progress=False, generator=generator)
+    assert len(scored) == 1 and result["tokens"] == scratch["tokens"]
+    assert result["nll"] == pytest.approx(scratch["nll"], rel=1e-5)
+    write_targets(tmp_path / "so.jsonl", TARGETS[:4])  # edited after scoring: its sidecar is stale
+    scored.clear()
+    nll_path(tmp_path / "mc.jsonl").unlink()
+    assert target_nll(tmp_path / "mc.jsonl", minimum_change, progress=False, generator=generator) == pytest.approx(result)
+    assert len(scored) == 5
 
 
 def test_the_sidecar_resumes_and_a_changed_file_is_scored_again(tmp_path, generator, monkeypatch):
@@ -75,12 +106,14 @@ def test_the_sidecar_resumes_and_a_changed_file_is_scored_again(tmp_path, genera
     path = nll_path(tmp_path / "t.jsonl")
     saved = json.loads(path.read_text())
     first = direct(generator, recs[:2])
-    saved.update(records_done=2, nll_sum=sum(s for s, _ in first), tokens=sum(n for _, n in first), complete=False)
+    saved.update(records_done=2, nll_sum=sum(s for s, _ in first), tokens=sum(n for _, n in first), complete=False,
+                 record_nll=[s for s, _ in first])
     for key in ("nll", "records"):
         saved.pop(key)
     path.write_text(json.dumps(saved))
     resumed = target_nll(tmp_path / "t.jsonl", cfg(), progress=False, generator=generator)
     assert resumed["tokens"] == full["tokens"] and resumed["nll"] == pytest.approx(full["nll"], rel=1e-5)
+    assert json.loads(path.read_text())["record_nll"] == pytest.approx([s for s, _ in direct(generator, recs)], rel=1e-4)
     write_targets(tmp_path / "t.jsonl", TARGETS[:3])  # other content: scored afresh
     again = target_nll(tmp_path / "t.jsonl", cfg(), progress=False, generator=generator)
     assert again["records"] == 3

@@ -4,7 +4,13 @@ For each record, the base LLM reads the user turn the self-output targets are ge
 `description\\n\\ninstruction` in its chat template with the run's system prompt, and scores the
 target as training learns it (with the end-of-turn token when complete; a target flagged
 `truncated` without it). The file's figure is the mean negative log-likelihood per target token
-(nats), pooled over every token of every record: "The Self-Output is All You Need" measures why
+(nats), pooled over every token of every record. The ids every prompt starts with (chat template,
+system prompt) are run once for the file and their KV cache shared by every batch, the LM head
+runs only where a target token is predicted, and a minimum-change file takes the values of the
+self-output records it kept unchanged (`targets.self_output_file`'s sidecar keeps each record's
+sum): the demo's three files (192 records each, 79-token prompts, 28 ids shared; 2-core AVX2 CPU,
+fp32) took 33 + 10 + 47 s against 59 + 55 + 66 s with full logits over whole prompts, every
+figure the same to 7 digits. "The Self-Output is All You Need" measures why
 self-output targets keep a model's abilities this way, its own answers being far more probable to
 it than human-written labels.
 
@@ -34,12 +40,14 @@ from ..hub import weights
 from ..io.jsonl import read_records, sibling_path, write_json_atomic
 from ..model.generate import TextGenerator
 from ..model.llm import llm_identity
+from ..model.prefix import cache_kwarg, expand_cache, prefix_cache, prompt_prefix_length, rest_positions
 from ..model.prompt import description_prompt
+from ..model.speechllm import IGNORE_INDEX
 from ..records import TargetRecord
 
 NLL_SUFFIX = ".nll.json"
 """The sidecar of `<targets>.jsonl`: `<targets>.nll.json`."""
-NLL_FORMAT = 1
+NLL_FORMAT = 2
 """Version of the scoring (prompt and target layout); a change makes every sidecar stale."""
 CHUNK_BATCHES = 4
 """Batches between two writes of the sidecar (resume granularity)."""
@@ -71,24 +79,39 @@ def _records(targets: Path) -> list[TargetRecord]:
 
 
 @torch.inference_mode()
-def _batch_nll(generator: TextGenerator, pairs: list[tuple[list[int], list[int]]]) -> list[float]:
+def _batch_nll(generator: TextGenerator, pairs: list[tuple[list[int], list[int]]], prefix: list[int],
+               prefix_kv) -> list[float]:
     """Summed NLL (nats) of each target given its prompt; `pairs` are (prompt ids, target ids),
-    scored right-padded in one forward pass: logits (batch, longest, vocab)."""
+    every prompt starting with `prefix` (whose batch-1 KV cache is `prefix_kv`; None when empty).
+    The rest of each prompt and its target are scored right-padded after the expanded prefix in one
+    pass of the decoder: hidden states (batch, longest rest, width); the LM head runs only on the
+    positions that predict a target token."""
     llm = generator.llm
     device = llm.get_input_embeddings().weight.device
-    longest = max(len(p) + len(t) for p, t in pairs)
+    n = len(prefix)
+    rests = [p[n:] + t for p, t in pairs]
+    longest = max(map(len, rests))
     ids = torch.full((len(pairs), longest), generator.pad_id, dtype=torch.long)
-    mask = torch.zeros((len(pairs), longest), dtype=torch.long)
-    for row, (p, t) in enumerate(pairs):
-        ids[row, : len(p) + len(t)] = torch.tensor(p + t)
-        mask[row, : len(p) + len(t)] = 1
-    logits = llm(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-    out = []
-    for row, (p, t) in enumerate(pairs):
-        predicted = logits[row, len(p) - 1: len(p) - 1 + len(t)].float()
-        out.append(float(torch.nn.functional.cross_entropy(predicted, torch.tensor(t, device=device),
-                                                           reduction="sum")))
-    return out
+    labels = torch.full((len(pairs), longest), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(pairs), n + longest), dtype=torch.long)
+    mask[:, :n] = 1
+    for row, ((p, t), rest) in enumerate(zip(pairs, rests)):
+        ids[row, : len(rest)] = torch.tensor(rest)
+        mask[row, n: n + len(rest)] = 1
+        first = len(p) - n - 1  # the prompt's last position predicts the target's first token
+        labels[row, first: first + len(t)] = torch.tensor(t)
+    ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
+    decoder = llm.get_decoder()
+    if prefix_kv is None:
+        hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
+    else:
+        hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=True, position_ids=rest_positions(mask, n),
+                         **{cache_kwarg(llm): expand_cache(llm, prefix_kv, len(pairs))}).last_hidden_state
+    predict = labels != IGNORE_INDEX
+    logits = llm.get_output_embeddings()(hidden[predict]).float()
+    tokens = torch.nn.functional.cross_entropy(logits, labels[predict], reduction="none")
+    rows = predict.nonzero()[:, 0]
+    return torch.zeros(len(pairs), device=device).index_add_(0, rows, tokens).tolist()
 
 
 def target_pair(generator: TextGenerator, rec: TargetRecord) -> tuple[list[int], list[int]]:
@@ -106,19 +129,47 @@ def summary_line(result: dict, path: Path) -> str:
             f"{result['tokens']} tokens of {result['records']} targets, given the description -> {path}")
 
 
+def _key(rec: TargetRecord) -> tuple:
+    """What decides a record's scored pair (with the LLM and system prompt of the identity)."""
+    return rec.description, rec.instruction, rec.target, rec.truncated
+
+
+def _reusable(cfg: Config, targets: Path) -> dict[tuple, float]:
+    """Summed NLL by `_key` of the records of `targets.self_output_file` (minimum-change edits a copy
+    of those self-outputs; most of its records are theirs unchanged) where that file's sidecar is
+    complete, current and scored by the same LLM and prompt; empty otherwise."""
+    if not cfg.targets.self_output_file:
+        return {}
+    other = Path(cfg.targets.self_output_file)
+    if not other.exists() or other.resolve() == targets.resolve():
+        return {}
+    try:
+        saved = json.loads(nll_path(other).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not (isinstance(saved, dict) and saved.get("complete") and saved.get("identity") == _identity(other, cfg)):
+        return {}
+    records = _records(other)
+    if len(saved.get("record_nll", ())) != len(records):
+        return {}
+    return {_key(r): v for r, v in zip(records, saved["record_nll"])}
+
+
 def target_nll(targets: str | Path, cfg: Config, device: str = "cpu", progress: bool = True,
                generator: TextGenerator | None = None) -> dict:
     """The mean per-token NLL of a targets file's targets under `cfg`'s base LLM given each
     description (see the module docstring): {"nll", "tokens", "records"} (nll None for a file
-    with no records). Reads and writes the
-    sidecar `nll_path(targets)`, so a finished file is not scored again and a killed run resumes;
+    with no records). Reads and writes the sidecar `nll_path(targets)`, which keeps each record's
+    summed NLL (`record_nll`), so a finished file is not scored again and a killed run resumes;
+    records identical to ones of `targets.self_output_file` (scored before) take their value;
     `generator` reuses a loaded LLM (else it is loaded when there is something to score)."""
     from tqdm import tqdm
 
     targets = Path(targets)
     path = nll_path(targets)
     identity = _identity(targets, cfg)
-    state = {"identity": identity, "records_done": 0, "nll_sum": 0.0, "tokens": 0, "complete": False}
+    state = {"identity": identity, "records_done": 0, "nll_sum": 0.0, "tokens": 0, "record_nll": [],
+             "complete": False}
     if path.exists():
         try:
             saved = json.loads(path.read_text(encoding="utf-8"))
@@ -131,16 +182,26 @@ def target_nll(targets: str | Path, cfg: Config, device: str = "cpu", progress: 
         todo = records[state["records_done"]:]
         if todo and generator is None:
             generator = TextGenerator.from_config(cfg, device)
+        known = _reusable(cfg, targets) if todo else {}
         batch = cfg.targets.batch_size
         chunk = batch * CHUNK_BATCHES
         bar = tqdm(total=len(records), initial=state["records_done"], desc="target NLL", unit="rec",
                    disable=not progress, file=sys.stderr)
+        every = [target_pair(generator, r) for r in todo]
+        fresh = [pair for pair, r in zip(every, todo) if _key(r) not in known]
+        prefix = fresh[0][0][: prompt_prefix_length([p for p, _ in fresh])] if fresh else []
+        prefix_kv = prefix_cache(generator.llm, prefix) if prefix else None
         for start in range(0, len(todo), chunk):
-            pairs = [target_pair(generator, r) for r in todo[start: start + chunk]]
-            order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
+            recs, pairs = todo[start: start + chunk], every[start: start + chunk]
+            sums = [known.get(_key(r)) for r in recs]
+            order = sorted((i for i, v in enumerate(sums) if v is None),
+                           key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
             for b in range(0, len(order), batch):
                 idx = order[b: b + batch]
-                state["nll_sum"] += sum(_batch_nll(generator, [pairs[i] for i in idx]))
+                for i, v in zip(idx, _batch_nll(generator, [pairs[i] for i in idx], prefix, prefix_kv)):
+                    sums[i] = v
+            state["nll_sum"] += sum(sums)
+            state["record_nll"] += sums
             state["tokens"] += sum(len(t) for _, t in pairs)
             state["records_done"] += len(pairs)
             write_json_atomic(path, state)
