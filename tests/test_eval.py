@@ -257,7 +257,14 @@ def test_eval_suite_tiny_end_to_end_and_resume(tmp_path, tiny_eval_setup, monkey
     out = tmp_path / "eval"
     cfg = EvalConfig(max_new_tokens=6, if_max_new_tokens=8, text_prompts=4, text_prompt_set="builtin", bootstrap=50,
                      safety_items=0)
+    from speechllm.model.speechllm import SpeechLLM
+
+    typed, generate = [], SpeechLLM.generate
+    monkeypatch.setattr(SpeechLLM, "generate",
+                        lambda self, examples, *a, **k: typed.extend(e for e in examples if e.audio is None)
+                        or generate(self, examples, *a, **k))
     report = run_eval([ckpt, second], meta, out, cfg, progress=False)
+    assert typed == []  # a frozen LLM's text path is the base LLM: its text prompts take the reference's answers
 
     for name in ("self-output", "label"):
         c = report["checkpoints"][name]
@@ -303,8 +310,6 @@ def test_eval_suite_tiny_end_to_end_and_resume(tmp_path, tiny_eval_setup, monkey
         report_passes(out, "self-output", fgt)
 
     # a rerun answers nothing again (every answer is loaded from generations/)
-    from speechllm.model.speechllm import SpeechLLM
-
     def no_generation(*a, **k):
         raise AssertionError("a finished run generated again")
 

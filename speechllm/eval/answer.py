@@ -44,6 +44,20 @@ def speech_answers(model: SpeechLLM, examples: list[Example], gen: GenerationCon
     return out  # type: ignore[return-value]
 
 
+def text_path_is_reference(model: SpeechLLM, reference: "Reference", texts: list[str]) -> bool:
+    """True when the speech model's text path is the base LLM itself (no LoRA) and lays out every
+    text of `texts` as a user turn with the reference's token ids: its greedy answers to them are
+    then the reference's (the text path gives the base LLM's logits exactly, tested), so they need
+    not be generated a second time."""
+    if model.lora is not None:
+        return False
+    for text in texts:
+        pieces = model.prompt.pieces(text, None, has_audio=False)
+        if pieces.before_audio + pieces.after_audio != reference.generator.prompt_ids(text):
+            return False
+    return True
+
+
 class Reference:
     """The base LLM reading text descriptions. Shares the speech model's LLM when that LLM is
     unchanged (frozen, no LoRA); with LoRA a fresh copy of the base LLM is loaded, so the

@@ -532,16 +532,11 @@ def reference_answers(reference: "Reference", model: "SpeechLLM", ref_name: str,
 
 
 def typed_is_reference(model: "SpeechLLM", reference: "Reference", sset: SafetySet) -> bool:
-    """True when the speech model's text path is the base LLM itself (no LoRA) and lays out every
-    typed request with the reference's token ids: its greedy answers are then the reference's,
-    and are not generated a second time."""
-    if model.lora is not None:
-        return False
-    for r in sset.requests:
-        pieces = model.prompt.pieces(r.text, None, has_audio=False)
-        if pieces.before_audio + pieces.after_audio != reference.generator.prompt_ids(r.text):
-            return False
-    return True
+    """True when the speech model's typed answers to every request are the reference's
+    (`answer.text_path_is_reference`): they are then not generated a second time."""
+    from .answer import text_path_is_reference
+
+    return text_path_is_reference(model, reference, [r.text for r in sset.requests])
 
 
 def checkpoint_answers(model: "SpeechLLM", ckpt: Path, name: str, sset: SafetySet, folder: Path, cfg: EvalConfig,

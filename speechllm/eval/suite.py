@@ -143,7 +143,7 @@ def evaluate_checkpoint(ckpt: Path, name: str, es: EvalSet, out: Path, cfg: Eval
     if asks_safety:
         check_safety_lengths(model, reference, sset, cfg)
     ref_name, ref = _reference_generations(model, reference, es, out, cfg, progress)
-    sysgen = _checkpoint_generations(model, ckpt, name, ref_name, es, out, cfg, progress)
+    sysgen = _checkpoint_generations(model, ckpt, name, ref_name, es, out, cfg, progress, reference, ref)
     safety = (evaluate_safety(model, reference, ckpt, name, ref_name, sset, out / GENERATIONS_DIR, cfg, progress)
               if asks_safety else None)
     kl = text_kl(model, reference.generator.llm)
@@ -223,12 +223,14 @@ def _reference_answers(reference: "Reference", chunk: list[str], es: EvalSet, ge
 
 
 def _checkpoint_generations(model: "SpeechLLM", ckpt: Path, name: str, ref_name: str, es: EvalSet, out: Path,
-                            cfg: EvalConfig, progress: bool) -> Generations:
+                            cfg: EvalConfig, progress: bool, reference: "Reference", ref: Generations) -> Generations:
     """The checkpoint's answers to every key (cached per adapter weights and settings): audio and
-    ASR transcript with the instruction for audio items, the text path for text prompts."""
+    ASR transcript with the instruction for audio items, the text path for text prompts; where
+    that text path is the base LLM itself (`text_path_is_reference`: a frozen LLM, no LoRA) the
+    text prompts take the reference's answers (`ref`) instead of being generated again."""
     from ..hub import weights
     from ..model.speechllm import Example
-    from .answer import speech_answers
+    from .answer import speech_answers, text_path_is_reference
 
     identity = {"checkpoint": str(ckpt.resolve()), "adapter_sha256": weights.sha256_file(ckpt / "adapter.safetensors"),
                 "reference": ref_name, **_settings(cfg)}
@@ -242,10 +244,17 @@ def _checkpoint_generations(model: "SpeechLLM", ckpt: Path, name: str, ref_name:
     def length(key: str) -> int:  # LLM positions: batches of similar prompt lengths pad little
         return model.example_positions(example(key))
 
+    def answer(chunk: list[str], rows: int) -> list[str]:
+        return speech_answers(model, [example(k) for k in chunk], _generation(cfg, chunk[0]), rows)
+
+    def the_reference(chunk: list[str], rows: int) -> list[str]:
+        return [ref.answers[k] for k in chunk]
+
     for keys, desc in es.groups:
-        sysgen.fill(keys, length, lambda chunk, rows: speech_answers(model, [example(k) for k in chunk],
-                                                                     _generation(cfg, chunk[0]), rows),
-                    cfg.batch_size, desc, progress, asked=es.asked)
+        typed = bool(keys) and es.item(keys[0]) is None  # a group is all audio items or all text prompts
+        same = typed and text_path_is_reference(model, reference, [es.instruction(k) for k in keys])
+        sysgen.fill(keys, length, the_reference if same else answer, cfg.batch_size,
+                    f"{desc} (the reference's: the same text path)" if same else desc, progress, asked=es.asked)
     return sysgen
 
 
