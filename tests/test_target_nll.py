@@ -106,14 +106,22 @@ def test_the_sidecar_resumes_and_a_changed_file_is_scored_again(tmp_path, genera
     path = nll_path(tmp_path / "t.jsonl")
     saved = json.loads(path.read_text())
     first = direct(generator, recs[:2])
-    saved.update(records_done=2, nll_sum=sum(s for s, _ in first), tokens=sum(n for _, n in first), complete=False,
-                 record_nll=[s for s, _ in first])
+    saved.update(tokens=sum(n for _, n in first), complete=False, record_nll=[s for s, _ in first])
     for key in ("nll", "records"):
         saved.pop(key)
     path.write_text(json.dumps(saved))
+    scored, real = [], nll_module._batch_nll
+    monkeypatch.setattr(nll_module, "_batch_nll", lambda g, pairs, *a: scored.extend(pairs) or real(g, pairs, *a))
     resumed = target_nll(tmp_path / "t.jsonl", cfg(), progress=False, generator=generator)
+    assert len(scored) == 3
     assert resumed["tokens"] == full["tokens"] and resumed["nll"] == pytest.approx(full["nll"], rel=1e-5)
     assert json.loads(path.read_text())["record_nll"] == pytest.approx([s for s, _ in direct(generator, recs)], rel=1e-4)
+    # a damaged sidecar (a sum that is not a number) is scored afresh, not a traceback
+    damaged = json.loads(path.read_text())
+    damaged["record_nll"][0] = "x"
+    path.write_text(json.dumps(damaged))
+    assert target_nll(tmp_path / "t.jsonl", cfg(), progress=False, generator=generator) == pytest.approx(resumed)
+    assert len(scored) == 3 + 5
     write_targets(tmp_path / "t.jsonl", TARGETS[:3])  # other content: scored afresh
     again = target_nll(tmp_path / "t.jsonl", cfg(), progress=False, generator=generator)
     assert again["records"] == 3

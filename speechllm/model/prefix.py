@@ -137,3 +137,16 @@ def rest_positions(full_mask: torch.Tensor, prefix_length: int) -> torch.Tensor:
     gets 0; it is masked): (batch, prefix + rest) -> (batch, rest)."""
     positions = full_mask.long().cumsum(-1) - 1
     return positions.masked_fill(full_mask == 0, 0)[:, prefix_length:]
+
+
+def states_after_prefix(llm: nn.Module, full_mask: torch.Tensor, prefix_length: int, cache, **inputs) -> torch.Tensor:
+    """The decoder's last hidden states of the positions after a prefix whose KV, expanded over the
+    batch, is `cache` (None: no prefix; `full_mask` is then the inputs' own mask): `inputs` are
+    `input_ids` or `inputs_embeds` of the rest, (batch, rest[, width]); `full_mask` covers prefix +
+    rest, positions come from it (`rest_positions`) -> (batch, rest, hidden)."""
+    decoder = llm.get_decoder()
+    if cache is None:
+        return decoder(attention_mask=full_mask, **inputs).last_hidden_state
+    return decoder(attention_mask=full_mask, use_cache=True, position_ids=rest_positions(full_mask, prefix_length),
+                   **{cache_kwarg(llm): cache}, **inputs).last_hidden_state
+

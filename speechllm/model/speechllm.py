@@ -28,7 +28,8 @@ from .encoder import WhisperTappedEncoder, load_whisper_encoder
 from .llm import DTYPES, context_length, load_llm, text_config
 from .decode import Prompts, greedy_decode_in_order
 from .packed import packed_linears
-from .prefix import FrozenPrefixCache, cache_kwarg, expand_cache, rest_positions, shared_prefix_length, with_prefix_mask
+from .prefix import (FrozenPrefixCache, cache_kwarg, expand_cache, shared_prefix_length, states_after_prefix,
+                     with_prefix_mask)
 from .prompt import PromptBuilder, PromptPieces
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -388,17 +389,10 @@ class SpeechLLM(nn.Module):
             batch = self.build_batch(batch, reuse_prefix=reuse_prefix)
         if batch.labels is None:
             raise ValueError("forward needs a training batch (with labels)")
-        backbone = self.llm.get_decoder()
         cache = self._prefix_cache(batch)  # with the model's own kernel: generation reuses it
         with kernel(self.llm, self.training_kernel(batch) if torch.is_grad_enabled() else None):
-            if cache is None:
-                hidden = backbone(inputs_embeds=batch.inputs_embeds,
-                                  attention_mask=batch.attention_mask).last_hidden_state
-            else:
-                mask = batch.full_attention_mask
-                hidden = backbone(inputs_embeds=batch.inputs_embeds, attention_mask=mask, use_cache=True,
-                                  **{cache_kwarg(self.llm): cache},
-                                  position_ids=rest_positions(mask, len(batch.prefix_ids))).last_hidden_state
+            hidden = states_after_prefix(self.llm, batch.attention_mask if cache is None else batch.full_attention_mask,
+                                         len(batch.prefix_ids or ()), cache, inputs_embeds=batch.inputs_embeds)
         shifted = batch.labels[:, 1:]
         predict = shifted != IGNORE_INDEX
         if not predict.any():

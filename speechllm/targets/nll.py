@@ -40,7 +40,7 @@ from ..hub import weights
 from ..io.jsonl import read_records, sibling_path, write_json_atomic
 from ..model.generate import TextGenerator
 from ..model.llm import llm_identity
-from ..model.prefix import cache_kwarg, expand_cache, prefix_cache, prompt_prefix_length, rest_positions
+from ..model.prefix import expand_cache, prefix_cache, prompt_prefix_length, states_after_prefix
 from ..model.prompt import description_prompt
 from ..model.speechllm import IGNORE_INDEX
 from ..records import TargetRecord
@@ -101,12 +101,8 @@ def _batch_nll(generator: TextGenerator, pairs: list[tuple[list[int], list[int]]
         first = len(p) - n - 1  # the prompt's last position predicts the target's first token
         labels[row, first: first + len(t)] = torch.tensor(t)
     ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
-    decoder = llm.get_decoder()
-    if prefix_kv is None:
-        hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
-    else:
-        hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=True, position_ids=rest_positions(mask, n),
-                         **{cache_kwarg(llm): expand_cache(llm, prefix_kv, len(pairs))}).last_hidden_state
+    cache = None if prefix_kv is None else expand_cache(llm, prefix_kv, len(pairs))
+    hidden = states_after_prefix(llm, mask, n, cache, input_ids=ids)
     predict = labels != IGNORE_INDEX
     logits = llm.get_output_embeddings()(hidden[predict]).float()
     tokens = torch.nn.functional.cross_entropy(logits, labels[predict], reduction="none")
@@ -134,23 +130,32 @@ def _key(rec: TargetRecord) -> tuple:
     return rec.description, rec.instruction, rec.target, rec.truncated
 
 
+def _saved(path: Path, identity: dict) -> dict | None:
+    """The sidecar at `path` when it scored what `identity` names and is well-formed (a list of
+    per-record sums, a token count, a completion flag); None otherwise (missing, unreadable, stale,
+    foreign): then scoring starts afresh."""
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not (isinstance(saved, dict) and saved.get("identity") == identity
+            and isinstance(saved.get("record_nll"), list) and isinstance(saved.get("tokens"), int)
+            and isinstance(saved.get("complete"), bool)
+            and all(isinstance(v, (int, float)) for v in saved["record_nll"])):
+        return None
+    return saved
+
+
 def _reusable(cfg: Config, targets: Path) -> dict[tuple, float]:
     """Summed NLL by `_key` of the records of `targets.self_output_file` (minimum-change edits a copy
     of those self-outputs; most of its records are theirs unchanged) where that file's sidecar is
     complete, current and scored by the same LLM and prompt; empty otherwise."""
-    if not cfg.targets.self_output_file:
+    other = Path(cfg.targets.self_output_file) if cfg.targets.self_output_file else None
+    if other is None or not other.is_file() or other.resolve() == targets.resolve():
         return {}
-    other = Path(cfg.targets.self_output_file)
-    if not other.exists() or other.resolve() == targets.resolve():
-        return {}
-    try:
-        saved = json.loads(nll_path(other).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    if not (isinstance(saved, dict) and saved.get("complete") and saved.get("identity") == _identity(other, cfg)):
-        return {}
-    records = _records(other)
-    if len(saved.get("record_nll", ())) != len(records):
+    saved = _saved(nll_path(other), _identity(other, cfg))
+    records = _records(other) if saved and saved["complete"] else []
+    if len(records) != len(saved["record_nll"] if saved else ()) or not records:
         return {}
     return {_key(r): v for r, v in zip(records, saved["record_nll"])}
 
@@ -160,32 +165,24 @@ def target_nll(targets: str | Path, cfg: Config, device: str = "cpu", progress: 
     """The mean per-token NLL of a targets file's targets under `cfg`'s base LLM given each
     description (see the module docstring): {"nll", "tokens", "records"} (nll None for a file
     with no records). Reads and writes the sidecar `nll_path(targets)`, which keeps each record's
-    summed NLL (`record_nll`), so a finished file is not scored again and a killed run resumes;
-    records identical to ones of `targets.self_output_file` (scored before) take their value;
-    `generator` reuses a loaded LLM (else it is loaded when there is something to score)."""
+    summed NLL (`record_nll`, in file order), so a finished file is not scored again and a killed
+    run resumes; records identical to ones of `targets.self_output_file` (scored before) take their
+    value; `generator` reuses a loaded LLM (else it is loaded when there is something to score)."""
     from tqdm import tqdm
 
     targets = Path(targets)
     path = nll_path(targets)
     identity = _identity(targets, cfg)
-    state = {"identity": identity, "records_done": 0, "nll_sum": 0.0, "tokens": 0, "record_nll": [],
-             "complete": False}
-    if path.exists():
-        try:
-            saved = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            saved = None
-        if isinstance(saved, dict) and saved.get("identity") == identity:
-            state = saved
+    state = _saved(path, identity) or {"identity": identity, "record_nll": [], "tokens": 0, "complete": False}
     if not state["complete"]:
         records = _records(targets)
-        todo = records[state["records_done"]:]
+        todo = records[len(state["record_nll"]):]
         if todo and generator is None:
             generator = TextGenerator.from_config(cfg, device)
         known = _reusable(cfg, targets) if todo else {}
         batch = cfg.targets.batch_size
         chunk = batch * CHUNK_BATCHES
-        bar = tqdm(total=len(records), initial=state["records_done"], desc="target NLL", unit="rec",
+        bar = tqdm(total=len(records), initial=len(state["record_nll"]), desc="target NLL", unit="rec",
                    disable=not progress, file=sys.stderr)
         every = [target_pair(generator, r) for r in todo]
         fresh = [pair for pair, r in zip(every, todo) if _key(r) not in known]
@@ -200,14 +197,12 @@ def target_nll(targets: str | Path, cfg: Config, device: str = "cpu", progress: 
                 idx = order[b: b + batch]
                 for i, v in zip(idx, _batch_nll(generator, [pairs[i] for i in idx], prefix, prefix_kv)):
                     sums[i] = v
-            state["nll_sum"] += sum(sums)
             state["record_nll"] += sums
             state["tokens"] += sum(len(t) for _, t in pairs)
-            state["records_done"] += len(pairs)
             write_json_atomic(path, state)
             bar.update(len(pairs))
         bar.close()
-        state.update(complete=True, records=state["records_done"],
-                     nll=state["nll_sum"] / state["tokens"] if state["tokens"] else None)
+        state.update(complete=True, records=len(state["record_nll"]),
+                     nll=sum(state["record_nll"]) / state["tokens"] if state["tokens"] else None)
         write_json_atomic(path, state)
     return {"nll": state["nll"], "tokens": state["tokens"], "records": state["records"]}
