@@ -250,9 +250,9 @@ def _checkpoint_generations(model: "SpeechLLM", ckpt: Path, name: str, ref_name:
     def the_reference(chunk: list[str], rows: int) -> list[str]:
         return [ref.answers[k] for k in chunk]
 
+    text_is_reference = text_path_is_reference(model, reference, [es.instruction(k) for k in es.text_keys])
     for keys, desc in es.groups:
-        typed = bool(keys) and es.item(keys[0]) is None  # a group is all audio items or all text prompts
-        same = typed and text_path_is_reference(model, reference, [es.instruction(k) for k in keys])
+        same = keys == es.text_keys and text_is_reference  # the text prompts; audio items never match
         sysgen.fill(keys, length, the_reference if same else answer, cfg.batch_size,
                     f"{desc} (the reference's: the same text path)" if same else desc, progress, asked=es.asked)
     return sysgen
