@@ -80,8 +80,8 @@ def test_records_kept_from_the_self_output_file_take_its_values(tmp_path, genera
     write_targets(tmp_path / "alone.jsonl", edited)
     scratch = target_nll(tmp_path / "alone.jsonl", cfg(), progress=False, generator=generator)
     scored = []
-    real = nll_module._batch_nll
-    monkeypatch.setattr(nll_module, "_batch_nll", lambda g, pairs, *a: scored.extend(pairs) or real(g, pairs, *a))
+    real = nll_module._batch_token_nll
+    monkeypatch.setattr(nll_module, "_batch_token_nll", lambda llm, pad, pairs, *a: scored.extend(pairs) or real(llm, pad, pairs, *a))
     minimum_change = cfg("targets.strategy=minimum-change", f"targets.self_output_file={tmp_path / 'so.jsonl'}")
     result = target_nll(tmp_path / "mc.jsonl", minimum_change, progress=False, generator=generator)
     assert len(scored) == 1 and result["tokens"] == scratch["tokens"]
@@ -110,8 +110,8 @@ def test_the_sidecar_resumes_and_a_changed_file_is_scored_again(tmp_path, genera
     for key in ("nll", "records"):
         saved.pop(key)
     path.write_text(json.dumps(saved))
-    scored, real = [], nll_module._batch_nll
-    monkeypatch.setattr(nll_module, "_batch_nll", lambda g, pairs, *a: scored.extend(pairs) or real(g, pairs, *a))
+    scored, real = [], nll_module._batch_token_nll
+    monkeypatch.setattr(nll_module, "_batch_token_nll", lambda llm, pad, pairs, *a: scored.extend(pairs) or real(llm, pad, pairs, *a))
     resumed = target_nll(tmp_path / "t.jsonl", cfg(), progress=False, generator=generator)
     assert len(scored) == 3
     assert resumed["tokens"] == full["tokens"] and resumed["nll"] == pytest.approx(full["nll"], rel=1e-5)

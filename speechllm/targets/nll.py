@@ -79,19 +79,18 @@ def _records(targets: Path) -> list[TargetRecord]:
 
 
 @torch.inference_mode()
-def _batch_nll(generator: TextGenerator, pairs: list[tuple[list[int], list[int]]], prefix: list[int],
-               prefix_kv) -> list[float]:
-    """Summed NLL (nats) of each target given its prompt; `pairs` are (prompt ids, target ids),
-    every prompt starting with `prefix` (whose batch-1 KV cache is `prefix_kv`; None when empty).
-    The rest of each prompt and its target are scored right-padded after the expanded prefix in one
-    pass of the decoder: hidden states (batch, longest rest, width); the LM head runs only on the
-    positions that predict a target token."""
-    llm = generator.llm
+def _batch_token_nll(llm, pad_id: int, pairs: list[tuple[list[int], list[int]]], prefix: list[int],
+                     prefix_kv) -> list[torch.Tensor]:
+    """NLL (nats) of each target token given its prompt, one (len(target),) float32 tensor per
+    pair; `pairs` are (prompt ids, target ids), every prompt starting with `prefix` (whose batch-1
+    KV cache is `prefix_kv`; None when empty). The rest of each prompt and its target are scored
+    right-padded (with `pad_id`) after the expanded prefix in one pass of the decoder: hidden states
+    (batch, longest rest, width); the LM head runs only on the positions that predict a target token."""
     device = llm.get_input_embeddings().weight.device
     n = len(prefix)
     rests = [p[n:] + t for p, t in pairs]
     longest = max(map(len, rests))
-    ids = torch.full((len(pairs), longest), generator.pad_id, dtype=torch.long)
+    ids = torch.full((len(pairs), longest), pad_id, dtype=torch.long)
     labels = torch.full((len(pairs), longest), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(pairs), n + longest), dtype=torch.long)
     mask[:, :n] = 1
@@ -99,15 +98,36 @@ def _batch_nll(generator: TextGenerator, pairs: list[tuple[list[int], list[int]]
         ids[row, : len(rest)] = torch.tensor(rest)
         mask[row, n: n + len(rest)] = 1
         first = len(p) - n - 1  # the prompt's last position predicts the target's first token
-        labels[row, first: first + len(t)] = torch.tensor(t)
+        labels[row, first: first + len(t)] = torch.tensor(t, dtype=torch.long)
     ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
     cache = None if prefix_kv is None else expand_cache(llm, prefix_kv, len(pairs))
     hidden = states_after_prefix(llm, mask, n, cache, input_ids=ids)
     predict = labels != IGNORE_INDEX
     logits = llm.get_output_embeddings()(hidden[predict]).float()
     tokens = torch.nn.functional.cross_entropy(logits, labels[predict], reduction="none")
-    rows = predict.nonzero()[:, 0]
-    return torch.zeros(len(pairs), device=device).index_add_(0, rows, tokens).tolist()
+    return list(tokens.cpu().split([len(t) for _, t in pairs]))  # row-major: each pair's tokens in order
+
+
+@torch.inference_mode()
+def token_nll(llm, pad_id: int, pairs: list[tuple[list[int], list[int]]], batch_size: int,
+              prefix: list[int] | None = None, prefix_kv=None, on_batch=None) -> list[torch.Tensor]:
+    """NLL (nats) of every target token given its prompt under `llm`, one (len(target),) float32
+    tensor per (prompt ids, target ids) pair, in `pairs`' order. The ids all prompts start with run
+    once (or give them as `prefix` with their batch-1 `prefix_kv`, shared by all pairs), the pairs go
+    in batches of `batch_size` sorted by length (least padding), the LM head only where a target
+    token is predicted. `on_batch(n)` is called after each batch of n pairs (a progress bar)."""
+    if prefix is None:
+        prefix = pairs[0][0][: prompt_prefix_length([p for p, _ in pairs])] if pairs else []
+        prefix_kv = prefix_cache(llm, prefix) if prefix else None
+    out: list[torch.Tensor | None] = [None] * len(pairs)
+    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
+    for b in range(0, len(order), batch_size):
+        idx = order[b: b + batch_size]
+        for i, tokens in zip(idx, _batch_token_nll(llm, pad_id, [pairs[i] for i in idx], prefix, prefix_kv)):
+            out[i] = tokens
+        if on_batch is not None:
+            on_batch(len(idx))
+    return out
 
 
 def target_pair(generator: TextGenerator, rec: TargetRecord) -> tuple[list[int], list[int]]:
@@ -191,12 +211,10 @@ def target_nll(targets: str | Path, cfg: Config, device: str = "cpu", progress: 
         for start in range(0, len(todo), chunk):
             recs, pairs = todo[start: start + chunk], every[start: start + chunk]
             sums = [known.get(_key(r)) for r in recs]
-            order = sorted((i for i, v in enumerate(sums) if v is None),
-                           key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
-            for b in range(0, len(order), batch):
-                idx = order[b: b + batch]
-                for i, v in zip(idx, _batch_nll(generator, [pairs[i] for i in idx], prefix, prefix_kv)):
-                    sums[i] = v
+            idx = [i for i, v in enumerate(sums) if v is None]
+            scored = token_nll(generator.llm, generator.pad_id, [pairs[i] for i in idx], batch, prefix, prefix_kv)
+            for i, tokens in zip(idx, scored):
+                sums[i] = float(tokens.sum())
             state["record_nll"] += sums
             state["tokens"] += sum(len(t) for _, t in pairs)
             write_json_atomic(path, state)

@@ -350,7 +350,9 @@ def _fits_context(rec: TrainRecord, model: "SpeechLLM", cfg: TrainConfig) -> boo
     if model.prompt_length(rec.instruction, rec.transcript, True, rec.seconds) + target > limit:
         return False
     if cfg.token_masking > 0:
-        scored = model.prompt_length(f"{rec.description}\n\n{rec.instruction}", None, has_audio=False)
+        from ..model.prompt import description_prompt  # the model package imports torch
+
+        scored = model.prompt_length(description_prompt(rec.description, rec.instruction), None, has_audio=False)
         return scored + target <= limit
     return True
 

@@ -34,6 +34,7 @@ from ..distributed import accelerate_kwargs
 from ..config import Config, to_dict
 from ..io.paths import folder_problem
 from ..model import Example, SpeechLLM, build_model
+from ..model.prompt import description_prompt
 from ..model.speechllm import ADAPTER_WEIGHTS, CHECKPOINT_CONFIG
 from . import checkpoint as ckpt
 from .curve import BEST_DIR, ForgettingCurve, best_of, copy_best, promote_best
@@ -419,21 +420,26 @@ class Trainer:
 
     def _token_masks(self) -> dict[str, list[bool]]:
         """Selective Token Masking: per record, drop from the loss the `token_masking` fraction of
-        target tokens the base LLM finds least probable given the text description."""
-        frac = self.cfg.train.token_masking
-        m = self.model
+        target tokens the base LLM finds least probable given the text description (the zero-shot
+        prompt `targets.nll` scores against), scored in batches of `train.batch_size` with the
+        prompts' shared prefix run once."""
+        from tqdm import tqdm
+
+        from ..targets.nll import token_nll
+
+        frac, m = self.cfg.train.token_masking, self.model
+        pairs = []
+        for r in self.train_records:
+            pieces = m.prompt.pieces(description_prompt(r.description, r.instruction), None, has_audio=False)
+            pairs.append((pieces.before_audio + pieces.after_audio,
+                          m.prompt.target(r.target, complete=False)))  # the answer as trained, without end-of-turn
+        with tqdm(total=len(pairs), desc="token masking: scoring targets", unit="rec", file=sys.stderr,
+                  disable=not self.progress or not self.acc.is_main_process) as bar:
+            scored = token_nll(m.llm, m.prompt.stop_ids[0], pairs, self.cfg.train.batch_size, on_batch=bar.update)
         masks = {}
-        with torch.no_grad():
-            for r in self.train_records:
-                pieces = m.prompt.pieces(f"{r.description}\n\n{r.instruction}", None, has_audio=False)
-                prompt = pieces.before_audio + pieces.after_audio
-                target = m.prompt.target(r.target, complete=False)  # the answer as trained, without end-of-turn
-                ids = torch.tensor([prompt + target], device=m.device)
-                logp = m.llm(input_ids=ids).logits[0, len(prompt) - 1: -1].float().log_softmax(-1)
-                tok_logp = logp.gather(-1, ids[0, len(prompt):, None])[:, 0]
-                n_drop = int(round(frac * len(target)))
-                drop = set(torch.argsort(tok_logp)[:n_drop].tolist())
-                masks[r.id] = [j not in drop for j in range(len(target))]
+        for r, (_, target), nll in zip(self.train_records, pairs, scored):
+            drop = set(torch.argsort(nll, descending=True, stable=True)[: int(round(frac * len(target)))].tolist())
+            masks[r.id] = [j not in drop for j in range(len(target))]
         return masks
 
     # ------------------------------------------------------------------ checkpoints
