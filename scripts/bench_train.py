@@ -52,15 +52,15 @@ from speechllm.model.speechllm import IGNORE_INDEX
 from speechllm.training.cache import FeatureCache
 from speechllm.training.data import TrainRecord, batch_at, epoch_batches, load_targets
 
-from bounds import DTYPE_LABEL, add_attention_arg, add_dtype_arg, add_train_attention_arg, clock, matmul_peak, resolve_dtype
+from bounds import DTYPE_LABEL, LLMFlops, add_attention_arg, add_dtype_arg, add_train_attention_arg, clock, matmul_peak, resolve_dtype
 
 DESTA_SEQ_LEN = 300
 """DeSTA2.5's max_seq_length: every batch is padded (or cut) to it."""
 FORWARD_BACKWARD = 4
-"""FLOPs per LLM weight and trained position: forward (2) + activation gradients (2); the frozen
+"""FLOPs per linear weight and trained position: forward (2) + activation gradients (2); the frozen
 LLM's weights get no gradients."""
 FORWARD = 2
-"""FLOPs per LLM weight and position run without gradients (the frozen LLM's shared prefix)."""
+"""FLOPs per linear weight and position run without gradients (the frozen LLM's shared prefix)."""
 LORA_DROPOUT = 0.05
 """`--lora`: the dropout ours is also timed with (the default before 2026-11-27)."""
 
@@ -109,24 +109,33 @@ def demo_lora() -> LoRAConfig:
 
 
 def llm_matmul_params(model: SpeechLLM) -> int:
-    """Matmul parameters the LLM applies to every token: all but the (tied) embedding table, whose
-    LM-head use is limited to target positions here."""
+    """Matmul parameters the LLM applies to every token: all but the (tied) embedding table (the
+    second count of `optimizer_step`)."""
     embed = model.llm.get_input_embeddings().weight
     return sum(q.numel() for q in model.llm.parameters() if q.data_ptr() != embed.data_ptr())
 
 
-def optimizer_step(model: SpeechLLM, opt: torch.optim.Optimizer, batch: Batch) -> tuple[float, float]:
-    """Forward, backward and one optimizer step on `batch`; returns (loss, LLM FLOPs per weight:
-    the attended positions with gradients, the shared prefix when it was run: the frozen LLM's
-    prefix without gradients, once for later steps too; with LoRA with gradients, every step)."""
+def optimizer_step(model: SpeechLLM, opt: torch.optim.Optimizer, batch: Batch) -> tuple[float, tuple[float, float]]:
+    """Forward, backward and one optimizer step on `batch`; returns (loss, (LLM FLOPs, LLM FLOPs per
+    linear weight)). The FLOPs (`bounds.LLMFlops`): the attended positions with gradients (linear
+    layers, attention over the prefix and the positions before, the LM head where a target token
+    is predicted), and the shared prefix when it was run: the frozen LLM's without gradients, once
+    for later steps too; with LoRA with gradients, every step. The second count (per linear weight,
+    of the positions only: the LLM part's figure before 2026-11-28) leaves attention and the LM head out."""
     runs = model.prefixes.computed
     loss = model(batch)
     loss.backward()
     opt.step()
     opt.zero_grad()
+    flops, n = LLMFlops.of(model.llm), len(batch.prefix_ids or ())
+    prefix_runs = model.prefixes.computed - runs
+    lengths = batch.attention_mask.sum(dim=1).tolist()
+    attended = sum(n * length + length * (length + 1) // 2 for length in lengths)
+    predicted = int((batch.labels[:, 1:] != IGNORE_INDEX).sum())
+    prefix_pass = flops.forward if model.lora is None else flops.training
+    work = flops.training(sum(lengths), attended, predicted) + prefix_runs * prefix_pass(n, n * (n + 1) // 2, 0)
     per_weight = FORWARD if model.lora is None else FORWARD_BACKWARD
-    prefix = per_weight * len(batch.prefix_ids) * (model.prefixes.computed - runs)
-    return float(loss.detach()), FORWARD_BACKWARD * int(batch.attention_mask.sum()) + prefix
+    return float(loss.detach()), (work, FORWARD_BACKWARD * sum(lengths) + per_weight * n * prefix_runs)
 
 
 def ours_step(model: SpeechLLM, opt: torch.optim.Optimizer, cache: FeatureCache, reuse_prefix: bool,
@@ -186,27 +195,30 @@ def with_lora_dropout(model: SpeechLLM, p: float, step: Callable[[list[TrainReco
     return run
 
 
-def time_steps(settings: dict[str, Callable[[list[TrainRecord]], tuple[float, float]]],
-               steps: list[list[TrainRecord]], now) -> dict[str, tuple[float, float]]:
-    """{setting: (samples/s, LLM FLOPs per weight per second)} over the batches `steps`, after one
-    warm-up step each, timed by the clock `now`. The settings take turns batch by batch, so that
-    other work on the machine slows them alike."""
-    seconds, work = dict.fromkeys(settings, 0.0), dict.fromkeys(settings, 0.0)
+def time_steps(settings: dict[str, Callable[[list[TrainRecord]], tuple[float, tuple[float, float]]]],
+               steps: list[list[TrainRecord]], now) -> dict[str, tuple[float, float, float]]:
+    """{setting: (samples/s, LLM FLOP/s, LLM FLOPs per linear weight per second)} over the batches
+    `steps` (FLOPs as `optimizer_step` counts them), after one warm-up step each, timed by the clock
+    `now`. The settings take turns batch by batch, so that other work on the machine slows them alike."""
+    seconds, flops, per_weight = (dict.fromkeys(settings, 0.0) for _ in range(3))
     for step in settings.values():
         step(steps[0])  # warm-up
     for recs in steps:
         for name, step in settings.items():
             t0 = now()
-            work[name] += step(recs)[1]
+            work = step(recs)[1]
             seconds[name] += now() - t0
+            flops[name] += work[0]
+            per_weight[name] += work[1]
     samples = sum(len(s) for s in steps)
-    return {name: (samples / seconds[name], work[name] / seconds[name]) for name in settings}
+    return {name: (samples / seconds[name], flops[name] / seconds[name], per_weight[name] / seconds[name])
+            for name in settings}
 
 
 def run_settings(model: SpeechLLM, opt: torch.optim.Optimizer, cfg: Config, args: argparse.Namespace,
-                 kernel: str | None) -> tuple[dict[str, tuple[float, float]], float, int]:
-    """Both settings on the same synthetic records: ({setting: (samples/s, tokens/s)}, seconds
-    to build the feature cache, clips)."""
+                 kernel: str | None) -> tuple[dict[str, tuple[float, float, float]], float, int]:
+    """Both settings on the same synthetic records: ({setting: `time_steps`'s figures}, seconds to
+    build the feature cache, clips)."""
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         records, _ = load_targets(make_corpus(tmp, args.n))
@@ -228,16 +240,16 @@ def run_settings(model: SpeechLLM, opt: torch.optim.Optimizer, cfg: Config, args
     return results, t_cache, len(records)
 
 
-def report(cfg: Config, args: argparse.Namespace, results: dict[str, tuple[float, float]], t_cache: float,
+def report(cfg: Config, args: argparse.Namespace, results: dict[str, tuple[float, float, float]], t_cache: float,
            clips: int, llm_params: int, peak: float, kernel: str | None, lora: LoRAConfig | None) -> None:
     """Print throughput of every setting, achieved FLOP/s, peak RSS and, last, the speedup (`kernel`:
     ours's training kernel, None: the model's own)."""
     trains_with = kernel or f"the model's, {cfg.model.llm.attn_implementation}"
     with_lora = f", LoRA r={lora.r} dropout {lora.dropout:g} on the LLM" if lora else ""
-    sps_ours, work_ours = results["ours"]
-    sps_whole, _ = results["ours, no prefix reuse"]
-    sps_desta, _ = results["desta2.5-style"]
-    llm_flops = llm_params * work_ours  # per second
+    sps_ours, llm_flops, per_weight = results["ours"]
+    sps_whole = results["ours, no prefix reuse"][0]
+    sps_desta = results["desta2.5-style"][0]
+    linear_flops = llm_params * per_weight  # per second
     print(f"{cfg.model.llm.name} ({cfg.model.llm.dtype}, attention {cfg.model.llm.attn_implementation}, in "
           f"training {cfg.model.llm.train_attn_implementation}: {trains_with}) + "
           f"{cfg.model.encoder.name}{with_lora}, batch {args.batch_size}, "
@@ -252,12 +264,12 @@ def report(cfg: Config, args: argparse.Namespace, results: dict[str, tuple[float
         print(f"with LoRA dropout {LORA_DROPOUT} (each sequence its own prefix): {results[lora_key][0]:.2f} samples/s; "
               f"LoRA dropout {lora.dropout:g} speedup {sps_ours / results[lora_key][0]:.2f}")
     if "desta2.5-style, ours's kernel" in results:
-        sps_kernel, _ = results["desta2.5-style, ours's kernel"]
+        sps_kernel = results["desta2.5-style, ours's kernel"][0]
         print(f"DeSTA2.5-style with ours's training kernel ({kernel}): {sps_kernel:.2f} samples/s; the settings "
               f"alone: speedup {sps_ours / sps_kernel:.1f}, the kernel alone {sps_kernel / sps_desta:.2f}")
     print(f"LLM part: {llm_flops / 1e9:.1f} GFLOP/s achieved vs {DTYPE_LABEL[cfg.model.llm.dtype]} matmul peak "
-          f"{peak / 1e9:.1f} GFLOP/s "
-          f"= {llm_flops / peak:.0%}")
+          f"{peak / 1e9:.1f} GFLOP/s = {llm_flops / peak:.0%} (linear layers, attention and the LM head at target "
+          f"positions; the linear layers' weights alone: {linear_flops / peak:.0%})")
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GB")
     print(f"speedup {sps_ours / sps_desta:.1f}")
 

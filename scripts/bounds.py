@@ -93,6 +93,14 @@ class LLMFlops:
         return (2 * self.linear_params * positions + ATTENTION_FLOPS_PER_KEY * self.layers * self.hidden * attended
                 + 2 * self.head_params * head_positions)
 
+    def training(self, positions: int, attended: int, head_positions: int) -> float:
+        """FLOPs of a training pass over `positions` positions (see `forward`) that computes the
+        gradients of the activations only, as for a frozen LLM under a trained adapter: the forward,
+        then each linear layer's and the LM head's product once more (the gradient of its input), and
+        attention's two products twice (the gradients of scores and values, then of queries and keys)."""
+        return 2 * self.forward(positions, attended, head_positions) + ATTENTION_FLOPS_PER_KEY * self.layers * \
+            self.hidden * attended
+
     def generation(self, prompt_lengths: list[int], new_tokens: list[int], shared: int = 0) -> float:
         """FLOPs of answering prompts of `prompt_lengths` with `new_tokens` tokens each (the stop
         token included): the prefill (logits at the last prompt position only, as `generate`

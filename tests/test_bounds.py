@@ -50,6 +50,22 @@ def test_llm_forward_flops_match_torch_count():
     assert counted == LLMFlops.of(llm).forward(positions, positions * positions, positions)
 
 
+def test_llm_training_flops_match_torch_count():
+    """Forward and backward with the LLM frozen (the gradient flows to the input embeddings, as to
+    an adapter's outputs): every matmul of both passes is in the formula."""
+    config = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    llm = LlamaForCausalLM(config).eval().requires_grad_(False)
+    positions = 7
+    embeds = torch.randn(1, positions, 32, requires_grad=True)
+    with FlopCounterMode(display=False) as counter:
+        llm(inputs_embeds=embeds).logits.sum().backward()
+    assert embeds.grad is not None
+    assert counter.get_total_flops() == LLMFlops.of(llm).training(positions, positions * positions, positions)
+
+
 def test_whisper_encoder_flops_match_torch_count():
     model = _tiny_whisper()
     flops = WhisperFlops.of(model.config)
