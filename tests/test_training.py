@@ -20,6 +20,7 @@ from conftest import ROOT, SAMPLE, TINY_CONFIG
 from speechllm.io.audio import load_audio
 from speechllm.config import load_config
 from speechllm.demo import DemoError, train_stage
+from speechllm.training import trainer as trainer_module
 from speechllm.training.trainer import SettingsChangedError, Trainer, TrainingError, train
 
 
@@ -207,8 +208,10 @@ def test_lora_dropout_tells_that_each_sequence_runs_its_own_prefix(data, tmp_pat
     assert "train.lora.dropout=0.05 draws a mask per sequence" in capsys.readouterr().out
 
 
-def test_token_masking_masks_the_least_probable_fraction(data, tmp_path):
+def test_token_masking_masks_the_least_probable_fraction(data, tmp_path, monkeypatch):
     trainer = Trainer(cfg(data, tmp_path / "mask", "train.max_steps=1", "train.token_masking=0.5"), progress=False)
+    monkeypatch.setattr(trainer_module, "MASKING_CHUNK", 2)  # scored two records at a time: the same masks
+    assert trainer._token_masks() == trainer.masks
     model = trainer.model
     for rec in trainer.train_records:
         mask = trainer.masks[rec.id]

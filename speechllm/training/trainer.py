@@ -17,6 +17,7 @@ function of (seed, k) too (`replay.ReplayStream`), so resuming replays them exac
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import shutil
@@ -58,6 +59,8 @@ SHOWN_CHARS = 40
 TOKEN_SAMPLE = 1024
 """Training records (a seeded sample) whose target tokens measure the mean target tokens per
 example that `train.loss_weighting=token` divides by."""
+MASKING_CHUNK = 4096
+"""Records token masking scores per round (their token ids held at once; a few MB)."""
 
 
 class TrainingError(SpeechLLMError, RuntimeError):
@@ -422,24 +425,29 @@ class Trainer:
         """Selective Token Masking: per record, drop from the loss the `token_masking` fraction of
         target tokens the base LLM finds least probable given the text description (the zero-shot
         prompt `targets.nll` scores against), scored in batches of `train.batch_size` with the
-        prompts' shared prefix run once."""
+        prompts' shared prefix run once per `MASKING_CHUNK` records (only that many records' token
+        ids are held at a time)."""
         from tqdm import tqdm
 
         from ..targets.nll import token_nll
 
         frac, m = self.cfg.train.token_masking, self.model
-        pairs = []
-        for r in self.train_records:
-            pieces = m.prompt.pieces(description_prompt(r.description, r.instruction), None, has_audio=False)
-            pairs.append((pieces.before_audio + pieces.after_audio,
-                          m.prompt.target(r.target, complete=False)))  # the answer as trained, without end-of-turn
-        with tqdm(total=len(pairs), desc="token masking: scoring targets", unit="rec", file=sys.stderr,
-                  disable=not self.progress or not self.acc.is_main_process) as bar:
-            scored = token_nll(m.llm, m.prompt.stop_ids[0], pairs, self.cfg.train.batch_size, on_batch=bar.update)
         masks = {}
-        for r, (_, target), nll in zip(self.train_records, pairs, scored):
-            drop = set(torch.argsort(nll, descending=True, stable=True)[: int(round(frac * len(target)))].tolist())
-            masks[r.id] = [j not in drop for j in range(len(target))]
+        records = iter(self.train_records)
+        with tqdm(total=len(self.train_records), desc="token masking: scoring targets", unit="rec", file=sys.stderr,
+                  disable=not self.progress or not self.acc.is_main_process) as bar:
+            while chunk := list(itertools.islice(records, MASKING_CHUNK)):
+                pairs = []
+                for r in chunk:
+                    pieces = m.prompt.pieces(description_prompt(r.description, r.instruction), None, has_audio=False)
+                    pairs.append((pieces.before_audio + pieces.after_audio,
+                                  m.prompt.target(r.target, complete=False)))  # as trained, without end-of-turn
+                scored = token_nll(m.llm, m.prompt.stop_ids[0], pairs, self.cfg.train.batch_size,
+                                   on_batch=bar.update)
+                for r, (_, target), nll in zip(chunk, pairs, scored):
+                    drop = torch.argsort(nll, descending=True, stable=True)[: int(round(frac * len(target)))]
+                    dropped = set(drop.tolist())
+                    masks[r.id] = [j not in dropped for j in range(len(target))]
         return masks
 
     # ------------------------------------------------------------------ checkpoints
