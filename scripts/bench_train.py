@@ -29,6 +29,7 @@ shared with other work, `--threads 1 --cpu-time` times the process's CPU time in
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import resource
 import tempfile
@@ -115,6 +116,12 @@ def llm_matmul_params(model: SpeechLLM) -> int:
     return sum(q.numel() for q in model.llm.parameters() if q.data_ptr() != embed.data_ptr())
 
 
+@functools.cache
+def flops_of(llm: nn.Module) -> LLMFlops:
+    """The FLOP counts of `llm`'s parts, read once per model (not in every timed step)."""
+    return LLMFlops.of(llm)
+
+
 def optimizer_step(model: SpeechLLM, opt: torch.optim.Optimizer, batch: Batch) -> tuple[float, tuple[float, float]]:
     """Forward, backward and one optimizer step on `batch`; returns (loss, (LLM FLOPs, LLM FLOPs per
     linear weight)). The FLOPs (`bounds.LLMFlops`): the attended positions with gradients (linear
@@ -127,7 +134,7 @@ def optimizer_step(model: SpeechLLM, opt: torch.optim.Optimizer, batch: Batch) -
     loss.backward()
     opt.step()
     opt.zero_grad()
-    flops, n = LLMFlops.of(model.llm), len(batch.prefix_ids or ())
+    flops, n = flops_of(model.llm), len(batch.prefix_ids or ())
     prefix_runs = model.prefixes.computed - runs
     lengths = batch.attention_mask.sum(dim=1).tolist()
     attended = sum(n * length + length * (length + 1) // 2 for length in lengths)

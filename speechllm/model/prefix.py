@@ -149,4 +149,3 @@ def states_after_prefix(llm: nn.Module, full_mask: torch.Tensor, prefix_length: 
         return decoder(attention_mask=full_mask, **inputs).last_hidden_state
     return decoder(attention_mask=full_mask, use_cache=True, position_ids=rest_positions(full_mask, prefix_length),
                    **{cache_kwarg(llm): cache}, **inputs).last_hidden_state
-

@@ -41,7 +41,7 @@ from ..io.jsonl import read_records, sibling_path, write_json_atomic
 from ..model.generate import TextGenerator
 from ..model.llm import llm_identity
 from ..model.prefix import expand_cache, prefix_cache, prompt_prefix_length, states_after_prefix
-from ..model.prompt import description_prompt
+from ..model.prompt import PromptBuilder, description_prompt
 from ..model.speechllm import IGNORE_INDEX
 from ..records import TargetRecord
 
@@ -130,11 +130,13 @@ def token_nll(llm, pad_id: int, pairs: list[tuple[list[int], list[int]]], batch_
     return out
 
 
-def target_pair(generator: TextGenerator, rec: TargetRecord) -> tuple[list[int], list[int]]:
-    """(prompt ids, target ids) of one record: the zero-shot teacher prompt and the target as
-    trained (end-of-turn only when the target is complete)."""
-    return (generator.prompt_ids(description_prompt(rec.description, rec.instruction)),
-            generator.prompt.target(rec.target, complete=not rec.truncated))
+def scored_pair(prompt: PromptBuilder, description: str, instruction: str, target: str,
+                complete: bool) -> tuple[list[int], list[int]]:
+    """(prompt ids, target ids) the base LLM scores: the zero-shot teacher prompt (the chat prompt of
+    `description\\n\\ninstruction`) and the target as trained (end-of-turn only when `complete`).
+    Target perplexity and `train.token_masking` both score these."""
+    return (prompt.conversation([], description_prompt(description, instruction)),
+            prompt.target(target, complete=complete))
 
 
 def summary_line(result: dict, path: Path) -> str:
@@ -174,8 +176,10 @@ def _reusable(cfg: Config, targets: Path) -> dict[tuple, float]:
     if other is None or not other.is_file() or other.resolve() == targets.resolve():
         return {}
     saved = _saved(nll_path(other), _identity(other, cfg))
-    records = _records(other) if saved and saved["complete"] else []
-    if len(records) != len(saved["record_nll"] if saved else ()) or not records:
+    if saved is None or not saved["complete"]:
+        return {}
+    records = _records(other)
+    if not records or len(records) != len(saved["record_nll"]):
         return {}
     return {_key(r): v for r, v in zip(records, saved["record_nll"])}
 
@@ -204,7 +208,8 @@ def target_nll(targets: str | Path, cfg: Config, device: str = "cpu", progress: 
         chunk = batch * CHUNK_BATCHES
         bar = tqdm(total=len(records), initial=len(state["record_nll"]), desc="target NLL", unit="rec",
                    disable=not progress, file=sys.stderr)
-        every = [target_pair(generator, r) for r in todo]
+        every = [scored_pair(generator.prompt, r.description, r.instruction, r.target, not r.truncated)
+                 for r in todo]
         fresh = [pair for pair, r in zip(every, todo) if _key(r) not in known]
         prefix = fresh[0][0][: prompt_prefix_length([p for p, _ in fresh])] if fresh else []
         prefix_kv = prefix_cache(generator.llm, prefix) if prefix else None

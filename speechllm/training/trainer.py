@@ -35,7 +35,6 @@ from ..distributed import accelerate_kwargs
 from ..config import Config, to_dict
 from ..io.paths import folder_problem
 from ..model import Example, SpeechLLM, build_model
-from ..model.prompt import description_prompt
 from ..model.speechllm import ADAPTER_WEIGHTS, CHECKPOINT_CONFIG
 from . import checkpoint as ckpt
 from .curve import BEST_DIR, ForgettingCurve, best_of, copy_best, promote_best
@@ -429,7 +428,7 @@ class Trainer:
         ids are held at a time)."""
         from tqdm import tqdm
 
-        from ..targets.nll import token_nll
+        from ..targets.nll import scored_pair, token_nll
 
         frac, m = self.cfg.train.token_masking, self.model
         masks = {}
@@ -437,11 +436,8 @@ class Trainer:
         with tqdm(total=len(self.train_records), desc="token masking: scoring targets", unit="rec", file=sys.stderr,
                   disable=not self.progress or not self.acc.is_main_process) as bar:
             while chunk := list(itertools.islice(records, MASKING_CHUNK)):
-                pairs = []
-                for r in chunk:
-                    pieces = m.prompt.pieces(description_prompt(r.description, r.instruction), None, has_audio=False)
-                    pairs.append((pieces.before_audio + pieces.after_audio,
-                                  m.prompt.target(r.target, complete=False)))  # as trained, without end-of-turn
+                # the text tokens as trained; the end-of-turn is never masked, so it is not scored
+                pairs = [scored_pair(m.prompt, r.description, r.instruction, r.target, complete=False) for r in chunk]
                 scored = token_nll(m.llm, m.prompt.stop_ids[0], pairs, self.cfg.train.batch_size,
                                    on_batch=bar.update)
                 for r, (_, target), nll in zip(chunk, pairs, scored):
