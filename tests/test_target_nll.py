@@ -33,9 +33,13 @@ def generator():
     return TextGenerator.from_config(cfg())
 
 
-def write_targets(path, targets=TARGETS):
-    recs = [{"id": f"r{i}", "audio": "a.wav", "description": DESCRIPTIONS[i % 3], "instruction": "What can you hear?",
+def write_targets_records(targets=TARGETS):
+    return [{"id": f"r{i}", "audio": "a.wav", "description": DESCRIPTIONS[i % 3], "instruction": "What can you hear?",
              "target": t, "truncated": i == len(targets) - 1} for i, t in enumerate(targets)]
+
+
+def write_targets(path, targets=TARGETS):
+    recs = write_targets_records(targets)
     path.write_text("".join(json.dumps(r) + "\n" for r in recs))
     return recs
 
@@ -67,6 +71,21 @@ def test_batched_nll_equals_the_direct_computation(tmp_path, generator):
     # the prompts share their first ids (template, system prompt): the shared-prefix path was taken
     prompts = [generator.prompt_ids(description_prompt(r["description"], r["instruction"])) for r in recs]
     assert prompt_prefix_length(prompts) > 0
+
+
+def test_token_nll_runs_a_given_prefix_itself_and_rejects_one_that_does_not_start_every_prompt(generator):
+    recs = write_targets_records()
+    pairs = [(generator.prompt_ids(description_prompt(r["description"], r["instruction"])),
+              generator.prompt.target(r["target"], complete=not r["truncated"])) for r in recs]
+    per = direct(generator, recs)
+    shared = pairs[0][0][: prompt_prefix_length([p for p, _ in pairs])]
+    for prefix in (None, shared, shared[:3], []):  # found, given without its KV (whole or part), none
+        sums = [float(t.sum()) for t in nll_module.token_nll(generator.llm, generator.pad_id, pairs, 2, prefix)]
+        assert sums == pytest.approx([s for s, _ in per], rel=1e-4)
+    with pytest.raises(ValueError, match="must start every prompt"):
+        nll_module.token_nll(generator.llm, generator.pad_id, pairs, 2, [shared[0] + 1] + shared[1:])
+    with pytest.raises(ValueError, match="at least one id of its own"):
+        nll_module.token_nll(generator.llm, generator.pad_id, pairs[:1], 2, pairs[0][0])
 
 
 def test_records_kept_from_the_self_output_file_take_its_values(tmp_path, generator, monkeypatch):

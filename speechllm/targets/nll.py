@@ -115,10 +115,16 @@ def token_nll(llm, pad_id: int, pairs: list[tuple[list[int], list[int]]], batch_
     tensor per (prompt ids, target ids) pair, in `pairs`' order. The ids all prompts start with run
     once (or give them as `prefix` with their batch-1 `prefix_kv`, shared by all pairs), the pairs go
     in batches of `batch_size` sorted by length (least padding), the LM head only where a target
-    token is predicted. `on_batch(n)` is called after each batch of n pairs (a progress bar)."""
+    token is predicted. `on_batch(n)` is called after each batch of n pairs (a progress bar).
+    A `prefix` given without its `prefix_kv` is run here; one that does not start every prompt
+    (before the prompt's last id, which predicts the target's first token) is a ValueError."""
     if prefix is None:
-        prefix = pairs[0][0][: prompt_prefix_length([p for p, _ in pairs])] if pairs else []
-        prefix_kv = prefix_cache(llm, prefix) if prefix else None
+        prefix, prefix_kv = (pairs[0][0][: prompt_prefix_length([p for p, _ in pairs])] if pairs else []), None
+    elif any(len(p) <= len(prefix) or p[: len(prefix)] != prefix for p, _ in pairs):
+        raise ValueError(f"token_nll: the prefix ({len(prefix)} ids) must start every prompt and leave it "
+                         "at least one id of its own")
+    if prefix and prefix_kv is None:
+        prefix_kv = prefix_cache(llm, prefix)
     out: list[torch.Tensor | None] = [None] * len(pairs)
     order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
     for b in range(0, len(order), batch_size):
