@@ -33,13 +33,13 @@ def generator():
     return TextGenerator.from_config(cfg())
 
 
-def write_targets_records(targets=TARGETS):
+def target_records(targets=TARGETS):
     return [{"id": f"r{i}", "audio": "a.wav", "description": DESCRIPTIONS[i % 3], "instruction": "What can you hear?",
              "target": t, "truncated": i == len(targets) - 1} for i, t in enumerate(targets)]
 
 
 def write_targets(path, targets=TARGETS):
-    recs = write_targets_records(targets)
+    recs = target_records(targets)
     path.write_text("".join(json.dumps(r) + "\n" for r in recs))
     return recs
 
@@ -74,11 +74,12 @@ def test_batched_nll_equals_the_direct_computation(tmp_path, generator):
 
 
 def test_token_nll_runs_a_given_prefix_itself_and_rejects_one_that_does_not_start_every_prompt(generator):
-    recs = write_targets_records()
-    pairs = [(generator.prompt_ids(description_prompt(r["description"], r["instruction"])),
-              generator.prompt.target(r["target"], complete=not r["truncated"])) for r in recs]
+    recs = target_records()
+    pairs = [nll_module.scored_pair(generator.prompt, r["description"], r["instruction"], r["target"],
+                                    not r["truncated"]) for r in recs]
     per = direct(generator, recs)
-    shared = pairs[0][0][: prompt_prefix_length([p for p, _ in pairs])]
+    shared = nll_module.pairs_prefix(pairs)
+    assert len(shared) > 3
     for prefix in (None, shared, shared[:3], []):  # found, given without its KV (whole or part), none
         sums = [float(t.sum()) for t in nll_module.token_nll(generator.llm, generator.pad_id, pairs, 2, prefix)]
         assert sums == pytest.approx([s for s, _ in per], rel=1e-4)

@@ -109,6 +109,11 @@ def _batch_token_nll(llm, pad_id: int, pairs: list[tuple[list[int], list[int]]],
 
 
 @torch.inference_mode()
+def pairs_prefix(pairs: list[tuple[list[int], list[int]]]) -> list[int]:
+    """The ids every pair's prompt starts with, each prompt keeping its last id (empty for no pairs)."""
+    return pairs[0][0][: prompt_prefix_length([p for p, _ in pairs])] if pairs else []
+
+
 def token_nll(llm, pad_id: int, pairs: list[tuple[list[int], list[int]]], batch_size: int,
               prefix: list[int] | None = None, prefix_kv=None, on_batch=None) -> list[torch.Tensor]:
     """NLL (nats) of every target token given its prompt under `llm`, one (len(target),) float32
@@ -119,7 +124,7 @@ def token_nll(llm, pad_id: int, pairs: list[tuple[list[int], list[int]]], batch_
     A `prefix` given without its `prefix_kv` is run here; one that does not start every prompt
     (before the prompt's last id, which predicts the target's first token) is a ValueError."""
     if prefix is None:
-        prefix, prefix_kv = (pairs[0][0][: prompt_prefix_length([p for p, _ in pairs])] if pairs else []), None
+        prefix, prefix_kv = pairs_prefix(pairs), None
     elif any(len(p) <= len(prefix) or p[: len(prefix)] != prefix for p, _ in pairs):
         raise ValueError(f"token_nll: the prefix ({len(prefix)} ids) must start every prompt and leave it "
                          "at least one id of its own")
@@ -217,7 +222,7 @@ def target_nll(targets: str | Path, cfg: Config, device: str = "cpu", progress: 
         every = [scored_pair(generator.prompt, r.description, r.instruction, r.target, not r.truncated)
                  for r in todo]
         fresh = [pair for pair, r in zip(every, todo) if _key(r) not in known]
-        prefix = fresh[0][0][: prompt_prefix_length([p for p, _ in fresh])] if fresh else []
+        prefix = pairs_prefix(fresh)  # run once for every chunk
         prefix_kv = prefix_cache(generator.llm, prefix) if prefix else None
         for start in range(0, len(todo), chunk):
             recs, pairs = todo[start: start + chunk], every[start: start + chunk]
